@@ -1,0 +1,125 @@
+"""The convolution math of StripedHyena 2, in plain jnp: one definition of each piece.
+
+Every filter here is in *true-convolution* orientation: ``h[..., 0]`` multiplies the current
+token, ``y[t] = sum_k h[k] u[t - k]``. The checkpoint's cross-correlation filters (featurizer,
+SE) are flipped by the modules that own them, never here.
+
+These functions are the training path on CPU, the decode path's building blocks, and the
+references of the Pallas kernels in ``pallas_kernels/``.
+
+Shapes: ``u: [B, L, C]`` (batch, length, channels); grouped filters ``h: [G, K]`` where group g
+serves the contiguous channels ``g*C/G … (g+1)*C/G - 1``; per-channel filters ``h: [C, K]``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MR_DECAY_PRESETS = {"weak": (-2.0, 2.0), "normal": (-1.0, 2.0), "strong": (0.0, 2.0)}
+
+
+def expand_groups(h: jax.Array, channels: int) -> jax.Array:
+  """[G, K] grouped filters -> [C, K] per-channel filters (contiguous groups)."""
+  groups = h.shape[0]
+  if channels % groups:
+    raise ValueError(f"filter groups {groups} do not divide channels {channels}")
+  return jnp.repeat(h, channels // groups, axis=0)
+
+
+def fir_conv(u: jax.Array, h: jax.Array, precision=jax.lax.Precision.HIGHEST) -> jax.Array:
+  """Causal depthwise FIR through XLA's grouped convolution.
+
+  u: [B, L, C]; h: [G, K] (G divides C), true-convolution orientation. Returns [B, L, C] in
+  u's dtype, accumulated in float32.
+  """
+  _, length, channels = u.shape
+  h_full = expand_groups(h, channels)  # [C, K]
+  taps = h_full.shape[1]
+  # conv_general_dilated is a cross-correlation: flip the taps, pad K-1 zeros on the left.
+  rhs = jnp.flip(h_full, axis=1).T[:, None, :].astype(u.dtype)  # [K, 1, C] (WIO)
+  y = jax.lax.conv_general_dilated(
+      u, rhs, window_strides=(1,), padding=[(taps - 1, 0)],
+      dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=channels,
+      precision=precision, preferred_element_type=jnp.float32)
+  del length
+  return y.astype(u.dtype)
+
+
+def fir_conv_shifted(u: jax.Array, h: jax.Array) -> jax.Array:
+  """The same causal FIR as ``fir_conv`` as a sum of shifted copies (cheap for short filters,
+  and what the decode step and the context-parallel halo code reuse). float32 accumulation."""
+  _, length, channels = u.shape
+  h_full = expand_groups(h, channels).astype(jnp.float32)  # [C, K]
+  uf = u.astype(jnp.float32)
+  y = jnp.zeros_like(uf)
+  for k in range(min(h_full.shape[1], length)):
+    shifted = jnp.pad(uf, ((0, 0), (k, 0), (0, 0)))[:, :length]
+    y = y + h_full[:, k] * shifted
+  return y.astype(u.dtype)
+
+
+def fft_conv(u: jax.Array, h: jax.Array) -> jax.Array:
+  """Causal per-channel convolution by FFT of size 2L in float32.
+
+  u: [B, L, C]; h: [C, K] or grouped [G, K] with any K (taps past L are ignored, shorter
+  filters are zero-padded). Returns [B, L, C] in u's dtype.
+  """
+  _, length, channels = u.shape
+  h = h[:, :length]
+  if h.shape[0] != channels:
+    h = expand_groups(h, channels)
+  n = 2 * length
+  hf = jnp.fft.rfft(h.astype(jnp.float32), n=n, axis=1)  # [C, n/2+1]
+  uf = jnp.fft.rfft(u.astype(jnp.float32), n=n, axis=1)  # [B, n/2+1, C]
+  y = jnp.fft.irfft(uf * hf.T[None], n=n, axis=1)[:, :length]
+  return y.astype(u.dtype)
+
+
+def featurizer_conv(z: jax.Array, w: jax.Array) -> jax.Array:
+  """The Hyena featurizer: depthwise causal FIR over all 3D channels (w: [3D, 3], true
+  convolution orientation), as shifted sums — three taps are cheaper than a convolution call."""
+  return fir_conv_shifted(z, w)
+
+
+def interleaved_split(zc: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """[.., 3D] -> (x2, x1, v) from the interleaved channels 0::3, 1::3, 2::3."""
+  return zc[..., 0::3], zc[..., 1::3], zc[..., 2::3]
+
+
+def modal_filter(log_poles: jax.Array, residues: jax.Array, length: int) -> jax.Array:
+  """The LI long filter ``h[d, t] = sum_n R[d, n] exp(lambda[d, n] t)``, float32.
+
+  log_poles: [D, N] (lambda, real, negative); residues: [D, N]. Returns [D, length].
+  """
+  t = jnp.arange(length, dtype=jnp.float32)
+  lam = log_poles.astype(jnp.float32)
+  return jnp.einsum("dn,dnt->dt", residues.astype(jnp.float32),
+                    jnp.exp(lam[..., None] * t), precision=jax.lax.Precision.HIGHEST)
+
+
+def mr_decay(groups: int, taps: int, preset: str, decay_length: int | None = None) -> np.ndarray:
+  """The MR regularising decay ``exp(-r_g t_k)``: [G, K] float32 constants.
+
+  ``r = logspace(a, b, G)`` (base 10) with (a, b) from the preset; ``t = linspace(0, 1,
+  decay_length)[:K]`` (decay_length defaults to K, so the last tap sits at t = 1).
+  """
+  if preset == "none":
+    return np.ones((groups, taps), np.float32)
+  if preset not in MR_DECAY_PRESETS:
+    raise ValueError(f"mr_decay {preset!r} is not one of {sorted(MR_DECAY_PRESETS) + ['none']}")
+  a, b = MR_DECAY_PRESETS[preset]
+  rates = np.logspace(a, b, groups)
+  t = np.linspace(0.0, 1.0, decay_length or taps)[:taps]
+  return np.exp(-rates[:, None] * t[None, :]).astype(np.float32)
+
+
+def gated_conv(x1: jax.Array, v: jax.Array, x2: jax.Array, conv, dskip: jax.Array | None):
+  """``y = x2 * (conv(u) + dskip * u)`` with ``u = x1 * v``: the gates around every inner filter.
+  The skip and gate run in float32 and the result is cast back to x1's dtype."""
+  u = x1 * v
+  y = conv(u).astype(jnp.float32)
+  if dskip is not None:
+    y = y + dskip.astype(jnp.float32) * u.astype(jnp.float32)
+  return (x2.astype(jnp.float32) * y).astype(x1.dtype)

@@ -1,0 +1,45 @@
+"""The one config -> implementation dispatch for the Hyena inner filters.
+
+``conv_impl`` (SE, MR): ``xla`` is the direct grouped convolution of ``conv.fir_conv``, ``fft``
+the FFT convolution, ``pallas`` the two-stage blocked kernels of ``pallas_kernels``; ``auto`` is
+Pallas on GPU and XLA elsewhere. ``li_impl`` (LI): ``fft``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from sh2_jax import conv
+
+
+def resolve_conv_impl(impl: str) -> str:
+  if impl == "auto":
+    return "xla"
+  if impl == "pallas" and jax.default_backend() != "gpu":
+    raise ValueError(f"conv_impl 'pallas' needs a GPU backend, but JAX runs on "
+                     f"{jax.default_backend()!r}; use conv_impl 'auto', 'xla' or 'fft'")
+  if impl == "pallas":
+    raise ValueError("conv_impl 'pallas' is not available in this build; use 'auto', 'xla' or 'fft'")
+  return impl
+
+
+def gated_fir(x1, v, x2, h, dskip, impl: str):
+  """``x2 * (h * (x1 * v) + dskip * x1 * v)`` for grouped FIR filters h: [G, K] (true
+  convolution orientation); x1, v, x2: [B, L, D]."""
+  impl = resolve_conv_impl(impl)
+  if impl == "xla":
+    return conv.gated_conv(x1, v, x2, functools.partial(conv.fir_conv, h=h), dskip)
+  if impl == "fft":
+    return conv.gated_conv(x1, v, x2, functools.partial(conv.fft_conv, h=h), dskip)
+  raise ValueError(f"conv_impl {impl!r} is not one of auto, pallas, xla, fft")
+
+
+def gated_modal(x1, v, x2, log_poles, residues, dskip, impl: str):
+  """LI: ``x2 * (h_modal * (x1 * v) + dskip * x1 * v)`` with h_modal from poles/residues [D, N]."""
+  if impl != "fft":
+    raise ValueError(f"li_impl {impl!r} is not one of: fft")
+  length = x1.shape[1]
+  h = conv.modal_filter(log_poles, residues, length)
+  return conv.gated_conv(x1, v, x2, functools.partial(conv.fft_conv, h=h), dskip)
