@@ -1,0 +1,69 @@
+"""Model checkpoints on disk: an Orbax composite of ``params`` (the nnx.Param state) and
+``config`` (the ModelConfig as JSON). Written atomically by Orbax (temporary dir + rename).
+
+The trainer's CheckpointManager steps hold the same two items (plus optimizer, data and RNG
+state), so ``load_model`` reads a converted checkpoint, a single step directory, or a training
+workdir (its latest complete step).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from sh2_jax.config import ModelConfig
+from sh2_jax.model import StripedHyena
+
+
+def save_model(directory: str, model: StripedHyena) -> None:
+  """Write ``model``'s parameters and config to ``directory`` (must not exist)."""
+  directory = os.path.abspath(directory)
+  if os.path.exists(directory):
+    raise ValueError(f"checkpoint directory {directory!r} already exists; choose a new path")
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    ckptr.save(directory, ocp.args.Composite(
+        params=ocp.args.StandardSave(params),
+        config=ocp.args.JsonSave(model.cfg.to_dict())))
+
+
+def _find_step_dir(directory: str) -> str:
+  """A directory holding ``params``/``config`` items: ``directory`` itself, or the latest
+  step under it (a CheckpointManager root, or a workdir with ``checkpoints/``)."""
+  if os.path.isdir(os.path.join(directory, "params")):
+    return directory
+  for root in (directory, os.path.join(directory, "checkpoints")):
+    if os.path.isdir(root):
+      steps = sorted((int(n) for n in os.listdir(root) if n.isdigit()), reverse=True)
+      for step in steps:
+        cand = os.path.join(root, str(step))
+        if os.path.isdir(os.path.join(cand, "params")):
+          return cand
+  raise ValueError(f"no sh2_jax checkpoint found in {directory!r}: expected a 'params' item "
+                   "or numbered step directories holding one")
+
+
+def load_model(directory: str, dtype=None, **overrides) -> StripedHyena:
+  """Build the model described by the checkpoint and load its parameters.
+
+  ``dtype`` sets the compute dtype (parameters keep their stored float32); ``overrides`` are
+  extra ModelConfig fields (e.g. ``conv_impl='xla'``).
+  """
+  step_dir = _find_step_dir(os.path.abspath(directory))
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    cfg_dict = ckptr.restore(step_dir, ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  if dtype is not None:
+    overrides["dtype"] = jnp.dtype(dtype).name
+  cfg = ModelConfig.from_dict({**cfg_dict, **overrides})
+  abstract = nnx.eval_shape(lambda: StripedHyena(cfg, rngs=nnx.Rngs(0)))
+  target = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    params = ckptr.restore(step_dir, ocp.args.Composite(
+        params=ocp.args.StandardRestore(target)))["params"]
+  graphdef, state = nnx.split(abstract)  # no random init: the weights come from disk
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+  return nnx.merge(graphdef, state)
