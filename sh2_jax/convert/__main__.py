@@ -1,0 +1,43 @@
+"""CLI: convert a reference (vortex / Evo 2) checkpoint into an sh2_jax Orbax checkpoint.
+
+  python -m sh2_jax.convert --checkpoint evo2_7b.pt --config evo2-7b-8k.yml --output DIR
+
+``--checkpoint`` may name a file cut into ``.partN`` shards. Nothing is written unless the whole
+checkpoint converts; Orbax writes DIR atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+from absl import app, flags
+from flax import nnx
+
+from sh2_jax.checkpoint import save_model
+from sh2_jax.convert.vortex import from_vortex
+
+flags.DEFINE_string("checkpoint", None, "reference .pt state dict (or its .partN shards)")
+flags.DEFINE_string("config", None, "the model's vortex YAML config")
+flags.DEFINE_string("output", None, "new directory for the sh2_jax checkpoint")
+flags.mark_flags_as_required(["checkpoint", "config", "output"])
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  if os.path.exists(f.output):
+    sys.exit(f"error: output {f.output!r} already exists; choose a new directory")
+  try:
+    model = from_vortex(f.checkpoint, f.config)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+  save_model(f.output, model)
+  n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  print(f"wrote {f.output}: {len(model.blocks)} layers "
+        f"({'-'.join(model.cfg.layer_types)}), {n:,} parameters")
+
+
+if __name__ == "__main__":
+  app.run(main)
