@@ -50,9 +50,9 @@ class HyenaFilter(nnx.Module):
       n = cfg.li_state
       rates = np.logspace(-4, 0, n, dtype=np.float32)  # timescales 1 .. 1e4 tokens
       self.log_rates = nnx.Param(jnp.tile(jnp.log(rates), (d, 1)).astype(pdt),
-                                 sharding=("fsdp", None), eager_sharding=False)
+                                 out_sharding=("fsdp", None), eager_sharding=False)
       r = jax.random.normal(rngs.params(), (d, n), jnp.float32) * jnp.sqrt(2 * rates) / 4
-      self.residues = nnx.Param(r.astype(pdt), sharding=("fsdp", None), eager_sharding=False)
+      self.residues = nnx.Param(r.astype(pdt), out_sharding=("fsdp", None), eager_sharding=False)
     else:
       raise ValueError(f"HyenaFilter op {op!r} is not one of SE, MR, LI")
     self.D = (param(rngs, jax.nn.initializers.ones, (d,), pdt, (None,))

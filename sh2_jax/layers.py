@@ -15,7 +15,7 @@ from flax import nnx
 
 
 def param(rngs: nnx.Rngs, init, shape, dtype, sharding) -> nnx.Param:
-  return nnx.Param(init(rngs.params(), shape, dtype), sharding=sharding, eager_sharding=False)
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=sharding, eager_sharding=False)
 
 
 def small_init(dim: int):

@@ -90,7 +90,7 @@ class Embedding(nnx.Module):
     self.weight = nnx.Param(
         jax.nn.initializers.normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.d_model),
                                          jnp.dtype(cfg.param_dtype)),
-        sharding=(None, "fsdp"), eager_sharding=False)
+        out_sharding=(None, "fsdp"), eager_sharding=False)
     self.dtype = jnp.dtype(cfg.dtype)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
