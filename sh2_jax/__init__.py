@@ -2,5 +2,7 @@
 
 from sh2_jax.config import ModelConfig, resolve_layout
 from sh2_jax.model import StripedHyena
+from sh2_jax.inference import generate, score
+from sh2_jax.zoo import load
 
-__all__ = ["ModelConfig", "StripedHyena", "resolve_layout"]
+__all__ = ["ModelConfig", "StripedHyena", "generate", "load", "resolve_layout", "score"]

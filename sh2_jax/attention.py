@@ -76,9 +76,24 @@ class Attention(nnx.Module):
     return q, k, v
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    b, length, d = x.shape
-    q, k, v = self.qkv(x, jnp.arange(length))
-    o = jax.nn.dot_product_attention(
-        q, k, v, scale=self.head_dim ** -0.5, is_causal=True,
-        implementation=resolve_attention_impl(self.impl, self.dtype))
-    return self.out_proj(o.reshape(b, length, d))
+    q, k, v = self.qkv(x, jnp.arange(x.shape[1]))
+    return self.attend(q, k, v)
+
+  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array,
+             kv_lengths: jax.Array | None = None) -> jax.Array:
+    """Softmax attention + ``out_proj``: q [B, Lq, H, d], k, v [B, Lk, H, d] -> [B, Lq, D].
+
+    Causal over the whole sequence, or (``kv_lengths`` [B], decoding against a fixed-size KV
+    cache) each query sees the keys ``0 .. kv_lengths[b]-1``; that path is XLA's, since a
+    single-query step only streams the cache.
+    """
+    b, lq, h, d = q.shape
+    if kv_lengths is None:
+      o = jax.nn.dot_product_attention(
+          q, k, v, scale=self.head_dim ** -0.5, is_causal=True,
+          implementation=resolve_attention_impl(self.impl, self.dtype))
+    else:
+      o = jax.nn.dot_product_attention(
+          q, k, v, scale=self.head_dim ** -0.5, key_value_seq_lengths=kv_lengths,
+          implementation="xla")
+    return self.out_proj(o.reshape(b, lq, h * d))

@@ -13,6 +13,8 @@ serves the contiguous channels ``g*C/G … (g+1)*C/G - 1``; per-channel filters 
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,3 +125,54 @@ def gated_conv(x1: jax.Array, v: jax.Array, x2: jax.Array, conv, dskip: jax.Arra
   if dskip is not None:
     y = y + dskip.astype(jnp.float32) * u.astype(jnp.float32)
   return (x2.astype(jnp.float32) * y).astype(x1.dtype)
+
+
+# -- recurrent forms, for decoding one token at a time (sh2_jax/inference) --
+
+def fir_step(window: jax.Array, h: jax.Array) -> jax.Array:
+  """One output of the causal FIR ``fir_conv``: its recurrent form.
+
+  window: [B, K, C], the last K inputs oldest first (``window[:, -1]`` is the current token;
+  zeros before the sequence start); h: [G, K] grouped or [C, K] per-channel, true-convolution
+  orientation. Returns ``sum_k h[:, k] * window[:, K-1-k]``: [B, C] in window's dtype,
+  accumulated in float32.
+  """
+  if window.shape[1] != h.shape[1]:
+    raise ValueError(f"fir_step window of {window.shape[1]} steps does not match "
+                     f"{h.shape[1]} filter taps")
+  h_full = expand_groups(h, window.shape[-1]).astype(jnp.float32)  # [C, K]
+  y = jnp.einsum("bkc,ck->bc", jnp.flip(window, axis=1).astype(jnp.float32), h_full,
+                 precision=jax.lax.Precision.HIGHEST)
+  return y.astype(window.dtype)
+
+
+def modal_state(u: jax.Array, log_poles: jax.Array) -> jax.Array:
+  """The LI modal state after a sequence: ``s[b,d,n] = sum_{k<L} exp(lambda[d,n] (L-1-k)) u[b,k,d]``.
+
+  u: [B, L, D]; log_poles: [D, N] (lambda < 0). Returns [B, D, N] float32. Two levels of
+  reverse-weighted sums (inside chunks of c tokens, then across chunks) so every exponent is
+  <= 0 and no [L, D, N] weight is ever formed.
+  """
+  b, length, d = u.shape
+  chunk = max(64, 1 << math.ceil(math.log2(math.sqrt(length))))
+  chunks = -(-length // chunk)
+  uf = jnp.pad(u.astype(jnp.float32), ((0, 0), (chunks * chunk - length, 0), (0, 0)))
+  uf = uf.reshape(b, chunks, chunk, d)
+  lam = log_poles.astype(jnp.float32)[None]  # [1, D, N]
+  hi = jax.lax.Precision.HIGHEST
+  age_in = jnp.arange(chunk - 1, -1, -1, dtype=jnp.float32)[:, None, None]  # c-1-j
+  part = jnp.einsum("bmjd,jdn->bmdn", uf, jnp.exp(lam * age_in), precision=hi)
+  age_out = (jnp.arange(chunks - 1, -1, -1, dtype=jnp.float32) * chunk)[:, None, None]
+  return jnp.einsum("bmdn,mdn->bdn", part, jnp.exp(lam * age_out), precision=hi)
+
+
+def modal_step(state: jax.Array, u: jax.Array, log_poles: jax.Array, residues: jax.Array):
+  """One LI step: ``s <- exp(lambda) s + u``, ``y = sum_n R s`` (the skip term is the gate's).
+
+  state: [B, D, N] float32; u: [B, D]; log_poles, residues: [D, N]. Returns (y [B, D] float32,
+  new state).
+  """
+  state = jnp.exp(log_poles.astype(jnp.float32)) * state + u.astype(jnp.float32)[..., None]
+  y = jnp.einsum("bdn,dn->bd", state, residues.astype(jnp.float32),
+                 precision=jax.lax.Precision.HIGHEST)
+  return y, state

@@ -1,0 +1,128 @@
+"""``generate``: prefill the prompts, then decode token by token inside one compiled loop.
+
+Prompts of different lengths are right-padded into one batch (each row equals that row run
+alone, see ``prefill``); the loop stops early once every row has produced a stop token.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sh2_jax.inference.decode import decode_step
+from sh2_jax.inference.prefill import prefill
+from sh2_jax.inference.sampling import check_sampling, sample
+from sh2_jax.tokenizer import PAD_ID
+
+PROMPT_BUCKET = 64  # prompt batches are padded to a multiple of this: fewer recompilations
+
+
+def as_token_rows(tokens, vocab_size: int) -> tuple[list[np.ndarray], bool]:
+  """A prompt (1-D ids), a batch [B, L], or a list of 1-D id sequences -> (rows, single)."""
+  if isinstance(tokens, (str, bytes)):
+    raise TypeError("prompts are token ids; turn text into ids with sh2_jax.tokenizer.encode")
+  if isinstance(tokens, (np.ndarray, jax.Array)):
+    arr = np.asarray(tokens)
+    if arr.ndim not in (1, 2):
+      raise ValueError(f"prompt tokens must be [L] or [B, L]; got shape {arr.shape}")
+    single = arr.ndim == 1
+    rows = [arr] if single else list(arr)
+  else:
+    seq = list(tokens)
+    single = bool(seq) and all(isinstance(t, (int, np.integer)) for t in seq)
+    rows = [np.asarray(seq)] if single else [np.asarray(r) for r in seq]
+  if not rows:
+    raise ValueError("no prompts given")
+  for i, r in enumerate(rows):
+    if r.ndim != 1 or r.size == 0:
+      raise ValueError(f"prompt {i} must be a non-empty 1-D sequence of ids; got shape {r.shape}")
+    if not np.issubdtype(r.dtype, np.integer):
+      raise ValueError(f"prompt {i} has dtype {r.dtype}; token ids must be integers")
+    if r.min() < 0 or r.max() >= vocab_size:
+      raise ValueError(f"prompt {i} has token id {int(r.max() if r.max() >= vocab_size else r.min())}"
+                       f" outside the vocabulary 0..{vocab_size - 1}")
+  return [r.astype(np.int32) for r in rows], single
+
+
+def pad_rows(rows: Sequence[np.ndarray], bucket: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """Right-pad with PAD_ID to a multiple of ``bucket``: (tokens [B, L], lengths [B])."""
+  lengths = np.array([len(r) for r in rows], np.int32)
+  length = -(-int(lengths.max()) // bucket) * bucket
+  out = np.full((len(rows), length), PAD_ID, np.int32)
+  for i, r in enumerate(rows):
+    out[i, :len(r)] = r
+  return out, lengths
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "max_len", "greedy",
+                                             "return_logits"))
+def _generate(graphdef, state, tokens, lengths, stop, key, temperature, top_k, top_p, *,
+              max_new, max_len, greedy, return_logits):
+  model = nnx.merge(graphdef, state)
+  logits, cache = prefill(model, tokens, lengths, max_len)
+  pick = functools.partial(sample, key=key, temperature=temperature, top_k=top_k, top_p=top_p,
+                           greedy=greedy)
+  batch, vocab = logits.shape
+  tok = pick(logits, step=0)
+  out = jnp.full((batch, max_new), PAD_ID, jnp.int32).at[:, 0].set(tok)
+  seen = (jnp.zeros((batch, max_new, vocab), jnp.float32).at[:, 0].set(logits)
+          if return_logits else jnp.zeros((), jnp.float32))
+  done = jnp.isin(tok, stop)
+
+  def cond(carry):
+    i, _, _, done, _, _ = carry
+    return (i < max_new) & ~jnp.all(done)
+
+  def body(carry):
+    i, cache, tok, done, out, seen = carry
+    logits, cache = decode_step(model, cache, tok)
+    nxt = jnp.where(done, PAD_ID, pick(logits, step=i))
+    out = out.at[:, i].set(nxt)
+    if return_logits:
+      seen = seen.at[:, i].set(logits)
+    return i + 1, cache, nxt, done | jnp.isin(nxt, stop), out, seen
+
+  carry = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, tok, done, out, seen))
+  return carry[4], carry[5]
+
+
+def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             stop_tokens: Sequence[int] = (), return_logits: bool = False):
+  """Sample ``max_new_tokens`` after each prompt.
+
+  prompt_tokens: 1-D ids (one prompt), [B, L] ids, or a list of 1-D id sequences of any
+  lengths. temperature 0 is greedy; top_k / top_p restrict the draw; ``seed`` fixes it.
+  After a row emits one of ``stop_tokens`` (kept in the output) the rest of it is PAD_ID.
+  Returns int32 ids [max_new_tokens] for one prompt, else [B, max_new_tokens]; with
+  ``return_logits`` also the float32 logits that chose each token ([.., max_new_tokens, V];
+  zeros after every row stopped).
+  """
+  cfg = model.cfg
+  rows, single = as_token_rows(prompt_tokens, cfg.vocab_size)
+  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens {max_new_tokens!r} must be a positive integer")
+  check_sampling(temperature, top_k, top_p, cfg.vocab_size)
+  stop = np.asarray(list(stop_tokens), np.int32).reshape(-1)
+  if stop.size and (stop.min() < 0 or stop.max() >= cfg.vocab_size):
+    raise ValueError(f"stop_tokens {list(stop_tokens)} must be ids in 0..{cfg.vocab_size - 1}")
+  tokens, lengths = pad_rows(rows, PROMPT_BUCKET)
+  max_len = tokens.shape[1] + int(max_new_tokens)
+  graphdef, state = nnx.split(model)
+  out, logits = _generate(
+      graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(stop),
+      jax.random.key(seed), jnp.float32(temperature if temperature > 0 else 1.0),
+      jnp.int32(top_k or 0), jnp.float32(top_p if top_p is not None else 1.0),
+      max_new=int(max_new_tokens), max_len=max_len, greedy=temperature == 0,
+      return_logits=return_logits)
+  out = np.asarray(out)
+  logits = np.asarray(logits) if return_logits else None
+  if single:
+    out = out[0]
+    logits = logits[0] if return_logits else None
+  return (out, logits) if return_logits else out
