@@ -11,24 +11,28 @@ import functools
 
 import jax
 
+from pallas_kernels import fir_conv as fir_kernels
 from sh2_jax import conv
 
 
-def resolve_conv_impl(impl: str) -> str:
+def resolve_conv_impl(impl: str, interpret: bool = False) -> str:
+  """``auto`` -> ``pallas`` on GPU, ``xla`` elsewhere; ``pallas`` off GPU is an error unless the
+  caller asks for the Pallas interpreter (``interpret=True``, tests only)."""
   if impl == "auto":
-    return "xla"
-  if impl == "pallas" and jax.default_backend() != "gpu":
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
+  if impl == "pallas" and jax.default_backend() != "gpu" and not interpret:
     raise ValueError(f"conv_impl 'pallas' needs a GPU backend, but JAX runs on "
                      f"{jax.default_backend()!r}; use conv_impl 'auto', 'xla' or 'fft'")
-  if impl == "pallas":
-    raise ValueError("conv_impl 'pallas' is not available in this build; use 'auto', 'xla' or 'fft'")
   return impl
 
 
-def gated_fir(x1, v, x2, h, dskip, impl: str):
+def gated_fir(x1, v, x2, h, dskip, impl: str, interpret: bool = False):
   """``x2 * (h * (x1 * v) + dskip * x1 * v)`` for grouped FIR filters h: [G, K] (true
-  convolution orientation); x1, v, x2: [B, L, D]."""
-  impl = resolve_conv_impl(impl)
+  convolution orientation); x1, v, x2: [B, L, D]. ``interpret`` runs the Pallas kernels in the
+  interpreter (tests on CPU)."""
+  impl = resolve_conv_impl(impl, interpret)
+  if impl == "pallas":
+    return fir_kernels.gated_fir_conv(x1, v, x2, h, dskip, interpret=interpret)
   if impl == "xla":
     return conv.gated_conv(x1, v, x2, functools.partial(conv.fir_conv, h=h), dskip)
   if impl == "fft":

@@ -1,0 +1,343 @@
+"""Gated grouped FIR convolution as a two-stage blocked Pallas (Triton) kernel, with its reference.
+
+    y = x2 * (h * u + dskip * u),   u = x1 * v,   causal, per channel
+
+x1, v, x2: [B, L, D] (bf16 or f32); h: [G, K] grouped filters in true-convolution orientation
+(``h[:, 0]`` multiplies the current token; filter g serves channels g*D/G … (g+1)*D/G - 1);
+dskip: [D] or None. Float32 accumulation, y in the input dtype.
+
+Algorithm (SPEC "two-stage blocked convolution"): cut L into chunks of c >= K tokens. The causal
+Toeplitz operator is block-bidiagonal, ``Y_j = H0 U_j + H1 U_{j-1}`` with
+``H0[i, i'] = h[i - i']`` and ``H1[i, i'] = h[i + c - i']`` (zero outside 0..K-1). A program
+owns a tile of ``tile`` channels and ``seg_chunks`` consecutive chunks of one batch row; it builds
+H0/H1 on chip once (a gather from the tiny filter table) and runs two tensor-core dots per chunk,
+with the gates fused so u and h*u never touch HBM.
+
+Groups: a filter's Toeplitz blocks are shared only by the channels of its group, so the dots run
+on sub-blocks of ``width`` channels (>= 16, the smallest tensor-core N). When the group size is a
+multiple of ``width`` a sub-block has one filter; otherwise (e.g. 15 or 1 channels per group) each
+sub-block does one dot per group it touches and keeps that group's columns (a "slot" mask) — more
+FLOPs, same bytes, and only for shapes the presets rarely use.
+
+The backward kernels live in ``fir_conv_bwd.py``; ``gated_fir_conv`` ties both together through
+``jax.custom_vjp``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from sh2_jax import conv
+
+_TRITON_DEPRECATION = "The Pallas Triton backend is deprecated"
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tiling of one kernel launch.
+
+  chunk: tokens per chunk c (power of two, >= 16, >= K); tile: channels per program;
+  width: channels per dot (power of two >= 16, divides tile); seg_chunks: chunks per program
+  (upper bound; the launch uses the largest divisor of the chunk count not above it);
+  chunk_outer: loop order inside a program — True walks the chunks once and all sub-blocks of
+  the tile inside (wide, coalesced rows; all Toeplitz blocks live at once), False walks the
+  sub-blocks one after the other (one pair of Toeplitz blocks live).
+  """
+  chunk: int = 128
+  tile: int = 64
+  width: int = 16
+  seg_chunks: int = 16
+  chunk_outer: bool = True
+  num_warps: int = 4
+  num_stages: int = 2
+
+
+def default_block_sizes(taps: int, backward: bool = False) -> BlockSizes:
+  """Tuned on an H100 (benchmarks/fir_conv.py) for width 4096, 16 channels per group."""
+  if taps <= 32:
+    return BlockSizes(chunk=32, tile=64, width=16, seg_chunks=64, chunk_outer=True,
+                      num_warps=4, num_stages=2)
+  chunk = max(16, 1 << (taps - 1).bit_length())
+  return BlockSizes(chunk=chunk, tile=32, width=16, seg_chunks=16, chunk_outer=not backward,
+                    num_warps=8 if backward else 4, num_stages=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Static geometry of one launch, derived from shapes and BlockSizes (see ``make_layout``)."""
+  bs: BlockSizes
+  batch: int
+  length: int          # L
+  channels: int        # D
+  groups: int          # G
+  taps: int            # K
+  group_size: int      # D / G
+  padded_length: int   # multiple of chunk
+  padded_channels: int  # multiple of tile
+  seg_chunks: int      # chunks per program (divides padded_length / chunk)
+  slots: int           # groups one sub-block may touch (1 when group_size % width == 0)
+
+  @property
+  def num_chunks(self):
+    return self.padded_length // self.bs.chunk
+
+  @property
+  def grid(self):
+    return (self.batch, self.padded_channels // self.bs.tile, self.num_chunks // self.seg_chunks)
+
+  @property
+  def subblocks(self):
+    return self.bs.tile // self.bs.width
+
+
+def make_layout(x_shape, h_shape, bs: BlockSizes) -> Layout:
+  batch, length, channels = x_shape
+  groups, taps = h_shape
+  c, w = bs.chunk, bs.width
+  if channels % groups:
+    raise ValueError(f"filter groups G={groups} must divide channels D={channels}")
+  if taps > c:
+    raise ValueError(f"filter length K={taps} exceeds the chunk c={c}; the two-stage blocked "
+                     f"convolution needs K <= c (use BlockSizes(chunk>={taps}))")
+  for name, val in (("chunk", c), ("width", w)):
+    if val < 16 or val & (val - 1):
+      raise ValueError(f"BlockSizes.{name}={val} must be a power of two >= 16")
+  if bs.tile % w:
+    raise ValueError(f"BlockSizes.tile={bs.tile} must be a multiple of width={w}")
+  gs = channels // groups
+  # Narrow the tile for small D so that padding stays small.
+  tile = bs.tile
+  while tile > w and tile // 2 >= channels:
+    tile //= 2
+  bs = dataclasses.replace(bs, tile=tile)
+  padded_channels = -(-channels // tile) * tile
+  num_chunks = -(-length // c)
+  seg = max(d for d in range(1, min(bs.seg_chunks, num_chunks) + 1) if num_chunks % d == 0)
+  if gs % w == 0:
+    slots = 1
+  else:  # the most groups any width-aligned sub-block of real channels touches
+    starts = np.arange(0, channels, w)
+    first = starts // gs
+    last = np.minimum(starts + w, channels) - 1
+    slots = int((last // gs - first).max()) + 1
+  return Layout(bs, batch, length, channels, groups, taps, gs, num_chunks * c, padded_channels,
+                seg, slots)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def filter_table(h: jax.Array, chunk: int) -> jax.Array:
+  """[G, K] -> [G, 3c] float32 with c zeros in front and zeros after the taps, so that the
+  Toeplitz gathers ``H0[i, i'] = table[c + i - i']``, ``H1[i, i'] = table[2c + i - i']`` are
+  always in bounds and need no mask."""
+  groups, taps = h.shape
+  return jnp.pad(h.astype(jnp.float32), ((0, 0), (chunk, 2 * chunk - taps)))
+
+
+def toeplitz(table_ref, g, offset: int, chunk: int, dtype, transpose: bool = False):
+  """Gather the [c, c] block ``T[i, i'] = table[g, offset + i - i']`` (or its transpose)."""
+  rows = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
+  cols = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
+  diff = (cols - rows) if transpose else (rows - cols)
+  return table_ref[g, offset + diff].astype(dtype)
+
+
+def dot_precision(dtype):
+  # float32 inputs get full-precision FMA dots (Triton's default would be tf32, ~3e-4 error).
+  return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def dot(a, b, precision, trans_b: bool = False):
+  dims = (((1,), (1 if trans_b else 0,)), ((), ()))
+  return jax.lax.dot_general(a, b, dims, precision=precision,
+                             preferred_element_type=jnp.float32)
+
+
+def slot_groups(lay: Layout, d_start, s: int):
+  """Group ids (unclamped) of the slots of sub-block s of the tile starting at channel d_start,
+  and the per-column group ids of that sub-block."""
+  ds = d_start + s * lay.bs.width
+  col_group = (ds + jax.lax.broadcasted_iota(jnp.int32, (1, lay.bs.width), 1)) // lay.group_size
+  first = ds // lay.group_size
+  return [first + j for j in range(lay.slots)], col_group
+
+
+def pad_to(x: jax.Array, lay: Layout) -> jax.Array:
+  pl_, pd = lay.padded_length - x.shape[1], lay.padded_channels - x.shape[2]
+  return jnp.pad(x, ((0, 0), (0, pl_), (0, pd))) if (pl_ or pd) else x
+
+
+def call_pallas(kernel, out_shape, grid, bs: BlockSizes, interpret: bool, name: str, poison: bool,
+                *args):
+  """pallas_call with the Triton compiler params; silences only the Triton-backend deprecation
+  warning, here. With ``poison`` the outputs start as NaN (aliased inputs) so tests see any
+  element the kernel failed to write."""
+  n_in = len(args)
+  aliases = {}
+  if poison:
+    args = args + tuple(jnp.full(o.shape, jnp.nan, o.dtype) for o in out_shape)
+    aliases = {n_in + i: i for i in range(len(out_shape))}
+    inner = kernel
+    n_out = len(out_shape)
+
+    def kernel(*refs):  # drop the aliased poison inputs: the outputs are the same buffers
+      return inner(*refs[:n_in], *refs[n_in + n_out:])
+
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=_TRITON_DEPRECATION, category=DeprecationWarning)
+    return pl.pallas_call(
+        kernel, out_shape=out_shape, grid=grid, input_output_aliases=aliases,
+        interpret=interpret, name=name,
+        compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
+    )(*args)
+
+
+# ----------------------------------------------------------------------------- forward kernel
+
+
+def _fwd_kernel(table_ref, skip_ref, x1_ref, v_ref, x2_ref, y_ref, *, lay: Layout,
+                has_skip: bool, precision):
+  bs = lay.bs
+  c, w = bs.chunk, bs.width
+  b, ti, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  d_start = ti * bs.tile
+  first = si * lay.seg_chunks
+  dtype = x1_ref.dtype
+
+  def load_u(chunk, cols):
+    return x1_ref[b, pl.ds(chunk * c, c), cols] * v_ref[b, pl.ds(chunk * c, c), cols]
+
+  # Per sub-block: Toeplitz blocks per slot (built once), slot masks, skip column, u of the
+  # chunk before this program's first chunk (zero at the sequence start).
+  subs = []
+  for s in range(lay.subblocks):
+    cols = pl.ds(d_start + s * w, w)
+    gids, col_group = slot_groups(lay, d_start, s)
+    mats = []
+    for g in gids:
+      gc = jnp.minimum(g, lay.groups - 1)
+      mask = None if lay.slots == 1 else (col_group == g)
+      mats.append((toeplitz(table_ref, gc, c, c, dtype), toeplitz(table_ref, gc, 2 * c, c, dtype),
+                   mask))
+    skip = skip_ref[cols].astype(jnp.float32)[None, :] if has_skip else None
+    subs.append((cols, mats, skip))
+
+  def init_prev(cols):
+    u = load_u(jnp.maximum(first - 1, 0), cols)
+    return jnp.where(first > 0, u, jnp.zeros_like(u))
+
+  def step(k, u_prev, s):
+    cols, mats, skip = subs[s]
+    rows = pl.ds((first + k) * c, c)
+    u = x1_ref[b, rows, cols] * v_ref[b, rows, cols]
+    acc = None
+    for h0, h1, mask in mats:
+      p = dot(h0, u, precision) + dot(h1, u_prev, precision)
+      if mask is not None:
+        p = jnp.where(mask, p, 0.0)
+      acc = p if acc is None else acc + p
+    if skip is not None:
+      acc = acc + skip * u.astype(jnp.float32)
+    y_ref[b, rows, cols] = (x2_ref[b, rows, cols].astype(jnp.float32) * acc).astype(y_ref.dtype)
+    return u
+
+  if bs.chunk_outer:
+    def body(k, prevs):
+      return tuple(step(k, prevs[s], s) for s in range(lay.subblocks))
+    jax.lax.fori_loop(0, lay.seg_chunks, body, tuple(init_prev(sb[0]) for sb in subs))
+  else:
+    for s in range(lay.subblocks):
+      jax.lax.fori_loop(0, lay.seg_chunks, functools.partial(step, s=s),
+                        init_prev(subs[s][0]))
+
+
+def fwd(x1, v, x2, h, dskip, bs: BlockSizes, interpret: bool = False, poison: bool = False):
+  """The forward launch; arguments as ``gated_fir_conv`` (dskip may be None)."""
+  lay = make_layout(x1.shape, h.shape, bs)
+  table = filter_table(h, lay.bs.chunk)
+  skip = (jnp.zeros((lay.padded_channels,), jnp.float32) if dskip is None else
+          jnp.pad(dskip.astype(jnp.float32), (0, lay.padded_channels - lay.channels)))
+  xs = [pad_to(a, lay) for a in (x1, v, x2)]
+  kernel = functools.partial(_fwd_kernel, lay=lay, has_skip=dskip is not None,
+                             precision=dot_precision(x1.dtype))
+  out_shape = (jax.ShapeDtypeStruct(xs[0].shape, x1.dtype),)
+  (y,) = call_pallas(kernel, out_shape, lay.grid, lay.bs, interpret, "gated_fir_fwd", poison,
+                     table, skip, *xs)
+  return y[:, :lay.length, :lay.channels]
+
+
+# ----------------------------------------------------------------------------- public op
+
+
+def _check(x1, v, x2, h, dskip):
+  if x1.ndim != 3 or x1.shape != v.shape or x1.shape != x2.shape:
+    raise ValueError(f"x1, v, x2 must share one shape [B, L, D]; got {x1.shape}, {v.shape}, "
+                     f"{x2.shape}")
+  if not (x1.dtype == v.dtype == x2.dtype) or x1.dtype not in (jnp.bfloat16, jnp.float32):
+    raise ValueError(f"x1, v, x2 must all be bfloat16 or float32; got {x1.dtype}, {v.dtype}, "
+                     f"{x2.dtype}")
+  if h.ndim != 2:
+    raise ValueError(f"h must be [G, K]; got shape {h.shape}")
+  if dskip is not None and dskip.shape != (x1.shape[2],):
+    raise ValueError(f"dskip must be [D]=[{x1.shape[2]}]; got shape {dskip.shape}")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _gated_fir(x1, v, x2, h, dskip, opts):
+  bs_fwd, _, has_skip, interpret, poison = opts
+  return fwd(x1, v, x2, h, dskip if has_skip else None, bs_fwd, interpret, poison)
+
+
+def _gated_fir_fwd(x1, v, x2, h, dskip, opts):
+  return _gated_fir(x1, v, x2, h, dskip, opts), (x1, v, x2, h, dskip)
+
+
+def _gated_fir_bwd(opts, res, dy):
+  from pallas_kernels import fir_conv_bwd  # the backward kernels; imported late to avoid a cycle
+  _, bs_bwd, has_skip, interpret, poison = opts
+  x1, v, x2, h, dskip = res
+  dx1, dv, dx2, dh, dd = fir_conv_bwd.bwd(x1, v, x2, h, dskip if has_skip else None, dy, bs_bwd,
+                                          interpret, poison)
+  return dx1, dv, dx2, dh.astype(h.dtype), dd.astype(dskip.dtype)
+
+
+_gated_fir.defvjp(_gated_fir_fwd, _gated_fir_bwd)
+
+
+def gated_fir_conv(x1: jax.Array, v: jax.Array, x2: jax.Array, h: jax.Array,
+                   dskip: jax.Array | None = None, *, interpret: bool = False,
+                   block_sizes: BlockSizes | None = None,
+                   bwd_block_sizes: BlockSizes | None = None, poison: bool = False) -> jax.Array:
+  """``x2 * (h * (x1 * v) + dskip * (x1 * v))``, causal, by the two-stage blocked kernels.
+
+  x1, v, x2: [B, L, D] bf16 or f32; h: [G, K] (true convolution, G divides D, K <= chunk);
+  dskip: [D] or None. Returns [B, L, D] in the input dtype; differentiable in all arrays.
+  ``interpret`` runs the kernels in the Pallas interpreter (CPU tests); ``poison`` makes the
+  outputs start as NaN (tests).
+  """
+  _check(x1, v, x2, h, dskip)
+  if not interpret and jax.default_backend() != "gpu":
+    raise ValueError(f"gated_fir_conv runs its Pallas kernels on a GPU, but JAX runs on "
+                     f"{jax.default_backend()!r}; pass interpret=True (slow, for tests) or use "
+                     f"sh2_jax.conv.gated_conv")
+  k = h.shape[1]
+  bs_f = block_sizes or default_block_sizes(k)
+  bs_b = bwd_block_sizes or default_block_sizes(k, backward=True)
+  has_skip = dskip is not None
+  if dskip is None:
+    dskip = jnp.zeros((x1.shape[2],), jnp.float32)
+  return _gated_fir(x1, v, x2, h, dskip, (bs_f, bs_b, has_skip, interpret, poison))
+
+
+def gated_fir_conv_reference(x1, v, x2, h, dskip=None):
+  """The same function through the one definition of the math (XLA grouped convolution)."""
+  return conv.gated_conv(x1, v, x2, functools.partial(conv.fir_conv, h=h), dskip)

@@ -1,0 +1,142 @@
+"""The gated FIR Pallas kernels against an independent float64 numpy direct convolution.
+
+Runs the kernels in the Pallas interpreter on CPU and compiled (Triton) when a GPU is present.
+Every run starts from NaN-poisoned outputs (``poison=True``), so an unwritten element fails.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import fir_conv
+from pallas_kernels.fir_conv import BlockSizes, gated_fir_conv
+from sh2_jax import dispatch
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+
+ON_GPU = jax.default_backend() == "gpu"
+INTERPRET = not ON_GPU
+
+
+def numpy_gated_fir(x1, v, x2, h, dskip, dy):
+  """float64 forward y and the gradients (dx1, dv, dx2, dh, ddskip) for cotangent dy."""
+  x1, v, x2, h, dy = (np.asarray(a, np.float64) for a in (x1, v, x2, h, dy))
+  _, length, d = x1.shape
+  groups, taps = h.shape
+  hc = np.repeat(h, d // groups, axis=0)  # [D, K]
+  skip = np.zeros(d) if dskip is None else np.asarray(dskip, np.float64)
+  u = x1 * v
+  z = skip * u
+  for k in range(min(taps, length)):
+    z[:, k:] += hc[:, k] * u[:, :length - k]
+  dz = dy * x2
+  du = skip * dz
+  dhc = np.zeros_like(hc)
+  for k in range(min(taps, length)):
+    du[:, :length - k] += hc[:, k] * dz[:, k:]
+    dhc[:, k] = np.einsum("btd,btd->d", dz[:, k:], u[:, :length - k])
+  dh = dhc.reshape(groups, d // groups, taps).sum(axis=1)
+  return x2 * z, (du * v, du * x1, dy * z, dh, (dz * u).sum(axis=(0, 1)))
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  assert np.isfinite(a).all(), "non-finite (unwritten or NaN) elements"
+  return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+CASES = [
+    # B, L, D, G, K, dtype, skip, block sizes (None = defaults)
+    (2, 150, 32, 2, 7, jnp.float32, True, None),                       # G = D/16
+    (2, 200, 48, 48, 3, jnp.float32, True, None),                      # G = D (1 channel/group)
+    (3, 300, 32, 1, 128, jnp.float32, True, None),                     # G = 1, MR length
+    (2, 170, 64, 4, 64, jnp.bfloat16, False, None),                    # G = D/16, bf16
+    (2, 260, 30, 2, 7, jnp.bfloat16, True, None),                      # 15 channels/group
+    (2, 140, 45, 3, 128, jnp.float32, True, None),                     # 15 channels/group, K=128
+    (2, 170, 64, 4, 7, jnp.float32, True,                              # several segments,
+     BlockSizes(chunk=32, tile=64, width=16, seg_chunks=2, chunk_outer=False)),  # group-outer
+    (3, 190, 32, 32, 64, jnp.bfloat16, True,                           # G = D, segments
+     BlockSizes(chunk=64, tile=32, width=32, seg_chunks=2, chunk_outer=True)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}L{c[1]}D{c[2]}G{c[3]}K{c[4]}"
+                         f"{jnp.dtype(c[5]).name}{'s' if c[6] else ''}{'bs' if c[7] else ''}")
+def test_forward_and_gradients(case):
+  batch, length, d, groups, taps, dtype, has_skip, bs = case
+  rng = np.random.default_rng(abs(hash(case[:6])) % 2**32)
+  x1, v, x2, dy = (jnp.asarray(rng.standard_normal((batch, length, d)), dtype) for _ in range(4))
+  h = jnp.asarray(rng.standard_normal((groups, taps)) / np.sqrt(taps), jnp.float32)
+  dskip = jnp.asarray(rng.standard_normal(d), jnp.float32) if has_skip else None
+  tol = 1e-5 if dtype == jnp.float32 else 1e-2
+
+  def op(x1, v, x2, h, dskip):
+    return gated_fir_conv(x1, v, x2, h, dskip, interpret=INTERPRET, block_sizes=bs,
+                          bwd_block_sizes=bs, poison=True)
+
+  args = (x1, v, x2, h, dskip)
+  y, vjp = jax.vjp(op, *args)
+  grads = vjp(dy)
+  # The reference sees the inputs as rounded to the kernel dtype (bf16 inputs exactly).
+  y_ref, grads_ref = numpy_gated_fir(*(np.asarray(a.astype(jnp.float32)) for a in (x1, v, x2)),
+                                     h, dskip, np.asarray(dy.astype(jnp.float32)))
+  assert y.dtype == dtype and y.shape == x1.shape
+  assert rel_err(y, y_ref) <= tol
+  names = ("dx1", "dv", "dx2", "dh", "ddskip")
+  for name, g, g_ref, a in zip(names, grads, grads_ref, args):
+    if a is None:
+      assert g is None
+      continue
+    assert g.shape == a.shape and g.dtype == a.dtype, name
+    err = rel_err(g, g_ref)
+    assert err <= tol, f"{name}: rel err {err:.2e} > {tol}"
+
+
+def test_matches_xla_reference():
+  """The kernel and the model's XLA path (the one definition of the math) agree."""
+  rng = np.random.default_rng(1)
+  x1, v, x2 = (jnp.asarray(rng.standard_normal((2, 100, 32)), jnp.float32) for _ in range(3))
+  h = jnp.asarray(rng.standard_normal((2, 7)), jnp.float32)
+  y = gated_fir_conv(x1, v, x2, h, None, interpret=INTERPRET, poison=True)
+  assert rel_err(y, fir_conv.gated_fir_conv_reference(x1, v, x2, h)) <= 1e-5
+
+
+def test_bad_inputs_raise_clear_errors():
+  x = jnp.ones((1, 64, 32), jnp.float32)
+  with pytest.raises(ValueError, match="G=3 must divide channels D=32"):
+    gated_fir_conv(x, x, x, jnp.ones((3, 7)), interpret=True)
+  with pytest.raises(ValueError, match="K=200 exceeds the chunk c=128"):
+    gated_fir_conv(x, x, x, jnp.ones((2, 200)), interpret=True, block_sizes=BlockSizes())
+  with pytest.raises(ValueError, match="share one shape"):
+    gated_fir_conv(x, x[:, :10], x, jnp.ones((2, 7)), interpret=True)
+  with pytest.raises(ValueError, match=r"dskip must be \[D\]"):
+    gated_fir_conv(x, x, x, jnp.ones((2, 7)), jnp.ones(5), interpret=True)
+
+
+def test_poison_marks_unwritten_outputs():
+  """The poisoning the tests rely on: a kernel that writes nothing leaves only NaN."""
+  x = jnp.ones((16, 16), jnp.float32)
+  (y,) = fir_conv.call_pallas(lambda x_ref, y_ref: None, (jax.ShapeDtypeStruct(x.shape, x.dtype),),
+                              (1,), BlockSizes(), INTERPRET, "noop", True, x)
+  assert np.isnan(np.asarray(y)).all()
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the CPU error path")
+def test_pallas_off_gpu_is_a_clear_error():
+  x = jnp.ones((1, 64, 32), jnp.float32)
+  with pytest.raises(ValueError, match="pass interpret=True"):
+    gated_fir_conv(x, x, x, jnp.ones((2, 7)))
+  with pytest.raises(ValueError, match="conv_impl 'pallas' needs a GPU"):
+    dispatch.gated_fir(x, x, x, jnp.ones((2, 7)), None, "pallas")
+  assert dispatch.resolve_conv_impl("auto") == "xla"
+  y = dispatch.gated_fir(x, x, x, jnp.ones((2, 7)), None, "pallas", interpret=True)
+  assert y.shape == x.shape
+
+
+@pytest.mark.skipif(not ON_GPU, reason="GPU dispatch")
+def test_auto_is_pallas_on_gpu():
+  assert dispatch.resolve_conv_impl("auto") == "pallas"
