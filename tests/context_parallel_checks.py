@@ -1,0 +1,145 @@
+"""Context-parallel equality checks, run in their own process with 8 forced host devices.
+
+``python tests/context_parallel_checks.py [names...]`` prints one JSON line per check:
+{"name": ..., "rel_err": ...}: the relative error (||cp - ref|| / ||ref||, float32) of a
+context-parallel computation against the unsharded one. ``test_context_parallel.py`` runs this
+in a subprocess so the forced device count never leaks into other test files.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import json  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import AxisType, PartitionSpec as P  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from sh2_jax import conv, dispatch  # noqa: E402
+from sh2_jax.config import ModelConfig  # noqa: E402
+from sh2_jax.model import StripedHyena  # noqa: E402
+from sh2_jax.parallel import a2a, halo, p2p_fft  # noqa: E402
+from sh2_jax.parallel.attention import cp_attention  # noqa: E402
+from sh2_jax.parallel.context import ContextParallel, context_parallel_logits  # noqa: E402
+from sh2_jax.parallel.zigzag import zigzag_shard, zigzag_unshard  # noqa: E402
+
+AX = "context"
+B, D, CHUNK = 2, 32, 40  # chunk 40 < MR's 127-token halo: the halo spans several chunks
+
+
+def mesh_of(n):
+  return jax.make_mesh((n,), (AX,), devices=jax.devices()[:n], axis_types=(AxisType.Auto,))
+
+
+def rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def run_cp(fn, n, params, *xs):
+  """fn(params, *local shards) on zig-zag shards of the global [B, L, ...] arrays xs."""
+  spec = P(None, AX)
+  f = jax.shard_map(fn, mesh=mesh_of(n), in_specs=(P(),) + (spec,) * len(xs), out_specs=spec)
+  return zigzag_unshard(jax.jit(f)(params, *[zigzag_shard(x, n) for x in xs]), n)
+
+
+def check_op(name, n, ref_fn, cp_fn, params, xs, key):
+  """Forward and input/parameter gradients of cp_fn (under shard_map) against ref_fn."""
+  out_ref = ref_fn(params, *xs)
+  out_cp = run_cp(lambda p, *a: cp_fn(p, *a), n, params, *xs)
+  ct = jax.random.normal(key, out_ref.shape, out_ref.dtype)
+  g_ref = jax.grad(lambda p, a: jnp.sum(ref_fn(p, *a) * ct), argnums=(0, 1))(params, xs)
+  g_cp = jax.grad(lambda p, a: jnp.sum(run_cp(cp_fn, n, p, *a) * ct), argnums=(0, 1))(params, xs)
+  err_g = max(rel(a, b) for a, b in zip(jax.tree.leaves(g_cp), jax.tree.leaves(g_ref)))
+  return [(f"{name}/n{n}/fwd", rel(out_cp, out_ref)), (f"{name}/n{n}/grad", err_g)]
+
+
+def operator_checks(n, key):
+  length = 2 * n * CHUNK
+  ks = jax.random.split(key, 12)
+  x1, v, x2 = (jax.random.normal(k, (B, length, D)) for k in ks[:3])
+  z = jax.random.normal(ks[3], (B, length, 3 * D))
+  out = []
+  feat = jax.random.normal(ks[4], (3 * D, 3))
+  out += check_op("featurizer", n, lambda w, z_: conv.featurizer_conv(z_, w),
+                  lambda w, z_: halo.halo_featurizer(z_, w, AX, n), feat, (z,), ks[5])
+  dskip = jax.random.normal(ks[6], (D,))
+  for op, groups, taps, modes in (("SE", 8, 7, ("p2p",)), ("MR", 8, 128, ("p2p", "a2a"))):
+    h = jax.random.normal(ks[7], (groups, taps)) / np.sqrt(taps)
+    ds = None if op == "SE" else dskip
+    ref = lambda p, a, b_, c_, ds=ds: dispatch.gated_fir(a, b_, c_, p, ds, "xla")
+    for mode in modes:
+      if mode == "p2p":
+        cp = lambda p, a, b_, c_, ds=ds: halo.halo_gated_fir(a, b_, c_, p, ds, "xla", AX, n)
+      else:
+        cp = lambda p, a, b_, c_, ds=ds: a2a.a2a_gated_fir(a, b_, c_, p, ds, "xla", AX, n)
+      out += check_op(f"{op}-{mode}", n, ref, cp, h, (x1, v, x2), ks[8])
+  poles = -jnp.exp(jax.random.uniform(ks[9], (D, 16), minval=-9, maxval=0))
+  resid = jax.random.normal(ks[10], (D, 16)) * 0.1
+  li_ref = lambda p, a, b_, c_: dispatch.gated_modal(a, b_, c_, p[0], p[1], dskip, "fft")
+  li_a2a = lambda p, a, b_, c_: a2a.a2a_gated_modal(a, b_, c_, p[0], p[1], dskip, "fft", AX, n)
+  li_p2p = lambda p, a, b_, c_: p2p_fft.p2p_gated_modal(a, b_, c_, p[0], p[1], dskip, AX, n)
+  out += check_op("LI-a2a", n, li_ref, li_a2a, (poles, resid), (x1, v, x2), ks[11])
+  if os.environ.get("NO_P2P") is None: out += check_op("LI-p2p_fft", n, li_ref, li_p2p, (poles, resid), (x1, v, x2), ks[11])
+  heads, hd = 2, 16
+  q, k, vv = (jax.random.normal(kk, (B, length, heads, hd)) for kk in jax.random.split(ks[0], 3))
+  att_ref = lambda _, a, b_, c_: jax.nn.dot_product_attention(a, b_, c_, is_causal=True,
+                                                              implementation="xla")
+  for mode in ("allgather", "ring"):
+    att_cp = lambda _, a, b_, c_, m=mode: cp_attention(a, b_, c_, AX, n, hd ** -0.5, "xla", m)
+    out += check_op(f"MHA-{mode}", n, att_ref, att_cp, jnp.zeros(()), (q, k, vv), ks[1])
+  return out
+
+
+def model_checks(n, key, **cp_kw):
+  cfg = ModelConfig(d_model=D, num_layers=4, layout="SE-MR-LI-MHA", num_heads=2, mlp_hidden=48,
+                    se_groups=8, mr_groups=8)
+  model = StripedHyena(cfg, rngs=nnx.Rngs(int(jax.random.randint(key, (), 0, 1000))))
+  tokens = jax.random.randint(key, (B, 2 * n * CHUNK), 0, cfg.vocab_size)
+  target = jax.random.normal(jax.random.fold_in(key, 1), (B, tokens.shape[1], cfg.vocab_size))
+  mesh = mesh_of(n)
+  cp = ContextParallel(size=n, **cp_kw)
+  tag = "-".join(f"{v}" for v in cp_kw.values()) or "default"
+
+  def loss(m, cp_on):
+    logits = (context_parallel_logits(m, tokens, mesh, cp) if cp_on else m(tokens))
+    return jnp.mean(logits * target), logits
+
+  (l_ref, logits_ref), g_ref = nnx.value_and_grad(lambda m: loss(m, False), has_aux=True)(model)
+  (l_cp, logits_cp), g_cp = jax.jit(nnx.value_and_grad(lambda m: loss(m, True), has_aux=True))(
+      model)
+  flat_ref = dict(jax.tree_util.tree_leaves_with_path(g_ref))
+  errs = {jax.tree_util.keystr(p): rel(x, flat_ref[p])
+          for p, x in jax.tree_util.tree_leaves_with_path(g_cp)}
+  worst = max(errs, key=errs.get)
+  return [(f"model-{tag}/n{n}/logits", rel(logits_cp, logits_ref)),
+          (f"model-{tag}/n{n}/grad(max {worst})", errs[worst])]
+
+
+def main(argv):
+  groups = argv or ["ops", "model"]
+  key = jax.random.PRNGKey(0)
+  for n in (2, 4, 8):
+    results = []
+    if "ops" in groups:
+      results += operator_checks(n, jax.random.fold_in(key, n))
+    if "model" in groups:
+      results += model_checks(n, jax.random.fold_in(key, 100 + n))
+      results += model_checks(n, jax.random.fold_in(key, 200 + n), mr_mode="a2a",
+                              li_mode="p2p_fft", attention_mode="ring", remat=True)
+    for name, err in results:
+      print(json.dumps({"name": name, "rel_err": err}), flush=True)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
