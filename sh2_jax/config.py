@@ -16,6 +16,7 @@ LI_IMPLS = ("fft",)
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
 MR_DECAYS = ("weak", "normal", "strong", "none")
+FP8_MODES = ("off", "checkpoint_scales", "current_scaling")
 
 
 def resolve_layout(layout: str | None, num_layers: int,
@@ -80,6 +81,7 @@ class ModelConfig:
   mha_out_bias: bool = True
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
+  fp8_projections: str = "off"  # Hyena input projections: off | checkpoint_scales | current_scaling
   conv_impl: str = "auto"  # SE/MR inner filters: auto | pallas | xla | fft
   li_impl: str = "fft"
   attention_impl: str = "auto"
@@ -112,6 +114,7 @@ class ModelConfig:
       if self.d_model % groups:
         bad(field, groups, f"a divisor of d_model {self.d_model}")
     for field, value, valid in (("mr_decay", self.mr_decay, MR_DECAYS),
+                                ("fp8_projections", self.fp8_projections, FP8_MODES),
                                 ("conv_impl", self.conv_impl, CONV_IMPLS),
                                 ("li_impl", self.li_impl, LI_IMPLS),
                                 ("attention_impl", self.attention_impl, ATTENTION_IMPLS),

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sh2_jax import fp8 as fp8lib
+
 
 def param(rngs: nnx.Rngs, init, shape, dtype, sharding) -> nnx.Param:
   return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=sharding, eager_sharding=False)
@@ -29,18 +31,30 @@ def wang_init(dim: int, num_layers: int):
 
 
 class Dense(nnx.Module):
-  """y = x @ kernel (+ bias). kernel: [in, out]."""
+  """y = x @ kernel (+ bias). kernel: [in, out]. ``fp8`` runs the GEMM through E4M3 as the
+  FP8 recipe of ``sh2_jax.fp8`` does (``off`` | ``checkpoint_scales`` | ``current_scaling``)."""
 
   def __init__(self, d_in: int, d_out: int, *, use_bias: bool, init, dtype, param_dtype,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, fp8: str = "off"):
     self.kernel = param(rngs, init, (d_in, d_out), param_dtype, ("fsdp", None))
     self.bias = (param(rngs, jax.nn.initializers.zeros, (d_out,), param_dtype, (None,))
                  if use_bias else None)
     self.dtype = dtype
+    if fp8 not in fp8lib.FP8_MODES:
+      raise ValueError(f"fp8 mode {fp8!r} is not one of {', '.join(fp8lib.FP8_MODES)}")
+    self.fp8 = fp8
+    self.fp8_scales = (fp8lib.Fp8Scales(jnp.ones((2,), jnp.float32), out_sharding=(None,),
+                                        eager_sharding=False)
+                       if fp8 == "checkpoint_scales" else None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                preferred_element_type=jnp.float32)
+    x, kernel = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
+    if self.fp8 == "off":
+      y = jnp.dot(x, kernel, preferred_element_type=jnp.float32)
+    else:
+      scales = (jax.lax.stop_gradient(self.fp8_scales[...]) if self.fp8_scales is not None
+                else fp8lib.current_scales(x, kernel))
+      y = fp8lib.fp8_matmul(x, kernel, scales)
     if self.bias is not None:
       y = y + self.bias[...].astype(jnp.float32)
     return y.astype(self.dtype)

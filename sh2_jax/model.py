@@ -41,7 +41,7 @@ class HyenaBlock(nnx.Module):
     self.pre_norm = _norm(cfg, rngs)
     self.post_norm = _norm(cfg, rngs)
     self.projections = Dense(d, 3 * d, use_bias=False, init=small_init(d), dtype=dt,
-                             param_dtype=pdt, rngs=rngs)
+                             param_dtype=pdt, rngs=rngs, fp8=cfg.fp8_projections)
     self.filter = HyenaFilter(op, cfg, rngs)
     self.out_filter_dense = Dense(d, d, use_bias=cfg.hyena_out_bias,
                                   init=wang_init(d, cfg.num_layers), dtype=dt, param_dtype=pdt,

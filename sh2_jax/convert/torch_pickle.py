@@ -191,9 +191,14 @@ def shard_paths(path: str) -> list[str]:
   return [p for _, p in numbered]
 
 
+class _BytesFile(io.BytesIO):
+  def memmap(self, offset: int, dtype: np.dtype, count: int) -> np.ndarray:
+    return np.frombuffer(self.getbuffer(), dtype=dtype, count=count, offset=offset).copy()
+
+
 class _Archive:
-  def __init__(self, path: str):
-    self.file = _ConcatFile(shard_paths(path))
+  def __init__(self, path: str, data: bytes | None = None):
+    self.file = _ConcatFile(shard_paths(path)) if data is None else _BytesFile(data)
     try:
       self.zip = zipfile.ZipFile(self.file)
     except zipfile.BadZipFile as e:
@@ -225,7 +230,15 @@ class _Archive:
 
 def load_state_dict(path: str) -> dict[str, Any]:
   """The checkpoint's top-level dict: name -> numpy array (memory-mapped) or ``BytesBlob``."""
-  obj = _Archive(path).load()
+  return _as_dict(_Archive(path).load(), path)
+
+
+def load_state_dict_from_bytes(data: bytes, name: str = "<bytes>") -> dict[str, Any]:
+  """The same for an archive held in memory (e.g. a ``torch.save`` into a BytesIO)."""
+  return _as_dict(_Archive(name, data).load(), name)
+
+
+def _as_dict(obj: Any, path: str) -> dict[str, Any]:
   if not isinstance(obj, dict):
     raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a state dict")
   return dict(obj)

@@ -9,7 +9,8 @@ a ``StripedHyena`` with exactly the reference numerics. Layout conversions, all 
   * ``filter.log_poles`` [D, N, 1] (lambda < 0) -> ``filter.log_rates`` = log(-lambda) [D, N];
   * ``inner_mha_cls.Wqkv.weight`` rows per head [q_h; k_h; v_h] -> runtime [Q; K; V];
   * ``rotary_emb.inv_freq`` is checked against the config's RoPE base, not loaded;
-  * ``*._extra_state`` blobs (Transformer Engine FP8 metadata) are skipped.
+  * ``*.projections._extra_state`` blobs (Transformer Engine FP8 metadata) give the FP8
+    scales when the config says the model ran its projections in FP8; other blobs are skipped.
 Released checkpoints hold MR filters with the training decay multiplied in: mr_decay='none'.
 """
 
@@ -24,6 +25,7 @@ import numpy as np
 import yaml
 from flax import nnx
 
+from sh2_jax import fp8
 from sh2_jax.config import ModelConfig
 from sh2_jax.convert.torch_pickle import BytesBlob, load_state_dict
 from sh2_jax.model import StripedHyena
@@ -45,9 +47,6 @@ def config_from_yaml(cfg: Mapping[str, Any], **overrides) -> ModelConfig:
   if li_groups != d:
     raise ValueError(f"hcl_filter_groups {li_groups} is not supported; LI has one filter per "
                      f"channel (hcl_filter_groups = hidden_size = {d})")
-  if cfg.get("use_fp8_input_projections"):
-    logging.warning("this checkpoint was trained with FP8 input projections; they are not "
-                    "emulated here, so its outputs differ from the reference run in FP8")
   fields = dict(
       d_model=d, num_layers=int(cfg["num_layers"]), layout=None,
       layer_idxs={"SE": cfg.get("hcs_layer_idxs", []), "MR": cfg.get("hcm_layer_idxs", []),
@@ -157,11 +156,36 @@ def params_from_state_dict(sd: Mapping[str, Any], cfg: ModelConfig) -> dict:
       if op in ("MR", "LI"):
         filt["D"] = f32(sd[p + "filter.D"])
       b["projections"] = dense(p + "projections", False)
+      if cfg.fp8_projections == "checkpoint_scales":
+        b["projections"]["fp8_scales"] = _checkpoint_fp8_scales(sd, p + "projections._extra_state")
       b["filter"] = filt
       b["out_filter_dense"] = dense(p + "out_filter_dense", cfg.hyena_out_bias)
     blocks[i] = b
   return {"embedding_layer": {"weight": f32(sd["embedding_layer.weight"])},
           "blocks": blocks, "norm": {"scale": f32(sd["norm.scale"])}}
+
+
+def _checkpoint_fp8_scales(sd: Mapping[str, Any], key: str) -> np.ndarray:
+  state = fp8.read_extra_state(sd[key].getvalue()) if isinstance(sd.get(key), BytesBlob) else None
+  if state is None:
+    raise ValueError(f"fp8_projections 'checkpoint_scales' needs FP8 scales in {key}, which "
+                     "the checkpoint does not hold; use fp8_projections 'current_scaling'")
+  return fp8.scales_from_extra_state(state)
+
+
+def fp8_mode_for(yaml_cfg: Mapping[str, Any], sd: Mapping[str, Any]) -> str:
+  """The reference ran the projections in FP8 iff ``use_fp8_input_projections``; use the
+  checkpoint's scales when every Hyena block stores them, else current scaling (logged)."""
+  if not yaml_cfg.get("use_fp8_input_projections"):
+    return "off"
+  keys = [k for k in sd if k.endswith("projections._extra_state")]
+  states = [fp8.read_extra_state(sd[k].getvalue()) if isinstance(sd[k], BytesBlob) else None
+            for k in keys]
+  if keys and all(s is not None for s in states):
+    return "checkpoint_scales"
+  logging.warning("checkpoint was trained with FP8 projections but holds no FP8 scales in its "
+                  "_extra_state entries: using fp8_projections='current_scaling'")
+  return "current_scaling"
 
 
 def build_model(cfg: ModelConfig, params: dict) -> StripedHyena:
@@ -184,5 +208,8 @@ def read_yaml(yaml_path: str) -> dict:
 def from_vortex(pt_path: str, yaml_path: str, dtype=jnp.float32, **overrides) -> StripedHyena:
   """Load a reference checkpoint. ``dtype`` is the compute dtype (parameters stay float32);
   ``overrides`` are extra ModelConfig fields (e.g. ``conv_impl='xla'``)."""
-  cfg = config_from_yaml(read_yaml(yaml_path), dtype=jnp.dtype(dtype).name, **overrides)
-  return build_model(cfg, params_from_state_dict(load_state_dict(pt_path), cfg))
+  yaml_cfg = read_yaml(yaml_path)
+  sd = load_state_dict(pt_path)
+  overrides.setdefault("fp8_projections", fp8_mode_for(yaml_cfg, sd))
+  cfg = config_from_yaml(yaml_cfg, dtype=jnp.dtype(dtype).name, **overrides)
+  return build_model(cfg, params_from_state_dict(sd, cfg))

@@ -1,0 +1,108 @@
+"""FP8 (E4M3) input projections as Transformer Engine's delayed-scaling recipe computes them.
+
+The Evo 2 1B / 20B / 40B checkpoints were trained with the Hyena ``projections`` GEMM in FP8
+(``DelayedScaling``, ``Format.HYBRID``: E4M3 in the forward pass, ``amax_history_len=16``,
+``amax_compute_algo='max'``, margin 0). Per tensor (input and weight separately):
+
+  scale = E4M3_MAX / amax                       (amax = max of the amax history, or of the
+                                                 tensor itself under current scaling)
+  q     = saturate_e4m3(x * scale)              (round to nearest even, clipped to +-448)
+  y     = (q_x @ q_w^T) / (scale_x * scale_w)   (float32 accumulation)
+
+Here the product of E4M3 values is formed exactly in float32 on any backend (emulation); the
+gradient is straight-through (as if unquantised). Modes (``ModelConfig.fp8_projections``):
+``off``; ``checkpoint_scales`` — the scales come from the checkpoint's ``_extra_state`` (held in
+``Fp8Scales`` variables and never trained); ``current_scaling`` — amax of the current tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+E4M3_MAX = 448.0
+FP8_MODES = ("off", "checkpoint_scales", "current_scaling")
+
+
+class Fp8Scales(nnx.Param):
+  """[2] float32: the forward scales of (input, weight). A Param subclass so checkpoints carry
+  it; optimizers skip it (``nnx.Not(Fp8Scales)``) and the forward stops its gradient."""
+
+
+def scale_from_amax(amax: jax.Array, margin: int = 0) -> jax.Array:
+  """``E4M3_MAX / amax / 2^margin``; 1 where amax is 0 or not finite (TE keeps such scales)."""
+  amax = jnp.asarray(amax, jnp.float32)
+  ok = jnp.isfinite(amax) & (amax > 0)
+  return jnp.where(ok, E4M3_MAX / jnp.where(ok, amax, 1.0) / 2.0**margin, 1.0)
+
+
+def quantize_e4m3(x: jax.Array, scale: jax.Array) -> jax.Array:
+  """Saturating cast of ``x * scale`` to float8_e4m3fn (values beyond +-448 clip to +-448)."""
+  scaled = x.astype(jnp.float32) * scale
+  return jnp.clip(scaled, -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
+
+
+@jax.custom_vjp
+def fp8_matmul(x: jax.Array, kernel: jax.Array, scales: jax.Array) -> jax.Array:
+  """``x [.., in] @ kernel [in, out]`` through E4M3 with per-tensor ``scales = (s_x, s_w)``.
+  Returns float32."""
+  qx = quantize_e4m3(x, scales[0]).astype(jnp.float32)
+  qw = quantize_e4m3(kernel, scales[1]).astype(jnp.float32)
+  y = jnp.dot(qx, qw, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+  return y / (scales[0] * scales[1])
+
+
+def _fp8_fwd(x, kernel, scales):
+  return fp8_matmul(x, kernel, scales), (x, kernel, scales)
+
+
+def _fp8_bwd(res, g):
+  x, kernel, scales = res  # straight-through: the unquantised GEMM's gradients
+  gx = jnp.dot(g, kernel.astype(jnp.float32).T).astype(x.dtype)
+  gw = jnp.einsum("...i,...o->io", x.astype(jnp.float32), g).astype(kernel.dtype)
+  return gx, gw, jnp.zeros_like(scales)
+
+
+fp8_matmul.defvjp(_fp8_fwd, _fp8_bwd)
+
+
+def current_scales(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  return jax.lax.stop_gradient(jnp.stack([
+      scale_from_amax(jnp.max(jnp.abs(x.astype(jnp.float32)))),
+      scale_from_amax(jnp.max(jnp.abs(kernel.astype(jnp.float32))))]))
+
+
+def scales_from_extra_state(state: dict[str, Any]) -> np.ndarray:
+  """(input, weight) forward scales from a Transformer Engine Linear's extra state: computed
+  from ``amax_history_fwd`` [history, 3] (max over the history) as the next forward would,
+  falling back to the stored ``scale_fwd`` where the history holds no amax."""
+  scale = np.asarray(state["scale_fwd"], np.float32).reshape(-1)
+  hist = state.get("amax_history_fwd")
+  if hist is not None:
+    hist = np.asarray(hist, np.float32)
+    hist = hist.reshape(hist.shape[0], -1) if hist.ndim > 1 else hist[:, None]
+    amax = hist.max(axis=0)
+    fresh = np.asarray(scale_from_amax(amax))
+    scale = np.where((amax > 0) & np.isfinite(amax), fresh[: scale.size], scale)
+  if scale.size < 2:
+    raise ValueError(f"FP8 extra state holds {scale.size} forward scales; expected >= 2 "
+                     "(input, weight)")
+  return scale[:2].astype(np.float32)
+
+
+def read_extra_state(blob: bytes) -> dict[str, Any] | None:
+  """Decode a ``*._extra_state`` blob (``torch.save`` of a dict into a BytesIO) with the
+  restricted reader; None when the blob holds no FP8 state."""
+  from sh2_jax.convert.torch_pickle import load_state_dict_from_bytes  # avoid an import cycle
+  if not blob.startswith(b"PK"):
+    return None
+  state = load_state_dict_from_bytes(blob)
+  return state if "scale_fwd" in state else None
+
+
+__all__ = ["E4M3_MAX", "FP8_MODES", "Fp8Scales", "current_scales", "fp8_matmul",
+           "quantize_e4m3", "read_extra_state", "scale_from_amax", "scales_from_extra_state"]
