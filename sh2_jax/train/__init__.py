@@ -1,0 +1,1 @@
+"""Training and evaluation: mesh, optimizer, train step, metrics, checkpoints, the loops."""

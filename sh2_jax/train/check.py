@@ -1,0 +1,79 @@
+"""Validate a training/eval config before anything is written: every bad value raises one
+ValueError that names it and what would be valid."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from sh2_jax.config import ModelConfig
+from sh2_jax.train.step import REMAT
+
+MODES = ("train", "eval")
+
+
+def _reference() -> ml_collections.ConfigDict:
+  from configs.base import make_config  # the one list of training keys
+  return make_config("tiny")
+
+
+def _check_keys(config, reference, prefix: str = "") -> None:
+  for key in config.keys():
+    if key == "model" and not prefix:
+      continue  # checked by ModelConfig.from_dict
+    if key not in reference:
+      raise ValueError(f"unknown config key {prefix + key!r}; valid keys here: "
+                       f"{sorted(k for k in reference.keys() if k != 'model')}")
+    if isinstance(reference[key], ml_collections.ConfigDict):
+      if not isinstance(config[key], ml_collections.ConfigDict):
+        raise ValueError(f"config key {prefix + key!r} must be a sub-dict")
+      _check_keys(config[key], reference[key], f"{prefix}{key}.")
+
+
+def _positive_int(name: str, value, allow_zero: bool = False) -> None:
+  ok = isinstance(value, int) and not isinstance(value, bool) and (
+      value > 0 or (allow_zero and value == 0))
+  if not ok:
+    raise ValueError(f"{name} {value!r} is not valid; expected a "
+                     f"{'non-negative' if allow_zero else 'positive'} integer")
+
+
+def validate(config, mode: str = "train") -> ModelConfig:
+  """Check keys and values of ``config``; returns the ModelConfig of ``config.model``."""
+  if mode not in MODES:
+    raise ValueError(f"mode {mode!r} is not valid; expected one of {', '.join(MODES)}")
+  _check_keys(config, _reference())
+  if "model" not in config:
+    raise ValueError("config has no 'model' sub-dict")
+  model_cfg = ModelConfig.from_dict(config.model)
+  for name in ("num_steps", "log_every", "batch_size", "seq_len", "keep_checkpoints"):
+    _positive_int(name, config[name])
+  for name in ("checkpoint_every", "eval_every", "eval_batches", "seed"):
+    _positive_int(name, config[name], allow_zero=True)
+  _positive_int("optimizer.grad_accum_steps", config.optimizer.grad_accum_steps)
+  _positive_int("optimizer.warmup_steps", config.optimizer.warmup_steps, allow_zero=True)
+  if config.remat not in REMAT:
+    raise ValueError(f"remat {config.remat!r} is not valid; expected one of {', '.join(REMAT)}")
+  if not config.optimizer.learning_rate > 0:
+    raise ValueError(f"optimizer.learning_rate {config.optimizer.learning_rate!r} must be > 0")
+  if config.batch_size % config.optimizer.grad_accum_steps:
+    raise ValueError(f"batch_size {config.batch_size} is not divisible by "
+                     f"optimizer.grad_accum_steps {config.optimizer.grad_accum_steps}")
+  return model_cfg
+
+
+def check_against_mesh(config, mesh_shape: dict, process_count: int) -> None:
+  """The batch and sequence must split evenly over the mesh and the processes."""
+  rows = mesh_shape["data"] * mesh_shape["fsdp"]
+  micro = config.batch_size // config.optimizer.grad_accum_steps
+  if micro % rows:
+    what = (f"batch_size {config.batch_size}" if config.optimizer.grad_accum_steps == 1 else
+            f"the microbatch {micro} (batch_size {config.batch_size} / grad_accum_steps "
+            f"{config.optimizer.grad_accum_steps})")
+    raise ValueError(f"{what} is not divisible by the data axes of the mesh: data "
+                     f"{mesh_shape['data']} x fsdp {mesh_shape['fsdp']} = {rows}")
+  if config.batch_size % process_count:
+    raise ValueError(f"batch_size {config.batch_size} is not divisible by the number of "
+                     f"processes {process_count}")
+  if config.seq_len % mesh_shape["context"]:
+    raise ValueError(f"seq_len {config.seq_len} is not divisible by mesh.context "
+                     f"{mesh_shape['context']}")

@@ -1,0 +1,49 @@
+"""Evaluation of a checkpoint: ``evaluate(config, checkpoint)``.
+
+Loads any of our Orbax checkpoints through ``sh2_jax.checkpoint.load_model`` (a training
+workdir — its latest step —, a step directory, or a converter output) and reports loss,
+perplexity and bits per byte on the held-out split of ``config.data``
+(``data.eval_fraction=1.0`` evaluates the whole dataset).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import jax
+from flax import nnx
+
+from sh2_jax.checkpoint import load_model
+from sh2_jax.train import mesh as mesh_lib
+from sh2_jax.train.step import eval_step
+from sh2_jax.train.trainer import prepare, run_eval
+
+
+def evaluate(config, checkpoint: str) -> dict:
+  """Returns (and prints, as one JSON line) the summary."""
+  _, mesh, (_, eval_src) = prepare(config, "eval")
+  if len(eval_src) == 0:
+    raise ValueError("the held-out split is empty; raise data.eval_fraction (1.0 evaluates the "
+                     "whole dataset) or give more data")
+  if not os.path.exists(checkpoint):
+    raise ValueError(f"checkpoint path {checkpoint!r} does not exist")
+  model = load_model(checkpoint, dtype=config.model.dtype)
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
+  p_sh = mesh_lib.param_shardings(mesh, params, mesh_lib.param_specs(model))
+  params = jax.device_put(params, p_sh)
+  b_sh = {k: mesh_lib.batch_sharding(mesh) for k in ("inputs", "targets", "weights")}
+  eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, mesh=mesh),
+                    in_shardings=(p_sh, b_sh), out_shardings=mesh_lib.replicated(mesh))
+  result = run_eval(eval_fn, params, mesh, eval_src, config.batch_size, config.eval_batches,
+                    progress=jax.process_index() == 0)
+  summary = {"checkpoint": os.path.abspath(checkpoint), "data": config.data.path or "default",
+             "windows": len(eval_src), "seq_len": config.seq_len, **result}
+  if jax.process_index() == 0:
+    print(json.dumps(summary), flush=True)
+    if config.eval_output:
+      with open(config.eval_output, "w") as f:
+        json.dump(summary, f, indent=2)
+  return summary

@@ -1,0 +1,81 @@
+"""The device mesh ('data', 'fsdp', 'context') and the shardings built on it.
+
+Parameters carry mesh-axis names in their NNX metadata (``out_sharding=('fsdp', None)`` ...);
+``param_shardings`` turns them into NamedShardings. Batches are split over ('data', 'fsdp')
+(FSDP shards parameters but every device still reads its own rows) and their sequence over
+'context' (the context-parallel model path consumes that axis; size 1 until it is used).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "context")
+BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+  """Resolve ``config.mesh`` (one axis may be -1: all remaining devices) against the device
+  count, or raise a ValueError naming the sizes."""
+  sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.context]
+  for name, s in zip(AXES, sizes):
+    if not isinstance(s, int) or (s < 1 and s != -1):
+      raise ValueError(f"mesh.{name} {s!r} is not valid; expected a positive integer or -1")
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh {dict(zip(AXES, sizes))} has more than one axis set to -1")
+  if -1 in sizes:
+    rest = math.prod(s for s in sizes if s != -1)
+    if num_devices % rest:
+      raise ValueError(f"mesh {dict(zip(AXES, sizes))} is impossible with {num_devices} "
+                       f"device(s): {rest} does not divide {num_devices}")
+    sizes[sizes.index(-1)] = num_devices // rest
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f"mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices but "
+                     f"{num_devices} are available; the product of the axes must equal the "
+                     "device count (set one axis to -1 to fill)")
+  return tuple(sizes)  # type: ignore[return-value]
+
+
+def make_mesh(mesh_cfg) -> Mesh:
+  shape = mesh_shape(mesh_cfg, jax.device_count())
+  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """[B, L] arrays: rows over ('data', 'fsdp'), sequence over 'context'."""
+  return NamedSharding(mesh, P(BATCH_AXES, "context"))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def param_specs(abstract_model: nnx.Module) -> dict:
+  """Pure dict (same tree as ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``) of
+  PartitionSpecs from the parameters' sharding annotations."""
+  return nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(abstract_model, nnx.Param)))
+
+
+def param_shardings(mesh: Mesh, abstract_params: dict, specs: dict) -> dict:
+  """NamedShardings for a pure param dict; an annotated dimension that the mesh axis does not
+  divide is an error naming the parameter (no silent replication)."""
+  def one(path, x, spec):
+    for dim, axis in zip(x.shape, spec):
+      if axis is not None and dim % mesh.shape[axis]:
+        name = ".".join(str(getattr(k, "key", k)) for k in path)
+        raise ValueError(f"parameter {name} of shape {tuple(x.shape)} cannot be sharded over "
+                         f"mesh axis {axis!r} of size {mesh.shape[axis]}: {dim} is not divisible;"
+                         f" choose mesh.{axis} dividing it")
+    return NamedSharding(mesh, spec)
+  return jax.tree_util.tree_map_with_path(one, abstract_params, specs)
+
+
+def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  """This process's rows of a batch -> global jax.Arrays sharded over the mesh."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}

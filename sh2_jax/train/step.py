@@ -1,0 +1,94 @@
+"""The jitted train and eval steps over pure parameter dicts.
+
+params: pure dict of float32 (``param_dtype``) arrays, the master weights; the model computes in
+``ModelConfig.dtype`` (bf16 casts happen inside the layers). Gradients are float32. Batches:
+``inputs``/``targets`` [B, L] int32, ``weights`` [B, L] float32 (0 on padding).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sh2_jax.train.mesh import BATCH_AXES
+
+REMAT = ("none", "blocks", "dots")
+
+
+def _call_block(block, x):
+  return block(x)
+
+
+def apply_block(block, x: jax.Array, remat: str) -> jax.Array:
+  """One residual block; ``blocks`` recomputes the whole block in the backward pass, ``dots``
+  keeps the matmul outputs and recomputes the rest (cheaper, more memory)."""
+  if remat == "none":
+    return block(x)
+  policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots" else None
+  return nnx.remat(_call_block, policy=policy)(block, x)
+
+
+def forward(model, tokens: jax.Array, remat: str = "none", mesh: Mesh | None = None) -> jax.Array:
+  """tokens [B, L] -> logits [B, L, V] float32: ``StripedHyena.__call__`` with the blocks
+  optionally rematerialised. ``mesh`` is where the context-parallel path plugs in: the
+  sequence of ``tokens`` is split over its 'context' axis."""
+  del mesh  # used by the context-parallel path; plain XLA partitioning until then
+  model.check_tokens(tokens)
+  x = model.embedding_layer(tokens)
+  for block in model.blocks:
+    x = apply_block(block, x, remat)
+  return model.embedding_layer.unembed(model.norm(x))
+
+
+def loss_sums(graphdef, params, batch, remat: str, mesh: Mesh | None):
+  """(sum of token NLL in nats, sum of weights) over a batch."""
+  model = nnx.merge(graphdef, params)
+  logits = forward(model, batch["inputs"], remat, mesh)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  return jnp.sum(nll * batch["weights"]), jnp.sum(batch["weights"])
+
+
+def _microbatches(batch: dict, accum: int, mesh: Mesh | None) -> dict:
+  """[B, ...] -> [accum, B/accum, ...]; microbatch j takes rows j, j + accum, ..., so every
+  device keeps its own rows (no resharding)."""
+  def split(x):
+    y = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+    if mesh is not None:
+      y = jax.lax.with_sharding_constraint(y, NamedSharding(mesh, P(None, BATCH_AXES, "context")))
+    return y
+  return jax.tree.map(split, batch)
+
+
+def train_step(params, opt_state, batch, *, graphdef, tx: optax.GradientTransformation,
+               remat: str, accum: int, mesh: Mesh | None):
+  """One optimizer update on the mean token loss of ``batch`` (accumulated over ``accum``
+  microbatches). Returns (params, opt_state, metrics) with metrics ``loss``, ``grad_norm``
+  (before clipping) and ``tokens`` (weighted target count)."""
+  grad_fn = jax.value_and_grad(functools.partial(loss_sums, graphdef, remat=remat, mesh=mesh),
+                               has_aux=True)
+  if accum == 1:
+    (nll, count), grads = grad_fn(params, batch)
+  else:
+    def body(carry, micro):
+      (n, c), g = grad_fn(params, micro)
+      return jax.tree.map(jnp.add, carry, (n, c, g)), None
+    zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+             jax.tree.map(jnp.zeros_like, params))
+    (nll, count, grads), _ = jax.lax.scan(body, zeros, _microbatches(batch, accum, mesh))
+  count = jnp.maximum(count, 1.0)
+  grads = jax.tree.map(lambda g: g / count, grads)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  metrics = {"loss": nll / count, "grad_norm": optax.global_norm(grads), "tokens": count}
+  return params, opt_state, metrics
+
+
+def eval_step(params, batch, *, graphdef, mesh: Mesh | None):
+  """(sum of NLL, sum of weights) over ``batch``, no gradients."""
+  nll, count = loss_sums(graphdef, params, batch, "none", mesh)
+  return {"nll": nll, "tokens": count}

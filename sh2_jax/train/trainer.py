@@ -1,0 +1,173 @@
+"""The training loop: ``train(config, workdir)``.
+
+Order of work: validate the config, build the mesh, read the data — every bad input fails here,
+before the workdir exists — then create or resume the run and train.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from tqdm import tqdm
+
+from sh2_jax.config import ModelConfig
+from sh2_jax.data import pipeline
+from sh2_jax.flops import flops_per_token
+from sh2_jax.model import StripedHyena
+from sh2_jax.train import checkpointing, check, mesh as mesh_lib, metrics as metrics_lib
+from sh2_jax.train.optim import learning_rate_schedule, make_optimizer
+from sh2_jax.train.step import eval_step, train_step
+
+
+def prepare(config, mode: str):
+  """Everything that can reject the inputs, with no side effects on disk.
+  Returns (model_cfg, mesh, (train windows, eval windows))."""
+  model_cfg = check.validate(config, mode)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  check.check_against_mesh(config, dict(mesh.shape), jax.process_count())
+  data = pipeline.load_dataset(config.data, config.seq_len)
+  return model_cfg, mesh, data
+
+
+def abstract_model(model_cfg: ModelConfig):
+  return nnx.eval_shape(lambda: StripedHyena(model_cfg, rngs=nnx.Rngs(0)))
+
+
+def init_params(model_cfg: ModelConfig, seed: int, shardings: dict) -> dict:
+  """Random initial parameters, created directly in their shards."""
+  @functools.partial(jax.jit, out_shardings=shardings)
+  def init():
+    return nnx.to_pure_dict(nnx.state(StripedHyena(model_cfg, rngs=nnx.Rngs(seed)), nnx.Param))
+  return init()
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def run_eval(eval_fn, params, mesh, source, batch_size: int, max_batches: int,
+             progress: bool = False) -> dict:
+  """Mean loss, perplexity and bits per byte over (the first ``max_batches`` batches of)
+  the windows in ``source``."""
+  n = pipeline.num_eval_batches(source, batch_size, max_batches)
+  it = pipeline.eval_batches(source, batch_size, jax.process_index(), jax.process_count(),
+                             max_batches)
+  nll, tokens = 0.0, 0.0
+  for local in tqdm(it, total=n, desc="eval", disable=not progress, leave=False):
+    out = jax.device_get(eval_fn(params, mesh_lib.global_batch(mesh, local)))
+    nll, tokens = nll + float(out["nll"]), tokens + float(out["tokens"])
+  loss = nll / max(tokens, 1.0)
+  return {"loss": loss, "perplexity": float(np.exp(loss)),
+          "bits_per_byte": metrics_lib.bits_per_byte(loss), "tokens": int(tokens)}
+
+
+def train(config, workdir: str) -> dict:
+  """Train (or resume) the run in ``workdir``; returns the last logged record."""
+  model_cfg, mesh, (train_src, eval_src) = prepare(config, "train")
+  main = jax.process_index() == 0
+  data_iter = pipeline.train_iterator(train_src, config.batch_size, config.seed,
+                                      jax.process_index(), jax.process_count())
+
+  abstract = abstract_model(model_cfg)
+  graphdef, _ = nnx.split(abstract)
+  abs_params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+  p_sh = mesh_lib.param_shardings(mesh, abs_params, mesh_lib.param_specs(abstract))
+  tx = make_optimizer(config.optimizer, config.num_steps)
+  abs_opt = jax.eval_shape(tx.init, abs_params)
+  o_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, p_sh,
+                               transform_non_params=lambda _: mesh_lib.replicated(mesh))
+  repl = mesh_lib.replicated(mesh)
+  b_sh = {k: mesh_lib.batch_sharding(mesh) for k in ("inputs", "targets", "weights")}
+
+  os.makedirs(workdir, exist_ok=True)
+  mngr = checkpointing.make_manager(workdir, config.keep_checkpoints,
+                                    config.async_checkpointing)
+  abs_state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=repl),
+               "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl)}
+  restored = checkpointing.restore_latest(
+      mngr, abstract_params=_abstract(abs_params, p_sh), abstract_opt_state=_abstract(abs_opt, o_sh),
+      abstract_state=abs_state, data_iter=data_iter)
+  if restored is None:
+    step = 0
+    params = init_params(model_cfg, config.seed, p_sh)
+    opt_state = jax.jit(tx.init, out_shardings=o_sh)(params)
+    rng = jax.random.key_data(jax.random.key(config.seed)).astype(jnp.uint32)
+    logging.info("starting a new run in %s", workdir)
+  else:
+    step, params, opt_state, state = restored
+    rng = state["rng"]
+    if main:
+      print(f"resuming from checkpoint step {step} in {checkpointing.checkpoint_dir(workdir)}",
+            flush=True)
+
+  step_fn = jax.jit(
+      functools.partial(train_step, graphdef=graphdef, tx=tx, remat=config.remat,
+                        accum=config.optimizer.grad_accum_steps, mesh=mesh),
+      in_shardings=(p_sh, o_sh, b_sh), out_shardings=(p_sh, o_sh, repl), donate_argnums=(0, 1))
+  eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, mesh=mesh),
+                    in_shardings=(p_sh, b_sh), out_shardings=repl)
+  abs_batch = {k: jax.ShapeDtypeStruct((config.batch_size, config.seq_len),
+                                       jnp.float32 if k == "weights" else jnp.int32, sharding=s)
+               for k, s in b_sh.items()}
+  compiled = step_fn.lower(params, opt_state, abs_batch).compile()  # keep compile out of tokens/s
+
+  schedule = learning_rate_schedule(config.optimizer, config.num_steps)
+  writer = metrics_lib.MetricWriter(workdir, main, resume_step=step)
+  fpt = flops_per_token(model_cfg, config.seq_len)
+  peak = metrics_lib.peak_flops_per_device(config.peak_flops, model_cfg.dtype) * jax.device_count()
+  tokens_per_step = config.batch_size * config.seq_len
+
+  def save(at):
+    checkpointing.save(mngr, at, params=params, opt_state=opt_state,
+                       state={"step": jnp.asarray(at, jnp.int32), "rng": rng}, data_iter=data_iter,
+                       model_cfg=model_cfg.to_dict(), train_cfg=config.to_dict())
+
+  record: dict = {}
+  if step >= config.num_steps and main:
+    print(f"the run in {workdir} is complete: step {step} of num_steps {config.num_steps}")
+  bar = tqdm(total=config.num_steps, initial=step, disable=not main, desc="train",
+             dynamic_ncols=True)
+  t0, t0_step = time.perf_counter(), step
+  while step < config.num_steps:
+    batch = mesh_lib.global_batch(mesh, next(data_iter))
+    params, opt_state, m = compiled(params, opt_state, batch)
+    step += 1
+    bar.update(1)
+    logged = step % config.log_every == 0 or step == config.num_steps
+    evaluated = config.eval_every and (step % config.eval_every == 0 or step == config.num_steps)
+    if logged:
+      m = jax.device_get(m)
+      elapsed = time.perf_counter() - t0
+      tps = (step - t0_step) * tokens_per_step / elapsed
+      record = {"step": step, "loss": float(m["loss"]),
+                "bits_per_byte": metrics_lib.bits_per_byte(float(m["loss"])),
+                "lr": float(schedule(step - 1)), "grad_norm": float(m["grad_norm"]),
+                "tokens_per_s": tps, "mfu": tps * fpt / peak}
+    if evaluated and len(eval_src):
+      ev = run_eval(eval_fn, params, mesh, eval_src, config.batch_size, config.eval_batches)
+      ev_record = {"eval_loss": ev["loss"], "eval_bits_per_byte": ev["bits_per_byte"]}
+      record = {**record, **ev_record} if logged else {"step": step, **ev_record}
+    if logged or evaluated:
+      writer.write(record)
+      bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}")
+      if main:
+        bar.write(metrics_lib.format_record(record))
+    if (config.checkpoint_every and step % config.checkpoint_every == 0) or \
+        step == config.num_steps:
+      save(step)
+    if logged or evaluated:  # eval and the (blocking part of) saving stay out of tokens/s
+      t0, t0_step = time.perf_counter(), step
+  bar.close()
+  mngr.wait_until_finished()
+  mngr.close()
+  writer.close()
+  return record

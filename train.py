@@ -1,0 +1,83 @@
+"""Train or evaluate a StripedHyena 2 model.
+
+  python train.py --config=configs/tiny.py --workdir=runs/tiny [--config.key=value ...]
+  python train.py --config=configs/tiny.py --workdir=runs/tiny --mode=eval
+  python train.py --config=configs/evo2_7b.py --dry_run      # model summary, nothing written
+
+Restarting the same command resumes from the latest complete checkpoint in
+``WORKDIR/checkpoints``. In eval mode ``--workdir`` may also be a step directory or a converted
+checkpoint.
+
+Multi-host: every process runs the same command plus
+``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` (or the environment
+variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID; or ``--distributed`` to
+let JAX detect a SLURM / TPU / MPI cluster). ``config.mesh`` then spans the devices of all
+processes and ``batch_size`` is the global batch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics.jsonl, tensorboard/); "
+                    "in eval mode, the checkpoint to evaluate.")
+flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (or resume), or evaluate.")
+flags.DEFINE_bool("dry_run", False, "Print the model summary and exit; writes nothing.")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with cluster "
+                  "auto-detection (SLURM, TPU pods, Open MPI).")
+
+
+def _initialize_distributed() -> None:
+  import jax
+  address = FLAGS.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if address:
+    num = FLAGS.num_processes if FLAGS.num_processes is not None else int(
+        os.environ["JAX_NUM_PROCESSES"])
+    pid = FLAGS.process_id if FLAGS.process_id is not None else int(os.environ["JAX_PROCESS_ID"])
+    jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
+  elif FLAGS.distributed:
+    jax.distributed.initialize()
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = FLAGS.config
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/tiny.py")
+  if FLAGS.dry_run:
+    from sh2_jax.summary import print_summary
+    print_summary(config)
+    return
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir is required")
+  if not FLAGS["verbosity"].present:  # Orbax logs every file it writes at INFO
+    logging.set_verbosity(logging.WARNING)
+  _initialize_distributed()
+  import jax
+  logging.info("JAX process %d of %d, %d devices (%s)", jax.process_index(), jax.process_count(),
+               jax.device_count(), jax.default_backend())
+  try:
+    if FLAGS.mode == "train":
+      from sh2_jax.train.trainer import train
+      train(config, FLAGS.workdir)
+    else:
+      from sh2_jax.train.evaluate import evaluate
+      evaluate(config, FLAGS.workdir)
+  except ValueError as e:  # bad input: one clear line, no traceback
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)
