@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sh2_jax import capture
 from sh2_jax.config import ModelConfig
 from sh2_jax.layers import Dense, small_init, wang_init
 
@@ -77,7 +78,7 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     q, k, v = self.qkv(x, jnp.arange(x.shape[1]))
-    return self.attend(q, k, v)
+    return capture.record(self, self.attend(q, k, v))
 
   def attend(self, q: jax.Array, k: jax.Array, v: jax.Array,
              kv_lengths: jax.Array | None = None) -> jax.Array:

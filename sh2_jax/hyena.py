@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sh2_jax import conv, dispatch
+from sh2_jax import capture, conv, dispatch
 from sh2_jax.config import ModelConfig
 from sh2_jax.layers import Dense, param
 
@@ -78,9 +78,11 @@ class HyenaFilter(nnx.Module):
   def __call__(self, x1, v, x2):
     dskip = None if self.D is None else self.D[...]
     if self.op == "LI":
-      return dispatch.gated_modal(x1, v, x2, self.log_poles(), self.residues[...], dskip,
-                                  self.cfg.li_impl)
-    return dispatch.gated_fir(x1, v, x2, self.fir_taps(), dskip, self.cfg.conv_impl)
+      y = dispatch.gated_modal(x1, v, x2, self.log_poles(), self.residues[...], dskip,
+                               self.cfg.li_impl)
+    else:
+      y = dispatch.gated_fir(x1, v, x2, self.fir_taps(), dskip, self.cfg.conv_impl)
+    return capture.record(self, y)
 
 
 def featurize(z: jax.Array, taps: jax.Array):

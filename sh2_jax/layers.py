@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sh2_jax import capture
 from sh2_jax import fp8 as fp8lib
 
 
@@ -57,7 +58,7 @@ class Dense(nnx.Module):
       y = fp8lib.fp8_matmul(x, kernel, scales)
     if self.bias is not None:
       y = y + self.bias[...].astype(jnp.float32)
-    return y.astype(self.dtype)
+    return capture.record(self, y.astype(self.dtype))
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -76,7 +77,7 @@ class RMSNorm(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return rms_norm(x, self.scale[...], self.eps).astype(self.dtype)
+    return capture.record(self, rms_norm(x, self.scale[...], self.eps).astype(self.dtype))
 
 
 def gelu_erf(x: jax.Array) -> jax.Array:
@@ -100,4 +101,4 @@ class MLP(nnx.Module):
     a = self.l1(x)
     if self.activation == "gelu":
       a = gelu_erf(a.astype(jnp.float32)).astype(a.dtype)
-    return self.l3(a * self.l2(x))
+    return capture.record(self, self.l3(a * self.l2(x)))

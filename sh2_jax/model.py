@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sh2_jax import capture
 from sh2_jax.attention import Attention
 from sh2_jax.config import ModelConfig
 from sh2_jax.hyena import HyenaFilter, hyena_forward
@@ -74,7 +75,7 @@ class AttentionBlock(nnx.Module):
 
 def residual_block(block, u: jax.Array) -> jax.Array:
   z = u + block.mix(block.pre_norm(u))
-  return z + block.mlp(block.post_norm(z))
+  return capture.record(block, z + block.mlp(block.post_norm(z)))
 
 
 def make_block(index: int, op: str, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -94,7 +95,7 @@ class Embedding(nnx.Module):
     self.dtype = jnp.dtype(cfg.dtype)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    return jnp.take(self.weight[...], tokens, axis=0).astype(self.dtype)
+    return capture.record(self, jnp.take(self.weight[...], tokens, axis=0).astype(self.dtype))
 
   def unembed(self, x: jax.Array) -> jax.Array:
     return jnp.dot(x.astype(self.dtype), self.weight[...].astype(self.dtype).T,
