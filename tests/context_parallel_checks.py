@@ -90,7 +90,7 @@ def operator_checks(n, key):
   li_a2a = lambda p, a, b_, c_: a2a.a2a_gated_modal(a, b_, c_, p[0], p[1], dskip, "fft", AX, n)
   li_p2p = lambda p, a, b_, c_: p2p_fft.p2p_gated_modal(a, b_, c_, p[0], p[1], dskip, AX, n)
   out += check_op("LI-a2a", n, li_ref, li_a2a, (poles, resid), (x1, v, x2), ks[11])
-  if os.environ.get("NO_P2P") is None: out += check_op("LI-p2p_fft", n, li_ref, li_p2p, (poles, resid), (x1, v, x2), ks[11])
+  out += check_op("LI-p2p_fft", n, li_ref, li_p2p, (poles, resid), (x1, v, x2), ks[11])
   heads, hd = 2, 16
   q, k, vv = (jax.random.normal(kk, (B, length, heads, hd)) for kk in jax.random.split(ks[0], 3))
   att_ref = lambda _, a, b_, c_: jax.nn.dot_product_attention(a, b_, c_, is_causal=True,
