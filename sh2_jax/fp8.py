@@ -77,21 +77,22 @@ def current_scales(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def scales_from_extra_state(state: dict[str, Any]) -> np.ndarray:
-  """(input, weight) forward scales from a Transformer Engine Linear's extra state: computed
-  from ``amax_history_fwd`` [history, 3] (max over the history) as the next forward would,
-  falling back to the stored ``scale_fwd`` where the history holds no amax."""
+  """(input, weight) forward scales from a Transformer Engine Linear's extra state.
+
+  The recipe updates scales from the amax history when an ``fp8_autocast`` region exits, so the
+  first forward pass after loading a checkpoint quantises with the stored ``scale_fwd``
+  (entries 0 = GEMM input, 1 = weight, 2 = output); that is what is returned, so every call
+  here equals that first reference call. Non-finite or non-positive scales are an error.
+  """
+  if "scale_fwd" not in state:
+    raise ValueError(f"FP8 extra state has no 'scale_fwd'; keys: {sorted(state)}")
   scale = np.asarray(state["scale_fwd"], np.float32).reshape(-1)
-  hist = state.get("amax_history_fwd")
-  if hist is not None:
-    hist = np.asarray(hist, np.float32)
-    hist = hist.reshape(hist.shape[0], -1) if hist.ndim > 1 else hist[:, None]
-    amax = hist.max(axis=0)
-    fresh = np.asarray(scale_from_amax(amax))
-    scale = np.where((amax > 0) & np.isfinite(amax), fresh[: scale.size], scale)
   if scale.size < 2:
     raise ValueError(f"FP8 extra state holds {scale.size} forward scales; expected >= 2 "
                      "(input, weight)")
-  return scale[:2].astype(np.float32)
+  if not np.all(np.isfinite(scale[:2]) & (scale[:2] > 0)):
+    raise ValueError(f"FP8 extra state has invalid forward scales {scale[:2].tolist()}")
+  return scale[:2].copy()
 
 
 def read_extra_state(blob: bytes) -> dict[str, Any] | None:

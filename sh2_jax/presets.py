@@ -34,14 +34,17 @@ PRESETS: dict[str, dict] = {
     # Runs on a laptop CPU in seconds; the README's main job trains it.
     "tiny": dict(d_model=128, num_layers=4, layout="SE-MR-LI-MHA", num_heads=2, mlp_hidden=256,
                  se_groups=8, mr_groups=8, max_seqlen=256),
-    "evo2_1b": _evo2(25, 1920, (3, 10, 17, 24), 128, 5120, 1e4),
+    # The released 1B, 20B and 40B ran their Hyena input projections in FP8; 7B did not.
+    "evo2_1b": _evo2(25, 1920, (3, 10, 17, 24), 128, 5120, 1e4,
+                     fp8_projections="current_scaling"),
     "evo2_7b": _evo2(32, 4096, (3, 10, 17, 24, 31), 256, 11008, 1e4),
     "evo2_7b_1m": _evo2(32, 4096, (3, 10, 17, 24, 31), 256, 11264, 1e4,
                         rope_scale=128.0, max_seqlen=1 << 20),
-    "evo2_20b": _evo2(24, 8192, (3, 10, 17), 512, 22528, 1e6),
-    "evo2_40b": _evo2(50, 8192, (3, 10, 17, 24, 31, 35, 42, 49), 512, 21888, 1e6),
+    "evo2_20b": _evo2(24, 8192, (3, 10, 17), 512, 22528, 1e6, fp8_projections="current_scaling"),
+    "evo2_40b": _evo2(50, 8192, (3, 10, 17, 24, 31, 35, 42, 49), 512, 21888, 1e6,
+                      fp8_projections="current_scaling"),
     "evo2_40b_1m": _evo2(50, 8192, (3, 10, 17, 24, 31, 35, 42, 49), 512, 22528, 1e6,
-                         rope_scale=128.0, max_seqlen=1 << 20),
+                         rope_scale=128.0, max_seqlen=1 << 20, fp8_projections="current_scaling"),
     # A plain SE-MR-LI-MHA stripe at the 7B shape.
     "sh2_7b": dict(d_model=4096, num_layers=32, layout="SE-MR-LI-MHA", num_heads=32,
                    mlp_hidden=11008, se_groups=256, mr_groups=256),
