@@ -16,18 +16,22 @@ from flax import nnx
 from sh2_jax import capture
 
 
+def _modules(model) -> dict[str, nnx.Module]:
+  """Module path -> module, for every module that computes an output (not containers)."""
+  return {".".join(str(p) for p in path): node for path, node in nnx.iter_graph(model)
+          if path and isinstance(node, nnx.Module) and not isinstance(node, nnx.List)}
+
+
 def named_points(model) -> list[str]:
   """Every module path whose output ``embed`` can return."""
-  return [".".join(str(p) for p in path) for path, node in nnx.iter_graph(model)
-          if isinstance(node, nnx.Module) and path]
+  return list(_modules(model))
 
 
 def _targets(model, layers: Sequence[str]) -> dict[int, str]:
-  by_name = {".".join(str(p) for p in path): node for path, node in nnx.iter_graph(model)
-             if isinstance(node, nnx.Module) and path}
+  by_name = _modules(model)
   unknown = [n for n in layers if n not in by_name]
   if unknown:
-    top = sorted(n for n in by_name if not n.startswith("blocks"))
+    top = sorted(n for n in by_name if not n.startswith("blocks."))
     suffixes = sorted({n.split(".", 2)[2] for n in by_name if n.count(".") >= 2})
     raise ValueError(
         f"unknown layer name(s) {unknown}; valid: {', '.join(top)}, blocks.N for N in "
