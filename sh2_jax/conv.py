@@ -95,10 +95,22 @@ def modal_filter(log_poles: jax.Array, residues: jax.Array, length: int) -> jax.
 
   log_poles: [D, N] (lambda, real, negative); residues: [D, N]. Returns [D, length].
   """
-  t = jnp.arange(length, dtype=jnp.float32)
+  return modal_sum(log_poles, residues, jnp.arange(length, dtype=jnp.float32)[:, None]).T
+
+
+def modal_sum(log_poles: jax.Array, weights: jax.Array, t: jax.Array) -> jax.Array:
+  """``out[..., d] = sum_n weights[..., d, n] exp(lambda[d, n] t)`` in float32, one mode at a
+  time so no [.., D, N, T] array is formed (at 1M tokens that would be hundreds of GB).
+
+  log_poles: [D, N]; weights: [D, N] or [B, D, N]; t: times broadcasting against the
+  result's leading axes, e.g. [T, 1] -> [T, D] or [B, T, 1] with weights [B, 1, D, N]."""
   lam = log_poles.astype(jnp.float32)
-  return jnp.einsum("dn,dnt->dt", residues.astype(jnp.float32),
-                    jnp.exp(lam[..., None] * t), precision=jax.lax.Precision.HIGHEST)
+  w = weights.astype(jnp.float32)
+  t = t.astype(jnp.float32)
+  out = 0.0
+  for n in range(lam.shape[-1]):
+    out = out + w[..., n] * jnp.exp(lam[:, n] * t)
+  return out
 
 
 def mr_decay(groups: int, taps: int, preset: str, decay_length: int | None = None) -> np.ndarray:
