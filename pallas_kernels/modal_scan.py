@@ -42,17 +42,23 @@ F32 = jnp.float32
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """Tiling of one launch. chunk: tokens per chunk c; tile: channels per program (both powers of
-  two; Triton tensors need power-of-two shapes); prefetch: load the next chunk's inputs one
-  iteration ahead (hides the global-load latency behind this chunk's arithmetic)."""
+  two; Triton tensors need power-of-two shapes); segment_chunks: chunks per sequence segment
+  (0: one segment). With several segments the grid also runs over segments: a light first pass
+  computes each segment's end state from zero, a tiny scan over segments gives each its incoming
+  state, and the main pass runs all segments at once (B * D / tile programs alone would not fill
+  the GPU at B = 1). The launch uses the largest divisor of the chunk count not above it.
+  prefetch: load the next chunk's inputs one iteration ahead (hides the global-load latency
+  behind this chunk's arithmetic)."""
   chunk: int = 16
   tile: int = 16
+  segment_chunks: int = 0
   prefetch: bool = True
-  num_warps: int = 2
+  num_warps: int = 4
   num_stages: int = 1
 
 
 DEFAULT_FWD = BlockSizes()
-DEFAULT_BWD = BlockSizes()
+DEFAULT_BWD = BlockSizes(num_warps=8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,10 +72,15 @@ class Geometry:
   padded_length: int    # multiple of chunk
   padded_channels: int  # multiple of tile
   padded_states: int    # power of two
+  seg_chunks: int       # chunks per segment (divides num_chunks)
 
   @property
   def num_chunks(self):
     return self.padded_length // self.bs.chunk
+
+  @property
+  def num_segments(self):
+    return self.num_chunks // self.seg_chunks
 
   @property
   def tail(self):
@@ -77,8 +88,12 @@ class Geometry:
     return self.length - (self.num_chunks - 1) * self.bs.chunk
 
   @property
+  def segment_length(self):
+    return self.seg_chunks * self.bs.chunk
+
+  @property
   def grid(self):
-    return (self.batch, self.padded_channels // self.bs.tile)
+    return (self.batch, self.padded_channels // self.bs.tile, self.num_segments)
 
 
 def _pow2(n: int) -> int:
@@ -95,9 +110,11 @@ def make_geometry(x_shape, poles_shape, bs: BlockSizes) -> Geometry:
     tile //= 2
   bs = dataclasses.replace(bs, tile=tile)
   num_chunks = -(-length // bs.chunk)
+  want = bs.segment_chunks or num_chunks
+  seg = max(d for d in range(1, min(want, num_chunks) + 1) if num_chunks % d == 0)
   states = poles_shape[1]
   return Geometry(bs, batch, length, channels, states, num_chunks * bs.chunk,
-                  -(-channels // tile) * tile, max(2, _pow2(states)))
+                  -(-channels // tile) * tile, max(2, _pow2(states)), seg)
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -162,14 +179,45 @@ def pad_state(geo: Geometry, state):
                                      (0, geo.padded_states - geo.states)))
 
 
-# ----------------------------------------------------------------------------- forward kernel
+def segment_tail(lam, geo: Geometry, si, b_tab, a_c):
+  """(B table, a^rows, rows) of a segment's last chunk: the partial tail's in the last segment,
+  a full chunk's elsewhere (si is the traced segment index)."""
+  c = geo.bs.chunk
+  if geo.tail == c:
+    return b_tab, a_c, c
+  _, b_r, a_r = decay_tables(lam, c, geo.tail)
+  if geo.num_segments == 1:
+    return b_r, a_r, geo.tail
+  last = si == geo.num_segments - 1
+  return (jnp.where(last, b_r, b_tab), jnp.where(last, a_r, a_c),
+          jnp.where(last, geo.tail, c))
 
 
-def _fwd_kernel(lam_ref, res_ref, skip_ref, s0_ref, x1_ref, v_ref, x2_ref, y_ref, sT_ref,
+def walk(load, step, start, count: int, direction: int, carry, geo: Geometry):
+  """carry = step(k, carry, load(k)) for k = start, start + direction, ... (count chunks).
+  Returns (carry, the loaded chunk start + count * direction (clamped in range) or None).
+  With ``prefetch`` each iteration issues the next chunk's loads before its arithmetic."""
+  clamp = lambda k: jnp.clip(k, 0, geo.num_chunks - 1)
+  if geo.bs.prefetch:
+    def body(i, state):
+      carry, cur = state
+      k = start + direction * i
+      nxt = load(clamp(k + direction))
+      return step(k, carry, cur), nxt
+    return jax.lax.fori_loop(0, count, body, (carry, load(clamp(start))))
+  carry = jax.lax.fori_loop(
+      0, count, lambda i, cr: step(start + direction * i, cr, load(start + direction * i)), carry)
+  return carry, None
+
+
+# ----------------------------------------------------------------------------- forward kernels
+
+
+def _fwd_kernel(lam_ref, res_ref, skip_ref, sin_ref, x1_ref, v_ref, x2_ref, y_ref, sT_ref,
                 *z_ref, geo: Geometry):
   bs = geo.bs
   c, tile = bs.chunk, bs.tile
-  b, ti = pl.program_id(0), pl.program_id(1)
+  b, ti, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   cols = pl.ds(ti * tile, tile)
   lam = lam_ref[cols, :]
   res = res_ref[cols, :]
@@ -181,7 +229,7 @@ def _fwd_kernel(lam_ref, res_ref, skip_ref, s0_ref, x1_ref, v_ref, x2_ref, y_ref
     rows = pl.ds(k * c, c)
     return x1_ref[b, rows, cols], v_ref[b, rows, cols], x2_ref[b, rows, cols]
 
-  def step(k, s, loaded, b_k, a_k):
+  def step(k, s, loaded, b_k=b_tab, a_k=a_c):
     x1, v, x2 = loaded
     u = (x1 * v).astype(F32)                                         # [c, tile]
     z = (jnp.sum(toe * u[None, :, :], axis=1)                        # intra-chunk Toeplitz
@@ -193,41 +241,73 @@ def _fwd_kernel(lam_ref, res_ref, skip_ref, s0_ref, x1_ref, v_ref, x2_ref, y_ref
       z_ref[0][b, rows, cols] = z.astype(z_ref[0].dtype)
     return a_k * s + jnp.sum(b_k * u[:, :, None], axis=0)
 
-  last = geo.num_chunks - 1
-  s = s0_ref[b, cols, :]
-  if bs.prefetch:
-    def body(k, carry):
-      s, cur = carry
-      nxt = load(k + 1)  # issued before this chunk's arithmetic; used next iteration
-      return step(k, s, cur, b_tab, a_c), nxt
-    s, cur = jax.lax.fori_loop(0, last, body, (s, load(0)))
-  else:
-    s = jax.lax.fori_loop(0, last, lambda k, s: step(k, s, load(k), b_tab, a_c), s)
-    cur = load(last)
-  if geo.tail != c:
-    _, b_tab, a_c = decay_tables(lam, c, geo.tail)
-  sT_ref[b, cols, :] = step(last, s, cur, b_tab, a_c)
+  first = si * geo.seg_chunks
+  last = first + geo.seg_chunks - 1
+  s, cur = walk(load, step, first, geo.seg_chunks - 1, 1, sin_ref[b, si, cols, :], geo)
+  b_last, a_last, _ = segment_tail(lam, geo, si, b_tab, a_c)
+  sT_ref[b, si, cols, :] = step(last, s, load(last) if cur is None else cur, b_last, a_last)
+
+
+def _state_kernel(lam_ref, x1_ref, v_ref, e_ref, *, geo: Geometry):
+  """First pass of the segmented launch: each segment's end state from a zero state."""
+  c, tile = geo.bs.chunk, geo.bs.tile
+  b, ti, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  cols = pl.ds(ti * tile, tile)
+  lam = lam_ref[cols, :]
+  _, b_tab, a_c = decay_tables(lam, c)
+
+  def load(k):
+    rows = pl.ds(k * c, c)
+    return x1_ref[b, rows, cols], v_ref[b, rows, cols]
+
+  def step(k, s, loaded, b_k=b_tab, a_k=a_c):
+    u = (loaded[0] * loaded[1]).astype(F32)
+    return a_k * s + jnp.sum(b_k * u[:, :, None], axis=0)
+
+  first = si * geo.seg_chunks
+  last = first + geo.seg_chunks - 1
+  s, cur = walk(load, step, first, geo.seg_chunks - 1, 1, jnp.zeros(lam.shape, F32), geo)
+  b_last, a_last, _ = segment_tail(lam, geo, si, b_tab, a_c)
+  e_ref[b, si, cols, :] = step(last, s, load(last) if cur is None else cur, b_last, a_last)
+
+
+def segment_states(geo: Geometry, lam, end_states, s0):
+  """Incoming state of every segment from the from-zero end states [B, S, Dp, Np]:
+  s_in[0] = s0, s_in[k+1] = a^Ls s_in[k] + e[k] (a sequential scan over S tiny states)."""
+  decay = jnp.exp(lam * float(geo.segment_length))
+
+  def body(s, e):
+    return decay * s + e, s
+
+  _, s_in = jax.lax.scan(body, s0, jnp.moveaxis(end_states, 1, 0))
+  return jnp.moveaxis(s_in, 0, 1)
 
 
 def fwd(x1, v, x2, log_poles, residues, dskip, state, bs: BlockSizes, interpret: bool = False,
         poison: bool = False, save_z: bool = False):
-  """The forward launch. Returns (y, final_state[, z]) with z = h*u + dskip*u (the backward's
-  residual for dx2) when ``save_z``."""
+  """The forward launch(es). Returns (y, final_state[, z]); z = h*u + dskip*u is the
+  backward's residual for dx2."""
   geo = make_geometry(x1.shape, log_poles.shape, bs)
   lam, res, skip = pad_params(geo, log_poles, residues, dskip)
   xs = pad_inputs(geo, x1, v, x2)
   s0 = pad_state(geo, state)
+  seg_shape = jax.ShapeDtypeStruct((geo.batch, geo.num_segments) + s0.shape[1:], F32)
+  if geo.num_segments == 1:
+    s_in = s0[:, None]
+  else:
+    (ends,) = call_pallas(functools.partial(_state_kernel, geo=geo), (seg_shape,), geo.grid,
+                          geo.bs, interpret, "modal_scan_states", poison, lam, *xs[:2])
+    s_in = segment_states(geo, lam, ends, s0)
   shape = xs[0].shape
-  out_shape = [jax.ShapeDtypeStruct(shape, x1.dtype),
-               jax.ShapeDtypeStruct(s0.shape, F32)]
+  out_shape = [jax.ShapeDtypeStruct(shape, x1.dtype), seg_shape]
   if save_z:
     out_shape.append(jax.ShapeDtypeStruct(shape, x1.dtype))
   outs = call_pallas(functools.partial(_fwd_kernel, geo=geo), tuple(out_shape), geo.grid,
-                     geo.bs, interpret, "modal_scan_fwd", poison, lam, res, skip, s0, *xs)
+                     geo.bs, interpret, "modal_scan_fwd", poison, lam, res, skip, s_in, *xs)
   y = outs[0][:, :geo.length, :geo.channels]
-  s_out = outs[1][:, :geo.channels, :geo.states]
+  s_out = outs[1][:, -1, :geo.channels, :geo.states]
   if save_z:
-    return y, s_out, outs[2]  # padded z: the backward reads it as is
+    return y, s_out, outs[2][:, :geo.length, :geo.channels]
   return y, s_out
 
 
@@ -261,8 +341,8 @@ def _modal_scan(x1, v, x2, log_poles, residues, dskip, state, opts):
 
 def _modal_scan_fwd(x1, v, x2, log_poles, residues, dskip, state, opts):
   bs_fwd, _, has_skip, interpret, poison = opts
-  y, s_out, z = fwd(x1, v, x2, log_poles, residues, dskip if has_skip else None, state, bs_fwd,
-                    interpret, poison, save_z=True)
+  y, s_out, z = fwd(x1, v, x2, log_poles, residues, dskip if has_skip else None, state,
+                    bs_fwd, interpret, poison, save_z=True)
   return (y, s_out), (x1, v, x2, log_poles, residues, dskip, state, z)
 
 

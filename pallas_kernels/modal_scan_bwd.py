@@ -32,12 +32,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 from pallas_kernels.fir_conv import call_pallas
 from pallas_kernels.modal_scan import (F32, BlockSizes, Geometry, column, decay_tables,
                                        lag_table, make_geometry, pad_inputs, pad_params,
-                                       pad_state)
+                                       pad_state, segment_tail, walk)
 
 
 def _intra_pairs(p, lam, res, chunk):
@@ -59,12 +60,21 @@ def _intra_pairs(p, lam, res, chunk):
   return d_res, d_lam
 
 
-def _bwd_kernel(lam_ref, res_ref, skip_ref, s0_ref, dsT_ref, x1_ref, v_ref, x2_ref, z_ref,
-                dy_ref, dx1_ref, dv_ref, dx2_ref, dlam_ref, dres_ref, dskip_ref, ds0_ref, *,
-                geo: Geometry):
+def _adjoint_step(a_tab, res, g, row, a_k, rows_eff, w, wp, wg):
+  """The adjoint-state update over one chunk (impulses g [c, tile]): returns (w, wp, wg) moved to
+  the row before the chunk."""
+  ag = jnp.sum(a_tab * g[:, :, None], axis=0)
+  agp = jnp.sum(a_tab * ((row + 1).astype(F32) * g)[:, :, None], axis=0)
+  wp = a_k * (wp + rows_eff * w) + res * agp
+  return a_k * w + res * ag, wp, a_k * wg + ag
+
+
+def _bwd_kernel(lam_ref, res_ref, skip_ref, s0_ref, win_ref, wpin_ref, wgin_ref, x1_ref, v_ref,
+                x2_ref, z_ref, dy_ref, dx1_ref, dv_ref, dx2_ref, dlam_ref, dres_ref, dskip_ref,
+                ds0_ref, *, geo: Geometry):
   bs = geo.bs
   c, tile = bs.chunk, bs.tile
-  b, ti = pl.program_id(0), pl.program_id(1)
+  b, ti, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   cols = pl.ds(ti * tile, tile)
   lam = lam_ref[cols, :]
   res = res_ref[cols, :]
@@ -77,7 +87,7 @@ def _bwd_kernel(lam_ref, res_ref, skip_ref, s0_ref, dsT_ref, x1_ref, v_ref, x2_r
     rows = pl.ds(k * c, c)
     return tuple(r[b, rows, cols] for r in (x1_ref, v_ref, x2_ref, z_ref, dy_ref))
 
-  def step(k, carry, loaded, b_k, a_k, rows_eff: int):
+  def step(k, carry, loaded, b_k=b_tab, a_k=a_c, rows_eff=c):
     wg, w, wp, d_res, d_lam, d_skip, p = carry
     x1, v, x2, z, dy = loaded
     x1f, vf, dyf = x1.astype(F32), v.astype(F32), dy.astype(F32)
@@ -97,57 +107,107 @@ def _bwd_kernel(lam_ref, res_ref, skip_ref, s0_ref, dsT_ref, x1_ref, v_ref, x2_r
     bdu = jnp.sum(b_k * (delta * u)[:, :, None], axis=0)
     d_res = d_res + bu * wg
     d_lam = d_lam + bu * wp + bdu * w
-    ag = jnp.sum(a_tab * g[:, :, None], axis=0)
-    agp = jnp.sum(a_tab * ((row + 1).astype(F32) * g)[:, :, None], axis=0)
-    wp = a_k * (wp + float(rows_eff) * w) + res * agp
-    w = a_k * w + res * ag
-    wg = a_k * wg + ag
+    w, wp, wg = _adjoint_step(a_tab, res, g, row, a_k, rows_eff, w, wp, wg)
     return wg, w, wp, d_res, d_lam, d_skip, p
 
-  last = geo.num_chunks - 1
+  first = si * geo.seg_chunks
+  last = first + geo.seg_chunks - 1
   zeros = jnp.zeros(lam.shape, F32)
-  carry = (zeros, dsT_ref[b, cols, :], zeros, zeros, zeros, jnp.zeros((tile,), F32),
-           jnp.zeros((c, c, tile), F32))
-  if geo.tail != c:
-    _, b_last, a_last = decay_tables(lam, c, geo.tail)
-  else:
-    b_last, a_last = b_tab, a_c
-  carry = step(last, carry, load(last), b_last, a_last, geo.tail)
-  if bs.prefetch:
-    def body(i, state):
-      carry, cur = state
-      k = last - 1 - i
-      nxt = load(jnp.maximum(k - 1, 0))
-      return step(k, carry, cur, b_tab, a_c, c), nxt
-    carry, _ = jax.lax.fori_loop(0, last, body, (carry, load(jnp.maximum(last - 1, 0))))
-  else:
-    carry = jax.lax.fori_loop(
-        0, last, lambda i, cr: step(last - 1 - i, cr, load(last - 1 - i), b_tab, a_c, c), carry)
+  carry = (wgin_ref[b, si, cols, :], win_ref[b, si, cols, :], wpin_ref[b, si, cols, :], zeros,
+           zeros, jnp.zeros((tile,), F32), jnp.zeros((c, c, tile), F32))
+  b_last, a_last, rows_last = segment_tail(lam, geo, si, b_tab, a_c)
+  carry = step(last, carry, load(last), b_last, a_last, rows_last)
+  carry, _ = walk(load, step, last - 1, geo.seg_chunks - 1, -1, carry, geo)
   wg, w, wp, d_res, d_lam, d_skip, p = carry
-  s0 = s0_ref[b, cols, :]
+  # The initial state pairs with every impulse; only segment 0 holds it (later segments' incoming
+  # states are earlier chunks' u, whose pairs their own segments count).
+  s0 = jnp.where(si == 0, s0_ref[b, cols, :], 0.0)
   r_in, l_in = _intra_pairs(p, lam, res, c)
-  dres_ref[b, cols, :] = d_res + r_in + s0 * wg
-  dlam_ref[b, cols, :] = d_lam + l_in + s0 * wp
-  ds0_ref[b, cols, :] = w
-  dskip_ref[b, cols] = d_skip
+  dres_ref[b, si, cols, :] = d_res + r_in + s0 * wg
+  dlam_ref[b, si, cols, :] = d_lam + l_in + s0 * wp
+  ds0_ref[b, si, cols, :] = w
+  dskip_ref[b, si, cols] = d_skip
+
+
+def _adjoint_state_kernel(lam_ref, res_ref, x2_ref, dy_ref, ew_ref, ewp_ref, eg_ref, *,
+                          geo: Geometry):
+  """First backward pass of the segmented launch: each segment's (W, W', Wg) at the row before
+  it, from the segment's own impulses alone."""
+  c, tile = geo.bs.chunk, geo.bs.tile
+  b, ti, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  cols = pl.ds(ti * tile, tile)
+  lam = lam_ref[cols, :]
+  res = res_ref[cols, :]
+  a_tab, b_tab, a_c = decay_tables(lam, c)
+  row = jax.lax.broadcasted_iota(jnp.int32, (c, 1), 0)
+
+  def load(k):
+    rows = pl.ds(k * c, c)
+    return x2_ref[b, rows, cols], dy_ref[b, rows, cols]
+
+  def step(k, carry, loaded, a_k=a_c, rows_eff=c):
+    g = loaded[1].astype(F32) * loaded[0].astype(F32)
+    return _adjoint_step(a_tab, res, g, row, a_k, rows_eff, *carry)
+
+  first = si * geo.seg_chunks
+  last = first + geo.seg_chunks - 1
+  zeros = jnp.zeros(lam.shape, F32)
+  _, a_last, rows_last = segment_tail(lam, geo, si, b_tab, a_c)
+  carry = step(last, (zeros, zeros, zeros), load(last), a_last, rows_last)
+  (w, wp, wg), _ = walk(load, step, last - 1, geo.seg_chunks - 1, -1, carry, geo)
+  ew_ref[b, si, cols, :] = w
+  ewp_ref[b, si, cols, :] = wp
+  eg_ref[b, si, cols, :] = wg
+
+
+def segment_adjoints(geo: Geometry, lam, ends, ds_out):
+  """Incoming (W, W', Wg) of every segment (from all later segments and the final-state
+  cotangent) from the segments' own end values ``ends`` = (W, W', Wg), each [B, S, Dp, Np]:
+  a reverse scan over S tiny states."""
+  seg_len = np.full((geo.num_segments,), float(geo.segment_length), np.float32)
+  seg_len[-1] -= geo.bs.chunk - geo.tail
+  lengths = jnp.asarray(seg_len[1:])
+  decays = jnp.exp(lam[None] * lengths[:, None, None])                  # [S-1, Dp, Np]
+
+  def body(carry, xs):
+    w, wp, wg = carry  # incoming values of segment k + 1
+    ew, ewp, eg, decay, length = xs
+    new = (decay * w + ew, decay * (wp + length * w) + ewp, decay * wg + eg)
+    return new, new
+
+  xs = tuple(jnp.moveaxis(e[:, 1:], 1, 0) for e in ends) + (decays, lengths)
+  zeros = jnp.zeros_like(ds_out)
+  _, ins = jax.lax.scan(body, (ds_out, zeros, zeros), xs, reverse=True)
+  last = (ds_out, zeros, zeros)
+  return tuple(jnp.concatenate([jnp.moveaxis(i, 0, 1), l[:, None]], axis=1)
+               for i, l in zip(ins, last))
 
 
 def bwd(x1, v, x2, log_poles, residues, dskip, state, z, dy, ds_out, bs: BlockSizes,
         interpret: bool = False, poison: bool = False):
   """Gradients (dx1, dv, dx2, dlog_poles, dresidues, ddskip, dstate) of ``modal_scan`` for the
-  cotangents dy [B, L, D] and ds_out [B, D, N]; z is the forward's padded residual."""
+  cotangents dy [B, L, D] and ds_out [B, D, N]; z [B, L, D] is the forward's residual."""
   geo = make_geometry(x1.shape, log_poles.shape, bs)
   lam, res, skip = pad_params(geo, log_poles, residues, dskip)
-  x1p, vp, x2p, dyp = pad_inputs(geo, x1, v, x2, dy)
+  x1p, vp, x2p, zp, dyp = pad_inputs(geo, x1, v, x2, z, dy)
   s0 = pad_state(geo, state)
   dsT = pad_state(geo, ds_out)
+  seg = jax.ShapeDtypeStruct((geo.batch, geo.num_segments) + s0.shape[1:], F32)
+  if geo.num_segments == 1:
+    zeros = jnp.zeros_like(dsT)[:, None]
+    w_in, wp_in, wg_in = dsT[:, None], zeros, zeros
+  else:
+    ends = call_pallas(functools.partial(_adjoint_state_kernel, geo=geo), (seg, seg, seg),
+                       geo.grid, geo.bs, interpret, "modal_scan_adjoints", poison, lam, res,
+                       x2p, dyp)
+    w_in, wp_in, wg_in = segment_adjoints(geo, lam, ends, dsT)
   big = jax.ShapeDtypeStruct(x1p.shape, x1.dtype)
-  st = jax.ShapeDtypeStruct(s0.shape, F32)
-  out_shape = (big, big, big, st, st,
-               jax.ShapeDtypeStruct((geo.batch, geo.padded_channels), F32), st)
+  out_shape = (big, big, big, seg, seg,
+               jax.ShapeDtypeStruct((geo.batch, geo.num_segments, geo.padded_channels), F32),
+               seg)
   dx1, dv, dx2, dlam, dres, dskip_p, ds0 = call_pallas(
       functools.partial(_bwd_kernel, geo=geo), out_shape, geo.grid, geo.bs, interpret,
-      "modal_scan_bwd", poison, lam, res, skip, s0, dsT, x1p, vp, x2p, z, dyp)
+      "modal_scan_bwd", poison, lam, res, skip, s0, w_in, wp_in, wg_in, x1p, vp, x2p, zp, dyp)
   ln, d, n = geo.length, geo.channels, geo.states
-  return (dx1[:, :ln, :d], dv[:, :ln, :d], dx2[:, :ln, :d], dlam.sum(0)[:d, :n],
-          dres.sum(0)[:d, :n], dskip_p.sum(0)[:d], ds0[:, :d, :n])
+  return (dx1[:, :ln, :d], dv[:, :ln, :d], dx2[:, :ln, :d], dlam.sum((0, 1))[:d, :n],
+          dres.sum((0, 1))[:d, :n], dskip_p.sum((0, 1))[:d], ds0[:, 0, :d, :n])
