@@ -14,8 +14,9 @@ by decimation in frequency (DIF), radix 2 across ranks, with ``lax.ppermute`` be
   local FFT          size c per sub-sequence; rank r now holds the frequencies
                      k = o + 4 * bitrev(r) + 4N q, o in (0, 2, 1, 3), q < c — the DIF's
                      bit-reversed order, never undone.
-  product            times the LI filter's spectrum at exactly those frequencies, in closed form
-                     (``modal_spectrum``: no [D, L] filter, no transform, no communication).
+  product            times the LI filter's spectrum at exactly those frequencies, computed
+                     locally from the modal form folded to c taps and one FFT of size c
+                     (``decimated_modal_spectrum``: no [D, L] filter, no communication).
   inverse            the transposed steps in reverse order (decimation in time, conjugate
                      twiddles, halving): it consumes the bit-reversed order and returns natural
                      order, so the two permutations cancel. The mirror step sends back one real
@@ -47,37 +48,41 @@ def _phase(num: jax.Array, den: int) -> jax.Array:
 
 
 @jax.checkpoint
-def _mode_term(lam, res, theta, sign, length: int):
-  """R * (1 - a^L (-1)^k) / (1 - a W^k) for one mode (a = exp(lambda)); [F, D] complex64.
-  1 - a e^{-i theta} is formed with expm1 and sin^2(theta/2), 1 - a^L with expm1: no
-  cancellation for slow modes (lambda -> 0) near k = 0."""
-  lam, theta = lam[None, :], theta[:, None]
-  den = jax.lax.complex(2.0 * jnp.sin(0.5 * theta) ** 2 - jnp.expm1(lam) * jnp.cos(theta),
-                        jnp.exp(lam) * jnp.sin(theta))
-  decay = lam * length  # 1 - e^{lambda L} cancels for slow modes: expm1 for even k
-  num = jnp.where(sign[:, None] > 0, -jnp.expm1(decay), 1.0 + jnp.exp(decay))
-  return res[None, :] * num / den
+def _folded_mode(lam, res, wrap, p):
+  """One mode's contribution R * S_f * exp(lambda p) to the folded filter: [F, c, D] complex64.
+  lam, res: [D]; wrap: [F, D] complex (S_f / R); p: [c]."""
+  decay = jnp.exp(lam[None, :] * p[:, None].astype(jnp.float32))  # [c, D]
+  return (res[None, :] * wrap)[:, None, :] * decay[None]
 
 
-def modal_spectrum(log_poles: jax.Array, residues: jax.Array, freqs: jax.Array,
-                   length: int) -> jax.Array:
-  """DFT_{2L} of the zero-padded LI filter (``conv.modal_filter``) at integer frequencies.
+def decimated_modal_spectrum(log_poles: jax.Array, residues: jax.Array, offsets: jax.Array,
+                             chunk: int, length: int) -> jax.Array:
+  """DFT_{2L} of the zero-padded LI filter (``conv.modal_filter``) at the frequencies
+  ``offsets[f] + (2L / chunk) * q``, q < chunk: [F, chunk, D] complex64.
 
-  log_poles, residues: [D, S]; freqs: [F] int. Returns [F, D] complex64:
-  H[k] = sum_n R_n sum_{t<L} (a_n W^k)^t = sum_n R_n (1 - a_n^L (-1)^k) / (1 - a_n W^k),
-  W = exp(-2 pi i / 2L), a_n = exp(lambda_n).
+  With M = 2L = s * chunk, k = f + s q and t = p + j * chunk:
+  H[k] = FFT_chunk(g_f)[q],  g_f[p] = W_M^{f p} sum_j h[p + j chunk] W_M^{f j chunk},
+  and for h[t] = sum_n R_n a_n^t the fold over j is a short geometric sum per mode
+  (S_{n,f} = sum_j (a_n^chunk W_M^{f chunk})^j, L / chunk terms). So each rank transforms only
+  its own frequencies, from a [chunk]-long folded filter — never the [D, L] filter — with the
+  same accuracy as the FFT of the filter (a closed form 1/(1 - a W^k) loses digits in the
+  gradient of slow poles).
   """
   m = 2 * length
-  kf = jnp.mod(freqs, m)
-  centred = jnp.where(kf > m // 2, kf - m, kf)  # theta in (-pi, pi]: sin(theta/2) stays accurate
-  theta = (2.0 * np.pi / m) * centred.astype(jnp.float32)
-  sign = (1 - 2 * (kf % 2)).astype(jnp.float32)
-  lam = log_poles.astype(jnp.float32)
+  folds = length // chunk
+  lam = log_poles.astype(jnp.float32)  # [D, S]
   res = residues.astype(jnp.float32)
-  out = jnp.zeros((freqs.shape[0], lam.shape[0]), jnp.complex64)
+  p = jnp.arange(chunk)
+  j = jnp.arange(folds)
+  # S[f, n, d] = sum_j exp(j chunk lambda) W_M^{f j chunk}
+  phase = _phase(offsets[:, None] * chunk * j[None, :], m)  # [F, J]
+  growth = jnp.exp(lam[None] * (chunk * j.astype(jnp.float32))[:, None, None])  # [J, D, S]
+  wrap = jnp.einsum("fj,jds->fds", phase, growth.astype(jnp.complex64))  # [F, D, S]
+  g = jnp.zeros((offsets.shape[0], chunk, lam.shape[0]), jnp.complex64)
   for mode in range(lam.shape[1]):
-    out = out + _mode_term(lam[:, mode], res[:, mode], theta, sign, length)
-  return out
+    g = g + _folded_mode(lam[:, mode], res[:, mode], wrap[:, :, mode], p)
+  g = g * _phase(offsets[:, None] * p[None, :], m)[..., None]
+  return jnp.fft.fft(g, axis=1)
 
 
 def _bitrev(r: jax.Array, bits: int) -> jax.Array:
@@ -117,9 +122,8 @@ def p2p_modal_conv(u: jax.Array, log_poles: jax.Array, residues: jax.Array, axis
     x = jnp.where(lower, lo + hi, (lo - hi) * tw)
     half //= 2
   spectrum = jnp.fft.fft(x, axis=2)
-  freqs = (jnp.asarray(OFFSETS)[:, None] + 4 * _bitrev(r, int(math.log2(n)))
-           + 4 * n * p[None, :])  # [4, c]
-  hspec = modal_spectrum(log_poles, residues, freqs.reshape(-1), length).reshape(4, c, d)
+  offsets = jnp.asarray(OFFSETS) + 4 * _bitrev(r, int(math.log2(n)))  # k = offset + 4N q
+  hspec = decimated_modal_spectrum(log_poles, residues, offsets, c, length)  # [4, c, D]
   y = jnp.fft.ifft(spectrum * hspec[None], axis=2)
   half = 1
   while half < n:  # inverse hypercube steps (decimation in time), reverse order
