@@ -58,6 +58,7 @@ class BlockSizes:
   chunk_outer: bool = True
   num_warps: int = 4
   num_stages: int = 2
+  rebuild: bool | None = None  # build Toeplitz blocks per chunk; None: only when they don't fit
 
 
 def default_block_sizes(taps: int, backward: bool = False) -> BlockSizes:
@@ -66,8 +67,11 @@ def default_block_sizes(taps: int, backward: bool = False) -> BlockSizes:
     return BlockSizes(chunk=32, tile=64, width=16, seg_chunks=64, chunk_outer=True,
                       num_warps=4, num_stages=2)
   chunk = max(16, 1 << (taps - 1).bit_length())
-  return BlockSizes(chunk=chunk, tile=32, width=16, seg_chunks=16, chunk_outer=not backward,
-                    num_warps=8 if backward else 4, num_stages=2)
+  if backward:
+    return BlockSizes(chunk=chunk, tile=16, width=16, seg_chunks=16, chunk_outer=True,
+                      num_warps=8, num_stages=1)
+  return BlockSizes(chunk=chunk, tile=32, width=16, seg_chunks=16, chunk_outer=True,
+                    num_warps=4, num_stages=2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +88,7 @@ class Layout:
   padded_channels: int  # multiple of tile
   seg_chunks: int      # chunks per program (divides padded_length / chunk)
   slots: int           # groups one sub-block may touch (1 when group_size % width == 0)
+  rebuild: bool        # build the Toeplitz blocks per chunk (too many to keep on chip)
 
   @property
   def num_chunks(self):
@@ -98,7 +103,13 @@ class Layout:
     return self.bs.tile // self.bs.width
 
 
-def make_layout(x_shape, h_shape, bs: BlockSizes) -> Layout:
+# Bytes of Toeplitz blocks a program may keep live (Triton stages dot operands in shared memory,
+# 227 KiB on an H100, which the loads' pipeline buffers share).
+_LIVE_BUDGET = {False: 96 * 1024, True: 64 * 1024}
+
+
+def make_layout(x_shape, h_shape, bs: BlockSizes, itemsize: int = 2,
+                backward: bool = False) -> Layout:
   batch, length, channels = x_shape
   groups, taps = h_shape
   c, w = bs.chunk, bs.width
@@ -128,8 +139,15 @@ def make_layout(x_shape, h_shape, bs: BlockSizes) -> Layout:
     first = starts // gs
     last = np.minimum(starts + w, channels) - 1
     slots = int((last // gs - first).max()) + 1
+  # Odd group sizes multiply the live Toeplitz blocks by the slots: walk the sub-blocks one by
+  # one, and if even one sub-block's blocks do not fit, rebuild them per chunk (slow, rare).
+  per_sub = slots * 2 * c * c * itemsize
+  budget = _LIVE_BUDGET[backward]
+  if bs.chunk_outer and per_sub * (tile // w) > budget and slots > 1:
+    bs = dataclasses.replace(bs, chunk_outer=False)
+  rebuild = per_sub > budget if bs.rebuild is None else bs.rebuild
   return Layout(bs, batch, length, channels, groups, taps, gs, num_chunks * c, padded_channels,
-                seg, slots)
+                seg, slots, rebuild)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -149,6 +167,20 @@ def toeplitz(table_ref, g, offset: int, chunk: int, dtype, transpose: bool = Fal
   cols = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
   diff = (cols - rows) if transpose else (rows - cols)
   return table_ref[g, offset + diff].astype(dtype)
+
+
+def toeplitz_slots(table_ref, lay: Layout, gids, col_group, dtype):
+  """Per slot (H0, H1, column mask or None); callables that build them when ``lay.rebuild``."""
+  c = lay.bs.chunk
+  out = []
+  for g in gids:
+    def build(g=g):
+      gc = jnp.minimum(g, lay.groups - 1)
+      mask = None if lay.slots == 1 else (col_group == g)
+      return (toeplitz(table_ref, gc, c, c, dtype), toeplitz(table_ref, gc, 2 * c, c, dtype),
+              mask)
+    out.append(build if lay.rebuild else build())
+  return out
 
 
 def dot_precision(dtype):
@@ -213,56 +245,59 @@ def _fwd_kernel(table_ref, skip_ref, x1_ref, v_ref, x2_ref, y_ref, *, lay: Layou
   first = si * lay.seg_chunks
   dtype = x1_ref.dtype
 
-  def load_u(chunk, cols):
-    return x1_ref[b, pl.ds(chunk * c, c), cols] * v_ref[b, pl.ds(chunk * c, c), cols]
-
   # Per sub-block: Toeplitz blocks per slot (built once), slot masks, skip column, u of the
   # chunk before this program's first chunk (zero at the sequence start).
   subs = []
   for s in range(lay.subblocks):
     cols = pl.ds(d_start + s * w, w)
     gids, col_group = slot_groups(lay, d_start, s)
-    mats = []
-    for g in gids:
-      gc = jnp.minimum(g, lay.groups - 1)
-      mask = None if lay.slots == 1 else (col_group == g)
-      mats.append((toeplitz(table_ref, gc, c, c, dtype), toeplitz(table_ref, gc, 2 * c, c, dtype),
-                   mask))
+    mats = toeplitz_slots(table_ref, lay, gids, col_group, dtype)
     skip = skip_ref[cols].astype(jnp.float32)[None, :] if has_skip else None
     subs.append((cols, mats, skip))
 
-  def init_prev(cols):
-    u = load_u(jnp.maximum(first - 1, 0), cols)
-    return jnp.where(first > 0, u, jnp.zeros_like(u))
+  last_chunk = lay.num_chunks - 1
 
-  def step(k, u_prev, s):
+  def load(chunk, cols, refs):
+    rows = pl.ds(jnp.minimum(chunk, last_chunk) * c, c)
+    return tuple(r[b, rows, cols] for r in refs)
+
+  def init(s):
+    cols = subs[s][0]
+    x1p, vp = load(jnp.maximum(first - 1, 0), cols, (x1_ref, v_ref))
+    u_prev = jnp.where(first > 0, x1p * vp, jnp.zeros_like(x1p))
+    return (u_prev,) + load(first, cols, (x1_ref, v_ref, x2_ref))
+
+  def step(k, carry, s):
+    # The loads of chunk k+1 are issued before chunk k's dots (a software pipeline by hand:
+    # Triton pipelines only loads that feed dots directly).
     cols, mats, skip = subs[s]
-    rows = pl.ds((first + k) * c, c)
-    u = x1_ref[b, rows, cols] * v_ref[b, rows, cols]
+    u_prev, x1, v, x2 = carry
+    nxt = load(first + k + 1, cols, (x1_ref, v_ref, x2_ref))
+    u = x1 * v
     acc = None
-    for h0, h1, mask in mats:
+    for h0, h1, mask in (m() if callable(m) else m for m in mats):
       p = dot(h0, u, precision) + dot(h1, u_prev, precision)
       if mask is not None:
         p = jnp.where(mask, p, 0.0)
       acc = p if acc is None else acc + p
     if skip is not None:
       acc = acc + skip * u.astype(jnp.float32)
-    y_ref[b, rows, cols] = (x2_ref[b, rows, cols].astype(jnp.float32) * acc).astype(y_ref.dtype)
-    return u
+    y_ref[b, pl.ds((first + k) * c, c), cols] = (
+        x2.astype(jnp.float32) * acc).astype(y_ref.dtype)
+    return (u,) + nxt
 
   if bs.chunk_outer:
-    def body(k, prevs):
-      return tuple(step(k, prevs[s], s) for s in range(lay.subblocks))
-    jax.lax.fori_loop(0, lay.seg_chunks, body, tuple(init_prev(sb[0]) for sb in subs))
+    def body(k, carries):
+      return tuple(step(k, carries[s], s) for s in range(lay.subblocks))
+    jax.lax.fori_loop(0, lay.seg_chunks, body, tuple(init(s) for s in range(lay.subblocks)))
   else:
     for s in range(lay.subblocks):
-      jax.lax.fori_loop(0, lay.seg_chunks, functools.partial(step, s=s),
-                        init_prev(subs[s][0]))
+      jax.lax.fori_loop(0, lay.seg_chunks, functools.partial(step, s=s), init(s))
 
 
 def fwd(x1, v, x2, h, dskip, bs: BlockSizes, interpret: bool = False, poison: bool = False):
   """The forward launch; arguments as ``gated_fir_conv`` (dskip may be None)."""
-  lay = make_layout(x1.shape, h.shape, bs)
+  lay = make_layout(x1.shape, h.shape, bs, jnp.dtype(x1.dtype).itemsize)
   table = filter_table(h, lay.bs.chunk)
   skip = (jnp.zeros((lay.padded_channels,), jnp.float32) if dskip is None else
           jnp.pad(dskip.astype(jnp.float32), (0, lay.padded_channels - lay.channels)))

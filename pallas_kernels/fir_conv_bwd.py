@@ -26,7 +26,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from pallas_kernels.fir_conv import (BlockSizes, Layout, call_pallas, dot, dot_precision,
-                                     filter_table, make_layout, pad_to, slot_groups, toeplitz)
+                                     filter_table, make_layout, pad_to, slot_groups, toeplitz_slots)
 
 
 def _dot_ta(a, b, precision):
@@ -53,41 +53,38 @@ def _bwd_kernel(table_ref, skip_ref, x1_ref, v_ref, x2_ref, dy_ref,
   for s in range(lay.subblocks):
     cols = pl.ds(d_start + s * w, w)
     gids, col_group = slot_groups(lay, d_start, s)
-    mats = []
-    for g in gids:
-      gc = jnp.minimum(g, lay.groups - 1)
-      mask = None if lay.slots == 1 else (col_group == g)
-      mats.append((toeplitz(table_ref, gc, c, c, dtype), toeplitz(table_ref, gc, 2 * c, c, dtype),
-                   mask))
+    mats = toeplitz_slots(table_ref, lay, gids, col_group, dtype)
     skip = skip_ref[cols].astype(f32)[None, :] if has_skip else None
     subs.append((cols, mats, skip))
 
+  def load(chunk, cols, refs):
+    rows = pl.ds(jnp.minimum(chunk, last_chunk) * c, c)
+    return tuple(r[b, rows, cols] for r in refs)
+
   def init(s):
     cols = subs[s][0]
-    prev = pl.ds(jnp.maximum(first - 1, 0) * c, c)
-    u_prev = x1_ref[b, prev, cols] * v_ref[b, prev, cols]
-    u_prev = jnp.where(first > 0, u_prev, jnp.zeros_like(u_prev))
-    cur = pl.ds(first * c, c)
+    x1p, vp = load(jnp.maximum(first - 1, 0), cols, (x1_ref, v_ref))
+    u_prev = jnp.where(first > 0, x1p * vp, jnp.zeros_like(x1p))
     maccs = tuple(jnp.zeros((c, c), f32) for _ in range(lay.slots))
-    return (u_prev, x2_ref[b, cur, cols], dy_ref[b, cur, cols], maccs, jnp.zeros((1, w), f32))
+    return ((u_prev,) + load(first, cols, (x1_ref, v_ref, x2_ref, dy_ref))
+            + load(first + 1, cols, (x2_ref, dy_ref)) + (maccs, jnp.zeros((1, w), f32)))
 
   def step(k, carry, s):
+    # Chunk j uses x1, v, x2, dy of chunk j and x2, dy of chunk j+1 (for du); the loads for the
+    # next iteration are issued first (a software pipeline by hand).
     cols, mats, skip = subs[s]
-    u_prev, x2_cur, dy_cur, maccs, sacc = carry
+    u_prev, x1, v, x2_cur, dy_cur, x2_n, dy_n, maccs, sacc = carry
     j = first + k
     rows = pl.ds(j * c, c)
-    x1, v = x1_ref[b, rows, cols], v_ref[b, rows, cols]
+    nxt = load(j + 1, cols, (x1_ref, v_ref)) + load(j + 2, cols, (x2_ref, dy_ref))
     u = x1 * v
-    nxt = pl.ds(jnp.minimum(j + 1, last_chunk) * c, c)
     live = j < last_chunk
-    x2_n = x2_ref[b, nxt, cols]
-    dy_n = dy_ref[b, nxt, cols]
     dy_f = dy_cur.astype(f32)
     dz_f = dy_f * x2_cur.astype(f32)
     dz = dz_f.astype(dtype)
     dz_n = jnp.where(live, dy_n.astype(f32) * x2_n.astype(f32), 0.0).astype(dtype)
     z, du, new_m = None, None, []
-    for (h0, h1, mask), m in zip(mats, maccs):
+    for (h0, h1, mask), m in zip((m() if callable(m) else m for m in mats), maccs):
       zp = dot(h0, u, precision) + dot(h1, u_prev, precision)
       dup = _dot_ta(h0, dz, precision) + _dot_ta(h1, dz_n, precision)
       dzm = dz
@@ -107,10 +104,10 @@ def _bwd_kernel(table_ref, skip_ref, x1_ref, v_ref, x2_ref, dy_ref,
     dx1_ref[b, rows, cols] = (du * v.astype(f32)).astype(dx1_ref.dtype)
     dv_ref[b, rows, cols] = (du * x1.astype(f32)).astype(dv_ref.dtype)
     sacc = sacc + jnp.sum(dz_f * u_f, axis=0, keepdims=True)
-    return (u, x2_n, dy_n, tuple(new_m), sacc)
+    return (u,) + nxt[:2] + (x2_n, dy_n) + nxt[2:] + (tuple(new_m), sacc)
 
   def finish(s, carry):
-    maccs, sacc = carry[3], carry[4]
+    maccs, sacc = carry[-2], carry[-1]
     for j, m in enumerate(maccs):
       mpart_ref[b, ti, si, s, j, :, :] = m
     spart_ref[b, si, pl.ds(0, 1), subs[s][0]] = sacc
@@ -148,7 +145,7 @@ def reduce_dh(mpart: jax.Array, lay: Layout) -> jax.Array:
 
 def bwd(x1, v, x2, h, dskip, dy, bs: BlockSizes, interpret: bool = False, poison: bool = False):
   """Gradients (dx1, dv, dx2, dh [G, K] f32, ddskip [D] f32) of ``fir_conv.fwd``."""
-  lay = make_layout(x1.shape, h.shape, bs)
+  lay = make_layout(x1.shape, h.shape, bs, jnp.dtype(x1.dtype).itemsize, backward=True)
   table = filter_table(h, lay.bs.chunk)
   skip = (jnp.zeros((lay.padded_channels,), jnp.float32) if dskip is None else
           jnp.pad(dskip.astype(jnp.float32), (0, lay.padded_channels - lay.channels)))

@@ -1,0 +1,260 @@
+"""Benchmark of the gated FIR Pallas kernels against XLA's grouped convolution and FFT conv.
+
+Width 4096, batch 1, bf16 in/out, SE (K=7) and MR (K=128) with 256 filter groups; the LI core
+(float32 FFT of the modal filter) for scale. Forward and forward+backward medians, bytes moved
+against the measured copy bandwidth (roofline %).
+
+  python benchmarks/fir_conv.py --mode sweep            # tune block sizes at L=16K
+  python benchmarks/fir_conv.py --mode full --out DIR   # table (markdown) + plot over L
+  python benchmarks/fir_conv.py --mode featurizer       # does fusing the featurizer pay?
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+import sys
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pallas_kernels.fir_conv import BlockSizes, default_block_sizes, gated_fir_conv  # noqa: E402
+from sh2_jax import conv, dispatch  # noqa: E402
+
+warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated",
+                        category=DeprecationWarning)
+
+D, G = 4096, 256
+LENGTHS = [2048, 4096, 8192, 16384, 32768, 65536, 131072]
+
+
+def timeit(fn, *args, target_s=0.04, samples=9):
+  """Median seconds per call: warm-up (compile) excluded, back-to-back async calls per sample."""
+  out = fn(*args)
+  jax.block_until_ready(out)
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  est = time.perf_counter() - t0
+  reps = int(min(50, max(1, target_s / max(est, 1e-6))))
+  times = []
+  for _ in range(samples):
+    t0 = time.perf_counter()
+    for _ in range(reps):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / reps)
+  return float(np.median(times))
+
+
+def inputs(length, taps, key=0, dtype=jnp.bfloat16):
+  ks = jax.random.split(jax.random.key(key), 6)
+  x1, v, x2, dy = (jax.random.normal(k, (1, length, D), dtype) for k in ks[:4])
+  h = jax.random.normal(ks[4], (G, taps), jnp.float32) / np.sqrt(taps)
+  dskip = jax.random.normal(ks[5], (D,), jnp.float32)
+  return x1, v, x2, h, dskip, dy
+
+
+def fwd_and_fwdbwd(op):
+  """Jitted forward and forward+backward (y and all gradients) of op(x1, v, x2, h, dskip)."""
+  f = jax.jit(op)
+
+  def fb(x1, v, x2, h, dskip, dy):
+    y, vjp = jax.vjp(op, x1, v, x2, h, dskip)
+    return y, vjp(dy)
+  return f, jax.jit(fb)
+
+
+def ops(taps, bs=None, bs_bwd=None):
+  return {
+      "pallas": lambda x1, v, x2, h, d: gated_fir_conv(x1, v, x2, h, d, block_sizes=bs,
+                                                       bwd_block_sizes=bs_bwd),
+      "xla": lambda x1, v, x2, h, d: dispatch.gated_fir(x1, v, x2, h, d, "xla"),
+      "fft": lambda x1, v, x2, h, d: dispatch.gated_fir(x1, v, x2, h, d, "fft"),
+  }
+
+
+def li_op(x1, v, x2, h, d):
+  del h
+  n = 16
+  lam = -jnp.exp(jnp.linspace(-9.0, 0.0, n))[None].repeat(D, 0)
+  res = jnp.ones((D, n), jnp.float32) / n
+  return dispatch.gated_modal(x1, v, x2, lam, res, d, "fft")
+
+
+def copy_bandwidth():
+  x = jax.random.normal(jax.random.key(7), (1 << 29,), jnp.bfloat16)  # 1 GiB
+  t = timeit(jax.jit(lambda a: a + 1), x)
+  return 2 * x.nbytes / t
+
+
+def rel(a, b):
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def check(length=16384):
+  """Defaults vs the XLA reference on the benchmark shape (fwd and grads)."""
+  for taps in (7, 128):
+    x1, v, x2, h, dskip, dy = inputs(length, taps, key=3)
+    fp, fbp = fwd_and_fwdbwd(ops(taps)["pallas"])
+    fr, fbr = fwd_and_fwdbwd(ops(taps)["xla"])
+    try:
+      y, gp = fbp(x1, v, x2, h, dskip, dy)
+    except Exception as e:
+      print(f"check K={taps}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+      continue
+    yr, gr = fbr(x1, v, x2, h, dskip, dy)
+    errs = [rel(y, yr)] + [rel(a, b) for a, b in zip(gp, gr)]
+    print(f"check K={taps} L={length}: rel err y,dx1,dv,dx2,dh,ddskip = "
+          + ", ".join(f"{e:.1e}" for e in errs), flush=True)
+
+
+def sweep(length=16384):
+  se = [
+      BlockSizes(32, 64, 16, 64, True, 4, 2), BlockSizes(32, 64, 16, 32, True, 4, 3),
+      BlockSizes(32, 128, 16, 64, True, 8, 2), BlockSizes(32, 32, 16, 64, True, 4, 2),
+      BlockSizes(16, 64, 16, 128, True, 4, 2), BlockSizes(16, 128, 16, 128, True, 4, 3),
+      BlockSizes(64, 64, 16, 32, True, 4, 2), BlockSizes(64, 64, 16, 32, True, 8, 2),
+      BlockSizes(32, 64, 16, 64, False, 4, 2), BlockSizes(32, 64, 16, 16, True, 4, 2),
+  ]
+  mr = [
+      BlockSizes(128, 16, 16, 16, True, 4, 2), BlockSizes(128, 16, 16, 32, True, 4, 3),
+      BlockSizes(128, 32, 16, 16, True, 4, 2), BlockSizes(128, 32, 16, 16, True, 8, 2),
+      BlockSizes(128, 64, 16, 16, True, 8, 2), BlockSizes(128, 64, 16, 16, False, 4, 2),
+      BlockSizes(128, 32, 16, 16, False, 4, 2), BlockSizes(128, 16, 16, 8, True, 8, 2),
+  ]
+  se_b = [
+      BlockSizes(32, 64, 16, 64, True, 4, 2), BlockSizes(32, 32, 16, 64, True, 4, 2),
+      BlockSizes(32, 64, 16, 64, True, 8, 2), BlockSizes(16, 64, 16, 128, True, 4, 2),
+      BlockSizes(32, 64, 16, 64, False, 4, 2), BlockSizes(64, 32, 16, 32, True, 4, 2),
+  ]
+  mr_b = [
+      BlockSizes(128, 16, 16, 16, True, 8, 1), BlockSizes(128, 16, 16, 16, True, 4, 1),
+      BlockSizes(128, 16, 16, 16, True, 8, 2), BlockSizes(128, 32, 16, 16, False, 8, 1),
+      BlockSizes(128, 16, 16, 16, True, 8, 1, rebuild=True),
+      BlockSizes(128, 16, 16, 32, True, 8, 1, rebuild=True),
+  ]
+  floor_f = 4 * length * D * 2
+  floor_b = 7 * length * D * 2
+  for taps, fwd_list, bwd_list in ((7, se, se_b), (128, mr, mr_b)):
+    x1, v, x2, h, dskip, dy = inputs(length, taps)
+    for bs in fwd_list:
+      try:
+        t = timeit(jax.jit(ops(taps, bs)["pallas"]), x1, v, x2, h, dskip)
+        print(f"fwd K={taps:3d} {bs}: {t * 1e3:.3f} ms  {floor_f / t / 1e12:.2f} TB/s", flush=True)
+      except Exception as e:  # a variant that does not compile (registers, smem) is reported
+        print(f"fwd K={taps:3d} {bs}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+    for bs in bwd_list:
+      try:
+        _, fb = fwd_and_fwdbwd(ops(taps, None, bs)["pallas"])
+        tf = timeit(jax.jit(ops(taps)["pallas"]), x1, v, x2, h, dskip)
+        t = timeit(fb, x1, v, x2, h, dskip, dy) - tf
+        print(f"bwd K={taps:3d} {bs}: {t * 1e3:.3f} ms  {floor_b / t / 1e12:.2f} TB/s", flush=True)
+      except Exception as e:
+        print(f"bwd K={taps:3d} {bs}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+
+
+def featurizer(length=16384):
+  """What fusing the featurizer could save: XLA featurizer + split + kernel vs the kernel."""
+  z = jax.random.normal(jax.random.key(1), (1, length, 3 * D), jnp.bfloat16)
+  w = jax.random.normal(jax.random.key(2), (3 * D, 3), jnp.float32)
+  for taps in (7, 128):
+    _, _, _, h, dskip, _ = inputs(length, taps)
+    op = ops(taps)["pallas"]
+
+    def full(z, w, h, d):
+      x2, x1, v = conv.interleaved_split(conv.featurizer_conv(z, w))
+      return op(x1, v, x2, h, d)
+    split = jax.jit(lambda z, w: conv.interleaved_split(conv.featurizer_conv(z, w)))
+    x2, x1, v = split(z, w)
+    t_full = timeit(jax.jit(full), z, w, h, dskip)
+    t_feat = timeit(split, z, w)
+    t_k = timeit(jax.jit(op), x1, v, x2, h, dskip)
+    floor = (3 + 1) * length * D * 2 / 1e12
+    print(f"featurizer K={taps}: featurizer+split {t_feat * 1e3:.3f} ms, kernel {t_k * 1e3:.3f} "
+          f"ms, both in one jit {t_full * 1e3:.3f} ms; fused floor (read z once, write y) "
+          f"{floor:.3f} TB", flush=True)
+
+
+def full(out_dir):
+  bw = copy_bandwidth()
+  print(f"copy bandwidth {bw / 1e12:.2f} TB/s (bytes read + written)", flush=True)
+  rows, series = [], {}
+  names = [("SE pallas", 7, "pallas"), ("MR pallas", 128, "pallas"), ("SE xla", 7, "xla"),
+           ("MR xla", 128, "xla"), ("FFT conv", 128, "fft"), ("LI fft", 128, "li")]
+  for length in LENGTHS:
+    floor_f = 4 * length * D * 2 / bw
+    floor_fb = 11 * length * D * 2 / bw
+    for name, taps, kind in names:
+      if kind == "xla" and length > 65536:
+        continue  # tens of ms a call; the trend is clear by 64K
+      args = inputs(length, taps)
+      op = li_op if kind == "li" else ops(taps)[kind]
+      f, fb = fwd_and_fwdbwd(op)
+      try:
+        tf = timeit(f, *args[:5])
+        tfb = timeit(fb, *args)
+      except Exception as e:
+        print(f"{name} L={length}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+        continue
+      rows.append((name, length, tf, tfb, floor_f / tf, floor_fb / tfb))
+      series.setdefault(name, []).append((length, tf, tfb))
+      print(f"{name:10s} L={length:6d}: fwd {tf * 1e3:8.3f} ms ({100 * floor_f / tf:5.1f}% "
+            f"roofline)  fwd+bwd {tfb * 1e3:8.3f} ms ({100 * floor_fb / tfb:5.1f}%)", flush=True)
+      del args
+  lines = [f"copy bandwidth {bw / 1e12:.2f} TB/s; floors: fwd 4 x L x D x 2 B, fwd+bwd 11 x L x "
+           "D x 2 B over that bandwidth", "",
+           "| op | L | fwd ms | fwd+bwd ms | fwd+bwd / fwd | fwd % roofline | fwd+bwd % roofline |",
+           "|---|---|---|---|---|---|---|"]
+  for name, length, tf, tfb, rf, rfb in rows:
+    lines.append(f"| {name} | {length // 1024}K | {tf * 1e3:.3f} | {tfb * 1e3:.3f} | "
+                 f"{tfb / tf:.2f} | {100 * rf:.0f}% | {100 * rfb:.0f}% |")
+  table = "\n".join(lines)
+  print(table)
+  if out_dir:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "fir_conv.md"), "w") as fh:
+      fh.write(table + "\n")
+    plot(series, os.path.join(out_dir, "fir_conv.png"))
+
+
+def plot(series, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  for ax, idx, title in ((axes[0], 1, "forward"), (axes[1], 2, "forward + backward")):
+    for name, pts in series.items():
+      pts = sorted(pts)
+      ax.loglog([p[0] for p in pts], [p[idx] * 1e3 for p in pts], "o-", label=name)
+    ax.set_xlabel("sequence length L (D = 4096, B = 1, bf16)")
+    ax.set_ylabel("ms")
+    ax.set_title(f"gated conv core, {title}")
+    ax.grid(True, which="both", alpha=0.3)
+  axes[0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+  p = argparse.ArgumentParser()
+  p.add_argument("--mode", default="full", choices=["check", "sweep", "featurizer", "full"])
+  p.add_argument("--out", default=os.environ.get("OUT", ""))
+  a = p.parse_args()
+  print(jax.devices(), flush=True)
+  if a.mode == "check":
+    check()
+  elif a.mode == "sweep":
+    check()
+    sweep()
+    featurizer()
+  elif a.mode == "featurizer":
+    featurizer()
+  else:
+    full(a.out)
