@@ -1,0 +1,62 @@
+"""Peak memory and time of the segmented forward (sh2_jax.inference.segmented) on one GPU.
+
+  python benchmarks/segmented.py --preset=evo2_7b --length=1048576 --segment=65536
+
+Random weights (bf16 parameters and compute): memory and speed only. Prints one row per run:
+tokens, segment, seconds (after a warm-up segment pass of the same shapes), tokens/s, peak
+device memory, the KV cache's share of it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from sh2_jax.inference.cache import cache_bytes
+from sh2_jax.inference.segmented import _loglik_head, segmented_apply
+from sh2_jax.model import StripedHyena
+from sh2_jax.presets import get_preset
+
+flags.DEFINE_string("preset", "evo2_7b", "model preset")
+flags.DEFINE_integer("length", 1 << 20, "tokens")
+flags.DEFINE_list("segments", ["65536"], "segment lengths to time")
+flags.DEFINE_integer("num_layers", 0, "override the layer count (0: the preset's)")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  over = dict(dtype="bfloat16", param_dtype="bfloat16")
+  if FLAGS.num_layers:
+    over["num_layers"] = FLAGS.num_layers
+  cfg = get_preset(FLAGS.preset, **over)
+  model = StripedHyena(cfg, rngs=nnx.Rngs(0))
+  tokens = np.random.default_rng(0).integers(65, 85, (1, FLAGS.length)).astype(np.int32)
+  dev = jax.devices()[0]
+  print(f"device {dev.device_kind}; {FLAGS.preset} ({cfg.num_layers} layers, width "
+        f"{cfg.d_model}, conv_impl {cfg.conv_impl}, li_impl {cfg.li_impl}); "
+        f"KV+state cache {cache_bytes(cfg, 1, FLAGS.length) / 2**30:.1f} GiB")
+  rows = []
+  for seg in map(int, FLAGS.segments):
+    warm = tokens[:, : 2 * seg]  # compiles both segment shapes' step
+    segmented_apply(model, warm, seg, head=_loglik_head, max_len=FLAGS.length)
+    t0 = time.perf_counter()
+    outs, cache = segmented_apply(model, tokens, seg, head=_loglik_head)
+    jax.block_until_ready(cache)
+    dt = time.perf_counter() - t0
+    ll = np.concatenate(outs, axis=1)[:, :-1]
+    peak = dev.memory_stats().get("peak_bytes_in_use", 0) / 2**30
+    rows.append((FLAGS.length, seg, dt, FLAGS.length / dt, peak, bool(np.isfinite(ll).all())))
+  print("| tokens | segment | seconds | tokens/s | peak GiB | finite |")
+  print("|---|---|---|---|---|---|")
+  for r in rows:
+    print(f"| {r[0]:,} | {r[1]:,} | {r[2]:.1f} | {r[3]:,.0f} | {r[4]:.1f} | {r[5]} |")
+
+
+if __name__ == "__main__":
+  app.run(main)
