@@ -49,6 +49,41 @@ def _initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+def _override_error(argv: list[str], error: Exception) -> str:
+  """A one-line message for a failed ``--config.key=value`` override (ml_collections raises a
+  bare KeyError/AttributeError naming only the last key)."""
+  import runpy
+  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  try:
+    config = runpy.run_path(path)["get_config"]() if path else None
+  except Exception:  # noqa: BLE001 - the file itself is broken: report the original error
+    config = None
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    keys = arg[len("--config."):].split("=", 1)[0].split(".")
+    node = config
+    for depth, key in enumerate(keys):
+      if node is None or not hasattr(node, "keys"):
+        break
+      if key not in node:
+        where = ".".join(keys[:depth]) or "the top level"
+        return (f"unknown config key {'.'.join(keys)!r} (from {arg}); valid keys at {where}: "
+                f"{', '.join(sorted(node.keys()))}")
+      node = node[key]
+  return f"bad --config override: {type(error).__name__}: {error}"
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:  # absl's own messages are clear (unknown flag, bad enum value)
+    print(f"error: {e}", file=sys.stderr)
+  except Exception as e:  # noqa: BLE001 - config file or override errors
+    print(f"error: {_override_error(argv, e)}", file=sys.stderr)
+  sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -67,17 +102,20 @@ def main(argv):
   import jax
   logging.info("JAX process %d of %d, %d devices (%s)", jax.process_index(), jax.process_count(),
                jax.device_count(), jax.default_backend())
-  try:
+  from sh2_jax.train import evaluate, trainer
+  try:  # every check of the inputs runs here, before anything is written
     if FLAGS.mode == "train":
-      from sh2_jax.train.trainer import train
-      train(config, FLAGS.workdir)
+      prepared = trainer.prepare_train(config)
     else:
-      from sh2_jax.train.evaluate import evaluate
-      evaluate(config, FLAGS.workdir)
+      prepared = evaluate.prepare_eval(config, FLAGS.workdir)
   except ValueError as e:  # bad input: one clear line, no traceback
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  if FLAGS.mode == "train":
+    trainer.train(config, FLAGS.workdir, prepared)
+  else:
+    evaluate.evaluate(config, FLAGS.workdir, prepared)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -6,7 +6,11 @@ line with ``--config.key=value`` (e.g. ``--config.model.d_model=256``).
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
+
+from sh2_jax.config import ModelConfig
 
 from sh2_jax.presets import PRESETS
 
@@ -15,6 +19,11 @@ def make_config(preset: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.preset = preset
   c.model = ml_collections.ConfigDict(dict(PRESETS[preset]))
+  # Every other ModelConfig field with its default, so that any of them can be overridden
+  # from the command line (--config.model.dtype=bfloat16); ml_collections rejects new keys.
+  for field in dataclasses.fields(ModelConfig):
+    if field.name not in c.model and field.name != "layer_idxs":
+      c.model[field.name] = field.default
   # Training (Flax-examples style top-level keys). The defaults train the tiny preset on a CPU
   # in about a minute on the shipped corpus (data.path "" = data/corpus).
   c.seed = 0

@@ -21,8 +21,8 @@ from sh2_jax.train.step import eval_step
 from sh2_jax.train.trainer import prepare, run_eval
 
 
-def evaluate(config, checkpoint: str) -> dict:
-  """Returns (and prints, as one JSON line) the summary."""
+def prepare_eval(config, checkpoint: str):
+  """Every input check of ``evaluate`` (config, mesh, data, checkpoint); writes nothing."""
   _, mesh, (_, eval_src) = prepare(config, "eval")
   if len(eval_src) == 0:
     raise ValueError("the held-out split is empty; raise data.eval_fraction (1.0 evaluates the "
@@ -30,6 +30,12 @@ def evaluate(config, checkpoint: str) -> dict:
   if not os.path.exists(checkpoint):
     raise ValueError(f"checkpoint path {checkpoint!r} does not exist")
   model = load_model(checkpoint, dtype=config.model.dtype)
+  return mesh, eval_src, model
+
+
+def evaluate(config, checkpoint: str, prepared=None) -> dict:
+  """Returns (and prints, as one JSON line) the summary."""
+  mesh, eval_src, model = prepared or prepare_eval(config, checkpoint)
   graphdef, state = nnx.split(model)
   params = nnx.to_pure_dict(state)
   p_sh = mesh_lib.param_shardings(mesh, params, mesh_lib.param_specs(model))

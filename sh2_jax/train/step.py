@@ -37,7 +37,10 @@ def forward(model, tokens: jax.Array, remat: str = "none", mesh: Mesh | None = N
   """tokens [B, L] -> logits [B, L, V] float32: ``StripedHyena.__call__`` with the blocks
   optionally rematerialised. ``mesh`` is where the context-parallel path plugs in: the
   sequence of ``tokens`` is split over its 'context' axis."""
-  del mesh  # used by the context-parallel path; plain XLA partitioning until then
+  if mesh is not None and mesh.shape["context"] > 1:  # zig-zag context parallelism (issue 6)
+    from sh2_jax.parallel.context import ContextParallel, context_parallel_logits
+    cp = ContextParallel(size=mesh.shape["context"], remat=remat != "none")
+    return context_parallel_logits(model, tokens, mesh, cp, batch_axes=BATCH_AXES)
   model.check_tokens(tokens)
   x = model.embedding_layer(tokens)
   for block in model.blocks:
@@ -84,7 +87,7 @@ def train_step(params, opt_state, batch, *, graphdef, tx: optax.GradientTransfor
   grads = jax.tree.map(lambda g: g / count, grads)
   updates, opt_state = tx.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
-  metrics = {"loss": nll / count, "grad_norm": optax.global_norm(grads), "tokens": count}
+  metrics = {"loss": nll / count, "grad_norm": optax.tree.norm(grads), "tokens": count}
   return params, opt_state, metrics
 
 

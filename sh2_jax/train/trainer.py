@@ -70,12 +70,19 @@ def run_eval(eval_fn, params, mesh, source, batch_size: int, max_batches: int,
           "bits_per_byte": metrics_lib.bits_per_byte(loss), "tokens": int(tokens)}
 
 
-def train(config, workdir: str) -> dict:
-  """Train (or resume) the run in ``workdir``; returns the last logged record."""
+def prepare_train(config):
+  """``prepare`` plus the training iterator (an empty training split is an input error)."""
   model_cfg, mesh, (train_src, eval_src) = prepare(config, "train")
-  main = jax.process_index() == 0
   data_iter = pipeline.train_iterator(train_src, config.batch_size, config.seed,
                                       jax.process_index(), jax.process_count())
+  return model_cfg, mesh, data_iter, eval_src
+
+
+def train(config, workdir: str, prepared=None) -> dict:
+  """Train (or resume) the run in ``workdir``; returns the last logged record. ``prepared``:
+  the result of ``prepare_train(config)`` when the caller already validated the inputs."""
+  model_cfg, mesh, data_iter, eval_src = prepared or prepare_train(config)
+  main = jax.process_index() == 0
 
   abstract = abstract_model(model_cfg)
   graphdef, _ = nnx.split(abstract)
@@ -100,7 +107,8 @@ def train(config, workdir: str) -> dict:
     step = 0
     params = init_params(model_cfg, config.seed, p_sh)
     opt_state = jax.jit(tx.init, out_shardings=o_sh)(params)
-    rng = jax.random.key_data(jax.random.key(config.seed)).astype(jnp.uint32)
+    rng = jax.jit(lambda: jax.random.key_data(jax.random.key(config.seed)).astype(jnp.uint32),
+                  out_shardings=repl)()  # a global array: every process saves the same key
     logging.info("starting a new run in %s", workdir)
   else:
     step, params, opt_state, state = restored
@@ -126,9 +134,12 @@ def train(config, workdir: str) -> dict:
   peak = metrics_lib.peak_flops_per_device(config.peak_flops, model_cfg.dtype) * jax.device_count()
   tokens_per_step = config.batch_size * config.seq_len
 
+  make_state = jax.jit(lambda at, key: {"step": at.astype(jnp.int32), "rng": key},
+                       out_shardings=repl)
+
   def save(at):
     checkpointing.save(mngr, at, params=params, opt_state=opt_state,
-                       state={"step": jnp.asarray(at, jnp.int32), "rng": rng}, data_iter=data_iter,
+                       state=make_state(np.int32(at), rng), data_iter=data_iter,
                        model_cfg=model_cfg.to_dict(), train_cfg=config.to_dict())
 
   record: dict = {}
