@@ -15,6 +15,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import functools  # noqa: E402
 import json  # noqa: E402
 
 import jax  # noqa: E402
@@ -28,12 +29,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sh2_jax import conv, dispatch  # noqa: E402
 from sh2_jax.config import ModelConfig  # noqa: E402
 from sh2_jax.model import StripedHyena  # noqa: E402
-from sh2_jax.parallel import a2a, halo, p2p_fft  # noqa: E402
+from sh2_jax.parallel import a2a, halo, modal_state, p2p_fft  # noqa: E402
 from sh2_jax.parallel.attention import cp_attention  # noqa: E402
 from sh2_jax.parallel.context import ContextParallel, context_parallel_logits  # noqa: E402
 from sh2_jax.parallel.zigzag import zigzag_shard, zigzag_unshard  # noqa: E402
 
 AX = "context"
+CHECK_VMA = os.environ.get("CP_CHECK_VMA", "0") == "1"  # as context_parallel_logits
 B, D, CHUNK = 2, 32, 40  # chunk 40 < MR's 127-token halo: the halo spans several chunks
 
 
@@ -49,19 +51,25 @@ def rel(a, b):
 def run_cp(fn, n, params, *xs):
   """fn(params, *local shards) on zig-zag shards of the global [B, L, ...] arrays xs."""
   spec = P(None, AX)
-  f = jax.shard_map(fn, mesh=mesh_of(n), in_specs=(P(),) + (spec,) * len(xs), out_specs=spec)
-  return zigzag_unshard(jax.jit(f)(params, *[zigzag_shard(x, n) for x in xs]), n)
+  f = jax.shard_map(fn, mesh=mesh_of(n), in_specs=(P(),) + (spec,) * len(xs), out_specs=spec,
+                    check_vma=CHECK_VMA)
+  return zigzag_unshard(f(params, *[zigzag_shard(x, n) for x in xs]), n)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _value_and_vjp(fn, params, xs, ct):
+  out, vjp = jax.vjp(fn, params, xs)
+  return out, vjp(ct)
 
 
 def check_op(name, n, ref_fn, cp_fn, params, xs, key):
-  """Forward and input/parameter gradients of cp_fn (under shard_map) against ref_fn."""
-  out_ref = ref_fn(params, *xs)
-  out_cp = run_cp(lambda p, *a: cp_fn(p, *a), n, params, *xs)
-  ct = jax.random.normal(key, out_ref.shape, out_ref.dtype)
-  g_ref = jax.grad(lambda p, a: jnp.sum(ref_fn(p, *a) * ct), argnums=(0, 1))(params, xs)
-  g_cp = jax.grad(lambda p, a: jnp.sum(run_cp(cp_fn, n, p, *a) * ct), argnums=(0, 1))(params, xs)
+  """Forward and input/parameter gradients of cp_fn (under shard_map) against ref_fn; each side
+  is one compiled function (output and VJP with a random cotangent)."""
+  ct = jax.random.normal(key, jax.eval_shape(ref_fn, params, *xs).shape)
+  out_ref, g_ref = _value_and_vjp(lambda p, a: ref_fn(p, *a), params, xs, ct)
+  out_cp, g_cp = _value_and_vjp(lambda p, a: run_cp(cp_fn, n, p, *a), params, xs, ct)
   err_g = max(rel(a, b) for a, b in zip(jax.tree.leaves(g_cp), jax.tree.leaves(g_ref)))
-  return [(f"{name}/n{n}/fwd", rel(out_cp, out_ref)), (f"{name}/n{n}/grad", err_g)]
+  return [(f"{name}/n{n}/fwd", rel(out_cp, out_ref), ""), (f"{name}/n{n}/grad", err_g, "")]
 
 
 def operator_checks(n, key):
@@ -91,6 +99,9 @@ def operator_checks(n, key):
   li_p2p = lambda p, a, b_, c_: p2p_fft.p2p_gated_modal(a, b_, c_, p[0], p[1], dskip, AX, n)
   out += check_op("LI-a2a", n, li_ref, li_a2a, (poles, resid), (x1, v, x2), ks[11])
   out += check_op("LI-p2p_fft", n, li_ref, li_p2p, (poles, resid), (x1, v, x2), ks[11])
+  li_state = lambda p, a, b_, c_: modal_state.state_gated_modal(a, b_, c_, p[0], p[1], dskip, "fft",
+                                                                AX, n)
+  out += check_op("LI-state", n, li_ref, li_state, (poles, resid), (x1, v, x2), ks[11])
   heads, hd = 2, 16
   q, k, vv = (jax.random.normal(kk, (B, length, heads, hd)) for kk in jax.random.split(ks[0], 3))
   att_ref = lambda _, a, b_, c_: jax.nn.dot_product_attention(a, b_, c_, is_causal=True,
@@ -101,7 +112,7 @@ def operator_checks(n, key):
   return out
 
 
-def model_checks(n, key, **cp_kw):
+def model_checks(n, key, tag="default", **cp_kw):
   cfg = ModelConfig(d_model=D, num_layers=4, layout="SE-MR-LI-MHA", num_heads=2, mlp_hidden=48,
                     se_groups=8, mr_groups=8)
   model = StripedHyena(cfg, rngs=nnx.Rngs(int(jax.random.randint(key, (), 0, 1000))))
@@ -109,36 +120,68 @@ def model_checks(n, key, **cp_kw):
   target = jax.random.normal(jax.random.fold_in(key, 1), (B, tokens.shape[1], cfg.vocab_size))
   mesh = mesh_of(n)
   cp = ContextParallel(size=n, **cp_kw)
-  tag = "-".join(f"{v}" for v in cp_kw.values()) or "default"
 
-  def loss(m, cp_on):
-    logits = (context_parallel_logits(m, tokens, mesh, cp) if cp_on else m(tokens))
-    return jnp.mean(logits * target), logits
+  @functools.partial(jax.jit, static_argnums=(1,))
+  def loss_and_grad(m, cp_on):
+    def loss(m_):
+      logits = context_parallel_logits(m_, tokens, mesh, cp) if cp_on else m_(tokens)
+      return jnp.mean(logits * target), logits
+    return nnx.value_and_grad(loss, has_aux=True)(m)
 
-  (l_ref, logits_ref), g_ref = nnx.value_and_grad(lambda m: loss(m, False), has_aux=True)(model)
-  (l_cp, logits_cp), g_cp = jax.jit(nnx.value_and_grad(lambda m: loss(m, True), has_aux=True))(
-      model)
+  (_, logits_ref), g_ref = loss_and_grad(model, False)
+  (_, logits_cp), g_cp = loss_and_grad(model, True)
   flat_ref = dict(jax.tree_util.tree_leaves_with_path(g_ref))
   errs = {jax.tree_util.keystr(p): rel(x, flat_ref[p])
           for p, x in jax.tree_util.tree_leaves_with_path(g_cp)}
   worst = max(errs, key=errs.get)
-  return [(f"model-{tag}/n{n}/logits", rel(logits_cp, logits_ref)),
-          (f"model-{tag}/n{n}/grad(max {worst})", errs[worst])]
+  return [(f"model-{tag}/n{n}/logits", rel(logits_cp, logits_ref), ""),
+          (f"model-{tag}/n{n}/grad", errs[worst], f"worst parameter {worst} of {len(errs)}")]
+
+
+def error_checks():
+  """Bad context-parallel inputs give one clear error (name, passed, message)."""
+  x = jnp.ones((1, 2 * 3 * 4, 6))
+  cases = {
+      "error/a2a-groups-split": (
+          lambda: run_cp(lambda p, a: a2a.a2a_gated_fir(a, a, a, p, None, "xla", AX, 4), 4,
+                         jnp.ones((6, 3)), jnp.ones((1, 32, 8))), "6 filter groups cannot be split"),
+      "error/length-not-divisible": (
+          lambda: zigzag_shard(jnp.ones((1, 30)), 4), "sequence length 30 cannot be zig-zag"),
+      "error/p2p-fft-power-of-two": (
+          lambda: run_cp(lambda p, a: p2p_fft.p2p_modal_conv(a, p, p, AX, 3), 3,
+                         jnp.ones((6, 16)), x), "power-of-two context size, not 3"),
+      "error/bad-mode": (lambda: ContextParallel(size=2, li_mode="fft"),
+                         "context li_mode 'fft' is not one of"),
+  }
+  out = []
+  for name, (fn, expected) in cases.items():
+    try:
+      fn()
+      out.append((name, 1.0, "no error raised"))
+    except ValueError as e:
+      out.append((name, 0.0 if expected in str(e) else 1.0, str(e)[:200]))
+  return out
 
 
 def main(argv):
-  groups = argv or ["ops", "model"]
+  groups = argv or ["ops", "model", "errors"]
   key = jax.random.PRNGKey(0)
+  results = error_checks() if "errors" in groups else []
   for n in (2, 4, 8):
-    results = []
     if "ops" in groups:
       results += operator_checks(n, jax.random.fold_in(key, n))
     if "model" in groups:
       results += model_checks(n, jax.random.fold_in(key, 100 + n))
-      results += model_checks(n, jax.random.fold_in(key, 200 + n), mr_mode="a2a",
-                              li_mode="p2p_fft", attention_mode="ring", remat=True)
-    for name, err in results:
-      print(json.dumps({"name": name, "rel_err": err}), flush=True)
+      if n == 4:  # the other modes and block remat, once
+        results += model_checks(n, jax.random.fold_in(key, 200 + n), tag="a2a-p2pfft-ring-remat",
+                                mr_mode="a2a", li_mode="p2p_fft", attention_mode="ring",
+                                remat=True)
+      if n == 8:
+        results += model_checks(n, jax.random.fold_in(key, 300 + n), tag="state",
+                                li_mode="state")
+    for name, err, note in results:
+      print(json.dumps({"name": name, "rel_err": err, "note": note}), flush=True)
+    results = []
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ operators: it names the mesh axis, its size N, and the collective used per opera
 
   featurizer, SE     p2p halo exchange (``halo.py``)           always
   MR                 ``mr_mode``: ``p2p`` (halo) | ``a2a`` (all-to-all, ``a2a.py``)
-  LI                 ``li_mode``: ``a2a`` | ``p2p_fft`` (distributed FFT, ``p2p_fft.py``)
+  LI                 ``li_mode``: ``a2a`` | ``p2p_fft`` (distributed FFT, ``p2p_fft.py``) |
+                     ``state`` (all-gather of the modal states, ``modal_state.py``)
   MHA                ``attention_mode``: ``allgather`` | ``ring`` (``attention.py``)
 
 ``forward_local`` walks ``model.blocks`` inside ``shard_map`` and calls the blocks' own pieces
@@ -26,12 +27,12 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from sh2_jax import conv
-from sh2_jax.parallel import a2a, halo
+from sh2_jax.parallel import a2a, halo, modal_state, p2p_fft
 from sh2_jax.parallel.attention import ATTENTION_MODES, cp_attention
 from sh2_jax.parallel.zigzag import chunk_length, local_positions, zigzag_shard, zigzag_unshard
 
 MR_MODES = ("p2p", "a2a")
-LI_MODES = ("a2a", "p2p_fft")
+LI_MODES = ("a2a", "p2p_fft", "state")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +66,10 @@ def hyena_mix(block, x: jax.Array, cp: ContextParallel) -> jax.Array:
     if cp.li_mode == "a2a":
       y = a2a.a2a_gated_modal(x1, v, x2, filt.log_poles(), filt.residues[...], dskip,
                               filt.cfg.li_impl, ax, n)
+    elif cp.li_mode == "state":
+      y = modal_state.state_gated_modal(x1, v, x2, filt.log_poles(), filt.residues[...], dskip,
+                                        filt.cfg.li_impl, ax, n)
     else:
-      from sh2_jax.parallel import p2p_fft
       y = p2p_fft.p2p_gated_modal(x1, v, x2, filt.log_poles(), filt.residues[...], dskip, ax, n)
   elif filt.op == "MR" and cp.mr_mode == "a2a":
     y = a2a.a2a_gated_fir(x1, v, x2, filt.fir_taps(), dskip, filt.cfg.conv_impl, ax, n)
@@ -127,7 +130,9 @@ def context_parallel_logits(model, tokens: jax.Array, mesh, cp: ContextParallel,
   def local(state, tok):
     return forward_local(nnx.merge(graphdef, state), tok, cp)
 
+  # check_vma=False: the Pallas kernels' outputs carry no mesh-varying annotation; the tests
+  # check the gradients of the replicated parameters under exactly this setting.
   logits = jax.shard_map(local, mesh=mesh, in_specs=(P(), spec),
-                         out_specs=P(batch_axes, cp.axis_name, None))(
+                         out_specs=P(batch_axes, cp.axis_name, None), check_vma=False)(
                              state, zigzag_shard(tokens, cp.size))
   return logits if zigzag_output else zigzag_unshard(logits, cp.size)
