@@ -49,6 +49,10 @@ class PackedWindows:
       weights[:len(chunk) - 1] = 1.0
     return {"inputs": window[:-1], "targets": window[1:], "weights": weights}
 
+  def with_ids(self, ids: np.ndarray) -> "PackedWindows":
+    """The same stream over other window ids (eval pads with -1 to whole batches)."""
+    return PackedWindows(self.stream, self.seq_len, ids)
+
   def __repr__(self) -> str:  # Grain logs the source
     return f"PackedWindows(windows={len(self)}, seq_len={self.seq_len})"
 

@@ -17,11 +17,14 @@ import numpy as np
 
 from sh2_jax.data.packing import PackedWindows, num_windows, pack_documents, split_windows
 from sh2_jax.data.readers import default_corpus_path, read_documents
+from sh2_jax.synthetic.data import is_synthetic, load_synthetic
 
 
 def load_dataset(data_cfg, seq_len: int) -> tuple[PackedWindows, PackedWindows]:
   """``config.data`` -> (train windows, held-out windows). Raises ValueError naming the bad
   path or value (missing path, empty file, FASTA without sequences, ...)."""
+  if is_synthetic(data_cfg.format):  # "synthetic:<task>[:k=v,...]": generated tasks (issue 9)
+    return load_synthetic(data_cfg, seq_len)
   path = data_cfg.path or default_corpus_path()
   docs = read_documents(path, data_cfg.format, data_cfg.upper_case, data_cfg.n_handling)
   stream = pack_documents(docs)
@@ -61,7 +64,7 @@ def eval_batches(source: PackedWindows, global_batch: int, process_index: int = 
   n_batches = len(ids) // global_batch
   if max_batches > 0:
     n_batches = min(n_batches, max_batches)
-  padded = PackedWindows(source.stream, source.seq_len, ids[:n_batches * global_batch])
+  padded = source.with_ids(ids[:n_batches * global_batch])
   local = global_batch // process_count
   ds = grain.MapDataset.source(padded).batch(local)[process_index::process_count]
   return iter(ds.to_iter_dataset(_read_options()))
