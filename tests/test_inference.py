@@ -153,6 +153,10 @@ def test_batch_of_different_lengths_equals_rows(mixed):
   prompts = [rng.integers(0, 256, size=n).astype(np.int32) for n in (3, 17, 50)]
   toks, logits = sh2_jax.generate(mixed, prompts, NEW, return_logits=True)
   assert toks.shape == (3, NEW) and logits.shape == (3, NEW, 512)
+  grouped, grouped_logits = sh2_jax.generate(mixed, prompts, NEW, return_logits=True,
+                                             prefill_rows=2)
+  np.testing.assert_array_equal(grouped, toks)
+  assert rel(grouped_logits, logits) <= 1e-6
   for i, p in enumerate(prompts):
     t1, l1 = sh2_jax.generate(mixed, p, NEW, return_logits=True)
     np.testing.assert_array_equal(toks[i], t1)

@@ -59,12 +59,16 @@ def pad_rows(rows: Sequence[np.ndarray], bucket: int = 1) -> tuple[np.ndarray, n
   return out, lengths
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "max_len", "greedy",
-                                             "return_logits"))
-def _generate(graphdef, state, tokens, lengths, stop, key, temperature, top_k, top_p, *,
-              max_new, max_len, greedy, return_logits):
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
+def _prefill(graphdef, state, tokens, lengths, *, max_len):
+  return prefill(nnx.merge(graphdef, state), tokens, lengths, max_len)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "greedy", "return_logits"))
+def _decode_loop(graphdef, state, logits, cache, stop, key, temperature, top_k, top_p, *,
+                 max_new, greedy, return_logits):
+  """Sample from the prefill's logits, then decode until max_new tokens or every row stopped."""
   model = nnx.merge(graphdef, state)
-  logits, cache = prefill(model, tokens, lengths, max_len)
   pick = functools.partial(sample, key=key, temperature=temperature, top_k=top_k, top_p=top_p,
                            greedy=greedy)
   batch, vocab = logits.shape
@@ -93,7 +97,8 @@ def _generate(graphdef, state, tokens, lengths, stop, key, temperature, top_k, t
 
 def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             stop_tokens: Sequence[int] = (), return_logits: bool = False):
+             stop_tokens: Sequence[int] = (), return_logits: bool = False,
+             prefill_rows: int | None = None):
   """Sample ``max_new_tokens`` after each prompt.
 
   prompt_tokens: 1-D ids (one prompt), [B, L] ids, or a list of 1-D id sequences of any
@@ -101,7 +106,8 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
   After a row emits one of ``stop_tokens`` (kept in the output) the rest of it is PAD_ID.
   Returns int32 ids [max_new_tokens] for one prompt, else [B, max_new_tokens]; with
   ``return_logits`` also the float32 logits that chose each token ([.., max_new_tokens, V];
-  zeros after every row stopped).
+  zeros after every row stopped). ``prefill_rows`` prefills that many rows per call (rows are
+  independent): long prompts on big models need it (an 8K-token evo2-7b row takes ~8 GiB).
   """
   cfg = model.cfg
   rows, single = as_token_rows(prompt_tokens, cfg.vocab_size)
@@ -115,13 +121,21 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
   stop = np.pad(stop, (0, max(8, -(-stop.size // 8) * 8) - stop.size), constant_values=-1)
   tokens, lengths = pad_rows(rows, PROMPT_BUCKET)
   max_len = tokens.shape[1] + int(max_new_tokens)
+  rows_per = len(rows) if prefill_rows is None else prefill_rows
+  if not isinstance(rows_per, (int, np.integer)) or rows_per < 1:
+    raise ValueError(f"prefill_rows {prefill_rows!r} must be None or a positive integer")
   graphdef, state = nnx.split(model)
-  out, logits = _generate(
-      graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(stop),
-      jax.random.key(seed), jnp.float32(temperature if temperature > 0 else 1.0),
-      jnp.int32(top_k or 0), jnp.float32(top_p if top_p is not None else 1.0),
-      max_new=int(max_new_tokens), max_len=max_len, greedy=temperature == 0,
-      return_logits=return_logits)
+  parts = [_prefill(graphdef, state, jnp.asarray(tokens[i:i + rows_per]),
+                    jnp.asarray(lengths[i:i + rows_per]), max_len=max_len)
+           for i in range(0, len(rows), rows_per)]
+  logits, cache = (parts[0] if len(parts) == 1 else
+                   jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts))
+  del parts
+  out, logits = _decode_loop(
+      graphdef, state, logits, cache, jnp.asarray(stop), jax.random.key(seed),
+      jnp.float32(temperature if temperature > 0 else 1.0), jnp.int32(top_k or 0),
+      jnp.float32(top_p if top_p is not None else 1.0), max_new=int(max_new_tokens),
+      greedy=temperature == 0, return_logits=return_logits)
   out = np.asarray(out)
   logits = np.asarray(logits) if return_logits else None
   if single:
