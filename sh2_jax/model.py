@@ -73,8 +73,10 @@ class AttentionBlock(nnx.Module):
     return residual_block(self, u)
 
 
-def residual_block(block, u: jax.Array) -> jax.Array:
-  z = u + block.mix(block.pre_norm(u))
+def residual_block(block, u: jax.Array, mix=None) -> jax.Array:
+  """``z = u + mix(pre_norm(u))``, ``y = z + mlp(post_norm(z))``; ``mix`` defaults to the
+  block's own mixer (the decoding path passes its cache-filling / recurrent mixers)."""
+  z = u + (mix or block.mix)(block.pre_norm(u))
   return capture.record(block, z + block.mlp(block.post_norm(z)))
 
 

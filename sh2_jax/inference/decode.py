@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from sh2_jax import conv
 from sh2_jax.inference.cache import Cache, HyenaCache, KVCache
+from sh2_jax.model import residual_block
 
 
 def _hyena_step(block, h, cache: HyenaCache):
@@ -50,18 +51,22 @@ def _attention_step(block, h, cache: KVCache, positions):
 
 
 def decode_step(model, cache: Cache, tokens: jax.Array):
-  """tokens [B] int32 -> (logits [B, V] float32, Cache advanced by one position)."""
+  """tokens [B] int32 -> (logits [B, V] float32, Cache advanced by one position).
+
+  Every row must stay below the KV cache's max_len (``generate`` sizes it so): JAX drops a
+  scatter past the end, so such a step would silently lose its key and value.
+  """
   positions = cache.lengths
   x = model.embedding_layer(tokens[:, None])               # [B, 1, D]
   layers = []
   for block, layer_cache in zip(model.blocks, cache.layers):
-    h = block.pre_norm(x)
-    if block.op == "MHA":
-      mixed, layer_cache = _attention_step(block, h, layer_cache, positions)
-    else:
-      mixed, layer_cache = _hyena_step(block, h, layer_cache)
-    x = x + mixed
-    x = x + block.mlp(block.post_norm(x))
-    layers.append(layer_cache)
+    def mix(h, block=block, layer_cache=layer_cache):
+      if block.op == "MHA":
+        out, new_cache = _attention_step(block, h, layer_cache, positions)
+      else:
+        out, new_cache = _hyena_step(block, h, layer_cache)
+      layers.append(new_cache)
+      return out
+    x = residual_block(block, x, mix)
   logits = model.embedding_layer.unembed(model.norm(x))[:, 0]
   return logits, Cache(positions + 1, tuple(layers))

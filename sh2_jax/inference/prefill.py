@@ -4,8 +4,8 @@ tokens [B, L] (row b's prompt is ``tokens[b, :lengths[b]]``, anything after it i
 logits at each row's last prompt token [B, V] float32 and a ``Cache``. The forward is causal, so
 padding after a prompt never reaches that prompt's outputs; the cache is read at each row's own
 length, so every row equals that row run alone. The blocks run through their own modules
-(``pre_norm``, ``projections``, ``filter``, ``out_filter_dense``, ``inner_mha_cls``, ``mlp``),
-exactly the pieces of ``StripedHyena.__call__``.
+(``model.residual_block`` with mixers that also return the cache, built from ``projections``,
+``filter``, ``out_filter_dense``, ``inner_mha_cls.qkv`` / ``attend``): the forward's own pieces.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from sh2_jax import conv
 from sh2_jax.hyena import featurize
 from sh2_jax.inference.cache import Cache, HyenaCache, KVCache, last_steps, right_align
+from sh2_jax.model import residual_block
 
 
 def _hyena_prefill(block, h, lengths):
@@ -57,14 +58,14 @@ def prefill(model, tokens: jax.Array, lengths: jax.Array, max_len: int):
   x = model.embedding_layer(tokens)
   layers = []
   for block in model.blocks:
-    h = block.pre_norm(x)
-    if block.op == "MHA":
-      mixed, layer_cache = _attention_prefill(block, h, max_len)
-    else:
-      mixed, layer_cache = _hyena_prefill(block, h, lengths)
-    x = x + mixed
-    x = x + block.mlp(block.post_norm(x))
-    layers.append(layer_cache)
+    def mix(h, block=block):
+      if block.op == "MHA":
+        out, layer_cache = _attention_prefill(block, h, max_len)
+      else:
+        out, layer_cache = _hyena_prefill(block, h, lengths)
+      layers.append(layer_cache)
+      return out
+    x = residual_block(block, x, mix)
   last = last_steps(x, lengths, 1)                     # [B, 1, D]
   logits = model.embedding_layer.unembed(model.norm(last))[:, 0]
   return logits, Cache(lengths, tuple(layers))
