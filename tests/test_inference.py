@@ -132,9 +132,13 @@ def test_decode_matches_parallel_forward(layout, num_layers):
   np.testing.assert_array_equal(np.asarray(cache.lengths), lengths + steps)
 
 
-def test_vortex_fixture_generation():
+def test_vortex_fixture_generation(tmp_path):
+  """Evo 2 weights end to end: reference .pt -> converted checkpoint dir -> load -> generate."""
+  from sh2_jax.checkpoint import save_model
   from sh2_jax.convert import from_vortex
-  model = from_vortex(os.path.join(FIX, "state_dict.pt"), os.path.join(FIX, "config.yml"))
+  save_model(str(tmp_path / "converted"),
+             from_vortex(os.path.join(FIX, "state_dict.pt"), os.path.join(FIX, "config.yml")))
+  model = sh2_jax.load(str(tmp_path / "converted"))
   ref = np.load(os.path.join(FIX, "generation.npz"))
   tokens, logits = sh2_jax.generate(model, ref["prompt"], len(ref["generated"]),
                                     return_logits=True)
