@@ -29,7 +29,7 @@ def make_config(preset: str) -> ml_collections.ConfigDict:
   c.seed = 0
   c.num_steps = 60
   c.log_every = 10
-  c.checkpoint_every = 50
+  c.checkpoint_every = 50  # and at the last step; 0: no checkpoints at all
   c.keep_checkpoints = 3
   c.async_checkpointing = True
   c.eval_every = 100  # 0: never; evaluates the held-out split during training

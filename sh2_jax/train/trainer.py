@@ -172,8 +172,8 @@ def train(config, workdir: str, prepared=None) -> dict:
       bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}")
       if main:
         bar.write(metrics_lib.format_record(record))
-    if (config.checkpoint_every and step % config.checkpoint_every == 0) or \
-        step == config.num_steps:
+    if config.checkpoint_every and (step % config.checkpoint_every == 0 or
+                                    step == config.num_steps):
       save(step)
     if logged or evaluated:  # eval and the (blocking part of) saving stay out of tokens/s
       t0, t0_step = time.perf_counter(), step
