@@ -7,6 +7,7 @@ against the measured copy bandwidth (roofline %).
   python benchmarks/fir_conv.py --mode sweep            # tune block sizes at L=16K
   python benchmarks/fir_conv.py --mode full --out DIR   # table (markdown) + plot over L
   python benchmarks/fir_conv.py --mode featurizer       # does fusing the featurizer pay?
+  python benchmarks/fir_conv.py --mode all --out DIR    # sweep, then the table with the best
 """
 
 from __future__ import annotations
@@ -142,22 +143,31 @@ def sweep(length=16384):
   ]
   floor_f = 4 * length * D * 2
   floor_b = 7 * length * D * 2
+  best = {}
   for taps, fwd_list, bwd_list in ((7, se, se_b), (128, mr, mr_b)):
     x1, v, x2, h, dskip, dy = inputs(length, taps)
+    res_f, res_b = [], []
     for bs in fwd_list:
       try:
         t = timeit(jax.jit(ops(taps, bs)["pallas"]), x1, v, x2, h, dskip)
+        res_f.append((t, bs))
         print(f"fwd K={taps:3d} {bs}: {t * 1e3:.3f} ms  {floor_f / t / 1e12:.2f} TB/s", flush=True)
       except Exception as e:  # a variant that does not compile (registers, smem) is reported
         print(f"fwd K={taps:3d} {bs}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+    bs_f = min(res_f, key=lambda r: r[0])[1] if res_f else None
+    tf = timeit(jax.jit(ops(taps, bs_f)["pallas"]), x1, v, x2, h, dskip)
     for bs in bwd_list:
       try:
-        _, fb = fwd_and_fwdbwd(ops(taps, None, bs)["pallas"])
-        tf = timeit(jax.jit(ops(taps)["pallas"]), x1, v, x2, h, dskip)
+        _, fb = fwd_and_fwdbwd(ops(taps, bs_f, bs)["pallas"])
         t = timeit(fb, x1, v, x2, h, dskip, dy) - tf
+        res_b.append((t, bs))
         print(f"bwd K={taps:3d} {bs}: {t * 1e3:.3f} ms  {floor_b / t / 1e12:.2f} TB/s", flush=True)
       except Exception as e:
         print(f"bwd K={taps:3d} {bs}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+    bs_b = min(res_b, key=lambda r: r[0])[1] if res_b else None
+    best[taps] = (bs_f, bs_b)
+    print(f"best K={taps}: fwd {bs_f}, bwd {bs_b}", flush=True)
+  return best
 
 
 def featurizer(length=16384):
@@ -182,7 +192,7 @@ def featurizer(length=16384):
           f"{floor:.3f} TB", flush=True)
 
 
-def full(out_dir):
+def full(out_dir, best=None):
   bw = copy_bandwidth()
   print(f"copy bandwidth {bw / 1e12:.2f} TB/s (bytes read + written)", flush=True)
   rows, series = [], {}
@@ -195,7 +205,7 @@ def full(out_dir):
       if kind == "xla" and length > 65536:
         continue  # tens of ms a call; the trend is clear by 64K
       args = inputs(length, taps)
-      op = li_op if kind == "li" else ops(taps)[kind]
+      op = li_op if kind == "li" else ops(taps, *(best or {}).get(taps, (None, None)))[kind]
       f, fb = fwd_and_fwdbwd(op)
       try:
         tf = timeit(f, *args[:5])
@@ -215,6 +225,8 @@ def full(out_dir):
   for name, length, tf, tfb, rf, rfb in rows:
     lines.append(f"| {name} | {length // 1024}K | {tf * 1e3:.3f} | {tfb * 1e3:.3f} | "
                  f"{tfb / tf:.2f} | {100 * rf:.0f}% | {100 * rfb:.0f}% |")
+  for taps, (bs_f, bs_b) in sorted((best or {}).items()):
+    lines.append(f"\nK={taps}: forward {bs_f}; backward {bs_b}")
   table = "\n".join(lines)
   print(table)
   if out_dir:
@@ -244,7 +256,8 @@ def plot(series, path):
 
 if __name__ == "__main__":
   p = argparse.ArgumentParser()
-  p.add_argument("--mode", default="full", choices=["check", "sweep", "featurizer", "full"])
+  p.add_argument("--mode", default="full",
+                 choices=["check", "sweep", "featurizer", "full", "all"])
   p.add_argument("--out", default=os.environ.get("OUT", ""))
   a = p.parse_args()
   print(jax.devices(), flush=True)
@@ -253,7 +266,8 @@ if __name__ == "__main__":
   elif a.mode == "sweep":
     check()
     sweep()
-    featurizer()
+  elif a.mode == "all":  # sweep, then the table with the best variants
+    full(a.out, sweep())
   elif a.mode == "featurizer":
     featurizer()
   else:
