@@ -40,10 +40,33 @@ def gated_fir(x1, v, x2, h, dskip, impl: str, interpret: bool = False):
   raise ValueError(f"conv_impl {impl!r} is not one of auto, pallas, xla, fft")
 
 
-def gated_modal(x1, v, x2, log_poles, residues, dskip, impl: str):
-  """LI: ``x2 * (h_modal * (x1 * v) + dskip * x1 * v)`` with h_modal from poles/residues [D, N]."""
-  if impl != "fft":
-    raise ValueError(f"li_impl {impl!r} is not one of: fft")
+def resolve_li_impl(impl: str, interpret: bool = False) -> str:
+  """``li_impl``: ``modal_scan`` (the FFT-free chunked recurrence, ``pallas_kernels/
+  modal_scan.py``), ``fft`` (float32 FFT of the modal filter, the reference), ``auto``.
+
+  ``auto`` -> ``modal_scan`` on GPU (H100, width 4096, B = 1: see benchmarks/RESULTS.md, "FFT-free
+  LI"), ``fft`` elsewhere: on CPU Pallas runs only in its interpreter, measured far slower than
+  the FFT path (B=1, L=2048, D=64, 2 cores: fft 2.3 ms vs interpreted modal_scan ~130 ms
+  forward). ``modal_scan`` off GPU is an error unless ``interpret=True`` (tests)."""
+  from sh2_jax.config import LI_IMPLS
+  if impl not in LI_IMPLS:
+    raise ValueError(f"li_impl {impl!r} is not one of {', '.join(LI_IMPLS)}")
+  if impl == "auto":
+    return "modal_scan" if jax.default_backend() == "gpu" else "fft"
+  if impl == "modal_scan" and jax.default_backend() != "gpu" and not interpret:
+    raise ValueError(f"li_impl 'modal_scan' needs a GPU backend, but JAX runs on "
+                     f"{jax.default_backend()!r}; use li_impl 'auto' or 'fft'")
+  return impl
+
+
+def gated_modal(x1, v, x2, log_poles, residues, dskip, impl: str, interpret: bool = False):
+  """LI: ``x2 * (h_modal * (x1 * v) + dskip * x1 * v)`` with h_modal from poles/residues [D, N];
+  x1, v, x2: [B, L, D]. ``impl`` is ``li_impl`` (see ``resolve_li_impl``)."""
+  impl = resolve_li_impl(impl, interpret)
+  if impl == "modal_scan":
+    from pallas_kernels import modal_scan  # late: the kernel module imports sh2_jax.conv
+    return modal_scan.gated_modal_scan(x1, v, x2, log_poles, residues, dskip,
+                                       interpret=interpret)
   length = x1.shape[1]
   h = conv.modal_filter(log_poles, residues, length)
   return conv.gated_conv(x1, v, x2, functools.partial(conv.fft_conv, h=h), dskip)

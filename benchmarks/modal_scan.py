@@ -1,0 +1,266 @@
+"""Benchmark of the FFT-free LI core (``pallas_kernels/modal_scan.py``) against the float32 FFT
+path and a plain-XLA chunked form of the same recurrence.
+
+Width 4096, batch 1, 16 states, bf16 inputs (float32 states and filter math), gated LI core
+``y = x2 * (h_modal * (x1 * v) + dskip * x1 * v)``. Forward and forward+backward (vjp of all of
+x1, v, x2, log_poles, residues, dskip) medians; bytes moved against the measured copy bandwidth.
+
+  python benchmarks/modal_scan.py --mode sweep            # GPU check + block-size sweep at 16K
+  python benchmarks/modal_scan.py --mode table --out DIR  # the RESULTS.md table, 16K and 64K
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import copy_bandwidth, short_error, timeit  # noqa: E402
+from pallas_kernels import modal_scan as ms  # noqa: E402
+from sh2_jax import dispatch  # noqa: E402
+
+warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated",
+                        category=DeprecationWarning)
+
+D, N = 4096, 16
+HI = jax.lax.Precision.HIGHEST
+
+
+def xla_chunked_modal(x1, v, x2, log_poles, residues, dskip, chunk: int = 64):
+  """The plain-XLA chunked form of the gated LI core: per chunk of c tokens a per-channel
+  Toeplitz (batched matvec), chunk-end states [B, M, D, N], a scan of the states across chunks
+  (associative), and the inter-chunk term from the incoming states. Every exponent >= 0.
+  Differentiated by XLA autodiff. L must be a multiple of ``chunk``."""
+  b, length, d = x1.shape
+  m = length // chunk
+  lam = log_poles.astype(jnp.float32)
+  res = residues.astype(jnp.float32)
+  u = (x1 * v).astype(jnp.float32).reshape(b, m, chunk, d)
+  i = jnp.arange(chunk, dtype=jnp.float32)
+  lag = i[:, None] - i[None, :]
+  toe = jnp.einsum("dn,dnij->dij", res, jnp.exp(lam[..., None, None] * jnp.maximum(lag, 0)),
+                   precision=HI) * (lag >= 0)                                    # [D, c, c]
+  intra = jnp.einsum("dij,bmjd->bmid", toe, u, precision=HI)
+  b_tab = jnp.exp(lam[None] * (chunk - 1 - i)[:, None, None])                    # [c, D, N]
+  ends = jnp.einsum("jdn,bmjd->bmdn", b_tab, u, precision=HI)                    # from zero
+  a_c = jnp.broadcast_to(jnp.exp(lam * chunk), ends.shape)
+
+  def combine(left, right):
+    (a1, s1), (a2, s2) = left, right
+    return a1 * a2, a2 * s1 + s2
+
+  _, incl = jax.lax.associative_scan(combine, (a_c, ends), axis=1)
+  s_in = jnp.concatenate([jnp.zeros_like(incl[:, :1]), incl[:, :-1]], axis=1)   # exclusive
+  a_tab = res[None] * jnp.exp(lam[None] * (i + 1)[:, None, None])                # [c, D, N]
+  inter = jnp.einsum("idn,bmdn->bmid", a_tab, s_in, precision=HI)
+  z = (intra + inter).reshape(b, length, d) + dskip.astype(jnp.float32) * (x1 * v).astype(
+      jnp.float32)
+  return (x2.astype(jnp.float32) * z).astype(x1.dtype)
+
+
+def inputs(length, key=0, dtype=jnp.bfloat16, batch=1, width=D):
+  ks = jax.random.split(jax.random.key(key), 7)
+  x1, v, x2, dy = (jax.random.normal(k, (batch, length, width), dtype) for k in ks[:4])
+  # poles from exp(lambda) = 1 - 1e-5 (slow) to e^-8 (fast), log-uniform rates
+  lam = -jnp.exp(jax.random.uniform(ks[4], (width, N), minval=np.log(1e-5), maxval=np.log(8.0)))
+  res = jax.random.normal(ks[5], (width, N), jnp.float32) * 0.05
+  dskip = jax.random.normal(ks[6], (width,), jnp.float32)
+  return x1, v, x2, lam, res, dskip, dy
+
+
+def impls(bs_fwd=None, bs_bwd=None):
+  scan = functools.partial(ms.gated_modal_scan, block_sizes=bs_fwd, bwd_block_sizes=bs_bwd)
+  return {
+      "modal_scan": scan,
+      "fft": lambda *a: dispatch.gated_modal(*a, "fft"),
+      "xla_chunked": xla_chunked_modal,
+  }
+
+
+def fwd_fn(f):
+  return jax.jit(lambda x1, v, x2, lam, res, dsk, dy: f(x1, v, x2, lam, res, dsk))
+
+
+def fwd_bwd_fn(f):
+  def run(x1, v, x2, lam, res, dsk, dy):
+    y, pull = jax.vjp(f, x1, v, x2, lam, res, dsk)
+    return y, pull(dy)
+  return jax.jit(run)
+
+
+def rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if not np.isfinite(a).all():
+    return float("nan")
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def check(dtype=jnp.float32, length=3001, width=200, batch=2):
+  """Compiled kernels (poisoned outputs) against the FFT path: forward and all six gradients,
+  plus the XLA chunked form (L cut to a multiple of its chunk)."""
+  args = inputs(length, key=3, dtype=dtype, batch=batch, width=width)
+  fs = impls()
+  ref = fwd_bwd_fn(fs["fft"])(*args)
+  out = fwd_bwd_fn(functools.partial(ms.gated_modal_scan, poison=True))(*args)
+  names = ["y", "dx1", "dv", "dx2", "dlam", "dres", "ddskip"]
+  errs = dict(zip(names, [rel(out[0], ref[0])] + [rel(a, b) for a, b in zip(out[1], ref[1])]))
+  keep = length // 64 * 64
+  cut = tuple(a[:, :keep] if a.ndim == 3 else a for a in args)
+  refc = fwd_bwd_fn(fs["fft"])(*cut)
+  xc = fwd_bwd_fn(fs["xla_chunked"])(*cut)
+  errs["xla_chunked_y"] = rel(xc[0], refc[0])
+  errs["xla_chunked_dlam"] = rel(xc[1][3], refc[1][3])
+  print(f"check {jnp.dtype(dtype).name} B={batch} L={length} D={width}: " +
+        " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
+  return errs
+
+
+def bytes_moved(length, itemsize, backward: bool, segmented: bool):
+  """Fewest bytes: forward reads x1, v, x2, writes y (+ z when differentiated); backward reads
+  x1, v, x2, z, dy and writes dx1, dv, dx2. The segmented launch's first passes read two more."""
+  t = length * D * itemsize
+  if not backward:
+    return t * (4 + (2 if segmented else 0))
+  return t * (5 + 8 + (4 if segmented else 0))
+
+
+def time_point(f, length, backward, dtype=jnp.bfloat16):
+  args = inputs(length, dtype=dtype)
+  fn = fwd_bwd_fn(f) if backward else fwd_fn(f)
+  try:
+    return timeit(fn, *args)
+  except Exception as err:  # noqa: BLE001 — report and carry on with the other points
+    print(f"  failed: {short_error(err)}", flush=True)
+    return float("nan")
+
+
+FWD_SWEEP = [
+    ms.BlockSizes(chunk=16, tile=16, segment_chunks=0, num_warps=4),
+    ms.BlockSizes(chunk=16, tile=16, segment_chunks=64, num_warps=4),
+    ms.BlockSizes(chunk=16, tile=16, segment_chunks=64, num_warps=2),
+    ms.BlockSizes(chunk=16, tile=16, segment_chunks=64, num_warps=4, prefetch=False),
+    ms.BlockSizes(chunk=16, tile=16, segment_chunks=256, num_warps=4),
+    ms.BlockSizes(chunk=16, tile=32, segment_chunks=64, num_warps=4),
+    ms.BlockSizes(chunk=16, tile=32, segment_chunks=64, num_warps=8),
+    ms.BlockSizes(chunk=8, tile=32, segment_chunks=128, num_warps=4),
+    ms.BlockSizes(chunk=8, tile=16, segment_chunks=128, num_warps=2),
+    ms.BlockSizes(chunk=32, tile=16, segment_chunks=32, num_warps=4),
+    ms.BlockSizes(chunk=16, tile=64, segment_chunks=64, num_warps=8),
+    ms.BlockSizes(chunk=8, tile=8, segment_chunks=128, num_warps=1),
+    ms.BlockSizes(chunk=16, tile=16, segment_chunks=16, num_warps=4),
+]
+BWD_SWEEP = [
+    ms.BlockSizes(chunk=16, tile=16, segment_chunks=64, num_warps=8),
+    ms.BlockSizes(chunk=16, tile=16, segment_chunks=64, num_warps=4),
+    ms.BlockSizes(chunk=16, tile=32, segment_chunks=64, num_warps=8),
+    ms.BlockSizes(chunk=8, tile=32, segment_chunks=128, num_warps=4),
+    ms.BlockSizes(chunk=8, tile=16, segment_chunks=128, num_warps=4),
+    ms.BlockSizes(chunk=16, tile=16, segment_chunks=0, num_warps=8),
+    ms.BlockSizes(chunk=16, tile=16, segment_chunks=32, num_warps=8),
+    ms.BlockSizes(chunk=8, tile=8, segment_chunks=128, num_warps=2),
+]
+
+
+def sweep(length, budget_s):
+  t_start = time.perf_counter()
+  rows = []
+  for bs in FWD_SWEEP:
+    if time.perf_counter() - t_start > budget_s / 2:
+      print("  fwd sweep: budget spent", flush=True)
+      break
+    t = time_point(functools.partial(ms.gated_modal_scan, block_sizes=bs), length, False)
+    rows.append(("fwd", bs, t))
+    print(f"fwd {bs}: {t * 1e3:.3f} ms", flush=True)
+  finite = [r for r in rows if np.isfinite(r[2])]
+  best_fwd = min(finite, key=lambda r: r[2])[1] if finite else ms.DEFAULT_FWD
+  for bs in BWD_SWEEP:
+    if time.perf_counter() - t_start > budget_s:
+      print("  bwd sweep: budget spent", flush=True)
+      break
+    t = time_point(functools.partial(ms.gated_modal_scan, block_sizes=best_fwd,
+                                     bwd_block_sizes=bs), length, True)
+    rows.append(("fwd+bwd", bs, t))
+    print(f"fwd+bwd (fwd {best_fwd.chunk}/{best_fwd.tile}/{best_fwd.segment_chunks}) "
+          f"bwd {bs}: {t * 1e3:.3f} ms", flush=True)
+  return rows
+
+
+def table(lengths, bs_fwd, bs_bwd, bandwidth):
+  rows = []
+  for length in lengths:
+    for name, f in impls(bs_fwd, bs_bwd).items():
+      for backward in (False, True):
+        t = time_point(f, length, backward)
+        seg = name == "modal_scan"
+        floor = bytes_moved(length, 2, backward, False) / bandwidth
+        rows.append(dict(length=length, impl=name, pass_="fwd+bwd" if backward else "fwd",
+                         ms=t * 1e3, floor_ms=floor * 1e3,
+                         bytes_gb=bytes_moved(length, 2, backward, seg) / 1e9))
+        print(f"L={length} {name} {rows[-1]['pass_']}: {t * 1e3:.3f} ms "
+              f"(floor {floor * 1e3:.3f} ms)", flush=True)
+  return rows
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--mode", choices=["sweep", "table", "all"], default="all",
+                  help="sweep: block sizes at 16K; table: defaults at --lengths; all: both, the "
+                       "table with the sweep's best block sizes")
+  ap.add_argument("--lengths", default="16384,65536")
+  ap.add_argument("--budget", type=float, default=150.0, help="sweep wall-clock budget (s)")
+  ap.add_argument("--out", default=os.environ.get("OUT", "."))
+  args = ap.parse_args()
+  dev = jax.devices()[0]
+  print(f"device: {dev.device_kind}, jax {jax.__version__}, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
+  result = {"device": dev.device_kind, "jax": jax.__version__}
+  for name, kw in (("check_f32", {}), ("check_bf16", dict(dtype=jnp.bfloat16, length=1500,
+                                                             width=96, batch=1))):
+    try:
+      result[name] = check(**kw)
+    except Exception as err:  # noqa: BLE001
+      print(f"{name} failed: {short_error(err, 400)}", flush=True)
+  bw = copy_bandwidth()
+  result["copy_bandwidth"] = bw
+  print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+  bs_fwd = bs_bwd = None
+  if args.mode in ("sweep", "all"):
+    rows = sweep(16384, args.budget)
+    result["sweep"] = [(p, dataclasses.asdict(bs), t) for p, bs, t in rows]
+    ok = lambda p: [r for r in rows if r[0] == p and np.isfinite(r[2])]
+    if ok("fwd"):
+      bs_fwd = min(ok("fwd"), key=lambda r: r[2])[1]
+    if ok("fwd+bwd"):
+      bs_bwd = min(ok("fwd+bwd"), key=lambda r: r[2])[1]
+    print(f"best fwd {bs_fwd}\nbest bwd {bs_bwd}", flush=True)
+    result["best"] = (str(bs_fwd), str(bs_bwd))
+  lengths = [16384] if args.mode == "sweep" else [int(x) for x in args.lengths.split(",")]
+  rows = table(lengths, bs_fwd, bs_bwd, bw)
+  result["table"] = rows
+  print("\n| L | impl | fwd ms | fwd+bwd ms | fwd floor ms | fwd+bwd floor ms |")
+  print("|---|---|---|---|---|---|")
+  for length in lengths:
+    for name in ("modal_scan", "xla_chunked", "fft"):
+      f = next(r for r in rows if r["length"] == length and r["impl"] == name and
+               r["pass_"] == "fwd")
+      fb = next(r for r in rows if r["length"] == length and r["impl"] == name and
+                r["pass_"] == "fwd+bwd")
+      print(f"| {length} | {name} | {f['ms']:.3f} | {fb['ms']:.3f} | {f['floor_ms']:.3f} | "
+            f"{fb['floor_ms']:.3f} |")
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, f"modal_scan_{args.mode}.json"), "w") as fh:
+    json.dump(result, fh, indent=1, default=str)
+
+
+if __name__ == "__main__":
+  main()
