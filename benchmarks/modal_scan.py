@@ -5,8 +5,12 @@ Width 4096, batch 1, 16 states, bf16 inputs (float32 states and filter math), ga
 ``y = x2 * (h_modal * (x1 * v) + dskip * x1 * v)``. Forward and forward+backward (vjp of all of
 x1, v, x2, log_poles, residues, dskip) medians; bytes moved against the measured copy bandwidth.
 
-  python benchmarks/modal_scan.py --mode sweep            # GPU check + block-size sweep at 16K
-  python benchmarks/modal_scan.py --mode table --out DIR  # the RESULTS.md table, 16K and 64K
+  python benchmarks/modal_scan.py --mode all              # checks, sweeps at 16K, table 16K/64K
+  python benchmarks/modal_scan.py --mode sweep            # checks + block-size sweeps at 16K
+  python benchmarks/modal_scan.py --mode table --out DIR  # the table with default block sizes
+
+Both Pallas forms are measured: the chunked kernels (``modal_scan``, the li_impl default) and the
+token-serial kernels (``modal_serial``, ``pallas_kernels/modal_scan_serial.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import copy_bandwidth, short_error, timeit  # noqa: E402
 from pallas_kernels import modal_scan as ms  # noqa: E402
+from pallas_kernels import modal_scan_serial as mss  # noqa: E402
 from sh2_jax import dispatch  # noqa: E402
 
 warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated",
@@ -78,10 +83,16 @@ def inputs(length, key=0, dtype=jnp.bfloat16, batch=1, width=D):
   return x1, v, x2, lam, res, dskip, dy
 
 
-def impls(bs_fwd=None, bs_bwd=None):
+def serial_core(*args, block_sizes=None, poison=False):
+  """The token-serial kernels' y alone (``modal_scan_serial``)."""
+  return mss.modal_scan_serial(*args, block_sizes=block_sizes, poison=poison)[0]
+
+
+def impls(bs_fwd=None, bs_bwd=None, bs_serial=None):
   scan = functools.partial(ms.gated_modal_scan, block_sizes=bs_fwd, bwd_block_sizes=bs_bwd)
   return {
       "modal_scan": scan,
+      "modal_serial": functools.partial(serial_core, block_sizes=bs_serial),
       "fft": lambda *a: dispatch.gated_modal(*a, "fft"),
       "xla_chunked": xla_chunked_modal,
   }
@@ -114,6 +125,9 @@ def check(dtype=jnp.float32, length=3001, width=200, batch=2):
   out = fwd_bwd_fn(functools.partial(ms.gated_modal_scan, poison=True))(*args)
   names = ["y", "dx1", "dv", "dx2", "dlam", "dres", "ddskip"]
   errs = dict(zip(names, [rel(out[0], ref[0])] + [rel(a, b) for a, b in zip(out[1], ref[1])]))
+  out = fwd_bwd_fn(functools.partial(serial_core, poison=True))(*args)
+  errs.update(zip(["serial_" + n for n in names],
+                  [rel(out[0], ref[0])] + [rel(a, b) for a, b in zip(out[1], ref[1])]))
   keep = length // 64 * 64
   cut = tuple(a[:, :keep] if a.ndim == 3 else a for a in args)
   refc = fwd_bwd_fn(fs["fft"])(*cut)
@@ -171,6 +185,32 @@ BWD_SWEEP = [
 ]
 
 
+SERIAL_SWEEP = [  # token-serial form: chunk = unrolled tokens, tile = channels per program
+    ms.BlockSizes(chunk=8, tile=32, segment_chunks=32, num_warps=1),
+    ms.BlockSizes(chunk=8, tile=64, segment_chunks=32, num_warps=2),
+    ms.BlockSizes(chunk=8, tile=128, segment_chunks=32, num_warps=4),
+    ms.BlockSizes(chunk=16, tile=32, segment_chunks=16, num_warps=1),
+    ms.BlockSizes(chunk=8, tile=32, segment_chunks=64, num_warps=1),
+    ms.BlockSizes(chunk=4, tile=32, segment_chunks=64, num_warps=1),
+    ms.BlockSizes(chunk=8, tile=64, segment_chunks=16, num_warps=1),
+]
+
+
+def sweep_serial(length, budget_s):
+  """fwd and fwd+bwd of the token-serial kernels per block size."""
+  t_start = time.perf_counter()
+  rows = []
+  for bs in SERIAL_SWEEP:
+    if time.perf_counter() - t_start > budget_s:
+      print("  serial sweep: budget spent", flush=True)
+      break
+    for backward in (False, True):
+      t = time_point(functools.partial(serial_core, block_sizes=bs), length, backward)
+      rows.append(("serial fwd+bwd" if backward else "serial fwd", bs, t))
+      print(f"{rows[-1][0]} {bs}: {t * 1e3:.3f} ms", flush=True)
+  return rows
+
+
 def sweep(length, budget_s):
   t_start = time.perf_counter()
   rows = []
@@ -195,13 +235,13 @@ def sweep(length, budget_s):
   return rows
 
 
-def table(lengths, bs_fwd, bs_bwd, bandwidth):
+def table(lengths, bs_fwd, bs_bwd, bs_serial, bandwidth):
   rows = []
   for length in lengths:
-    for name, f in impls(bs_fwd, bs_bwd).items():
+    for name, f in impls(bs_fwd, bs_bwd, bs_serial).items():
       for backward in (False, True):
         t = time_point(f, length, backward)
-        seg = name == "modal_scan"
+        seg = name.startswith("modal")
         floor = bytes_moved(length, 2, backward, False) / bandwidth
         rows.append(dict(length=length, impl=name, pass_="fwd+bwd" if backward else "fwd",
                          ms=t * 1e3, floor_ms=floor * 1e3,
@@ -233,7 +273,7 @@ def main():
   bw = copy_bandwidth()
   result["copy_bandwidth"] = bw
   print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-  bs_fwd = bs_bwd = None
+  bs_fwd = bs_bwd = bs_serial = None
   if args.mode in ("sweep", "all"):
     rows = sweep(16384, args.budget)
     result["sweep"] = [(p, dataclasses.asdict(bs), t) for p, bs, t in rows]
@@ -242,15 +282,19 @@ def main():
       bs_fwd = min(ok("fwd"), key=lambda r: r[2])[1]
     if ok("fwd+bwd"):
       bs_bwd = min(ok("fwd+bwd"), key=lambda r: r[2])[1]
-    print(f"best fwd {bs_fwd}\nbest bwd {bs_bwd}", flush=True)
-    result["best"] = (str(bs_fwd), str(bs_bwd))
+    serial = sweep_serial(16384, args.budget / 2)
+    result["sweep_serial"] = [(p, dataclasses.asdict(bs), t) for p, bs, t in serial]
+    fin = [r for r in serial if r[0] == "serial fwd+bwd" and np.isfinite(r[2])]
+    bs_serial = min(fin, key=lambda r: r[2])[1] if fin else None
+    print(f"best fwd {bs_fwd}\nbest bwd {bs_bwd}\nbest serial {bs_serial}", flush=True)
+    result["best"] = (str(bs_fwd), str(bs_bwd), str(bs_serial))
   lengths = [16384] if args.mode == "sweep" else [int(x) for x in args.lengths.split(",")]
-  rows = table(lengths, bs_fwd, bs_bwd, bw)
+  rows = table(lengths, bs_fwd, bs_bwd, bs_serial, bw)
   result["table"] = rows
   print("\n| L | impl | fwd ms | fwd+bwd ms | fwd floor ms | fwd+bwd floor ms |")
   print("|---|---|---|---|---|---|")
   for length in lengths:
-    for name in ("modal_scan", "xla_chunked", "fft"):
+    for name in ("modal_scan", "modal_serial", "xla_chunked", "fft"):
       f = next(r for r in rows if r["length"] == length and r["impl"] == name and
                r["pass_"] == "fwd")
       fb = next(r for r in rows if r["length"] == length and r["impl"] == name and

@@ -1,4 +1,5 @@
-"""The FFT-free LI kernels (``pallas_kernels/modal_scan.py``) against independent float64
+"""The FFT-free LI kernels (``pallas_kernels/modal_scan.py``, chunked, and
+``modal_scan_serial.py``, token-serial) against independent float64
 references: a numpy FFT convolution of the float64 modal filter (long forward), and a dense
 float64 Toeplitz formulation differentiated by JAX (every gradient). Runs the kernels in the
 Pallas interpreter on CPU; every run starts from NaN-poisoned outputs (``poison=True``).
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import modal_scan as ms
+from pallas_kernels import modal_scan_serial as mss
 from pallas_kernels.modal_scan import BlockSizes
 from sh2_jax import dispatch
 
@@ -86,7 +88,9 @@ def dense_f64(x1, v, x2, lam, res, dskip, s0):
   return x2 * z, s_end
 
 
-def scan(*args, bs=None, bwd_bs=None):
+def scan(*args, bs=None, bwd_bs=None, form="chunked"):
+  if form == "serial":
+    return mss.modal_scan_serial(*args, interpret=INTERPRET, poison=True, block_sizes=bs)
   return ms.modal_scan(*args, interpret=INTERPRET, poison=True, block_sizes=bs,
                        bwd_block_sizes=bwd_bs)
 
@@ -96,25 +100,28 @@ def test_forward_long_sequence():
   segmented launch, against the float64 FFT path."""
   args = make_inputs(0, 2, 2100, 24)
   y_ref, s_ref = numpy_forward(*args)
-  for bs in (None, BlockSizes(chunk=16, tile=16, segment_chunks=24)):
-    y, s = scan(*args, bs=bs)
+  for form, bs in (("chunked", None), ("chunked", BlockSizes(chunk=16, tile=16, segment_chunks=24)),
+                   ("serial", BlockSizes(chunk=4, tile=32, segment_chunks=35))):
+    y, s = scan(*args, bs=bs, form=form)
     assert y.shape == (2, 2100, 24) and s.shape == (2, 24, 16)
     assert rel_err(y, y_ref) <= TOL, (bs, rel_err(y, y_ref))
     assert rel_err(s, s_ref) <= TOL, (bs, rel_err(s, s_ref))
 
 
 GRAD_CASES = [
-    # seed, B, L, D, forward / backward block sizes
-    (1, 2, 157, 20, None, None),
-    (2, 1, 300, 17, BlockSizes(chunk=8, tile=8, segment_chunks=6, prefetch=False),
+    # form, seed, B, L, D, forward / backward block sizes
+    ("chunked", 1, 2, 157, 20, None, None),
+    ("chunked", 2, 1, 300, 17, BlockSizes(chunk=8, tile=8, segment_chunks=6, prefetch=False),
      BlockSizes(chunk=16, tile=16, segment_chunks=4)),
-    (3, 3, 96, 33, BlockSizes(chunk=32, tile=32), BlockSizes(chunk=8, tile=16,
-                                                            segment_chunks=3)),
+    ("chunked", 3, 3, 96, 33, BlockSizes(chunk=32, tile=32),
+     BlockSizes(chunk=8, tile=16, segment_chunks=3)),
+    ("serial", 4, 2, 157, 20, BlockSizes(chunk=4, tile=16, segment_chunks=8), None),
+    ("serial", 5, 1, 90, 33, BlockSizes(chunk=8, tile=32), None),
 ]
 
 
-@pytest.mark.parametrize("seed,batch,length,width,bs,bwd_bs", GRAD_CASES)
-def test_gradients_against_float64(seed, batch, length, width, bs, bwd_bs):
+@pytest.mark.parametrize("form,seed,batch,length,width,bs,bwd_bs", GRAD_CASES)
+def test_gradients_against_float64(form, seed, batch, length, width, bs, bwd_bs):
   """y, the final state and the gradients of x1, v, x2, log_poles, residues, dskip and the
   initial state for random cotangents of both outputs."""
   args = make_inputs(seed, batch, length, width)
@@ -126,9 +133,9 @@ def test_gradients_against_float64(seed, batch, length, width, bs, bwd_bs):
     y, s = f(*a)
     return jnp.sum(y * dy.astype(y.dtype)) + jnp.sum(s * ds.astype(s.dtype))
 
-  y, s = scan(*args, bs=bs, bwd_bs=bwd_bs)
-  grads = jax.grad(functools.partial(loss, functools.partial(scan, bs=bs, bwd_bs=bwd_bs)),
-                   argnums=range(7))(*args)
+  run = functools.partial(scan, bs=bs, bwd_bs=bwd_bs, form=form)
+  y, s = run(*args)
+  grads = jax.grad(functools.partial(loss, run), argnums=range(7))(*args)
   with jax.enable_x64(True):
     args64 = [jnp.asarray(np.asarray(a), jnp.float64) for a in args]
     y_ref, s_ref = dense_f64(*args64)

@@ -1,0 +1,304 @@
+"""The LI core as a token-serial recurrence: each lane owns channels and steps their N states
+token by token (Pallas / Triton). Same contract as ``modal_scan.modal_scan``.
+
+Why a second form: the chunked kernel (``modal_scan.py``) spends ~48 multiply-adds per token and
+channel in [c, tile, N] broadcast-and-reduce contractions and measured ~8x over the memory floor
+on an H100. Stepping the recurrence itself costs 32 (``s = a s + u``, ``z = sum_n R s``), all
+elementwise on a [N, tile] register tensor whose reduction over N stays inside a lane when the
+channels lie along the lanes. Long sequences are cut into segments run in parallel and joined by
+the same scan of segment states as the chunked kernel.
+
+Backward without the chunked pair sums:
+  * reverse pass ("adjoint"): W <- a (R g + W) carries the cotangent of the state; du = sum_n
+    (R g + W) + dskip g gives dx1, dv; W at the sequence start is ds0.
+  * forward pass ("grads"): recomputes s, z (dx2 = dy z, no saved residual) and p = ds/dlambda by
+    p <- a (p + s) (every exponent >= 0), summing dR += g s, dlambda += R g p (+ ds_final p_end),
+    ddskip += g u.
+Tokens past L (the padded tail) leave every state unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from pallas_kernels.fir_conv import call_pallas
+from pallas_kernels.modal_scan import (F32, BlockSizes, Geometry, make_geometry, pad_inputs,
+                                       pad_params, pad_state)
+
+# Tokens per unrolled block ("chunk"), channels per program, 1 warp: 32 lanes x 1 channel each.
+DEFAULT = BlockSizes(chunk=8, tile=32, segment_chunks=32, num_warps=1)
+
+
+def _ids():
+  return pl.program_id(0), pl.program_id(1), pl.program_id(2)
+
+
+def _walk(geo: Geometry, si, token, carry, reverse: bool = False):
+  """carry = token(t, carry, masked) over the tokens of segment si: unrolled blocks of c tokens
+  in a fori_loop; the segment's last block is masked (t < L) because it may hold the tail."""
+  c = geo.bs.chunk
+  first = si * geo.seg_chunks
+  last = first + geo.seg_chunks - 1
+
+  def block(k, carry, masked):
+    order = range(c - 1, -1, -1) if reverse else range(c)
+    for i in order:
+      carry = token(k * c + i, carry, masked)
+    return carry
+
+  n = geo.seg_chunks - 1
+  if reverse:
+    carry = block(last, carry, True)
+    return jax.lax.fori_loop(0, n, lambda j, cr: block(last - 1 - j, cr, False), carry)
+  carry = jax.lax.fori_loop(0, n, lambda j, cr: block(first + j, cr, False), carry)
+  return block(last, carry, True)
+
+
+def _keep(geo, t, masked, new, old):
+  return jnp.where(t < geo.length, new, old) if masked else new
+
+
+def _params(lam_ref, res_ref, cols):
+  lam = lam_ref[cols, :].T                                      # [N, tile]
+  return jnp.exp(lam), res_ref[cols, :].T
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _fwd_kernel(lam_ref, res_ref, skip_ref, sin_ref, x1_ref, v_ref, x2_ref, y_ref, sT_ref, *,
+                geo: Geometry):
+  b, ti, si = _ids()
+  cols = pl.ds(ti * geo.bs.tile, geo.bs.tile)
+  a, res = _params(lam_ref, res_ref, cols)
+  skip = skip_ref[cols]
+
+  def token(t, s, masked):
+    x1, v = x1_ref[b, t, cols], v_ref[b, t, cols]
+    u = (x1 * v).astype(F32)
+    s = _keep(geo, t, masked, a * s + u[None, :], s)
+    z = jnp.sum(res * s, axis=0) + skip * u
+    y_ref[b, t, cols] = (x2_ref[b, t, cols].astype(F32) * z).astype(y_ref.dtype)
+    return s
+
+  s = _walk(geo, si, token, sin_ref[b, si, cols, :].T)
+  sT_ref[b, si, cols, :] = s.T
+
+
+def _state_kernel(lam_ref, x1_ref, v_ref, e_ref, ep_ref, *, geo: Geometry):
+  """Each segment's end state and its lambda-derivative, from zero."""
+  b, ti, si = _ids()
+  cols = pl.ds(ti * geo.bs.tile, geo.bs.tile)
+  a = jnp.exp(lam_ref[cols, :].T)
+
+  def token(t, carry, masked):
+    s, p = carry
+    u = (x1_ref[b, t, cols] * v_ref[b, t, cols]).astype(F32)
+    return (_keep(geo, t, masked, a * s + u[None, :], s),
+            _keep(geo, t, masked, a * (p + s), p))
+
+  zeros = jnp.zeros(a.shape, F32)
+  s, p = _walk(geo, si, token, (zeros, zeros))
+  e_ref[b, si, cols, :] = s.T
+  ep_ref[b, si, cols, :] = p.T
+
+
+def _adjoint_state_kernel(lam_ref, res_ref, x2_ref, dy_ref, ew_ref, *, geo: Geometry):
+  """Each segment's W (cotangent of the state before it) from its own impulses alone."""
+  b, ti, si = _ids()
+  cols = pl.ds(ti * geo.bs.tile, geo.bs.tile)
+  a, res = _params(lam_ref, res_ref, cols)
+
+  def token(t, w, masked):
+    g = dy_ref[b, t, cols].astype(F32) * x2_ref[b, t, cols].astype(F32)
+    return _keep(geo, t, masked, a * (res * g[None, :] + w), w)
+
+  ew_ref[b, si, cols, :] = _walk(geo, si, token, jnp.zeros(a.shape, F32), reverse=True).T
+
+
+def _adjoint_kernel(lam_ref, res_ref, skip_ref, win_ref, x1_ref, v_ref, x2_ref, dy_ref, dx1_ref,
+                    dv_ref, ds0_ref, *, geo: Geometry):
+  b, ti, si = _ids()
+  cols = pl.ds(ti * geo.bs.tile, geo.bs.tile)
+  a, res = _params(lam_ref, res_ref, cols)
+  skip = skip_ref[cols]
+
+  def token(t, w, masked):
+    x1, v = x1_ref[b, t, cols].astype(F32), v_ref[b, t, cols].astype(F32)
+    g = dy_ref[b, t, cols].astype(F32) * x2_ref[b, t, cols].astype(F32)
+    q = res * g[None, :] + w                                    # cotangent of s_t
+    du = jnp.sum(q, axis=0) + skip * g
+    dx1_ref[b, t, cols] = (du * v).astype(dx1_ref.dtype)
+    dv_ref[b, t, cols] = (du * x1).astype(dv_ref.dtype)
+    return _keep(geo, t, masked, a * q, w)
+
+  ds0_ref[b, si, cols, :] = _walk(geo, si, token, win_ref[b, si, cols, :].T, reverse=True).T
+
+
+def _grads_kernel(lam_ref, res_ref, skip_ref, sin_ref, pin_ref, dsT_ref, x1_ref, v_ref, x2_ref,
+                  dy_ref, dx2_ref, dlam_ref, dres_ref, dskip_ref, *, geo: Geometry):
+  b, ti, si = _ids()
+  cols = pl.ds(ti * geo.bs.tile, geo.bs.tile)
+  a, res = _params(lam_ref, res_ref, cols)
+  skip = skip_ref[cols]
+
+  def token(t, carry, masked):
+    s, p, d_res, d_lam, d_skip = carry
+    x1, v = x1_ref[b, t, cols], v_ref[b, t, cols]
+    dy = dy_ref[b, t, cols].astype(F32)
+    u = (x1 * v).astype(F32)
+    g = dy * x2_ref[b, t, cols].astype(F32)
+    p = _keep(geo, t, masked, a * (p + s), p)                   # d s_t / d lambda
+    s = _keep(geo, t, masked, a * s + u[None, :], s)
+    z = jnp.sum(res * s, axis=0) + skip * u
+    dx2_ref[b, t, cols] = (dy * z).astype(dx2_ref.dtype)
+    return s, p, d_res + g[None, :] * s, d_lam + g[None, :] * p, d_skip + g * u
+
+  zeros = jnp.zeros(a.shape, F32)
+  carry = (sin_ref[b, si, cols, :].T, pin_ref[b, si, cols, :].T, zeros, zeros,
+           jnp.zeros((geo.bs.tile,), F32))
+  s, p, d_res, d_lam, d_skip = _walk(geo, si, token, carry)
+  # the final-state cotangent meets p at t = L - 1: only the last segment ends there
+  ds_end = jnp.where(si == geo.num_segments - 1, dsT_ref[b, cols, :].T, 0.0)
+  dres_ref[b, si, cols, :] = d_res.T
+  dlam_ref[b, si, cols, :] = (res * d_lam + ds_end * p).T
+  dskip_ref[b, si, cols] = d_skip
+
+
+# ----------------------------------------------------------------------------- launches
+
+
+def _segment_lengths(geo: Geometry) -> np.ndarray:
+  lengths = np.full((geo.num_segments,), float(geo.segment_length), np.float32)
+  lengths[-1] = geo.length - (geo.num_segments - 1) * geo.segment_length
+  return lengths
+
+
+def incoming(geo: Geometry, lam, ends, dends, s0):
+  """(s_in, p_in) of every segment from the from-zero ends (s, ds/dlambda) [B, S, Dp, Np]."""
+  length = float(geo.segment_length)
+  decay = jnp.exp(lam * length)
+
+  def body(carry, xs):
+    s, p = carry
+    e, ep = xs
+    return (decay * s + e, decay * (p + length * s) + ep), (s, p)
+
+  _, (s_in, p_in) = jax.lax.scan(body, (s0, jnp.zeros_like(s0)),
+                                 (jnp.moveaxis(ends, 1, 0), jnp.moveaxis(dends, 1, 0)))
+  return jnp.moveaxis(s_in, 0, 1), jnp.moveaxis(p_in, 0, 1)
+
+
+def incoming_adjoint(geo: Geometry, lam, ends, ds_out):
+  """W entering every segment from the later ones and the final-state cotangent (reverse scan)."""
+  lengths = jnp.asarray(_segment_lengths(geo)[1:])
+  decays = jnp.exp(lam[None] * lengths[:, None, None])
+
+  def body(w, xs):
+    ew, decay = xs
+    w = decay * w + ew
+    return w, w
+
+  _, w_in = jax.lax.scan(body, ds_out, (jnp.moveaxis(ends[:, 1:], 1, 0), decays), reverse=True)
+  return jnp.concatenate([jnp.moveaxis(w_in, 0, 1), ds_out[:, None]], axis=1)
+
+
+def _segment_inputs(geo, lam, xs, s0, interpret, poison):
+  seg = jax.ShapeDtypeStruct((geo.batch, geo.num_segments) + s0.shape[1:], F32)
+  if geo.num_segments == 1:
+    return s0[:, None], jnp.zeros_like(s0)[:, None]
+  ends, dends = call_pallas(functools.partial(_state_kernel, geo=geo), (seg, seg), geo.grid,
+                            geo.bs, interpret, "modal_serial_states", poison, lam, *xs[:2])
+  return incoming(geo, lam, ends, dends, s0)
+
+
+def fwd(x1, v, x2, log_poles, residues, dskip, state, bs, interpret=False, poison=False):
+  """(y, final_state, (s_in, p_in) per segment)."""
+  geo = make_geometry(x1.shape, log_poles.shape, bs)
+  lam, res, skip = pad_params(geo, log_poles, residues, dskip)
+  xs = pad_inputs(geo, x1, v, x2)
+  s0 = pad_state(geo, state)
+  s_in, p_in = _segment_inputs(geo, lam, xs, s0, interpret, poison)
+  seg = jax.ShapeDtypeStruct(s_in.shape, F32)
+  y, s_out = call_pallas(functools.partial(_fwd_kernel, geo=geo),
+                         (jax.ShapeDtypeStruct(xs[0].shape, x1.dtype), seg), geo.grid, geo.bs,
+                         interpret, "modal_serial_fwd", poison, lam, res, skip, s_in, *xs)
+  return (y[:, :geo.length, :geo.channels], s_out[:, -1, :geo.channels, :geo.states],
+          (s_in, p_in))
+
+
+def bwd(x1, v, x2, log_poles, residues, dskip, seg_states, dy, ds_out, bs, interpret=False,
+        poison=False):
+  """(dx1, dv, dx2, dlog_poles, dresidues, ddskip, dstate)."""
+  geo = make_geometry(x1.shape, log_poles.shape, bs)
+  lam, res, skip = pad_params(geo, log_poles, residues, dskip)
+  x1p, vp, x2p, dyp = pad_inputs(geo, x1, v, x2, dy)
+  dsT = pad_state(geo, ds_out)
+  s_in, p_in = seg_states
+  seg = jax.ShapeDtypeStruct(s_in.shape, F32)
+  if geo.num_segments == 1:
+    w_in = dsT[:, None]
+  else:
+    (ends,) = call_pallas(functools.partial(_adjoint_state_kernel, geo=geo), (seg,), geo.grid,
+                          geo.bs, interpret, "modal_serial_adjoint_states", poison, lam, res,
+                          x2p, dyp)
+    w_in = incoming_adjoint(geo, lam, ends, dsT)
+  big = jax.ShapeDtypeStruct(x1p.shape, x1.dtype)
+  dx1, dv, ds0 = call_pallas(functools.partial(_adjoint_kernel, geo=geo), (big, big, seg),
+                             geo.grid, geo.bs, interpret, "modal_serial_adjoint", poison, lam,
+                             res, skip, w_in, x1p, vp, x2p, dyp)
+  skip_shape = jax.ShapeDtypeStruct((geo.batch, geo.num_segments, geo.padded_channels), F32)
+  dx2, dlam, dres, dskip_p = call_pallas(
+      functools.partial(_grads_kernel, geo=geo), (big, seg, seg, skip_shape), geo.grid, geo.bs,
+      interpret, "modal_serial_grads", poison, lam, res, skip, s_in, p_in, dsT, x1p, vp, x2p,
+      dyp)
+  ln, d, n = geo.length, geo.channels, geo.states
+  return (dx1[:, :ln, :d], dv[:, :ln, :d], dx2[:, :ln, :d], dlam.sum((0, 1))[:d, :n],
+          dres.sum((0, 1))[:d, :n], dskip_p.sum((0, 1))[:d], ds0[:, 0, :d, :n])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _serial(x1, v, x2, log_poles, residues, dskip, state, opts):
+  bs, has_skip, interpret, poison = opts
+  return fwd(x1, v, x2, log_poles, residues, dskip if has_skip else None, state, bs, interpret,
+             poison)[:2]
+
+
+def _serial_fwd(x1, v, x2, log_poles, residues, dskip, state, opts):
+  bs, has_skip, interpret, poison = opts
+  y, s_out, seg_states = fwd(x1, v, x2, log_poles, residues, dskip if has_skip else None, state,
+                             bs, interpret, poison)
+  return (y, s_out), (x1, v, x2, log_poles, residues, dskip, state, seg_states)
+
+
+def _serial_bwd(opts, saved, cts):
+  bs, has_skip, interpret, poison = opts
+  x1, v, x2, log_poles, residues, dskip, state, seg_states = saved
+  dy, ds_out = cts
+  dx1, dv, dx2, dlam, dres, ddskip, dstate = bwd(
+      x1, v, x2, log_poles, residues, dskip if has_skip else None, seg_states, dy, ds_out, bs,
+      interpret, poison)
+  return (dx1, dv, dx2, dlam.astype(log_poles.dtype), dres.astype(residues.dtype),
+          ddskip.astype(dskip.dtype), dstate.astype(state.dtype))
+
+
+_serial.defvjp(_serial_fwd, _serial_bwd)
+
+
+def modal_scan_serial(x1, v, x2, log_poles, residues, dskip=None, initial_state=None, *,
+                      interpret: bool = False, block_sizes: BlockSizes | None = None,
+                      poison: bool = False):
+  """``(y, final_state)`` exactly as ``modal_scan.modal_scan`` (same shapes, dtypes, checks),
+  by the token-serial kernels; block_sizes.chunk is the unrolled block of tokens."""
+  from pallas_kernels.modal_scan import _check
+  _check(x1, v, x2, log_poles, residues, dskip, initial_state)
+  opts = (block_sizes or DEFAULT, dskip is not None, interpret, poison)
+  d = jnp.zeros((x1.shape[2],), F32) if dskip is None else dskip
+  s0 = (jnp.zeros((x1.shape[0], x1.shape[2], log_poles.shape[1]), F32)
+        if initial_state is None else initial_state)
+  return _serial(x1, v, x2, log_poles, residues, d, s0, opts)
