@@ -44,10 +44,12 @@ def resolve_li_impl(impl: str, interpret: bool = False) -> str:
   """``li_impl``: ``modal_scan`` (the FFT-free chunked recurrence, ``pallas_kernels/
   modal_scan.py``), ``fft`` (float32 FFT of the modal filter, the reference), ``auto``.
 
-  ``auto`` -> ``modal_scan`` on GPU (H100, width 4096, B = 1: see benchmarks/RESULTS.md, "FFT-free
-  LI"), ``fft`` elsewhere: on CPU Pallas runs only in its interpreter, measured far slower than
-  the FFT path (B=1, L=2048, D=64, 2 cores: fft 2.3 ms vs interpreted modal_scan ~130 ms
-  forward). ``modal_scan`` off GPU is an error unless ``interpret=True`` (tests)."""
+  ``auto`` -> ``modal_scan`` on GPU (H100, width 4096, B = 1, bf16: 2.7x / 3.0x faster than
+  fft forward / forward+backward at 16K, 4.6x / 4.4x at 64K; benchmarks/RESULTS.md, "FFT-free
+  LI"), ``fft`` elsewhere: on CPU Pallas runs only in its interpreter, and neither wins clearly
+  (2 shared cores, f32, fwd / fwd+bwd: B=1 L=2048 D=64 fft 17.9 / 34.1 ms, interpreted
+  modal_scan 13.2 / 46.5 ms; B=1 L=8192 D=256 fft 285 / 1283 ms, modal_scan 183 / 1110 ms),
+  so the reference stays. ``modal_scan`` off GPU is an error unless ``interpret=True`` (tests)."""
   from sh2_jax.config import LI_IMPLS
   if impl not in LI_IMPLS:
     raise ValueError(f"li_impl {impl!r} is not one of {', '.join(LI_IMPLS)}")
