@@ -61,6 +61,8 @@ def op_cases(d: int):
              lambda p, a, b, c: dispatch.gated_modal(a, b, c, p[0], p[1], p[2], "auto"),
              {"a2a": lambda p, a, b, c, n: a2a.a2a_gated_modal(a, b, c, p[0], p[1], p[2], "auto",
                                                                AX, n),
+              "a2a_fft": lambda p, a, b, c, n: a2a.a2a_gated_modal(a, b, c, p[0], p[1], p[2],
+                                                                   "fft", AX, n),
               "p2p_fft": lambda p, a, b, c, n: p2p_fft.p2p_gated_modal(a, b, c, p[0], p[1], p[2],
                                                                        AX, n),
               "state": lambda p, a, b, c, n: modal_state.state_gated_modal(
@@ -93,6 +95,7 @@ def rel_err(a, b):
 
 
 def bench_ops(rec, lengths, ops, d, n, mesh, budget):
+  from sh2_jax import dispatch
   from sh2_jax.parallel.zigzag import zigzag_shard, zigzag_unshard
   dev0 = jax.devices()[0]
   spec = NamedSharding(mesh, P(None, AX))
@@ -110,13 +113,22 @@ def bench_ops(rec, lengths, ops, d, n, mesh, budget):
       t1, g1 = None, None
       try:
         step = grad_step(base_fn)
-        t1 = timeit(step, p0, xs, max_s=2.0)
+        t1 = timeit(step, p0, xs, max_s=1.0)
         g1 = step(p0, xs)[1][1][0]  # d/dx1
         err1 = ""
       except Exception as e:  # noqa: BLE001 - OOM at long L is a result, not a crash
         err1 = short_error(e)
       rec.add(kind="op", op=op, mode="1gpu", length=length, n=1, t=t1, note=err1)
       print(f"{op:4s} L={length:7d} 1 GPU   {fmt_ms(t1):>8s} ms {err1}", flush=True)
+      if op == "LI":  # the FFT path on one GPU too: the a2a_fft / p2p_fft modes run FFTs
+        try:
+          t_fft = timeit(grad_step(lambda p, a, b, c: dispatch.gated_modal(
+              a, b, c, p[0], p[1], p[2], "fft")), p0, xs, max_s=1.0)
+          rec.add(kind="op", op=op, mode="1gpu_fft", length=length, n=1, t=t_fft, note="")
+        except Exception as e:  # noqa: BLE001
+          rec.add(kind="op", op=op, mode="1gpu_fft", length=length, n=1, t=None,
+                  note=short_error(e))
+        print(f"LI   L={length:7d} 1 GPU fft {fmt_ms(rec.rows[-1]['t'])} ms", flush=True)
       zs = [jax.device_put(zigzag_shard(x, n), spec) for x in xs]
       del xs
       pr = jax.device_put(params, NamedSharding(mesh, P()))
@@ -129,7 +141,7 @@ def bench_ops(rec, lengths, ops, d, n, mesh, budget):
         tn, err, note = None, None, ""
         try:
           step = grad_step(f)
-          tn = timeit(step, pr, zs, max_s=2.0)
+          tn = timeit(step, pr, zs, max_s=1.0)
           if g1 is not None:
             gz = step(pr, zs)[1][1][0]
             err = rel_err(jax.device_put(zigzag_unshard(jax.device_put(gz, dev0), n), dev0), g1)
@@ -209,7 +221,10 @@ def bench_model(rec, length, d, layers, n, mesh, budget, modes):
 def table(rows):
   out = []
   for r in rows:
-    if r["mode"] == "1gpu":
+    if r["n"] == 1:
+      if r["mode"] == "1gpu_fft":
+        out.append([r["op"], "1 GPU, li_impl fft", r["length"], 1, fmt_ms(r["t"]), "", "", "",
+                    r.get("note", "")])
       continue
     eff = r.get("efficiency")
     err = r.get("grad_rel_err")
@@ -228,7 +243,7 @@ def plot(jsonl: str, png: str):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   rows = [json.loads(line) for line in open(jsonl)]
-  cp = [r for r in rows if r["mode"] != "1gpu" and r.get("t") and r.get("t1")]
+  cp = [r for r in rows if r.get("n", 1) > 1 and r.get("t") and r.get("t1")]
   labels = [f"{r.get('op', 'model')} {r['mode']}\nL={r['length'] // 1024}K" for r in cp]
   fig, ax = plt.subplots(1, 2, figsize=(max(8, 0.7 * len(cp)), 4.5))
   x = np.arange(len(cp))
@@ -250,7 +265,7 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default="")
   ap.add_argument("--lengths", default="131072,524288")
-  ap.add_argument("--ops", default="SE,MR,LI,MHA")
+  ap.add_argument("--ops", default="MR,LI,SE,MHA")
   ap.add_argument("--width", type=int, default=4096)
   ap.add_argument("--model_length", type=int, default=131072)
   ap.add_argument("--layers", default="SE-MR-LI-MHA")
@@ -271,11 +286,15 @@ def main():
   print(json.dumps(info), flush=True)
   rec = Recorder(args.out, "context_parallel")
   lengths = [int(x) for x in args.lengths.split(",")]
-  bench_ops(rec, lengths[:1], args.ops.split(","), args.width, n, mesh, budget)
+  ops = args.ops.split(",")
+  hyena_ops = [o for o in ops if o != "MHA"]
+  # most wanted first: the run has a hard time limit (points past --budget are skipped)
+  bench_ops(rec, lengths[:1], hyena_ops, args.width, n, mesh, budget)
   if args.model_length:
     bench_model(rec, args.model_length, args.width, args.layers, n, mesh, budget,
                 args.model_modes.split(","))
-  bench_ops(rec, lengths[1:], args.ops.split(","), args.width, n, mesh, budget)
+  bench_ops(rec, lengths[:1], [o for o in ops if o == "MHA"], args.width, n, mesh, budget)
+  bench_ops(rec, lengths[1:], hyena_ops, args.width, n, mesh, budget)
   print(f"\n{info['device']} x {n}, {info['date']}, jax {info['jax']}\n")
   print(table(rec.rows), flush=True)
 
