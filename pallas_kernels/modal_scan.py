@@ -22,6 +22,10 @@ rows past L are zero padding and its state update uses a^(r-1-j) for its r real 
 
 The backward pass (``modal_scan_bwd.py``) runs the adjoint recurrence backward in time with the
 same tables; ``modal_scan`` ties both together through ``jax.custom_vjp``.
+
+Speed (H100, D = 4096, B = 1, bf16, L = 16K): 1.56 ms forward, 3.9 ms forward+backward — 2.7x and
+3.0x the FFT path but ~8x the memory floor; the [c, tile, N] contractions, not the bytes, bound
+it. ``modal_scan_serial.py`` steps the recurrence token by token instead (same contract).
 """
 
 from __future__ import annotations
