@@ -192,7 +192,18 @@ def featurizer(length=16384):
           f"{floor:.3f} TB", flush=True)
 
 
-def full(out_dir, best=None):
+def ab(length=16384):
+  """The forward with and without the hand prefetch, same machine, same run."""
+  for taps in (7, 128):
+    x1, v, x2, h, dskip, _ = inputs(length, taps)
+    base = default_block_sizes(taps)
+    for pf in (True, False):
+      bs = dataclasses.replace(base, prefetch=pf)
+      t = timeit(jax.jit(ops(taps, bs)["pallas"]), x1, v, x2, h, dskip)
+      print(f"fwd K={taps:3d} {bs}: {t * 1e3:.3f} ms", flush=True)
+
+
+def full(out_dir, best=None, only=None):
   bw = copy_bandwidth()
   print(f"copy bandwidth {bw / 1e12:.2f} TB/s (bytes read + written)", flush=True)
   rows, series = [], {}
@@ -202,6 +213,8 @@ def full(out_dir, best=None):
     floor_f = 4 * length * D * 2 / bw
     floor_fb = 11 * length * D * 2 / bw
     for name, taps, kind in names:
+      if only and kind != only:
+        continue
       if kind == "xla" and length > 65536:
         continue  # tens of ms a call; the trend is clear by 64K
       args = inputs(length, taps)
@@ -257,7 +270,8 @@ def plot(series, path):
 if __name__ == "__main__":
   p = argparse.ArgumentParser()
   p.add_argument("--mode", default="full",
-                 choices=["check", "sweep", "featurizer", "full", "all"])
+                 choices=["check", "sweep", "featurizer", "full", "all", "ab"])
+  p.add_argument("--only", default=None, help="full: time only this kind (pallas, xla, fft, li)")
   p.add_argument("--out", default=os.environ.get("OUT", ""))
   a = p.parse_args()
   print(jax.devices(), flush=True)
@@ -268,7 +282,9 @@ if __name__ == "__main__":
     sweep()
   elif a.mode == "all":  # sweep, then the table with the best variants
     full(a.out, sweep())
+  elif a.mode == "ab":
+    ab()
   elif a.mode == "featurizer":
     featurizer()
   else:
-    full(a.out)
+    full(a.out, only=a.only)

@@ -59,19 +59,24 @@ class BlockSizes:
   num_warps: int = 4
   num_stages: int = 2
   rebuild: bool | None = None  # build Toeplitz blocks per chunk; None: only when they don't fit
+  prefetch: bool = True  # forward: issue the next chunk's loads before this chunk's dots
 
 
-def default_block_sizes(taps: int, backward: bool = False) -> BlockSizes:
-  """Tuned on an H100 (benchmarks/fir_conv.py) for width 4096, 16 channels per group."""
+def default_block_sizes(taps: int, backward: bool = False, dtype=jnp.bfloat16) -> BlockSizes:
+  """Tuned on an H100 (``benchmarks/fir_conv.py --mode all``) at width 4096, 16 channels per
+  group, bf16, L = 16K."""
   if taps <= 32:
-    return BlockSizes(chunk=32, tile=64, width=16, seg_chunks=64, chunk_outer=True,
-                      num_warps=4, num_stages=2)
+    return BlockSizes(chunk=32, tile=64, width=16, seg_chunks=64, num_warps=4, num_stages=2)
   chunk = max(16, 1 << (taps - 1).bit_length())
+  if jnp.dtype(dtype) == jnp.float32 and chunk >= 128:
+    # float32 dots run on FMA units with [c, c] float32 operands staged in shared memory: one
+    # Toeplitz pair at a time, rebuilt per chunk.
+    return BlockSizes(chunk=chunk, tile=16, width=16, seg_chunks=16, num_warps=8, num_stages=1,
+                      rebuild=True, prefetch=False)
   if backward:
-    return BlockSizes(chunk=chunk, tile=16, width=16, seg_chunks=16, chunk_outer=True,
-                      num_warps=8, num_stages=1)
-  return BlockSizes(chunk=chunk, tile=32, width=16, seg_chunks=16, chunk_outer=True,
-                    num_warps=4, num_stages=2)
+    return BlockSizes(chunk=chunk, tile=16, width=16, seg_chunks=16, num_warps=8, num_stages=1)
+  return BlockSizes(chunk=chunk, tile=16, width=16, seg_chunks=32, num_warps=4, num_stages=3,
+                    prefetch=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,14 +270,20 @@ def _fwd_kernel(table_ref, skip_ref, x1_ref, v_ref, x2_ref, y_ref, *, lay: Layou
     cols = subs[s][0]
     x1p, vp = load(jnp.maximum(first - 1, 0), cols, (x1_ref, v_ref))
     u_prev = jnp.where(first > 0, x1p * vp, jnp.zeros_like(x1p))
+    if not bs.prefetch:
+      return (u_prev,)
     return (u_prev,) + load(first, cols, (x1_ref, v_ref, x2_ref))
 
   def step(k, carry, s):
-    # The loads of chunk k+1 are issued before chunk k's dots (a software pipeline by hand:
-    # Triton pipelines only loads that feed dots directly).
+    # With prefetch, the loads of chunk k+1 are issued before chunk k's dots (a software
+    # pipeline by hand: Triton pipelines only loads that feed dots directly).
     cols, mats, skip = subs[s]
-    u_prev, x1, v, x2 = carry
-    nxt = load(first + k + 1, cols, (x1_ref, v_ref, x2_ref))
+    if bs.prefetch:
+      u_prev, x1, v, x2 = carry
+      nxt = load(first + k + 1, cols, (x1_ref, v_ref, x2_ref))
+    else:
+      (u_prev,), nxt = carry, ()
+      x1, v, x2 = load(first + k, cols, (x1_ref, v_ref, x2_ref))
     u = x1 * v
     acc = None
     for h0, h1, mask in (m() if callable(m) else m for m in mats):
@@ -365,8 +376,8 @@ def gated_fir_conv(x1: jax.Array, v: jax.Array, x2: jax.Array, h: jax.Array,
                      f"{jax.default_backend()!r}; pass interpret=True (slow, for tests) or use "
                      f"sh2_jax.conv.gated_conv")
   k = h.shape[1]
-  bs_f = block_sizes or default_block_sizes(k)
-  bs_b = bwd_block_sizes or default_block_sizes(k, backward=True)
+  bs_f = block_sizes or default_block_sizes(k, dtype=x1.dtype)
+  bs_b = bwd_block_sizes or default_block_sizes(k, backward=True, dtype=x1.dtype)
   has_skip = dskip is not None
   if dskip is None:
     dskip = jnp.zeros((x1.shape[2],), jnp.float32)
