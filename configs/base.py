@@ -27,7 +27,7 @@ def make_config(preset: str) -> ml_collections.ConfigDict:
   # Training (Flax-examples style top-level keys). The defaults train the tiny preset on a CPU
   # in about a minute on the shipped corpus (data.path "" = data/corpus).
   c.seed = 0
-  c.num_steps = 60
+  c.num_steps = 100
   c.log_every = 10
   c.checkpoint_every = 50  # and at the last step; 0: no checkpoints at all
   c.keep_checkpoints = 3

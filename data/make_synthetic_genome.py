@@ -69,7 +69,7 @@ def main(path: str, seed: int = 7, num_contigs: int = 12, contig_len: int = 9000
   tables = []
   for concentration, gc in ((0.6, 0.62), (0.6, 0.36)):
     base = np.array([(1 - gc) / 2, gc / 2, gc / 2, (1 - gc) / 2])
-    tables.append(rng.dirichlet(base * 8 / concentration, size=64))
+    tables.append(rng.dirichlet(base * concentration * 2, size=64))
   codons = [a + b + c for a in "ACGT" for b in "ACGT" for c in "ACGT"
             if a + b + c not in STOPS]
   usage = rng.dirichlet(np.full(len(codons), 0.4))

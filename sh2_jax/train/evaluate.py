@@ -18,7 +18,7 @@ from flax import nnx
 from sh2_jax.checkpoint import load_model
 from sh2_jax.train import mesh as mesh_lib
 from sh2_jax.train.step import eval_step
-from sh2_jax.train.trainer import prepare, run_eval
+from sh2_jax.train.trainer import place, prepare, run_eval
 
 
 def prepare_eval(config, checkpoint: str):
@@ -39,7 +39,7 @@ def evaluate(config, checkpoint: str, prepared=None) -> dict:
   graphdef, state = nnx.split(model)
   params = nnx.to_pure_dict(state)
   p_sh = mesh_lib.param_shardings(mesh, params, mesh_lib.param_specs(model))
-  params = jax.device_put(params, p_sh)
+  params = place(jax.device_get(params), p_sh)
   b_sh = {k: mesh_lib.batch_sharding(mesh) for k in ("inputs", "targets", "weights")}
   eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, mesh=mesh),
                     in_shardings=(p_sh, b_sh), out_shardings=mesh_lib.replicated(mesh))

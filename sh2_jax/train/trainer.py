@@ -42,11 +42,21 @@ def abstract_model(model_cfg: ModelConfig):
 
 
 def init_params(model_cfg: ModelConfig, seed: int, shardings: dict) -> dict:
-  """Random initial parameters, created directly in their shards."""
-  @functools.partial(jax.jit, out_shardings=shardings)
-  def init():
-    return nnx.to_pure_dict(nnx.state(StripedHyena(model_cfg, rngs=nnx.Rngs(seed)), nnx.Param))
-  return init()
+  """Random initial parameters, placed in their shards.
+
+  The model is built eagerly (op by op; each op compiles once per shape) and then sharded:
+  one jitted init of the 32-layer evo2_7b layout did not finish compiling within 4 minutes on an
+  H100. The parameters pass through host memory, which bounds the model size this path serves.
+  """
+  model = StripedHyena(model_cfg, rngs=nnx.Rngs(seed))
+  return place(jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param))), shardings)
+
+
+def place(host_params: dict, shardings: dict) -> dict:
+  """Host arrays (identical on every process) -> global arrays with ``shardings``."""
+  return jax.tree.map(
+      lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx, x=x: x[idx]),
+      host_params, shardings)
 
 
 def _abstract(tree, shardings):
@@ -143,25 +153,32 @@ def train(config, workdir: str, prepared=None) -> dict:
                        model_cfg=model_cfg.to_dict(), train_cfg=config.to_dict())
 
   record: dict = {}
+  pending: list = []
   if step >= config.num_steps and main:
     print(f"the run in {workdir} is complete: step {step} of num_steps {config.num_steps}")
+  if main:
+    print(f"model {config.preset}: {sum(x.size for x in jax.tree.leaves(abs_params)):,} params, "
+          f"{model_cfg.dtype} compute; data: {len(eval_src)} held-out windows of {config.seq_len} "
+          f"tokens; batch {config.batch_size}; mesh {dict(mesh.shape)} on "
+          f"{jax.device_count()} {jax.default_backend()} device(s)", flush=True)
   bar = tqdm(total=config.num_steps, initial=step, disable=not main, desc="train",
              dynamic_ncols=True)
   t0, t0_step = time.perf_counter(), step
   while step < config.num_steps:
     batch = mesh_lib.global_batch(mesh, next(data_iter))
     params, opt_state, m = compiled(params, opt_state, batch)
+    pending.append(m)  # device arrays: no sync until the next log step
     step += 1
     bar.update(1)
     logged = step % config.log_every == 0 or step == config.num_steps
     evaluated = config.eval_every and (step % config.eval_every == 0 or step == config.num_steps)
-    if logged:
-      m = jax.device_get(m)
+    if logged:  # loss and grad_norm: means over the steps since the last log
+      m = {k: float(np.mean([float(x[k]) for x in jax.device_get(pending)])) for k in pending[0]}
+      pending = []
       elapsed = time.perf_counter() - t0
       tps = (step - t0_step) * tokens_per_step / elapsed
-      record = {"step": step, "loss": float(m["loss"]),
-                "bits_per_byte": metrics_lib.bits_per_byte(float(m["loss"])),
-                "lr": float(schedule(step - 1)), "grad_norm": float(m["grad_norm"]),
+      record = {"step": step, "loss": m["loss"], "bits_per_byte": metrics_lib.bits_per_byte(m["loss"]),
+                "lr": float(schedule(step - 1)), "grad_norm": m["grad_norm"],
                 "tokens_per_s": tps, "mfu": tps * fpt / peak}
     if evaluated and len(eval_src):
       ev = run_eval(eval_fn, params, mesh, eval_src, config.batch_size, config.eval_batches)
