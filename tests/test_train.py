@@ -3,6 +3,7 @@ every bad-input case of train.py: one clear error line, exit status 2, nothing w
 
 import concurrent.futures
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -165,3 +166,21 @@ def test_bad_inputs_give_one_clear_error_and_write_nothing(tmp_path):
       assert len(lines) == 1 and lines[0].startswith("error: ") and msg in lines[0], (args, lines)
       assert "Traceback" not in r.stderr
       assert not (tmp_path / f"w{i}").exists(), args
+
+
+def test_eval_of_a_saved_model_checkpoint(tmp_path, capsys):
+  """--mode=eval reads checkpoints written by ``save_model`` (the converter's format)."""
+  from sh2_jax.checkpoint import save_model
+  from sh2_jax.train.evaluate import evaluate
+  save_model(str(tmp_path / "ckpt"), StripedHyena(SMALL, rngs=nnx.Rngs(1)))
+  (tmp_path / "text.txt").write_bytes(b"A short evaluation text, evaluated whole. " * 6)
+  cfg = make_config("tiny")
+  cfg.data.path, cfg.data.eval_fraction = str(tmp_path / "text.txt"), 1.0
+  cfg.seq_len, cfg.batch_size, cfg.eval_batches = 32, 4, 0
+  summary = evaluate(cfg, str(tmp_path / "ckpt"))
+  assert summary["tokens"] == 6 * 42  # every byte and the EOD are targets, nothing else
+  assert summary["windows"] == 8
+  assert abs(summary["loss"] - np.log(512)) < 0.5  # an untrained model: near uniform
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"] == summary["loss"]
+  with pytest.raises(ValueError, match="no sh2_jax checkpoint found"):
+    evaluate(cfg, str(tmp_path))

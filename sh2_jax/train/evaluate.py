@@ -45,7 +45,7 @@ def evaluate(config, checkpoint: str, prepared=None) -> dict:
                     in_shardings=(p_sh, b_sh), out_shardings=mesh_lib.replicated(mesh))
   result = run_eval(eval_fn, params, mesh, eval_src, config.batch_size, config.eval_batches,
                     progress=jax.process_index() == 0)
-  summary = {"checkpoint": os.path.abspath(checkpoint), "data": config.data.path or "default",
+  summary = {"checkpoint": checkpoint, "data": config.data.path or "default",
              "windows": len(eval_src), "seq_len": config.seq_len, **result}
   if jax.process_index() == 0:
     print(json.dumps(summary), flush=True)
