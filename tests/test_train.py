@@ -184,3 +184,16 @@ def test_eval_of_a_saved_model_checkpoint(tmp_path, capsys):
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"] == summary["loss"]
   with pytest.raises(ValueError, match="no sh2_jax checkpoint found"):
     evaluate(cfg, str(tmp_path))
+
+
+def test_metric_writer_resume_drops_later_and_torn_records(tmp_path):
+  from sh2_jax.train.metrics import MetricWriter
+  (tmp_path / "metrics.jsonl").write_text(
+      '{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n{"step": 3, "loss": 1.0}\n{"step": 4, "lo')
+  w = MetricWriter(str(tmp_path), enabled=True, resume_step=2)
+  w.write({"step": 3, "loss": 1.5})
+  w.close()
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(l) for l in lines] == [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0},
+                                            {"step": 3, "loss": 1.5}]
+  assert os.listdir(tmp_path / "tensorboard")

@@ -71,7 +71,8 @@ def restore_latest(mngr: ocp.CheckpointManager, *, abstract_params, abstract_opt
                    abstract_state, data_iter):
   """(step, params, opt_state, state) of the latest step that restores, or None when there is
   no checkpoint. ``data_iter`` is set to the saved position in place."""
-  for step in sorted(mngr.all_steps(), reverse=True):
+  steps = sorted(mngr.all_steps(), reverse=True)
+  for step in steps:
     try:
       out = mngr.restore(step, args=ocp.args.Composite(
           params=ocp.args.StandardRestore(abstract_params),
@@ -89,4 +90,7 @@ def restore_latest(mngr: ocp.CheckpointManager, *, abstract_params, abstract_opt
       _set_damaged(mngr, step)
       continue
     return step, out["params"], out["opt_state"], out["state"]
+  if steps:  # starting over silently would throw the run away
+    raise RuntimeError(f"every checkpoint in {mngr.directory} is damaged (steps {steps}, now "
+                       "renamed *.damaged); run again to start from scratch, or restore a copy")
   return None

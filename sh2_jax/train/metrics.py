@@ -45,6 +45,14 @@ def peak_flops_per_device(configured: float, compute_dtype: str) -> float:
   return CPU_NOMINAL_FLOPS
 
 
+def _step_of(line: str) -> float:
+  """The step of a metrics.jsonl line; a line cut short by a killed run counts as after any."""
+  try:
+    return json.loads(line)["step"]
+  except (json.JSONDecodeError, KeyError, TypeError):
+    return math.inf
+
+
 class MetricWriter:
   """One JSON object per logged step in ``workdir/metrics.jsonl`` plus TensorBoard scalars in
   ``workdir/tensorboard``. Only the main process writes. On resume from step s, records after
@@ -58,7 +66,7 @@ class MetricWriter:
       return
     if os.path.exists(self.path):
       with open(self.path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+        keep = [line for line in f if _step_of(line) <= resume_step]
       with open(self.path, "w") as f:
         f.writelines(keep)
     from tensorboardX import SummaryWriter  # heavy import, main process only
@@ -70,7 +78,7 @@ class MetricWriter:
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
     for key, value in record.items():
-      if key != "step" and isinstance(value, (int, float)) and value is not None:
+      if key != "step" and isinstance(value, (int, float)):
         self.tb.add_scalar(key, value, record["step"])
     self.tb.flush()
 
