@@ -135,7 +135,8 @@ def test_validate_names_bad_values():
 
 
 def _run_cli(args, env_extra=None):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # other modules set it
+  env.update({"JAX_PLATFORMS": "cpu", **(env_extra or {})})
   return subprocess.run([sys.executable, "train.py", "--config=configs/tiny.py", *args],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
 
@@ -176,7 +177,7 @@ def test_eval_of_a_saved_model_checkpoint(tmp_path, capsys):
   (tmp_path / "text.txt").write_bytes(b"A short evaluation text, evaluated whole. " * 6)
   cfg = make_config("tiny")
   cfg.data.path, cfg.data.eval_fraction = str(tmp_path / "text.txt"), 1.0
-  cfg.seq_len, cfg.batch_size, cfg.eval_batches = 32, 4, 0
+  cfg.seq_len, cfg.batch_size, cfg.eval_batches = 32, 4 * jax.device_count(), 0
   summary = evaluate(cfg, str(tmp_path / "ckpt"))
   assert summary["tokens"] == 6 * 42  # every byte and the EOD are targets, nothing else
   assert summary["windows"] == 8

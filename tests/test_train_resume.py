@@ -17,7 +17,8 @@ ARGS = ["--config=configs/tiny.py", "--config.model.d_model=32", "--config.model
         "--config.seq_len=32", "--config.batch_size=4", f"--config.num_steps={STEPS}",
         "--config.log_every=1", f"--config.checkpoint_every={EVERY}", "--config.eval_every=0",
         "--config.keep_checkpoints=3"]
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+ENV = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},  # one CPU device
+       "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 
 
 def _start(workdir, *extra):
