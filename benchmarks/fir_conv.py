@@ -203,6 +203,20 @@ def ab(length=16384):
       print(f"fwd K={taps:3d} {bs}: {t * 1e3:.3f} ms", flush=True)
 
 
+def grid_fill():
+  """Short sequences: segments shortened until the grid has min_programs programs, or not."""
+  for length in (2048, 4096, 8192, 16384):
+    for taps in (7, 128):
+      x1, v, x2, h, dskip, dy = inputs(length, taps)
+      for mp in (0, 528, 1056):
+        bs = dataclasses.replace(default_block_sizes(taps), min_programs=mp)
+        bb = dataclasses.replace(default_block_sizes(taps, True), min_programs=mp)
+        f, fb = fwd_and_fwdbwd(ops(taps, bs, bb)["pallas"])
+        tf, tfb = timeit(f, x1, v, x2, h, dskip), timeit(fb, x1, v, x2, h, dskip, dy)
+        print(f"grid L={length:6d} K={taps:3d} min_programs={mp:5d}: fwd {tf * 1e3:.3f} ms, "
+              f"fwd+bwd {tfb * 1e3:.3f} ms", flush=True)
+
+
 def full(out_dir, best=None, only=None):
   bw = copy_bandwidth()
   print(f"copy bandwidth {bw / 1e12:.2f} TB/s (bytes read + written)", flush=True)
@@ -270,7 +284,7 @@ def plot(series, path):
 if __name__ == "__main__":
   p = argparse.ArgumentParser()
   p.add_argument("--mode", default="full",
-                 choices=["check", "sweep", "featurizer", "full", "all", "ab"])
+                 choices=["check", "sweep", "featurizer", "full", "all", "ab", "grid"])
   p.add_argument("--only", default=None, help="full: time only this kind (pallas, xla, fft, li)")
   p.add_argument("--out", default=os.environ.get("OUT", ""))
   a = p.parse_args()
@@ -282,6 +296,8 @@ if __name__ == "__main__":
     sweep()
   elif a.mode == "all":  # sweep, then the table with the best variants
     full(a.out, sweep())
+  elif a.mode == "grid":
+    grid_fill()
   elif a.mode == "ab":
     ab()
   elif a.mode == "featurizer":

@@ -60,6 +60,7 @@ class BlockSizes:
   num_stages: int = 2
   rebuild: bool | None = None  # build Toeplitz blocks per chunk; None: only when they don't fit
   prefetch: bool = True  # forward: issue the next chunk's loads before this chunk's dots
+  min_programs: int = 528  # shorten the segments (down to 4 chunks) until the grid has this many
 
 
 def default_block_sizes(taps: int, backward: bool = False, dtype=jnp.bfloat16) -> BlockSizes:
@@ -137,6 +138,10 @@ def make_layout(x_shape, h_shape, bs: BlockSizes, itemsize: int = 2,
   padded_channels = -(-channels // tile) * tile
   num_chunks = -(-length // c)
   seg = max(d for d in range(1, min(bs.seg_chunks, num_chunks) + 1) if num_chunks % d == 0)
+  # Short sequences: more, shorter segments so that the grid fills the GPU (132 SMs on an H100).
+  programs = lambda s_: batch * (padded_channels // tile) * (num_chunks // s_)  # noqa: E731
+  while programs(seg) < bs.min_programs and seg > 4:
+    seg = max(d for d in range(1, seg) if num_chunks % d == 0)
   if gs % w == 0:
     slots = 1
   else:  # the most groups any width-aligned sub-block of real channels touches
