@@ -208,7 +208,7 @@ def grid_fill():
   for length in (2048, 4096, 8192, 16384):
     for taps in (7, 128):
       x1, v, x2, h, dskip, dy = inputs(length, taps)
-      for mp in (0, 528, 1056):
+      for mp in (0, 528, 1056):  # 0 = off (the default)
         bs = dataclasses.replace(default_block_sizes(taps), min_programs=mp)
         bb = dataclasses.replace(default_block_sizes(taps, True), min_programs=mp)
         f, fb = fwd_and_fwdbwd(ops(taps, bs, bb)["pallas"])
