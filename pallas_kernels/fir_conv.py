@@ -60,7 +60,7 @@ class BlockSizes:
   num_stages: int = 2
   rebuild: bool | None = None  # build Toeplitz blocks per chunk; None: only when they don't fit
   prefetch: bool = True  # forward: issue the next chunk's loads before this chunk's dots
-  min_programs: int = 0  # if > 0: shorten the segments (to >= 4 chunks) until the grid has this many
+  min_programs: int = 0  # > 0: shorter segments (>= 4 chunks) until the grid has this many
 
 
 def default_block_sizes(taps: int, backward: bool = False, dtype=jnp.bfloat16) -> BlockSizes:

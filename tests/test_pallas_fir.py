@@ -59,6 +59,8 @@ CASES = [
     (2, 140, 45, 3, 128, jnp.float32, True, None),                     # 15 channels/group, K=128
     (2, 170, 64, 4, 7, jnp.float32, True,                              # several segments,
      BlockSizes(chunk=32, tile=64, width=16, seg_chunks=2, chunk_outer=False)),  # group-outer
+    (2, 170, 64, 4, 7, jnp.bfloat16, True,                             # grid-filling segments
+     BlockSizes(chunk=32, tile=32, width=16, seg_chunks=6, min_programs=64)),
     (3, 190, 32, 32, 64, jnp.bfloat16, True,                           # G = D, segments
      BlockSizes(chunk=64, tile=32, width=32, seg_chunks=2, chunk_outer=True)),
 ]
