@@ -116,6 +116,7 @@ _LIVE_BUDGET = {False: 96 * 1024, True: 64 * 1024}
 
 def make_layout(x_shape, h_shape, bs: BlockSizes, itemsize: int = 2,
                 backward: bool = False) -> Layout:
+  """Check shapes and block sizes (errors name the bad value) and derive the launch geometry."""
   batch, length, channels = x_shape
   groups, taps = h_shape
   c, w = bs.chunk, bs.width
