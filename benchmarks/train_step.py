@@ -1,0 +1,374 @@
+"""Training-step throughput: the Evo 2 7B layout against a Transformer of equal width/depth/MLP.
+
+One full step — forward, backward, AdamW (global-norm clipping, weight-decay mask) — through the
+trainer's own ``sh2_jax.train.step.train_step``: float32 master weights, bf16 compute, donated
+parameter/optimizer buffers, cuDNN attention, the Pallas FIR kernels, batch 1. Tokens/s and MFU
+against the bf16 GEMM rate measured in the same process; model FLOPs from ``sh2_jax.flops``
+(6·N·T plus 6·L²·D per attention layer per sequence; rematerialisation is not counted).
+
+  # one GPU, reduced width (the 7B layout's 32 layers at width 2048):
+  python benchmarks/train_step.py --width 2048 --layers 32 --out DIR
+  # two GPUs: context parallelism over both, parameters and optimizer state sharded over the
+  # same two ranks (FSDP), at the true 7B width with fewer layers:
+  python benchmarks/train_step.py --cp 2 --width 4096 --layers 7 --out DIR
+  python benchmarks/train_step.py --smoke            # CPU plumbing check
+  python benchmarks/train_step.py --plot DIR/train_step.jsonl
+
+The points run in priority order (``--lengths``) and a point whose predicted cost exceeds the
+time left (``--budget_s``) is skipped with a note, so a hard-limited call still prints its table.
+``--profile_len`` traces two steps of each model at that length (jax.profiler) and prints the
+GPU time per kernel class and the top kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import glob
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+import types
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import common  # noqa: E402
+from benchmarks.transformer import evo2_7b_layout, transformer_like  # noqa: E402
+
+warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
+
+OPT = types.SimpleNamespace(learning_rate=1e-4, warmup_steps=10, min_lr_ratio=0.1,
+                            weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0,
+                            grad_accum_steps=1, decay_embedding=True)
+
+
+def li_impl_choice(requested: str) -> str:
+  from sh2_jax.config import LI_IMPLS
+  if requested != "best":
+    return requested
+  others = [x for x in LI_IMPLS if x != "fft"]
+  return others[0] if others else "fft"
+
+
+def remat_for(length: int, width: int, layers: int, devices: int, requested: str) -> str:
+  """``none`` when every block's activations fit (short sequences), else ``blocks``."""
+  if requested != "auto":
+    return requested
+  tokens_per_device = length / devices
+  # ~20 live [L, D] bf16 tensors per block without remat; keep them under ~24 GB
+  return "none" if 20 * tokens_per_device * width * 2 * layers < 24e9 else "blocks"
+
+
+class Point:
+  """One model at one length: compiled step, live state, timings."""
+
+  def __init__(self, cfg, length: int, remat: str, mesh, seed: int = 0):
+    from flax import nnx
+    from sh2_jax.model import StripedHyena
+    from sh2_jax.train import mesh as mesh_lib
+    from sh2_jax.train.optim import make_optimizer
+    from sh2_jax.train.step import train_step
+    import optax
+
+    self.cfg, self.length, self.remat = cfg, length, remat
+    abstract = nnx.eval_shape(lambda: StripedHyena(cfg, rngs=nnx.Rngs(0)))
+    graphdef, _ = nnx.split(abstract)
+    abs_params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    tx = make_optimizer(OPT, 1000)
+    if mesh is None:
+      p_sh = o_sh = b_sh = repl = None
+    else:
+      specs = mesh_lib.param_specs(abstract)
+      # FSDP over the context ranks: shard what is annotated 'fsdp' over 'context' instead
+      specs = jax.tree.map(lambda s: jax.sharding.PartitionSpec(
+          *("context" if a == "fsdp" else a for a in s)), specs,
+          is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
+      p_sh = mesh_lib.param_shardings(mesh, abs_params, specs)
+      abs_opt = jax.eval_shape(tx.init, abs_params)
+      repl = mesh_lib.replicated(mesh)
+      o_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, p_sh,
+                                   transform_non_params=lambda _: repl)
+      b_sh = {k: mesh_lib.batch_sharding(mesh) for k in ("inputs", "targets", "weights")}
+
+    @functools.partial(jax.jit, out_shardings=p_sh)
+    def init():
+      return nnx.to_pure_dict(nnx.state(StripedHyena(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
+
+    self.params = init()
+    self.opt_state = jax.jit(tx.init, out_shardings=o_sh)(self.params)
+    self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
+    step = functools.partial(train_step, graphdef=graphdef, tx=tx, remat=remat, accum=1,
+                             mesh=mesh)
+    kw = {} if mesh is None else dict(in_shardings=(p_sh, o_sh, b_sh),
+                                      out_shardings=(p_sh, o_sh, repl))
+    self.step = jax.jit(step, donate_argnums=(0, 1), **kw)
+    rng = np.random.default_rng(seed)
+    toks = rng.integers(0, 256, size=(1, length + 1), dtype=np.int32)  # bytes, as in training
+    batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:],
+             "weights": np.ones((1, length), np.float32)}
+    self.batch = (jax.device_put(batch) if mesh is None else
+                  {k: jax.device_put(v, b_sh[k]) for k, v in batch.items()})
+    t0 = time.perf_counter()
+    self.compiled = self.step.lower(self.params, self.opt_state, self.batch).compile()
+    self.compile_s = time.perf_counter() - t0
+
+  def run(self, n: int) -> float:
+    """Seconds per step over n back-to-back steps (after the caller's warm-up)."""
+    t0 = time.perf_counter()
+    m = None
+    for _ in range(n):
+      self.params, self.opt_state, m = self.compiled(self.params, self.opt_state, self.batch)
+    jax.block_until_ready((self.params, m))
+    self.loss = float(m["loss"])
+    return (time.perf_counter() - t0) / n
+
+
+# ----------------------------------------------------------------------------- profile
+
+KERNEL_CLASSES = [  # (class, regex over kernel names), first match wins
+    ("attention (cuDNN)", r"cudnn|fmha|flash|sdpa|_attn"),
+    ("GEMM", r"gemm|xmma|cutlass|nvjet|cublas|matmul|_mma|wgmma|sm90_"),
+    ("FFT", r"fft"),
+    ("Pallas FIR", r"fir|gated_fir|toeplitz|blocked"),
+    ("Pallas modal scan", r"modal"),
+    ("collectives", r"nccl|all_gather|all-gather|reduce_scatter|all_to_all|collective|permute"),
+    ("reductions", r"reduce|reduction"),
+    ("copies/transposes", r"copy|transpose|memcpy|memset|concatenate|slice|pad"),
+    ("elementwise fusions", r"fusion|loop|input_|convert|multiply|add"),
+]
+
+
+def profile_summary(trace_dir: str, steps: int, label: str) -> str:
+  from jax.profiler import ProfileData
+  files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+  if not files:
+    return f"{label}: no trace written"
+  data = ProfileData.from_file(sorted(files)[-1])
+  totals: dict[str, float] = {}
+  ops: dict[str, float] = {}
+  for plane in data.planes:
+    if not plane.name.startswith("/device:GPU:0"):
+      continue
+    for line in plane.lines:
+      target = ops if line.name == "XLA Ops" else totals if "Stream" in line.name else None
+      if target is None:
+        continue
+      for ev in line.events:
+        target[ev.name] = target.get(ev.name, 0.0) + ev.duration_ns * 1e-9
+  if not totals:
+    return f"{label}: no GPU kernel events in the trace"
+  busy = sum(totals.values())
+  classes: dict[str, float] = {}
+  for name, t in totals.items():
+    cls = next((c for c, rx in KERNEL_CLASSES if re.search(rx, name, re.I)), "other")
+    classes[cls] = classes.get(cls, 0.0) + t
+  lines = [f"### profile: {label} ({steps} steps traced; GPU kernel time {busy / steps * 1e3:.1f} "
+           "ms/step)", "", "| kernel class | ms/step | share |", "|---|---|---|"]
+  for cls, t in sorted(classes.items(), key=lambda kv: -kv[1]):
+    lines.append(f"| {cls} | {t / steps * 1e3:.1f} | {100 * t / busy:.1f}% |")
+  lines += ["", "top kernels:", ""]
+  for name, t in sorted(totals.items(), key=lambda kv: -kv[1])[:15]:
+    lines.append(f"- {t / steps * 1e3:8.2f} ms/step {100 * t / busy:5.1f}%  {name[:110]}")
+  if ops:
+    lines += ["", "top XLA ops:", ""]
+    for name, t in sorted(ops.items(), key=lambda kv: -kv[1])[:15]:
+      lines.append(f"- {t / steps * 1e3:8.2f} ms/step  {name[:110]}")
+  return "\n".join(lines)
+
+
+def profile(point: Point, label: str) -> str:
+  point.run(1)
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      point.run(2)
+    return profile_summary(d, 2, label)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def run(a) -> None:
+  info = common.device_info()
+  print(info, flush=True)
+  budget = common.Budget(a.budget_s)
+  devices = jax.device_count()
+  mesh = None
+  if a.cp > 1:
+    if devices != a.cp:
+      raise ValueError(f"--cp {a.cp} needs exactly {a.cp} devices; JAX sees {devices}")
+    from sh2_jax.train.mesh import AXES
+    mesh = jax.make_mesh((1, 1, a.cp), AXES,
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  rec = common.Recorder(a.out, "train_step" + (f"_cp{a.cp}" if a.cp > 1 else ""))
+  rate = common.gemm_rate(512 if a.smoke else 8192)
+  rec.add(kind="ceiling", gemm_flops=rate, **info)
+  print(f"bf16 GEMM {rate / 1e12:.0f} TFLOP/s per device", flush=True)
+  from sh2_jax.flops import flops_per_token
+  li = li_impl_choice(a.li_impl)
+  base = dict(dtype="bfloat16", param_dtype="float32", li_impl=li)
+  if a.smoke:
+    base.update(conv_impl="xla", attention_impl="xla")
+  sh2 = evo2_7b_layout(a.width, a.layers, **base)
+  models = [("SH2 (Evo 2 7B layout)", sh2), ("Transformer (all MHA)", transformer_like(sh2))]
+  lengths = [int(x) for x in a.lengths.split(",")]
+  est = {}  # model -> (compile_s, step_s at length)
+  profiles = []
+  for length in lengths:
+    for label, cfg in models:
+      remat = remat_for(length, a.width, a.layers, a.cp, a.remat)
+      row = dict(kind="step", model=label, L=length, width=a.width, layers=a.layers, cp=a.cp,
+                 remat=remat, li_impl=li, step_s=None, note="")
+      if label in est:  # predicted cost: compile + ~4 steps, attention-heavy steps ~ L^2
+        c_s, s_s, l0 = est[label]
+        power = 2.0 if label.startswith("Transformer") else 1.3
+        predicted = c_s + 4 * s_s * (length / l0) ** power + 10
+        if not budget.allows(predicted):
+          row["note"] = f"not run: time budget (predicted {predicted:.0f} s, left {budget.left():.0f} s)"
+          rec.add(**row)
+          print(label, length, row["note"], flush=True)
+          continue
+      t0 = time.perf_counter()
+      try:
+        p = Point(cfg, length, remat, mesh)
+        p.run(1)  # warm-up
+        est_step = p.run(1)
+        n = int(np.clip(a.target_s / est_step, 2, 10))
+        step_s = p.run(n)
+        fpt = flops_per_token(cfg, length)
+        tps = length / step_s
+        row.update(step_s=step_s, tokens_per_s=tps, mfu=tps * fpt / (rate * devices),
+                   flops_per_token=fpt, params=p.num_params, compile_s=round(p.compile_s, 1),
+                   steps=n, loss=p.loss)
+        est[label] = (p.compile_s, step_s, length)
+        if length == a.profile_len and budget.allows(6 * step_s + 20):
+          prof = profile(p, f"{label}, L={length}, width {a.width}, {a.layers} layers")
+          print(prof, flush=True)
+          profiles.append(prof)
+        del p
+      except Exception as e:
+        row["note"] = common.short_error(e, 300)
+      row["wall_s"] = round(time.perf_counter() - t0, 1)
+      rec.add(**row)
+      if row["step_s"]:
+        print(f"{label:24s} L={length:6d} remat={remat:6s} step {row['step_s'] * 1e3:9.1f} ms  "
+              f"{row['tokens_per_s']:9.0f} tok/s  MFU {100 * row['mfu']:5.1f}%  compile "
+              f"{row['compile_s']} s  wall {row['wall_s']} s  loss {row['loss']:.3f}", flush=True)
+      else:
+        print(f"{label:24s} L={length:6d}: {row['note']}", flush=True)
+  if a.out and profiles:
+    with open(os.path.join(a.out, "profile" + (f"_cp{a.cp}" if a.cp > 1 else "") + ".md"),
+              "w") as fh:
+      fh.write("\n\n".join(profiles) + "\n")
+  report(rec.rows, a.out, a.cp)
+
+
+def report(rows: list[dict], out_dir: str, cp: int = 1) -> str:
+  ceil = next((r for r in rows if r["kind"] == "ceiling"), {})
+  steps = [r for r in rows if r.get("kind") == "step"]
+  if not steps:
+    return ""
+  r0 = steps[0]
+  head = (f"Card: {ceil.get('count')} x {ceil.get('device')}; {ceil.get('date')}; JAX "
+          f"{ceil.get('jax')}; bf16 GEMM {ceil.get('gemm_flops', 0) / 1e12:.0f} TFLOP/s per "
+          f"device (measured, the MFU denominator). Width {r0['width']}, {r0['layers']} layers, "
+          f"batch 1, LI {r0['li_impl']}"
+          + (f", context parallel over {cp} GPUs with FSDP over the same ranks" if cp > 1 else "")
+          + ".")
+  table = []
+  for length in sorted({r["L"] for r in steps}):
+    pair = {r["model"].split()[0]: r for r in steps if r["L"] == length}
+    cells = [f"{length // 1024}K"]
+    for key in ("SH2", "Transformer"):
+      r = pair.get(key)
+      if r and r.get("step_s"):
+        cells += [f"{r['step_s'] * 1e3:.0f}", f"{r['tokens_per_s']:.0f}", f"{100 * r['mfu']:.1f}%",
+                  r["remat"]]
+      else:
+        cells += [r["note"] if r else "–", "", "", ""]
+    s, t = pair.get("SH2", {}), pair.get("Transformer", {})
+    cells.append(f"{t['step_s'] / s['step_s']:.2f}x" if s.get("step_s") and t.get("step_s")
+                 else "–")
+    table.append(cells)
+  text = head + "\n\n" + common.markdown_table(
+      ["L", "SH2 ms/step", "SH2 tok/s", "SH2 MFU", "SH2 remat", "Transformer ms/step",
+       "Transformer tok/s", "Transformer MFU", "Transformer remat", "SH2 speed-up"], table)
+  if out_dir:
+    name = "train_step" + (f"_cp{cp}" if cp > 1 else "")
+    with open(os.path.join(out_dir, name + ".md"), "w") as fh:
+      fh.write(text + "\n")
+    try:
+      plot(steps, os.path.join(out_dir, name + ".png"), head)
+    except Exception as e:
+      print("plot failed:", common.short_error(e), flush=True)
+  print(text, flush=True)
+  return text
+
+
+def plot(steps: list[dict], path: str, title: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  lengths = sorted({r["L"] for r in steps})
+  sp, mfu = [], {}
+  for length in lengths:
+    pair = {r["model"].split()[0]: r for r in steps if r["L"] == length and r.get("step_s")}
+    if len(pair) == 2:
+      sp.append((length, pair["Transformer"]["step_s"] / pair["SH2"]["step_s"]))
+    for k, r in pair.items():
+      mfu.setdefault(k, []).append((length, 100 * r["mfu"]))
+  if sp:
+    axes[0].semilogx([p[0] for p in sp], [p[1] for p in sp], "o-", base=2)
+    for x, y in sp:
+      axes[0].annotate(f"{y:.2f}x", (x, y), textcoords="offset points", xytext=(0, 6),
+                       ha="center", fontsize=8)
+  axes[0].axhline(1.0, color="gray", lw=0.8)
+  axes[0].set_title("SH2 (Evo 2 7B layout) / Transformer step throughput")
+  axes[0].set_xlabel("sequence length L (batch 1)")
+  axes[0].set_ylabel("speed-up")
+  for k, pts in mfu.items():
+    axes[1].semilogx([p[0] for p in pts], [p[1] for p in pts], "o-", label=k, base=2)
+  axes[1].set_title("MFU vs measured bf16 GEMM rate")
+  axes[1].set_xlabel("sequence length L")
+  axes[1].set_ylabel("%")
+  axes[1].legend(fontsize=8)
+  for ax in axes:
+    ax.grid(True, which="both", alpha=0.3)
+  fig.suptitle(title[:150] + ("..." if len(title) > 150 else ""), fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--out", default=os.environ.get("OUT", ""))
+  p.add_argument("--smoke", action="store_true", help="tiny model on CPU (plumbing check)")
+  p.add_argument("--width", type=int, default=2048)
+  p.add_argument("--layers", type=int, default=32)
+  p.add_argument("--cp", type=int, default=1, help="context-parallel ranks (FSDP over them too)")
+  p.add_argument("--lengths", default="32768,131072,8192,16384,65536",
+                 help="comma list, in priority order")
+  p.add_argument("--remat", default="auto", choices=["auto", "none", "blocks", "dots"])
+  p.add_argument("--li_impl", default="best", help="'best' = the FFT-free LI if available")
+  p.add_argument("--budget_s", type=float, default=230.0)
+  p.add_argument("--target_s", type=float, default=3.0, help="timed seconds per point")
+  p.add_argument("--profile_len", type=int, default=32768)
+  p.add_argument("--plot", default="", help="redraw table + plot from a train_step*.jsonl")
+  a = p.parse_args()
+  if a.plot:
+    with open(a.plot) as fh:
+      rows = [json.loads(line) for line in fh if line.strip()]
+    report(rows, a.out or os.path.dirname(a.plot), 2 if "_cp2" in a.plot else 1)
+  else:
+    if a.smoke:
+      jax.config.update("jax_platforms", "cpu")
+      a.width, a.layers, a.lengths, a.profile_len = 128, 7, "256,512", 256
+      a.target_s = 0.5
+    run(a)
