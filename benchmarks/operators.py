@@ -68,8 +68,7 @@ def _have_modal_scan() -> bool:
 def _li_dispatch_name() -> str | None:
   """The ``li_impl`` value of the FFT-free LI path, if the model's dispatch offers one."""
   from sh2_jax.config import LI_IMPLS
-  others = [x for x in LI_IMPLS if x != "fft"]
-  return others[0] if others else None
+  return "modal_scan" if "modal_scan" in LI_IMPLS else None
 
 
 class Setup:

@@ -53,8 +53,8 @@ def li_impl_choice(requested: str) -> str:
   from sh2_jax.config import LI_IMPLS
   if requested != "best":
     return requested
-  others = [x for x in LI_IMPLS if x != "fft"]
-  return others[0] if others else "fft"
+  gpu = jax.default_backend() == "gpu"
+  return "modal_scan" if gpu and "modal_scan" in LI_IMPLS else "fft"
 
 
 def remat_for(length: int, width: int, layers: int, devices: int, requested: str) -> str:
@@ -97,11 +97,10 @@ class Point:
                                    transform_non_params=lambda _: repl)
       b_sh = {k: mesh_lib.batch_sharding(mesh) for k in ("inputs", "targets", "weights")}
 
-    @functools.partial(jax.jit, out_shardings=p_sh)
-    def init():
-      return nnx.to_pure_dict(nnx.state(StripedHyena(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
-
-    self.params = init()
+    # eager init (each op compiled once per shape), then shard: a jitted init of the whole
+    # model compiled for minutes at 32 layers (benchmarks/RESULTS.md, "Training step")
+    params = nnx.to_pure_dict(nnx.state(StripedHyena(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
+    self.params = jax.device_put(params, p_sh) if p_sh is not None else params
     self.opt_state = jax.jit(tx.init, out_shardings=o_sh)(self.params)
     self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
     step = functools.partial(train_step, graphdef=graphdef, tx=tx, remat=remat, accum=1,
@@ -284,7 +283,7 @@ def report(rows: list[dict], out_dir: str, cp: int = 1) -> str:
   table = []
   for length in sorted({r["L"] for r in steps}):
     pair = {r["model"].split()[0]: r for r in steps if r["L"] == length}
-    cells = [f"{length // 1024}K"]
+    cells = [f"{length // 1024}K" if length >= 1024 else str(length)]
     for key in ("SH2", "Transformer"):
       r = pair.get(key)
       if r and r.get("step_s"):
