@@ -63,19 +63,48 @@ def _keep(geo, t, masked, new, old):
   return jnp.where(t < geo.length, new, old) if masked else new
 
 
-def _params(lam_ref, res_ref, cols):
-  lam = lam_ref[cols, :].T                                      # [N, tile]
-  return jnp.exp(lam), res_ref[cols, :].T
+def _load_nt(ref, idx, rows_io: bool):
+  """``ref[idx + (all states,)]`` ([tile, N] in memory) as a float32 [N, tile] register tensor.
+
+  With ``rows_io`` (compiled kernels) it is N row loads: that keeps every [N, tile] tensor in
+  Triton's default layout for the shape — each lane holds whole columns, so sums over N stay in
+  the lane and the per-token [tile] rows need no layout conversion (checked in the TTGIR / SASS:
+  no shuffles, no barriers), whereas a 2D load would impose its coalesced layout on the
+  loop-carried states. The interpreter (tests) takes the one 2D load: far fewer ops to trace."""
+  if not rows_io:
+    return ref[idx + (slice(None),)].astype(F32).T
+  states = ref.shape[-1]
+  rows = [ref[idx + (n,)].astype(F32) for n in range(states)]
+  sel = jax.lax.broadcasted_iota(jnp.int32, (states, rows[0].shape[0]), 0)
+  out = jnp.zeros(sel.shape, F32)
+  for n, r in enumerate(rows):
+    out = jnp.where(sel == n, r[None, :], out)
+  return out
+
+
+def _store_nt(ref, idx, x, rows_io: bool):
+  """The inverse of ``_load_nt``: ``ref[idx + (all states,)] = x.T``."""
+  if not rows_io:
+    ref[idx + (slice(None),)] = x.T
+    return
+  sel = jax.lax.broadcasted_iota(jnp.int32, x.shape, 0)
+  for n in range(x.shape[0]):
+    ref[idx + (n,)] = jnp.sum(jnp.where(sel == n, x, 0.0), axis=0)
+
+
+def _params(lam_ref, res_ref, cols, rows_io):
+  return (jnp.exp(_load_nt(lam_ref, (cols,), rows_io)),       # a [N, tile]
+          _load_nt(res_ref, (cols,), rows_io))
 
 
 # ----------------------------------------------------------------------------- kernels
 
 
 def _fwd_kernel(lam_ref, res_ref, skip_ref, sin_ref, x1_ref, v_ref, x2_ref, y_ref, sT_ref, *,
-                geo: Geometry):
+                geo: Geometry, rows_io: bool):
   b, ti, si = _ids()
   cols = pl.ds(ti * geo.bs.tile, geo.bs.tile)
-  a, res = _params(lam_ref, res_ref, cols)
+  a, res = _params(lam_ref, res_ref, cols, rows_io)
   skip = skip_ref[cols]
 
   def token(t, s, masked):
@@ -86,15 +115,15 @@ def _fwd_kernel(lam_ref, res_ref, skip_ref, sin_ref, x1_ref, v_ref, x2_ref, y_re
     y_ref[b, t, cols] = (x2_ref[b, t, cols].astype(F32) * z).astype(y_ref.dtype)
     return s
 
-  s = _walk(geo, si, token, sin_ref[b, si, cols, :].T)
-  sT_ref[b, si, cols, :] = s.T
+  s = _walk(geo, si, token, _load_nt(sin_ref, (b, si, cols), rows_io))
+  _store_nt(sT_ref, (b, si, cols), s, rows_io)
 
 
-def _state_kernel(lam_ref, x1_ref, v_ref, e_ref, ep_ref, *, geo: Geometry):
+def _state_kernel(lam_ref, x1_ref, v_ref, e_ref, ep_ref, *, geo: Geometry, rows_io: bool):
   """Each segment's end state and its lambda-derivative, from zero."""
   b, ti, si = _ids()
   cols = pl.ds(ti * geo.bs.tile, geo.bs.tile)
-  a = jnp.exp(lam_ref[cols, :].T)
+  a, _ = _params(lam_ref, lam_ref, cols, rows_io)
 
   def token(t, carry, masked):
     s, p = carry
@@ -104,28 +133,30 @@ def _state_kernel(lam_ref, x1_ref, v_ref, e_ref, ep_ref, *, geo: Geometry):
 
   zeros = jnp.zeros(a.shape, F32)
   s, p = _walk(geo, si, token, (zeros, zeros))
-  e_ref[b, si, cols, :] = s.T
-  ep_ref[b, si, cols, :] = p.T
+  _store_nt(e_ref, (b, si, cols), s, rows_io)
+  _store_nt(ep_ref, (b, si, cols), p, rows_io)
 
 
-def _adjoint_state_kernel(lam_ref, res_ref, x2_ref, dy_ref, ew_ref, *, geo: Geometry):
+def _adjoint_state_kernel(lam_ref, res_ref, x2_ref, dy_ref, ew_ref, *, geo: Geometry,
+                          rows_io: bool):
   """Each segment's W (cotangent of the state before it) from its own impulses alone."""
   b, ti, si = _ids()
   cols = pl.ds(ti * geo.bs.tile, geo.bs.tile)
-  a, res = _params(lam_ref, res_ref, cols)
+  a, res = _params(lam_ref, res_ref, cols, rows_io)
 
   def token(t, w, masked):
     g = dy_ref[b, t, cols].astype(F32) * x2_ref[b, t, cols].astype(F32)
     return _keep(geo, t, masked, a * (res * g[None, :] + w), w)
 
-  ew_ref[b, si, cols, :] = _walk(geo, si, token, jnp.zeros(a.shape, F32), reverse=True).T
+  w = _walk(geo, si, token, jnp.zeros(a.shape, F32), reverse=True)
+  _store_nt(ew_ref, (b, si, cols), w, rows_io)
 
 
 def _adjoint_kernel(lam_ref, res_ref, skip_ref, win_ref, x1_ref, v_ref, x2_ref, dy_ref, dx1_ref,
-                    dv_ref, ds0_ref, *, geo: Geometry):
+                    dv_ref, ds0_ref, *, geo: Geometry, rows_io: bool):
   b, ti, si = _ids()
   cols = pl.ds(ti * geo.bs.tile, geo.bs.tile)
-  a, res = _params(lam_ref, res_ref, cols)
+  a, res = _params(lam_ref, res_ref, cols, rows_io)
   skip = skip_ref[cols]
 
   def token(t, w, masked):
@@ -137,14 +168,16 @@ def _adjoint_kernel(lam_ref, res_ref, skip_ref, win_ref, x1_ref, v_ref, x2_ref, 
     dv_ref[b, t, cols] = (du * x1).astype(dv_ref.dtype)
     return _keep(geo, t, masked, a * q, w)
 
-  ds0_ref[b, si, cols, :] = _walk(geo, si, token, win_ref[b, si, cols, :].T, reverse=True).T
+  w = _walk(geo, si, token, _load_nt(win_ref, (b, si, cols), rows_io), reverse=True)
+  _store_nt(ds0_ref, (b, si, cols), w, rows_io)
 
 
 def _grads_kernel(lam_ref, res_ref, skip_ref, sin_ref, pin_ref, dsT_ref, x1_ref, v_ref, x2_ref,
-                  dy_ref, dx2_ref, dlam_ref, dres_ref, dskip_ref, *, geo: Geometry):
+                  dy_ref, dx2_ref, dlam_ref, dres_ref, dskip_ref, *, geo: Geometry,
+                  rows_io: bool):
   b, ti, si = _ids()
   cols = pl.ds(ti * geo.bs.tile, geo.bs.tile)
-  a, res = _params(lam_ref, res_ref, cols)
+  a, res = _params(lam_ref, res_ref, cols, rows_io)
   skip = skip_ref[cols]
 
   def token(t, carry, masked):
@@ -160,13 +193,15 @@ def _grads_kernel(lam_ref, res_ref, skip_ref, sin_ref, pin_ref, dsT_ref, x1_ref,
     return s, p, d_res + g[None, :] * s, d_lam + g[None, :] * p, d_skip + g * u
 
   zeros = jnp.zeros(a.shape, F32)
-  carry = (sin_ref[b, si, cols, :].T, pin_ref[b, si, cols, :].T, zeros, zeros,
+  carry = (_load_nt(sin_ref, (b, si, cols), rows_io), _load_nt(pin_ref, (b, si, cols), rows_io),
+           zeros, zeros,
            jnp.zeros((geo.bs.tile,), F32))
   s, p, d_res, d_lam, d_skip = _walk(geo, si, token, carry)
   # the final-state cotangent meets p at t = L - 1: only the last segment ends there
-  ds_end = jnp.where(si == geo.num_segments - 1, dsT_ref[b, cols, :].T, 0.0)
-  dres_ref[b, si, cols, :] = d_res.T
-  dlam_ref[b, si, cols, :] = (res * d_lam + ds_end * p).T
+  ds_end = _load_nt(dsT_ref, (b, cols), rows_io)
+  ds_end = jnp.where(si == geo.num_segments - 1, ds_end, 0.0)
+  _store_nt(dres_ref, (b, si, cols), d_res, rows_io)
+  _store_nt(dlam_ref, (b, si, cols), res * d_lam + ds_end * p, rows_io)
   dskip_ref[b, si, cols] = d_skip
 
 
@@ -208,32 +243,33 @@ def incoming_adjoint(geo: Geometry, lam, ends, ds_out):
   return jnp.concatenate([jnp.moveaxis(w_in, 0, 1), ds_out[:, None]], axis=1)
 
 
-def _segment_inputs(geo, lam, xs, s0, interpret, poison):
-  seg = jax.ShapeDtypeStruct((geo.batch, geo.num_segments) + s0.shape[1:], F32)
-  if geo.num_segments == 1:
-    return s0[:, None], jnp.zeros_like(s0)[:, None]
-  ends, dends = call_pallas(functools.partial(_state_kernel, geo=geo), (seg, seg), geo.grid,
-                            geo.bs, interpret, "modal_serial_states", poison, lam, *xs[:2])
-  return incoming(geo, lam, ends, dends, s0)
+def _launch(kernel, out_shape, geo, opts, name, *args):
+  """One pallas_call of a token-serial kernel; opts = (interpret, poison, rows_io)."""
+  interpret, poison, rows_io = opts
+  return call_pallas(functools.partial(kernel, geo=geo, rows_io=rows_io), out_shape, geo.grid,
+                     geo.bs, interpret, name, poison, *args)
 
 
-def fwd(x1, v, x2, log_poles, residues, dskip, state, bs, interpret=False, poison=False):
-  """(y, final_state, (s_in, p_in) per segment)."""
+def fwd(x1, v, x2, log_poles, residues, dskip, state, bs, opts):
+  """(y, final_state, (s_in, p_in) per segment); opts = (interpret, poison, rows_io)."""
   geo = make_geometry(x1.shape, log_poles.shape, bs)
   lam, res, skip = pad_params(geo, log_poles, residues, dskip)
   xs = pad_inputs(geo, x1, v, x2)
   s0 = pad_state(geo, state)
-  s_in, p_in = _segment_inputs(geo, lam, xs, s0, interpret, poison)
-  seg = jax.ShapeDtypeStruct(s_in.shape, F32)
-  y, s_out = call_pallas(functools.partial(_fwd_kernel, geo=geo),
-                         (jax.ShapeDtypeStruct(xs[0].shape, x1.dtype), seg), geo.grid, geo.bs,
-                         interpret, "modal_serial_fwd", poison, lam, res, skip, s_in, *xs)
+  seg = jax.ShapeDtypeStruct((geo.batch, geo.num_segments) + s0.shape[1:], F32)
+  if geo.num_segments == 1:
+    s_in, p_in = s0[:, None], jnp.zeros_like(s0)[:, None]
+  else:
+    ends, dends = _launch(_state_kernel, (seg, seg), geo, opts, "modal_serial_states", lam,
+                          *xs[:2])
+    s_in, p_in = incoming(geo, lam, ends, dends, s0)
+  y, s_out = _launch(_fwd_kernel, (jax.ShapeDtypeStruct(xs[0].shape, x1.dtype), seg), geo, opts,
+                     "modal_serial_fwd", lam, res, skip, s_in, *xs)
   return (y[:, :geo.length, :geo.channels], s_out[:, -1, :geo.channels, :geo.states],
           (s_in, p_in))
 
 
-def bwd(x1, v, x2, log_poles, residues, dskip, seg_states, dy, ds_out, bs, interpret=False,
-        poison=False):
+def bwd(x1, v, x2, log_poles, residues, dskip, seg_states, dy, ds_out, bs, opts):
   """(dx1, dv, dx2, dlog_poles, dresidues, ddskip, dstate)."""
   geo = make_geometry(x1.shape, log_poles.shape, bs)
   lam, res, skip = pad_params(geo, log_poles, residues, dskip)
@@ -244,19 +280,16 @@ def bwd(x1, v, x2, log_poles, residues, dskip, seg_states, dy, ds_out, bs, inter
   if geo.num_segments == 1:
     w_in = dsT[:, None]
   else:
-    (ends,) = call_pallas(functools.partial(_adjoint_state_kernel, geo=geo), (seg,), geo.grid,
-                          geo.bs, interpret, "modal_serial_adjoint_states", poison, lam, res,
-                          x2p, dyp)
+    (ends,) = _launch(_adjoint_state_kernel, (seg,), geo, opts, "modal_serial_adjoint_states",
+                      lam, res, x2p, dyp)
     w_in = incoming_adjoint(geo, lam, ends, dsT)
   big = jax.ShapeDtypeStruct(x1p.shape, x1.dtype)
-  dx1, dv, ds0 = call_pallas(functools.partial(_adjoint_kernel, geo=geo), (big, big, seg),
-                             geo.grid, geo.bs, interpret, "modal_serial_adjoint", poison, lam,
-                             res, skip, w_in, x1p, vp, x2p, dyp)
+  dx1, dv, ds0 = _launch(_adjoint_kernel, (big, big, seg), geo, opts, "modal_serial_adjoint",
+                         lam, res, skip, w_in, x1p, vp, x2p, dyp)
   skip_shape = jax.ShapeDtypeStruct((geo.batch, geo.num_segments, geo.padded_channels), F32)
-  dx2, dlam, dres, dskip_p = call_pallas(
-      functools.partial(_grads_kernel, geo=geo), (big, seg, seg, skip_shape), geo.grid, geo.bs,
-      interpret, "modal_serial_grads", poison, lam, res, skip, s_in, p_in, dsT, x1p, vp, x2p,
-      dyp)
+  dx2, dlam, dres, dskip_p = _launch(_grads_kernel, (big, seg, seg, skip_shape), geo, opts,
+                                     "modal_serial_grads", lam, res, skip, s_in, p_in, dsT, x1p,
+                                     vp, x2p, dyp)
   ln, d, n = geo.length, geo.channels, geo.states
   return (dx1[:, :ln, :d], dv[:, :ln, :d], dx2[:, :ln, :d], dlam.sum((0, 1))[:d, :n],
           dres.sum((0, 1))[:d, :n], dskip_p.sum((0, 1))[:d], ds0[:, 0, :d, :n])
@@ -264,25 +297,24 @@ def bwd(x1, v, x2, log_poles, residues, dskip, seg_states, dy, ds_out, bs, inter
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _serial(x1, v, x2, log_poles, residues, dskip, state, opts):
-  bs, has_skip, interpret, poison = opts
-  return fwd(x1, v, x2, log_poles, residues, dskip if has_skip else None, state, bs, interpret,
-             poison)[:2]
+  bs, has_skip, launch = opts
+  return fwd(x1, v, x2, log_poles, residues, dskip if has_skip else None, state, bs, launch)[:2]
 
 
 def _serial_fwd(x1, v, x2, log_poles, residues, dskip, state, opts):
-  bs, has_skip, interpret, poison = opts
+  bs, has_skip, launch = opts
   y, s_out, seg_states = fwd(x1, v, x2, log_poles, residues, dskip if has_skip else None, state,
-                             bs, interpret, poison)
+                             bs, launch)
   return (y, s_out), (x1, v, x2, log_poles, residues, dskip, state, seg_states)
 
 
 def _serial_bwd(opts, saved, cts):
-  bs, has_skip, interpret, poison = opts
+  bs, has_skip, launch = opts
   x1, v, x2, log_poles, residues, dskip, state, seg_states = saved
   dy, ds_out = cts
   dx1, dv, dx2, dlam, dres, ddskip, dstate = bwd(
       x1, v, x2, log_poles, residues, dskip if has_skip else None, seg_states, dy, ds_out, bs,
-      interpret, poison)
+      launch)
   return (dx1, dv, dx2, dlam.astype(log_poles.dtype), dres.astype(residues.dtype),
           ddskip.astype(dskip.dtype), dstate.astype(state.dtype))
 
@@ -292,12 +324,14 @@ _serial.defvjp(_serial_fwd, _serial_bwd)
 
 def modal_scan_serial(x1, v, x2, log_poles, residues, dskip=None, initial_state=None, *,
                       interpret: bool = False, block_sizes: BlockSizes | None = None,
-                      poison: bool = False):
+                      poison: bool = False, rows_io: bool | None = None):
   """``(y, final_state)`` exactly as ``modal_scan.modal_scan`` (same shapes, dtypes, checks),
-  by the token-serial kernels; block_sizes.chunk is the unrolled block of tokens."""
+  by the token-serial kernels; block_sizes.chunk is the unrolled block of tokens. ``rows_io``
+  (default: compiled only) moves the [tile, N] states per state row (see ``_load_nt``)."""
   from pallas_kernels.modal_scan import _check
   _check(x1, v, x2, log_poles, residues, dskip, initial_state)
-  opts = (block_sizes or DEFAULT, dskip is not None, interpret, poison)
+  launch = (interpret, poison, (not interpret) if rows_io is None else rows_io)
+  opts = (block_sizes or DEFAULT, dskip is not None, launch)
   d = jnp.zeros((x1.shape[2],), F32) if dskip is None else dskip
   s0 = (jnp.zeros((x1.shape[0], x1.shape[2], log_poles.shape[1]), F32)
         if initial_state is None else initial_state)

@@ -89,8 +89,9 @@ def dense_f64(x1, v, x2, lam, res, dskip, s0):
 
 
 def scan(*args, bs=None, bwd_bs=None, form="chunked"):
-  if form == "serial":
-    return mss.modal_scan_serial(*args, interpret=INTERPRET, poison=True, block_sizes=bs)
+  if form in ("serial", "serial_rows"):  # serial_rows: the compiled kernels' per-row state I/O
+    return mss.modal_scan_serial(*args, interpret=INTERPRET, poison=True, block_sizes=bs,
+                                 rows_io=True if form == "serial_rows" else None)
   return ms.modal_scan(*args, interpret=INTERPRET, poison=True, block_sizes=bs,
                        bwd_block_sizes=bwd_bs)
 
@@ -116,7 +117,7 @@ GRAD_CASES = [
     ("chunked", 3, 3, 96, 33, BlockSizes(chunk=32, tile=32),
      BlockSizes(chunk=8, tile=16, segment_chunks=3)),
     ("serial", 4, 2, 157, 20, BlockSizes(chunk=4, tile=16, segment_chunks=8), None),
-    ("serial", 5, 1, 90, 33, BlockSizes(chunk=8, tile=32), None),
+    ("serial", 5, 1, 45, 9, BlockSizes(chunk=4, tile=8, segment_chunks=4), None),
 ]
 
 
@@ -145,6 +146,14 @@ def test_gradients_against_float64(form, seed, batch, length, width, bs, bwd_bs)
   names = ("x1", "v", "x2", "log_poles", "residues", "dskip", "initial_state")
   errs = {n: rel_err(g, r) for n, g, r in zip(names, grads, refs)}
   assert all(e <= TOL for e in errs.values()), errs
+
+
+def test_serial_row_state_io():
+  """The compiled token-serial kernels move states row by row (``rows_io``); same results."""
+  args = make_inputs(9, 2, 61, 9)
+  y_ref, s_ref = numpy_forward(*args)
+  y, s = scan(*args, bs=BlockSizes(chunk=4, tile=8, segment_chunks=4), form="serial_rows")
+  assert rel_err(y, y_ref) <= TOL and rel_err(s, s_ref) <= TOL
 
 
 def test_bfloat16_inputs():

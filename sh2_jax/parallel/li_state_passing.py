@@ -86,7 +86,7 @@ def self_check(interpret: bool = True, devices: int = 8, seed: int = 0) -> int:
     return 2
   mesh = Mesh(np.array(jax.devices()[:devices]), ("context",))
   rng = np.random.default_rng(seed)
-  b, d, states, c = 2, 16, 16, 19
+  b, d, states, c = 2, 16, 16, 11
   length = 2 * devices * c
   x1, v, x2, dy = (jnp.asarray(rng.standard_normal((b, length, d)), jnp.float32)
                    for _ in range(4))
