@@ -258,6 +258,8 @@ def main():
                        "table with the sweep's best block sizes")
   ap.add_argument("--lengths", default="16384,65536")
   ap.add_argument("--budget", type=float, default=150.0, help="sweep wall-clock budget (s)")
+  ap.add_argument("--sweep_forms", default="chunked,serial",
+                  help="which kernel forms to sweep (the others keep their default block sizes)")
   ap.add_argument("--out", default=os.environ.get("OUT", "."))
   args = ap.parse_args()
   dev = jax.devices()[0]
@@ -275,14 +277,15 @@ def main():
   print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
   bs_fwd = bs_bwd = bs_serial = None
   if args.mode in ("sweep", "all"):
-    rows = sweep(16384, args.budget)
+    forms = args.sweep_forms.split(",")
+    rows = sweep(16384, args.budget) if "chunked" in forms else []
     result["sweep"] = [(p, dataclasses.asdict(bs), t) for p, bs, t in rows]
     ok = lambda p: [r for r in rows if r[0] == p and np.isfinite(r[2])]
     if ok("fwd"):
       bs_fwd = min(ok("fwd"), key=lambda r: r[2])[1]
     if ok("fwd+bwd"):
       bs_bwd = min(ok("fwd+bwd"), key=lambda r: r[2])[1]
-    serial = sweep_serial(16384, args.budget / 2)
+    serial = sweep_serial(16384, args.budget / 2) if "serial" in forms else []
     result["sweep_serial"] = [(p, dataclasses.asdict(bs), t) for p, bs, t in serial]
     fin = [r for r in serial if r[0] == "serial fwd+bwd" and np.isfinite(r[2])]
     bs_serial = min(fin, key=lambda r: r[2])[1] if fin else None
