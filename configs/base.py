@@ -45,4 +45,12 @@ def make_config(preset: str) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       path="", format="auto", eval_fraction=0.05, upper_case=False, n_handling="keep"))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1))
+  if preset != "tiny":
+    # The published models: their pretraining context, bf16 compute over float32 master
+    # weights, remat per block, and parameters sharded over every device (FSDP).
+    c.seq_len = 8192
+    c.model.dtype = "bfloat16"
+    c.remat = "blocks"
+    c.batch_size = 8
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, context=1))
   return c
