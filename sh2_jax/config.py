@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 OPS = ("SE", "MR", "LI", "MHA")
 CONV_IMPLS = ("auto", "pallas", "xla", "fft")
-LI_IMPLS = ("auto", "modal_scan", "fft")
+LI_IMPLS = ("auto", "modal_scan", "modal_serial", "fft")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
 MR_DECAYS = ("weak", "normal", "strong", "none")
@@ -83,7 +83,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   fp8_projections: str = "off"  # Hyena input projections: off | checkpoint_scales | current_scaling
   conv_impl: str = "auto"  # SE/MR inner filters: auto | pallas | xla | fft
-  li_impl: str = "fft"  # LI: auto | modal_scan (FFT-free Pallas recurrence) | fft (reference)
+  li_impl: str = "fft"  # LI: auto | modal_scan | modal_serial (FFT-free Pallas) | fft (reference)
   attention_impl: str = "auto"
   max_seqlen: int = 8192
 

@@ -42,7 +42,8 @@ def gated_fir(x1, v, x2, h, dskip, impl: str, interpret: bool = False):
 
 def resolve_li_impl(impl: str, interpret: bool = False) -> str:
   """``li_impl``: ``modal_scan`` (the FFT-free chunked recurrence, ``pallas_kernels/
-  modal_scan.py``), ``fft`` (float32 FFT of the modal filter, the reference), ``auto``.
+  modal_scan.py``), ``modal_serial`` (the token-serial recurrence, ``modal_scan_serial.py``; not
+  yet timed on a GPU), ``fft`` (float32 FFT of the modal filter, the reference), ``auto``.
 
   ``auto`` -> ``modal_scan`` on GPU (H100, width 4096, B = 1, bf16: 2.7x / 3.0x faster than
   fft forward / forward+backward at 16K, 4.6x / 4.4x at 64K; benchmarks/RESULTS.md, "FFT-free
@@ -55,8 +56,8 @@ def resolve_li_impl(impl: str, interpret: bool = False) -> str:
     raise ValueError(f"li_impl {impl!r} is not one of {', '.join(LI_IMPLS)}")
   if impl == "auto":
     return "modal_scan" if jax.default_backend() == "gpu" else "fft"
-  if impl == "modal_scan" and jax.default_backend() != "gpu" and not interpret:
-    raise ValueError(f"li_impl 'modal_scan' needs a GPU backend, but JAX runs on "
+  if impl in ("modal_scan", "modal_serial") and jax.default_backend() != "gpu" and not interpret:
+    raise ValueError(f"li_impl {impl!r} needs a GPU backend, but JAX runs on "
                      f"{jax.default_backend()!r}; use li_impl 'auto' or 'fft'")
   return impl
 
@@ -69,6 +70,10 @@ def gated_modal(x1, v, x2, log_poles, residues, dskip, impl: str, interpret: boo
     from pallas_kernels import modal_scan  # late: the kernel module imports sh2_jax.conv
     return modal_scan.gated_modal_scan(x1, v, x2, log_poles, residues, dskip,
                                        interpret=interpret)
+  if impl == "modal_serial":
+    from pallas_kernels import modal_scan_serial
+    return modal_scan_serial.modal_scan_serial(x1, v, x2, log_poles, residues, dskip,
+                                               interpret=interpret)[0]
   length = x1.shape[1]
   h = conv.modal_filter(log_poles, residues, length)
   return conv.gated_conv(x1, v, x2, functools.partial(conv.fft_conv, h=h), dskip)

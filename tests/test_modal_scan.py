@@ -196,8 +196,9 @@ def test_reference_matches_float64():
 def test_dispatch_li_impl():
   args = make_inputs(7, 1, 90, 16)[:6]
   ref = dispatch.gated_modal(*args, "fft")
-  out = dispatch.gated_modal(*args, "modal_scan", interpret=INTERPRET)
-  assert rel_err(out, ref) < 1e-5
+  for impl in ("modal_scan", "modal_serial"):
+    out = dispatch.gated_modal(*args, impl, interpret=INTERPRET)
+    assert rel_err(out, ref) < 1e-5, impl
   assert dispatch.resolve_li_impl("auto") in ("modal_scan", "fft")
   with pytest.raises(ValueError, match="li_impl 'pallas' is not one of"):
     dispatch.gated_modal(*args, "pallas")
