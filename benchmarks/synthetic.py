@@ -100,6 +100,9 @@ def main(argv=None) -> dict:
   args = ap.parse_args(argv)
 
   small = args.cpu_small
+  if small:  # XLA:CPU's multi-threaded Eigen pool deadlocks on the vmapped LI backward here
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen"
+                               "=false intra_op_parallelism_threads=1").strip()
   layouts = args.layouts.split(",")
   for lay in layouts:
     if lay not in LAYOUT_NAMES:
