@@ -37,7 +37,8 @@ def _source(slot: int, r: int, s: int, n: int) -> tuple[int, int] | None:
 def chunk_halos(u: jax.Array, halo: int, axis_name: str, n: int) -> jax.Array:
   """The ``halo`` tokens before each of this rank's chunks (zeros before token 0).
 
-  u: [B, 2, c, C] (this rank's two chunks). Returns [B, 2, halo, C].
+  u: [B, 2, c, C] (this rank's two chunks, or just their last min(c, halo) rows — all a
+  halo can use). Returns [B, 2, halo, C].
   """
   b, _, c, ch = u.shape
   pieces = [[], []]  # per destination slot, from the farthest predecessor to the nearest
@@ -86,7 +87,8 @@ def halo_fir_conv(u: jax.Array, h: jax.Array, axis_name: str, n: int, local_conv
   y = local_conv(_as_batch(u), h).astype(jnp.float32).reshape(b, 2, c, -1)
   halo = h.shape[1] - 1
   if halo:
-    uh = chunk_halos(split_chunks(u), halo, axis_name, n)
+    uc = split_chunks(u)
+    uh = chunk_halos(uc[:, :, c - min(c, halo):], halo, axis_name, n)
     add = halo_contribution(uh.reshape(2 * b, halo, -1), h, c).reshape(b, 2, min(halo, c), -1)
     y = y.at[:, :, :add.shape[2]].add(add)
   return merge_chunks(y).astype(u.dtype)
@@ -107,7 +109,8 @@ def halo_gated_fir(x1, v, x2, h, dskip, impl: str, axis_name: str, n: int) -> ja
   halo = h.shape[1] - 1
   if not halo:
     return _from_batch(y, b)
-  u = split_chunks(x1 * v)
+  tail = c - min(c, halo)  # only the rows that can be a halo: u = x1 * v on those alone
+  u = split_chunks(x1)[:, :, tail:] * split_chunks(v)[:, :, tail:]
   uh = chunk_halos(u, halo, axis_name, n).reshape(2 * b, halo, d)
   add = halo_contribution(uh, h, c)  # [2B, k, D] float32
   k = add.shape[1]
