@@ -276,7 +276,7 @@ def report(rows: list[dict], out_dir: str, info: dict | None = None) -> str:
   ceil = next((r for r in rows if r["kind"] == "ceiling"), {})
   info = info or {k: ceil.get(k) for k in ("device", "date", "jax")}
   parts = [f"Card: {info.get('device')}; {info.get('date')}; JAX {info.get('jax')}. Ceilings "
-           f"measured in the same process: elementwise copy {ceil.get('copy_Bps', 0) / 1e12:.2f} "
+           f"measured on the card: elementwise copy {ceil.get('copy_Bps', 0) / 1e12:.2f} "
            f"TB/s (read + write), bf16 GEMM 8192^3 {ceil.get('gemm_flops', 0) / 1e12:.0f} TFLOP/s."]
   bw = ceil.get("copy_Bps") or 1.0
   for kind, title in (("core", "Mixer cores"), ("layer", "Mixer layers (with projections)")):
@@ -319,6 +319,11 @@ def report(rows: list[dict], out_dir: str, info: dict | None = None) -> str:
                    "bandwidth) the SE and MR forward reach:\n\n" + common.markdown_table(
                        ["L", "SE vs Mamba-2", "MR vs Mamba-2", "LI scan vs Mamba-2",
                         "LI fft vs Mamba-2", "SE fwd % floor", "MR fwd % floor"], sp))
+  sources = sorted({f"{r['op']}: {r['source']}" if r.get("kind") != "ceiling" else r["source"]
+                    for r in rows if r.get("source")})
+  if sources:  # rows collected from earlier runs: say where each came from
+    parts.append("Collected from earlier runs, not one process (ratios are cross-run):\n\n"
+                 + "\n".join(f"- {x}" for x in sources))
   text = "\n\n".join(parts)
   if out_dir:
     with open(os.path.join(out_dir, "operators.md"), "w") as fh:
@@ -335,8 +340,10 @@ def plot(rows: list[dict], path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
-  for i, (kind, title) in enumerate((("core", "mixer core"), ("layer", "mixer layer"))):
+  kinds = [(k, t) for k, t in (("core", "mixer core"), ("layer", "mixer layer"))
+           if any(r.get("kind") == k and r.get("fwd_s") for r in rows)]
+  fig, axes = plt.subplots(len(kinds), 2, figsize=(12, 4.25 * len(kinds)), squeeze=False)
+  for i, (kind, title) in enumerate(kinds):
     sel = [r for r in rows if r.get("kind") == kind and r.get("fwd_s")]
     for j, (key, phase) in enumerate((("fwd_s", "forward"), ("fwdbwd_s", "forward + backward"))):
       ax = axes[i, j]
