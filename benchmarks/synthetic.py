@@ -28,15 +28,16 @@ LAYOUT_NAMES = {"SE": "SE-only", "MR": "MR-only", "LI": "LI-only", "MHA": "MHA-o
 
 def problems(cpu_small: bool) -> list[tuple[str, str, int, dict]]:
   """(task, level name, seq_len, params). Levels scale the length and the number of pairs /
-  tokens together; recall keys and values come from 64-symbol alphabets (chance 1/64), copy
-  data from 16 symbols (chance 1/16)."""
-  levels = [(32, 4), (64, 8)] if cpu_small else [(64, 8), (128, 16), (256, 32)]
+  tokens together; recall keys and values come from 64-symbol alphabets (chance 1/64; 16 in the
+  CPU sweep), copy data from 16 symbols (chance 1/16)."""
+  levels = [(24, 3), (32, 6)] if cpu_small else [(64, 8), (128, 16), (256, 32)]
+  kv = 16 if cpu_small else 64
   out = []
   for length, n in levels:
     name = f"L{length}/n{n}"
-    out += [("ar", name, length, dict(n_pairs=n, vocab=64)),
-            ("mqar", name, length, dict(n_pairs=n, vocab=64)),
-            ("mtr", name, length, dict(n_pairs=max(n // 2, 2), vocab=64, value_len=2)),
+    out += [("ar", name, length, dict(n_pairs=n, vocab=kv)),
+            ("mqar", name, length, dict(n_pairs=n, vocab=kv)),
+            ("mtr", name, length, dict(n_pairs=max(n // 2, 2), vocab=kv, value_len=2)),
             ("selective_copy", name, length, dict(n_tokens=n, vocab=16)),
             ("compression", name, length, dict(n_tokens=n, vocab=16, noise_vocab=16))]
   return out
