@@ -196,12 +196,6 @@ TASKS: dict[str, Callable[..., Example]] = {
     "selective_copy": selective_copy, "compression": compression}
 
 
-def chance(task: str, **params) -> float:
-  """Per-token accuracy of guessing uniformly from the answer alphabet."""
-  vocab = params.get("vocab", 16 if task in ("selective_copy", "compression") else 32)
-  return 1.0 / vocab
-
-
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
   """A task with its parameters (``seq_len`` included) and seed: a pure function of the
