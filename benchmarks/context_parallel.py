@@ -35,7 +35,7 @@ AX = "context"
 def op_cases(d: int):
   """name -> (inputs maker, baseline fn(params, *xs), {mode: local CP fn(params, *xs, n)})."""
   from sh2_jax import dispatch
-  from sh2_jax.parallel import a2a, halo, modal_state, p2p_fft
+  from sh2_jax.parallel import a2a, halo, li_state_passing, p2p_fft
   from sh2_jax.parallel.attention import cp_attention
   groups = 256
   key = jax.random.key(0)
@@ -65,8 +65,8 @@ def op_cases(d: int):
                                                                    "fft", AX, n),
               "p2p_fft": lambda p, a, b, c, n: p2p_fft.p2p_gated_modal(a, b, c, p[0], p[1], p[2],
                                                                        AX, n),
-              "state": lambda p, a, b, c, n: modal_state.state_gated_modal(
-                  a, b, c, p[0], p[1], p[2], "auto", AX, n)}),
+              "state": lambda p, a, b, c, n: li_state_passing.state_passing_gated_modal(
+                  a, b, c, p[0], p[1], p[2], AX, n, impl=dispatch.resolve_li_impl("auto"))}),
   }
 
   def mha_inputs(length):

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sh2_jax import conv, dispatch  # noqa: E402
 from sh2_jax.config import ModelConfig  # noqa: E402
 from sh2_jax.model import StripedHyena  # noqa: E402
-from sh2_jax.parallel import a2a, halo, modal_state, p2p_fft  # noqa: E402
+from sh2_jax.parallel import a2a, halo, li_state_passing, p2p_fft  # noqa: E402
 from sh2_jax.parallel.attention import cp_attention  # noqa: E402
 from sh2_jax.parallel.context import ContextParallel, context_parallel_logits  # noqa: E402
 from sh2_jax.parallel.zigzag import zigzag_shard, zigzag_unshard  # noqa: E402
@@ -99,8 +99,8 @@ def operator_checks(n, key):
   li_p2p = lambda p, a, b_, c_: p2p_fft.p2p_gated_modal(a, b_, c_, p[0], p[1], dskip, AX, n)
   out += check_op("LI-a2a", n, li_ref, li_a2a, (poles, resid), (x1, v, x2), ks[11])
   out += check_op("LI-p2p_fft", n, li_ref, li_p2p, (poles, resid), (x1, v, x2), ks[11])
-  li_state = lambda p, a, b_, c_: modal_state.state_gated_modal(a, b_, c_, p[0], p[1], dskip, "fft",
-                                                                AX, n)
+  li_state = lambda p, a, b_, c_: li_state_passing.state_passing_gated_modal(
+      a, b_, c_, p[0], p[1], dskip, AX, n, impl="fft")
   out += check_op("LI-state", n, li_ref, li_state, (poles, resid), (x1, v, x2), ks[11])
   heads, hd = 2, 16
   q, k, vv = (jax.random.normal(kk, (B, length, heads, hd)) for kk in jax.random.split(ks[0], 3))

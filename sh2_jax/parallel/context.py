@@ -6,7 +6,7 @@ operators: it names the mesh axis, its size N, and the collective used per opera
   featurizer, SE     p2p halo exchange (``halo.py``)           always
   MR                 ``mr_mode``: ``p2p`` (halo) | ``a2a`` (all-to-all, ``a2a.py``)
   LI                 ``li_mode``: ``a2a`` | ``p2p_fft`` (distributed FFT, ``p2p_fft.py``) |
-                     ``state`` (all-gather of the modal states, ``modal_state.py``)
+                     ``state`` (all-gather of the modal states, ``li_state_passing.py``)
   MHA                ``attention_mode``: ``allgather`` | ``ring`` (``attention.py``)
 
 ``forward_local`` walks ``model.blocks`` inside ``shard_map`` and calls the blocks' own pieces
@@ -26,8 +26,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from sh2_jax import conv
-from sh2_jax.parallel import a2a, halo, modal_state, p2p_fft
+from sh2_jax import conv, dispatch
+from sh2_jax.parallel import a2a, halo, li_state_passing, p2p_fft
 from sh2_jax.parallel.attention import ATTENTION_MODES, cp_attention
 from sh2_jax.parallel.zigzag import chunk_length, local_positions, zigzag_shard, zigzag_unshard
 
@@ -67,8 +67,9 @@ def hyena_mix(block, x: jax.Array, cp: ContextParallel) -> jax.Array:
       y = a2a.a2a_gated_modal(x1, v, x2, filt.log_poles(), filt.residues[...], dskip,
                               filt.cfg.li_impl, ax, n)
     elif cp.li_mode == "state":
-      y = modal_state.state_gated_modal(x1, v, x2, filt.log_poles(), filt.residues[...], dskip,
-                                        filt.cfg.li_impl, ax, n)
+      y = li_state_passing.state_passing_gated_modal(
+          x1, v, x2, filt.log_poles(), filt.residues[...], dskip, ax, n,
+          impl=dispatch.resolve_li_impl(filt.cfg.li_impl))
     else:
       y = p2p_fft.p2p_gated_modal(x1, v, x2, filt.log_poles(), filt.residues[...], dskip, ax, n)
   elif filt.op == "MR" and cp.mr_mode == "a2a":
