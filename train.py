@@ -20,8 +20,17 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+# Several host-CPU devices in one process (XLA_FLAGS=--xla_force_host_platform_device_count=N,
+# the CPU stand-in for a mesh): XLA's multi-threaded Eigen pool can deadlock the collectives of
+# concurrent device computations on a machine with few cores, so run each device single-threaded.
+# Set before JAX is imported; GPU and TPU runs are unaffected.
+_xla_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" in _xla_flags and "multi_thread_eigen" not in _xla_flags:
+  os.environ["XLA_FLAGS"] = (_xla_flags + " --xla_cpu_multi_thread_eigen=false"
+                             " intra_op_parallelism_threads=1")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py.",
