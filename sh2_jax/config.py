@@ -83,7 +83,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   fp8_projections: str = "off"  # Hyena input projections: off | checkpoint_scales | current_scaling
   conv_impl: str = "auto"  # SE/MR inner filters: auto | pallas | xla | fft
-  li_impl: str = "fft"  # LI: auto | modal_scan | modal_serial (FFT-free Pallas) | fft (reference)
+  li_impl: str = "auto"  # LI: auto | modal_scan | modal_serial (FFT-free Pallas) | fft (reference)
   attention_impl: str = "auto"
   max_seqlen: int = 8192
 

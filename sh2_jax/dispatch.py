@@ -2,7 +2,8 @@
 
 ``conv_impl`` (SE, MR): ``xla`` is the direct grouped convolution of ``conv.fir_conv``, ``fft``
 the FFT convolution, ``pallas`` the two-stage blocked kernels of ``pallas_kernels``; ``auto`` is
-Pallas on GPU and XLA elsewhere. ``li_impl`` (LI): ``fft``.
+Pallas on GPU and XLA elsewhere. ``li_impl`` (LI): ``fft`` (the reference), ``modal_scan`` and
+``modal_serial`` (FFT-free Pallas recurrences), ``auto`` (``modal_scan`` on GPU, ``fft`` elsewhere).
 """
 
 from __future__ import annotations
