@@ -107,8 +107,14 @@ def test_mesh_shape_and_batch_checks():
   with pytest.raises(ValueError, match=r"the microbatch 4 .* not divisible .* = 8"):
     check.check_against_mesh(cfg, {"data": 4, "fsdp": 2, "context": 1}, 1)
   cfg.optimizer.grad_accum_steps = 1
-  with pytest.raises(ValueError, match="seq_len 128 is not divisible by mesh.context 3"):
+  with pytest.raises(ValueError, match="seq_len 128 cannot be split over mesh.context 3: it must "
+                                       r"be a multiple of 6 \(zig-zag"):
     check.check_against_mesh(cfg, {"data": 1, "fsdp": 1, "context": 3}, 1)
+  cfg.seq_len = 130  # even, but not a multiple of 2 chunks x 2 ranks
+  with pytest.raises(ValueError, match="seq_len 130 cannot be split over mesh.context 2"):
+    check.check_against_mesh(cfg, {"data": 1, "fsdp": 1, "context": 2}, 1)
+  cfg.seq_len = 132
+  check.check_against_mesh(cfg, {"data": 1, "fsdp": 1, "context": 2}, 1)
 
 
 def test_validate_names_bad_values():

@@ -74,6 +74,8 @@ def check_against_mesh(config, mesh_shape: dict, process_count: int) -> None:
   if config.batch_size % process_count:
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the number of "
                      f"processes {process_count}")
-  if config.seq_len % mesh_shape["context"]:
-    raise ValueError(f"seq_len {config.seq_len} is not divisible by mesh.context "
-                     f"{mesh_shape['context']}")
+  n = mesh_shape["context"]
+  chunks = 2 * n if n > 1 else 1  # zig-zag: two chunks per context rank
+  if config.seq_len % chunks:
+    raise ValueError(f"seq_len {config.seq_len} cannot be split over mesh.context {n}: it must "
+                     f"be a multiple of {chunks}" + (" (zig-zag: 2 chunks per rank)" if n > 1 else ""))
