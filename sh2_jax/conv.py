@@ -62,21 +62,23 @@ def fir_conv_shifted(u: jax.Array, h: jax.Array) -> jax.Array:
   return y.astype(u.dtype)
 
 
-def fft_conv(u: jax.Array, h: jax.Array) -> jax.Array:
+def fft_conv(u: jax.Array, h: jax.Array, out_dtype=None) -> jax.Array:
   """Causal per-channel convolution by FFT of size 2L in float32.
 
   u: [B, L, C]; h: [C, K] or grouped [G, K] with any K (taps past L are ignored, shorter
-  filters are zero-padded). Returns [B, L, C] in u's dtype.
+  filters are zero-padded). Returns [B, L, C] in ``out_dtype`` (default u's dtype; the gates
+  ask for float32 so the result is not rounded twice).
   """
   _, length, channels = u.shape
   h = h[:, :length]
   if h.shape[0] != channels:
     h = expand_groups(h, channels)
   n = 2 * length
-  hf = jnp.fft.rfft(h.astype(jnp.float32), n=n, axis=1)  # [C, n/2+1]
-  uf = jnp.fft.rfft(u.astype(jnp.float32), n=n, axis=1)  # [B, n/2+1, C]
-  y = jnp.fft.irfft(uf * hf.T[None], n=n, axis=1)[:, :length]
-  return y.astype(u.dtype)
+  # The real filter is transposed, not its complex spectrum: [n/2+1, C] straight from the FFT.
+  hf = jnp.fft.rfft(h.astype(jnp.float32).T, n=n, axis=0)  # [n/2+1, C]
+  uf = jnp.fft.rfft(u.astype(jnp.float32), n=n, axis=1)    # [B, n/2+1, C]
+  y = jnp.fft.irfft(uf * hf[None], n=n, axis=1)[:, :length]
+  return y.astype(out_dtype or u.dtype)
 
 
 def featurizer_conv(z: jax.Array, w: jax.Array) -> jax.Array:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels import fir_conv as fir_kernels
 from sh2_jax import conv
@@ -37,7 +38,7 @@ def gated_fir(x1, v, x2, h, dskip, impl: str, interpret: bool = False):
   if impl == "xla":
     return conv.gated_conv(x1, v, x2, functools.partial(conv.fir_conv, h=h), dskip)
   if impl == "fft":
-    return conv.gated_conv(x1, v, x2, functools.partial(conv.fft_conv, h=h), dskip)
+    return conv.gated_conv(x1, v, x2, functools.partial(conv.fft_conv, h=h, out_dtype=jnp.float32), dskip)
   raise ValueError(f"conv_impl {impl!r} is not one of auto, pallas, xla, fft")
 
 
@@ -77,4 +78,4 @@ def gated_modal(x1, v, x2, log_poles, residues, dskip, impl: str, interpret: boo
                                                interpret=interpret)[0]
   length = x1.shape[1]
   h = conv.modal_filter(log_poles, residues, length)
-  return conv.gated_conv(x1, v, x2, functools.partial(conv.fft_conv, h=h), dskip)
+  return conv.gated_conv(x1, v, x2, functools.partial(conv.fft_conv, h=h, out_dtype=jnp.float32), dskip)
