@@ -138,6 +138,29 @@ def model_checks(n, key, tag="default", **cp_kw):
           (f"model-{tag}/n{n}/grad", errs[worst], f"worst parameter {worst} of {len(errs)}")]
 
 
+def segmented_checks(n, key, mesh=None):
+  """The segmented forward with the KV cache sharded over the context axis equals the one-shot
+  forward (157 tokens in segments of 13: the last partial, the cache padded to N*13)."""
+  from sh2_jax.inference.segmented import segmented_apply, segmented_logits, segmented_score
+  from sh2_jax.inference.scoring import score
+  cfg = ModelConfig(d_model=D, num_layers=5, layout="SE-MHA-MR-LI-MHA", num_heads=2,
+                    mlp_hidden=48, se_groups=8, mr_groups=8, mr_len=24)
+  model = StripedHyena(cfg, rngs=nnx.Rngs(int(jax.random.randint(key, (), 0, 1000))))
+  tokens = np.asarray(jax.random.randint(key, (B, 157), 0, 256))
+  mesh = mesh or mesh_of(n)
+  ref = np.asarray(model(jnp.asarray(tokens)))
+  out = segmented_logits(model, tokens, 13, mesh=mesh)
+  ll = segmented_score(model, tokens, 13, mesh=mesh)
+  _, cache = segmented_apply(model, tokens, 13, mesh=mesh)
+  padded = -(-157 // (13 * mesh.shape[AX])) * 13 * mesh.shape[AX]
+  local = cache.layers[1].k.addressable_shards[0].data.shape[1]
+  tag = "x".join(f"{k}{v}" for k, v in mesh.shape.items())
+  return [(f"segmented/{tag}/logits", rel(out, ref), ""),
+          (f"segmented/{tag}/kv-sharded", float(local != padded // mesh.shape[AX]),
+           f"KV positions per device {local} of {padded}"),
+          (f"segmented/{tag}/score", rel(ll, np.asarray(score(model, jnp.asarray(tokens)))), "")]
+
+
 def error_checks():
   """Bad context-parallel inputs give one clear error (name, passed, message)."""
   x = jnp.ones((1, 2 * 3 * 4, 6))
@@ -152,6 +175,8 @@ def error_checks():
                          jnp.ones((6, 16)), x), "power-of-two context size, not 3"),
       "error/bad-mode": (lambda: ContextParallel(size=2, li_mode="fft"),
                          "context li_mode 'fft' is not one of"),
+      "error/segmented-mesh-axis": (
+          lambda: _segmented_without_context(), "have no 'context' axis to shard the KV cache"),
   }
   out = []
   for name, (fn, expected) in cases.items():
@@ -161,6 +186,14 @@ def error_checks():
     except ValueError as e:
       out.append((name, 0.0 if expected in str(e) else 1.0, str(e)[:200]))
   return out
+
+
+def _segmented_without_context():
+  from sh2_jax.inference.segmented import segmented_logits
+  model = StripedHyena(ModelConfig(d_model=D, num_layers=1, layout="MHA", num_heads=2,
+                                   mlp_hidden=48), rngs=nnx.Rngs(0))
+  mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2], axis_types=(AxisType.Auto,))
+  segmented_logits(model, np.zeros((1, 8), np.int32), 4, mesh=mesh)
 
 
 def train_checks(steps: int = 3):
@@ -206,9 +239,14 @@ def train_checks(steps: int = 3):
 
 
 def main(argv):
-  groups = argv or ["ops", "model", "errors", "train"]
+  groups = argv or ["ops", "model", "errors", "train", "segmented"]
   key = jax.random.PRNGKey(0)
   results = error_checks() if "errors" in groups else []
+  if "segmented" in groups:
+    results += segmented_checks(2, jax.random.fold_in(key, 500))
+    results += segmented_checks(8, jax.random.fold_in(key, 508))
+    results += segmented_checks(4, jax.random.fold_in(key, 504), mesh=jax.make_mesh(
+        (2, 4), ("data", "context"), axis_types=(AxisType.Auto,) * 2))
   if "train" in groups:
     results += train_checks()
   for n in (2, 4, 8):

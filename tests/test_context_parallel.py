@@ -30,8 +30,10 @@ EXPECTED = ([f"{op}/n{n}/{part}" for n in SIZES for op in OPS for part in ("fwd"
             + ["model-a2a-p2pfft-ring-remat/n4/logits", "model-a2a-p2pfft-ring-remat/n4/grad",
                "model-state/n8/logits", "model-state/n8/grad"]
             + [f"train/context4-vs-1/step{i}" for i in range(3)]
+            + [f"segmented/{m}/{part}" for m in ("context2", "context8", "data2xcontext4")
+               for part in ("logits", "score", "kv-sharded")]
             + ["error/a2a-groups-split", "error/length-not-divisible",
-               "error/p2p-fft-power-of-two", "error/bad-mode"])
+               "error/p2p-fft-power-of-two", "error/bad-mode", "error/segmented-mesh-axis"])
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,15 @@ uses), so peak activation memory is that of S tokens, not L:
                       attend to the earlier keys (one block) and to themselves (a causal
                       block), merged through their log-sum-exps.
 All rows of the batch move together (same length). The result equals the one-shot forward.
+
+Over a device mesh (``mesh=``, its ``context`` axis of N ranks) the KV cache -- the only state
+that grows with L -- is sharded by position: rank r holds positions [r*Lc, (r+1)*Lc) of every
+attention layer, Lc = cache length / N (the cache is padded to a multiple of N*S so every segment
+falls inside one rank's shard). Each rank attends the segment's queries to its own shard of
+earlier keys; the N partial results are merged by their log-sum-exps (pmax, psum), and the rank
+owning the segment's positions writes its keys/values. Everything else (weights, the segment's
+activations, the small Hyena caches) is replicated, so per-device memory is the weights plus 1/N
+of the KV cache, and the prefix attention -- the cost that grows with L -- is split N ways.
 """
 
 from __future__ import annotations
@@ -23,12 +32,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sh2_jax import conv, dispatch
 from sh2_jax.attention import resolve_attention_impl
 from sh2_jax.hyena import featurize
-from sh2_jax.inference.cache import Cache, HyenaCache, KVCache, init_cache
+from sh2_jax.inference.cache import Cache, HyenaCache, KVCache, cache_shapes, init_cache
 from sh2_jax.parallel.attention import block_attention, merge
+
+CONTEXT_AXIS = "context"
 
 
 def _with_history(hist: jax.Array, x: jax.Array) -> jax.Array:
@@ -66,31 +78,76 @@ def _hyena_segment(block, h, cache: HyenaCache):
   return block.out_filter_dense(y), new
 
 
-def _attention_segment(block, h, cache: KVCache, offset):
+def _prefix_and_write(q, k, v, cache: KVCache, offset, scale, impl):
+  """Attention of the segment's queries to the cached keys before ``offset``, and the cache
+  with the segment's keys/values written at ``offset``."""
+  b = q.shape[0]
+  prefix = block_attention(q, cache.k, cache.v, jnp.full((b,), offset, jnp.int32), False,
+                           scale, impl)
+  new = KVCache(jax.lax.dynamic_update_slice_in_dim(cache.k, k, offset, axis=1),
+                jax.lax.dynamic_update_slice_in_dim(cache.v, v, offset, axis=1))
+  return prefix, new
+
+
+def _sharded_prefix_and_write(q, k, v, cache: KVCache, offset, scale, impl, mesh, axis):
+  """``_prefix_and_write`` with the cache's positions sharded over ``axis`` of ``mesh``."""
+
+  def local(q, k, v, kc, vc, offset):
+    b, s = q.shape[:2]
+    lc = kc.shape[1]
+    start = offset - jax.lax.axis_index(axis) * lc      # the segment's start in this shard
+    visible = jnp.full((b,), jnp.clip(start, 0, lc), jnp.int32)
+    out, lse = block_attention(q, kc, vc, visible, False, scale, impl)
+    top = jax.lax.pmax(lse, axis)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    w = jnp.exp(lse - top)                               # 0 where this shard saw no key
+    den = jax.lax.psum(w, axis)
+    out = jax.lax.psum(w[..., None] * out.astype(jnp.float32), axis)
+    out = out / jnp.where(den > 0, den, 1.0)[..., None]
+    lse = jnp.where(den > 0, top + jnp.log(jnp.where(den > 0, den, 1.0)), -jnp.inf)
+    mine = (start >= 0) & (start < lc)                   # segments never straddle shards
+    at = jnp.clip(start, 0, lc - s)
+
+    def write(c, x):
+      old = jax.lax.dynamic_slice_in_dim(c, at, s, axis=1)
+      return jax.lax.dynamic_update_slice_in_dim(c, jnp.where(mine, x, old), at, axis=1)
+
+    return out, lse, write(kc, k), write(vc, v)
+
+  seq = P(None, axis)
+  out, lse, kc, vc = jax.shard_map(
+      local, mesh=mesh, in_specs=(P(), P(), P(), seq, seq, P()),
+      out_specs=(P(), P(), seq, seq))(q, k, v, cache.k, cache.v, offset)
+  return (out, lse), KVCache(kc, vc)
+
+
+def _attention_segment(block, h, cache: KVCache, offset, mesh=None, axis=CONTEXT_AXIS):
   attn = block.inner_mha_cls
   b, s, _ = h.shape
   q, k, v = attn.qkv(h, offset + jnp.arange(s))
   impl = resolve_attention_impl(attn.impl, attn.dtype)
   scale = attn.head_dim ** -0.5
-  prefix = block_attention(q, cache.k, cache.v, jnp.full((b,), offset, jnp.int32), False,
-                           scale, impl)
+  if mesh is None:
+    prefix, new = _prefix_and_write(q, k, v, cache, offset, scale, impl)
+  else:
+    prefix, new = _sharded_prefix_and_write(q, k, v, cache, offset, scale, impl, mesh, axis)
   diag = block_attention(q, k, v, None, True, scale, impl)
   o = merge(prefix, diag)[0].astype(q.dtype)
-  new = KVCache(jax.lax.dynamic_update_slice_in_dim(cache.k, k, offset, axis=1),
-                jax.lax.dynamic_update_slice_in_dim(cache.v, v, offset, axis=1))
   return attn.out_proj(o.reshape(b, s, -1)), new
 
 
-def forward_segment(model, cache: Cache, tokens: jax.Array):
+def forward_segment(model, cache: Cache, tokens: jax.Array, mesh=None, axis=CONTEXT_AXIS):
   """tokens [B, S] continuing every row at position ``cache.lengths[0]`` -> (logits
-  [B, S, V] float32, the advanced Cache)."""
+  [B, S, V] float32, the advanced Cache). With ``mesh``, the KV caches are sharded by position
+  over ``axis`` and the segment must lie inside one rank's shard (``segmented_apply`` pads the
+  cache so it does)."""
   offset = cache.lengths[0]
   x = model.embedding_layer(tokens)
   layers = []
   for block, layer_cache in zip(model.blocks, cache.layers):
     h = block.pre_norm(x)
     if block.op == "MHA":
-      mixed, layer_cache = _attention_segment(block, h, layer_cache, offset)
+      mixed, layer_cache = _attention_segment(block, h, layer_cache, offset, mesh, axis)
     else:
       mixed, layer_cache = _hyena_segment(block, h, layer_cache)
     x = x + mixed
@@ -100,10 +157,12 @@ def forward_segment(model, cache: Cache, tokens: jax.Array):
   return logits, Cache(cache.lengths + tokens.shape[1], tuple(layers))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "head"), donate_argnums=(2,))
-def _segment_step(graphdef, state, cache, tokens, next_first, head):
+@functools.partial(jax.jit, static_argnames=("graphdef", "head", "mesh", "axis"),
+                   donate_argnums=(2,))
+def _segment_step(graphdef, state, cache, tokens, next_first, head, mesh=None,
+                  axis=CONTEXT_AXIS):
   model = nnx.merge(graphdef, state)
-  logits, cache = forward_segment(model, cache, tokens)
+  logits, cache = forward_segment(model, cache, tokens, mesh, axis)
   return head(logits, tokens, next_first), cache
 
 
@@ -120,35 +179,57 @@ def _loglik_head(logits, tokens, next_first):
   return ll
 
 
-def segmented_apply(model, tokens, segment_len: int, head=_logits_head, max_len: int | None = None):
+def _mesh_cache(cfg, batch: int, max_len: int, segment_len: int, mesh, axis: str):
+  """An empty cache on ``mesh``: KV positions sharded over ``axis`` (length padded to a
+  multiple of N*segment_len), the rest replicated; built in place, never whole on one device."""
+  if axis not in mesh.shape:
+    raise ValueError(f"mesh axes {tuple(mesh.shape)} have no {axis!r} axis to shard the KV "
+                     "cache over")
+  step = mesh.shape[axis] * segment_len
+  shapes = cache_shapes(cfg, batch, -(-max_len // step) * step)
+  kv = NamedSharding(mesh, P(None, axis))
+  rep = NamedSharding(mesh, P())
+  shardings = Cache(rep, tuple(KVCache(kv, kv) if isinstance(c, KVCache)
+                               else jax.tree.map(lambda _: rep, c) for c in shapes.layers))
+  zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  return jax.jit(zeros, out_shardings=shardings)()
+
+
+def segmented_apply(model, tokens, segment_len: int, head=_logits_head,
+                    max_len: int | None = None, mesh=None, axis: str = CONTEXT_AXIS):
   """Run ``tokens`` [B, L] in segments of ``segment_len``; returns (list of per-segment
   ``head(logits, tokens, next_first)`` results as numpy, final Cache). The last segment may be
-  shorter (one more compilation)."""
+  shorter (one more compilation). ``mesh``: shard the KV cache by position over its ``axis``
+  (see the module docstring); the model's parameters are replicated onto the mesh."""
   tokens = np.asarray(tokens)
   model.check_tokens(tokens)
   if not isinstance(segment_len, int) or segment_len < 1:
     raise ValueError(f"segment_len {segment_len!r} must be a positive integer")
   b, length = tokens.shape
-  cache = init_cache(model.cfg, b, max_len or length)
   graphdef, state = nnx.split(model)
+  if mesh is None:
+    cache = init_cache(model.cfg, b, max_len or length)
+  else:
+    cache = _mesh_cache(model.cfg, b, max_len or length, segment_len, mesh, axis)
+    state = jax.device_put(state, NamedSharding(mesh, P()))
   outs = []
   for start in range(0, length, segment_len):
     seg = jnp.asarray(tokens[:, start:start + segment_len], jnp.int32)
     end = start + seg.shape[1]
     nxt = jnp.asarray(tokens[:, end] if end < length else np.full((b,), -1), jnp.int32)
-    out, cache = _segment_step(graphdef, state, cache, seg, nxt, head)
+    out, cache = _segment_step(graphdef, state, cache, seg, nxt, head, mesh, axis)
     outs.append(np.asarray(out))
   return outs, cache
 
 
-def segmented_logits(model, tokens, segment_len: int) -> np.ndarray:
+def segmented_logits(model, tokens, segment_len: int, mesh=None) -> np.ndarray:
   """Logits [B, L, V] of the whole sequence, computed segment by segment."""
-  outs, _ = segmented_apply(model, tokens, segment_len)
+  outs, _ = segmented_apply(model, tokens, segment_len, mesh=mesh)
   return np.concatenate(outs, axis=1)
 
 
-def segmented_score(model, tokens, segment_len: int) -> np.ndarray:
+def segmented_score(model, tokens, segment_len: int, mesh=None) -> np.ndarray:
   """Per-token log-likelihoods [B, L-1] (as ``sh2_jax.score``) without ever holding more than
   one segment's activations or logits on the device."""
-  outs, _ = segmented_apply(model, tokens, segment_len, head=_loglik_head)
+  outs, _ = segmented_apply(model, tokens, segment_len, head=_loglik_head, mesh=mesh)
   return np.concatenate(outs, axis=1)[:, :-1]
