@@ -45,6 +45,11 @@ def make_config(preset: str) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       path="", format="auto", eval_fraction=0.05, upper_case=False, n_handling="keep"))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1))
+  # How each operator runs when mesh.context > 1 (sh2_jax/parallel/context.py): MR by halo
+  # exchange (p2p) or all-to-all (a2a); LI by all-to-all + FFT (a2a), the point-to-point FFT
+  # (p2p_fft) or modal state passing (state); attention by K/V all-gather or a ring.
+  c.context_parallel = ml_collections.ConfigDict(dict(
+      mr_mode="p2p", li_mode="a2a", attention_mode="allgather"))
   if preset != "tiny":
     # The published models: their pretraining context, bf16 compute over float32 master
     # weights, remat per block, and parameters sharded over every device (FSDP).

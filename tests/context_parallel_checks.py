@@ -221,11 +221,14 @@ def train_checks(steps: int = 3):
   # The reference is the same train_step unsharded on one device: on this XLA CPU build the
   # 8-device data-parallel program (mesh data=8, context=1) hangs in its own collectives,
   # with or without this package, so it cannot be the reference here.
-  for context in (4, 1):
-    mesh = (None if context == 1 else
-            mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=context))))
+  # "4-modes": the other operator modes, as config.context_parallel passes them.
+  modes = {4: None, "4-modes": dict(mr_mode="a2a", li_mode="state", attention_mode="ring"),
+           1: None}
+  for context, context_modes in modes.items():
+    mesh = (None if context == 1 else mesh_lib.make_mesh(
+        ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=4))))
     step = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, remat="none", accum=1,
-                                     mesh=mesh))
+                                     mesh=mesh, context_modes=context_modes))
     p, o = params, tx.init(params)
     losses[context] = []
     for batch in batches:
@@ -233,9 +236,9 @@ def train_checks(steps: int = 3):
         batch = jax.device_put(batch, mesh_lib.batch_sharding(mesh))
       p, o, metrics = step(p, o, batch)
       losses[context].append(float(metrics["loss"]))  # blocks: one program in flight at a time
-  return [(f"train/context4-vs-1/step{i}", abs(a - b) / abs(b),
-           f"loss context 4 {a:.7f} vs unsharded {b:.7f}")
-          for i, (a, b) in enumerate(zip(losses[4], losses[1]))]
+  return [(f"train/context{c}-vs-1/step{i}", abs(a - b) / abs(b),
+           f"loss context {c} {a:.7f} vs unsharded {b:.7f}")
+          for c in (4, "4-modes") for i, (a, b) in enumerate(zip(losses[c], losses[1]))]
 
 
 def main(argv):

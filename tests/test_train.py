@@ -131,6 +131,11 @@ def test_validate_names_bad_values():
     with pytest.raises(ValueError, match=msg):
       check.validate(bad)
   bad = make_config("tiny")
+  bad.context_parallel.li_mode = "fft"
+  with pytest.raises(ValueError, match=r"context li_mode 'fft' is not one of a2a, p2p_fft, "
+                                       r"state \(config.context_parallel\)"):
+    check.validate(bad)
+  bad = make_config("tiny")
   bad.model.num_heads = 3
   with pytest.raises(ValueError, match="num_heads 3 is not valid"):
     check.validate(bad)

@@ -53,6 +53,11 @@ def validate(config, mode: str = "train") -> ModelConfig:
   _positive_int("optimizer.warmup_steps", config.optimizer.warmup_steps, allow_zero=True)
   if config.remat not in REMAT:
     raise ValueError(f"remat {config.remat!r} is not valid; expected one of {', '.join(REMAT)}")
+  from sh2_jax.parallel.context import ContextParallel
+  try:
+    ContextParallel(size=1, **dict(config.context_parallel))
+  except ValueError as e:
+    raise ValueError(f"{e} (config.context_parallel)") from None
   if not config.optimizer.learning_rate > 0:
     raise ValueError(f"optimizer.learning_rate {config.optimizer.learning_rate!r} must be > 0")
   if config.batch_size % config.optimizer.grad_accum_steps:

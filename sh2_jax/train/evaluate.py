@@ -41,7 +41,8 @@ def evaluate(config, checkpoint: str, prepared=None) -> dict:
   p_sh = mesh_lib.param_shardings(mesh, params, mesh_lib.param_specs(model))
   params = place(jax.device_get(params), p_sh)
   b_sh = {k: mesh_lib.batch_sharding(mesh) for k in ("inputs", "targets", "weights")}
-  eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, mesh=mesh),
+  eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, mesh=mesh,
+                                      context_modes=dict(config.context_parallel)),
                     in_shardings=(p_sh, b_sh), out_shardings=mesh_lib.replicated(mesh))
   result = run_eval(eval_fn, params, mesh, eval_src, config.batch_size, config.eval_batches,
                     progress=jax.process_index() == 0)

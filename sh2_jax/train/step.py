@@ -33,13 +33,16 @@ def apply_block(block, x: jax.Array, remat: str) -> jax.Array:
   return nnx.remat(_call_block, policy=policy)(block, x)
 
 
-def forward(model, tokens: jax.Array, remat: str = "none", mesh: Mesh | None = None) -> jax.Array:
+def forward(model, tokens: jax.Array, remat: str = "none", mesh: Mesh | None = None,
+            context_modes: dict | None = None) -> jax.Array:
   """tokens [B, L] -> logits [B, L, V] float32: ``StripedHyena.__call__`` with the blocks
   optionally rematerialised. ``mesh`` is where the context-parallel path plugs in: the
-  sequence of ``tokens`` is split over its 'context' axis."""
+  sequence of ``tokens`` is split over its 'context' axis, each operator by the
+  ``context_modes`` (``config.context_parallel``: mr_mode, li_mode, attention_mode)."""
   if mesh is not None and mesh.shape["context"] > 1:  # zig-zag context parallelism (issue 6)
     from sh2_jax.parallel.context import ContextParallel, context_parallel_logits
-    cp = ContextParallel(size=mesh.shape["context"], remat=remat != "none")
+    cp = ContextParallel(size=mesh.shape["context"], remat=remat != "none",
+                         **(context_modes or {}))
     return context_parallel_logits(model, tokens, mesh, cp, batch_axes=BATCH_AXES)
   model.check_tokens(tokens)
   x = model.embedding_layer(tokens)
@@ -48,10 +51,11 @@ def forward(model, tokens: jax.Array, remat: str = "none", mesh: Mesh | None = N
   return model.embedding_layer.unembed(model.norm(x))
 
 
-def loss_sums(graphdef, params, batch, remat: str, mesh: Mesh | None):
+def loss_sums(graphdef, params, batch, remat: str, mesh: Mesh | None,
+              context_modes: dict | None = None):
   """(sum of token NLL in nats, sum of weights) over a batch."""
   model = nnx.merge(graphdef, params)
-  logits = forward(model, batch["inputs"], remat, mesh)
+  logits = forward(model, batch["inputs"], remat, mesh, context_modes)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   return jnp.sum(nll * batch["weights"]), jnp.sum(batch["weights"])
 
@@ -68,12 +72,12 @@ def _microbatches(batch: dict, accum: int, mesh: Mesh | None) -> dict:
 
 
 def train_step(params, opt_state, batch, *, graphdef, tx: optax.GradientTransformation,
-               remat: str, accum: int, mesh: Mesh | None):
+               remat: str, accum: int, mesh: Mesh | None, context_modes: dict | None = None):
   """One optimizer update on the mean token loss of ``batch`` (accumulated over ``accum``
   microbatches). Returns (params, opt_state, metrics) with metrics ``loss``, ``grad_norm``
   (before clipping) and ``tokens`` (weighted target count)."""
-  grad_fn = jax.value_and_grad(functools.partial(loss_sums, graphdef, remat=remat, mesh=mesh),
-                               has_aux=True)
+  grad_fn = jax.value_and_grad(functools.partial(loss_sums, graphdef, remat=remat, mesh=mesh,
+                                                 context_modes=context_modes), has_aux=True)
   if accum == 1:
     (nll, count), grads = grad_fn(params, batch)
   else:
@@ -91,7 +95,7 @@ def train_step(params, opt_state, batch, *, graphdef, tx: optax.GradientTransfor
   return params, opt_state, metrics
 
 
-def eval_step(params, batch, *, graphdef, mesh: Mesh | None):
+def eval_step(params, batch, *, graphdef, mesh: Mesh | None, context_modes: dict | None = None):
   """(sum of NLL, sum of weights) over ``batch``, no gradients."""
-  nll, count = loss_sums(graphdef, params, batch, "none", mesh)
+  nll, count = loss_sums(graphdef, params, batch, "none", mesh, context_modes)
   return {"nll": nll, "tokens": count}

@@ -129,9 +129,11 @@ def train(config, workdir: str, prepared=None) -> dict:
 
   step_fn = jax.jit(
       functools.partial(train_step, graphdef=graphdef, tx=tx, remat=config.remat,
-                        accum=config.optimizer.grad_accum_steps, mesh=mesh),
+                        accum=config.optimizer.grad_accum_steps, mesh=mesh,
+                        context_modes=dict(config.context_parallel)),
       in_shardings=(p_sh, o_sh, b_sh), out_shardings=(p_sh, o_sh, repl), donate_argnums=(0, 1))
-  eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, mesh=mesh),
+  eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, mesh=mesh,
+                                      context_modes=dict(config.context_parallel)),
                     in_shardings=(p_sh, b_sh), out_shardings=repl)
   abs_batch = {k: jax.ShapeDtypeStruct((config.batch_size, config.seq_len),
                                        jnp.float32 if k == "weights" else jnp.int32, sharding=s)
