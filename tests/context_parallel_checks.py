@@ -161,6 +161,27 @@ def segmented_checks(n, key, mesh=None):
           (f"segmented/{tag}/score", rel(ll, np.asarray(score(model, jnp.asarray(tokens)))), "")]
 
 
+def generation_checks(n, key):
+  """generate on a context mesh (segmented prefill, sharded KV cache while decoding) picks the
+  same greedy tokens with the same logits as on one device."""
+  from sh2_jax.inference.generation import generate
+  cfg = ModelConfig(d_model=D, num_layers=4, layout="SE-MHA-LI-MR", num_heads=2, mlp_hidden=48,
+                    se_groups=8, mr_groups=8, mr_len=24)
+  model = StripedHyena(cfg, rngs=nnx.Rngs(int(jax.random.randint(key, (), 0, 1000))))
+  prompts = np.asarray(jax.random.randint(key, (B, 45), 0, 256))
+  ref_tok, ref_logits = generate(model, prompts, 9, return_logits=True)
+  tok, logits = generate(model, prompts, 9, return_logits=True, mesh=mesh_of(n), segment_len=16)
+  return [(f"generate/context{n}/tokens", float(np.mean(tok != ref_tok)), ""),
+          (f"generate/context{n}/logits", rel(logits, ref_logits), "")]
+
+
+def _generate_unequal_on_mesh():
+  from sh2_jax.inference.generation import generate
+  model = StripedHyena(ModelConfig(d_model=D, num_layers=1, layout="MHA", num_heads=2,
+                                   mlp_hidden=48), rngs=nnx.Rngs(0))
+  generate(model, [[1, 2, 3], [4, 5]], 2, mesh=mesh_of(2))
+
+
 def error_checks():
   """Bad context-parallel inputs give one clear error (name, passed, message)."""
   x = jnp.ones((1, 2 * 3 * 4, 6))
@@ -175,6 +196,9 @@ def error_checks():
                          jnp.ones((6, 16)), x), "power-of-two context size, not 3"),
       "error/bad-mode": (lambda: ContextParallel(size=2, li_mode="fft"),
                          "context li_mode 'fft' is not one of"),
+      "error/generate-mesh-unequal": (
+          _generate_unequal_on_mesh, "with a mesh, prompts must have equal lengths; got "
+                                     "lengths [2, 3]"),
       "error/segmented-mesh-axis": (
           lambda: _segmented_without_context(), "have no 'context' axis to shard the KV cache"),
   }
@@ -246,6 +270,7 @@ def main(argv):
   key = jax.random.PRNGKey(0)
   results = error_checks() if "errors" in groups else []
   if "segmented" in groups:
+    results += generation_checks(4, jax.random.fold_in(key, 520))
     results += segmented_checks(2, jax.random.fold_in(key, 500))
     results += segmented_checks(8, jax.random.fold_in(key, 508))
     results += segmented_checks(4, jax.random.fold_in(key, 504), mesh=jax.make_mesh(

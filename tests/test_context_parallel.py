@@ -32,8 +32,10 @@ EXPECTED = ([f"{op}/n{n}/{part}" for n in SIZES for op in OPS for part in ("fwd"
             + [f"train/context{c}-vs-1/step{i}" for c in ("4", "4-modes") for i in range(3)]
             + [f"segmented/{m}/{part}" for m in ("context2", "context8", "data2xcontext4")
                for part in ("logits", "score", "kv-sharded")]
+            + ["generate/context4/tokens", "generate/context4/logits"]
             + ["error/a2a-groups-split", "error/length-not-divisible",
-               "error/p2p-fft-power-of-two", "error/bad-mode", "error/segmented-mesh-axis"])
+               "error/p2p-fft-power-of-two", "error/bad-mode", "error/segmented-mesh-axis",
+               "error/generate-mesh-unequal"])
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,9 @@
 
 Prompts of different lengths are right-padded into one batch (each row equals that row run
 alone, see ``prefill``); the loop stops early once every row has produced a stop token.
+With ``mesh`` (a device mesh with a ``context`` axis) the prompt is prefilled in segments and
+the KV cache stays sharded by position over the context ranks while decoding (see
+``segmented``): long prompts whose cache does not fit one device.
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sh2_jax.inference.decode import decode_step
 from sh2_jax.inference.prefill import prefill
 from sh2_jax.inference.sampling import check_sampling, sample
+from sh2_jax.inference.segmented import (CONTEXT_AXIS, forward_segment, last_logits_head,
+                                         segmented_apply)
 from sh2_jax.tokenizer import PAD_ID
 
 PROMPT_BUCKET = 64  # prompt batches are padded to a multiple of this: fewer recompilations
@@ -64,11 +70,18 @@ def _prefill(graphdef, state, tokens, lengths, *, max_len):
   return prefill(nnx.merge(graphdef, state), tokens, lengths, max_len)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "greedy", "return_logits"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "greedy", "return_logits",
+                                             "mesh"))
 def _decode_loop(graphdef, state, logits, cache, stop, key, temperature, top_k, top_p, *,
-                 max_new, greedy, return_logits):
+                 max_new, greedy, return_logits, mesh=None):
   """Sample from the prefill's logits, then decode until max_new tokens or every row stopped."""
   model = nnx.merge(graphdef, state)
+  if mesh is None:
+    step = functools.partial(decode_step, model)
+  else:
+    def step(cache, tok):
+      logits, cache = forward_segment(model, cache, tok[:, None], mesh, CONTEXT_AXIS)
+      return logits[:, 0], cache
   pick = functools.partial(sample, key=key, temperature=temperature, top_k=top_k, top_p=top_p,
                            greedy=greedy)
   batch, vocab = logits.shape
@@ -84,7 +97,7 @@ def _decode_loop(graphdef, state, logits, cache, stop, key, temperature, top_k, 
 
   def body(carry):
     i, cache, tok, done, out, seen = carry
-    logits, cache = decode_step(model, cache, tok)
+    logits, cache = step(cache, tok)
     nxt = jnp.where(done, PAD_ID, pick(logits, step=i))
     out = out.at[:, i].set(nxt)
     if return_logits:
@@ -95,10 +108,34 @@ def _decode_loop(graphdef, state, logits, cache, stop, key, temperature, top_k, 
   return carry[4], carry[5]
 
 
+def _prefill_rows(graphdef, state, rows, max_new: int, prefill_rows):
+  tokens, lengths = pad_rows(rows, PROMPT_BUCKET)
+  max_len = tokens.shape[1] + max_new
+  rows_per = len(rows) if prefill_rows is None else prefill_rows
+  if not isinstance(rows_per, (int, np.integer)) or rows_per < 1:
+    raise ValueError(f"prefill_rows {prefill_rows!r} must be None or a positive integer")
+  parts = [_prefill(graphdef, state, jnp.asarray(tokens[i:i + rows_per]),
+                    jnp.asarray(lengths[i:i + rows_per]), max_len=max_len)
+           for i in range(0, len(rows), rows_per)]
+  return (parts[0] if len(parts) == 1 else
+          jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts))
+
+
+def _prefill_on_mesh(model, rows, max_new: int, mesh, segment_len):
+  lengths = sorted({len(r) for r in rows})
+  if len(lengths) > 1:
+    raise ValueError(f"with a mesh, prompts must have equal lengths; got lengths {lengths}")
+  tokens = np.stack(rows)
+  seg = tokens.shape[1] if segment_len is None else segment_len
+  outs, cache = segmented_apply(model, tokens, seg, head=last_logits_head,
+                                max_len=tokens.shape[1] + max_new, mesh=mesh)
+  return jnp.asarray(outs[-1]), cache
+
+
 def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              stop_tokens: Sequence[int] = (), return_logits: bool = False,
-             prefill_rows: int | None = None):
+             prefill_rows: int | None = None, mesh=None, segment_len: int | None = None):
   """Sample ``max_new_tokens`` after each prompt.
 
   prompt_tokens: 1-D ids (one prompt), [B, L] ids, or a list of 1-D id sequences of any
@@ -108,6 +145,8 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
   ``return_logits`` also the float32 logits that chose each token ([.., max_new_tokens, V];
   zeros after every row stopped). ``prefill_rows`` prefills that many rows per call (rows are
   independent): long prompts on big models need it (an 8K-token evo2-7b row takes ~8 GiB).
+  ``mesh``: prefill in segments of ``segment_len`` (default: the whole prompt) and keep the KV
+  cache sharded over the mesh's ``context`` axis; the prompts must then have equal lengths.
   """
   cfg = model.cfg
   rows, single = as_token_rows(prompt_tokens, cfg.vocab_size)
@@ -119,23 +158,17 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
     raise ValueError(f"stop_tokens {list(stop_tokens)} must be ids in 0..{cfg.vocab_size - 1}")
   # Padded with -1 (never a token) to a multiple of 8: fewer shapes, fewer recompilations.
   stop = np.pad(stop, (0, max(8, -(-stop.size // 8) * 8) - stop.size), constant_values=-1)
-  tokens, lengths = pad_rows(rows, PROMPT_BUCKET)
-  max_len = tokens.shape[1] + int(max_new_tokens)
-  rows_per = len(rows) if prefill_rows is None else prefill_rows
-  if not isinstance(rows_per, (int, np.integer)) or rows_per < 1:
-    raise ValueError(f"prefill_rows {prefill_rows!r} must be None or a positive integer")
   graphdef, state = nnx.split(model)
-  parts = [_prefill(graphdef, state, jnp.asarray(tokens[i:i + rows_per]),
-                    jnp.asarray(lengths[i:i + rows_per]), max_len=max_len)
-           for i in range(0, len(rows), rows_per)]
-  logits, cache = (parts[0] if len(parts) == 1 else
-                   jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts))
-  del parts
+  if mesh is None:
+    logits, cache = _prefill_rows(graphdef, state, rows, int(max_new_tokens), prefill_rows)
+  else:
+    logits, cache = _prefill_on_mesh(model, rows, int(max_new_tokens), mesh, segment_len)
+    state = jax.device_put(state, NamedSharding(mesh, P()))
   out, logits = _decode_loop(
       graphdef, state, logits, cache, jnp.asarray(stop), jax.random.key(seed),
       jnp.float32(temperature if temperature > 0 else 1.0), jnp.int32(top_k or 0),
       jnp.float32(top_p if top_p is not None else 1.0), max_new=int(max_new_tokens),
-      greedy=temperature == 0, return_logits=return_logits)
+      greedy=temperature == 0, return_logits=return_logits, mesh=mesh)
   out = np.asarray(out)
   logits = np.asarray(logits) if return_logits else None
   if single:

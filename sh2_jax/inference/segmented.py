@@ -170,6 +170,11 @@ def _logits_head(logits, tokens, next_first):
   return logits
 
 
+def last_logits_head(logits, tokens, next_first):
+  """The logits of each segment's last position ([B, V]): a prompt's next-token logits."""
+  return logits[:, -1]
+
+
 def _loglik_head(logits, tokens, next_first):
   """log p(token t+1 | ..t) for the segment's positions; the last uses the next segment's
   first token (``next_first`` [B], -1 when there is none: then NaN, dropped later)."""
