@@ -21,8 +21,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from sh2_jax.inference.decode import decode_step
 from sh2_jax.inference.prefill import prefill
 from sh2_jax.inference.sampling import check_sampling, sample
-from sh2_jax.inference.segmented import (CONTEXT_AXIS, forward_segment, last_logits_head,
-                                         segmented_apply)
+from sh2_jax.inference.segmented import (forward_segment, last_logits_head, segmented_apply,
+                                         sharded_kv)
 from sh2_jax.tokenizer import PAD_ID
 
 PROMPT_BUCKET = 64  # prompt batches are padded to a multiple of this: fewer recompilations
@@ -71,16 +71,17 @@ def _prefill(graphdef, state, tokens, lengths, *, max_len):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "greedy", "return_logits",
-                                             "mesh"))
+                                             "kv"))
 def _decode_loop(graphdef, state, logits, cache, stop, key, temperature, top_k, top_p, *,
-                 max_new, greedy, return_logits, mesh=None):
-  """Sample from the prefill's logits, then decode until max_new tokens or every row stopped."""
+                 max_new, greedy, return_logits, kv=None):
+  """Sample from the prefill's logits, then decode until max_new tokens or every row stopped.
+  ``kv``: the cache is sharded as it says (generation on a context mesh)."""
   model = nnx.merge(graphdef, state)
-  if mesh is None:
+  if kv is None:
     step = functools.partial(decode_step, model)
   else:
     def step(cache, tok):
-      logits, cache = forward_segment(model, cache, tok[:, None], mesh, CONTEXT_AXIS)
+      logits, cache = forward_segment(model, cache, tok[:, None], kv)
       return logits[:, 0], cache
   pick = functools.partial(sample, key=key, temperature=temperature, top_k=top_k, top_p=top_p,
                            greedy=greedy)
@@ -129,7 +130,7 @@ def _prefill_on_mesh(model, rows, max_new: int, mesh, segment_len):
   seg = tokens.shape[1] if segment_len is None else segment_len
   outs, cache = segmented_apply(model, tokens, seg, head=last_logits_head,
                                 max_len=tokens.shape[1] + max_new, mesh=mesh)
-  return jnp.asarray(outs[-1]), cache
+  return jnp.asarray(outs[-1]), cache, sharded_kv(mesh, seg)
 
 
 def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0,
@@ -159,16 +160,17 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
   # Padded with -1 (never a token) to a multiple of 8: fewer shapes, fewer recompilations.
   stop = np.pad(stop, (0, max(8, -(-stop.size // 8) * 8) - stop.size), constant_values=-1)
   graphdef, state = nnx.split(model)
+  kv = None
   if mesh is None:
     logits, cache = _prefill_rows(graphdef, state, rows, int(max_new_tokens), prefill_rows)
   else:
-    logits, cache = _prefill_on_mesh(model, rows, int(max_new_tokens), mesh, segment_len)
+    logits, cache, kv = _prefill_on_mesh(model, rows, int(max_new_tokens), mesh, segment_len)
     state = jax.device_put(state, NamedSharding(mesh, P()))
   out, logits = _decode_loop(
       graphdef, state, logits, cache, jnp.asarray(stop), jax.random.key(seed),
       jnp.float32(temperature if temperature > 0 else 1.0), jnp.int32(top_k or 0),
       jnp.float32(top_p if top_p is not None else 1.0), max_new=int(max_new_tokens),
-      greedy=temperature == 0, return_logits=return_logits, mesh=mesh)
+      greedy=temperature == 0, return_logits=return_logits, kv=kv)
   out = np.asarray(out)
   logits = np.asarray(logits) if return_logits else None
   if single:

@@ -15,24 +15,26 @@ uses), so peak activation memory is that of S tokens, not L:
 All rows of the batch move together (same length). The result equals the one-shot forward.
 
 Over a device mesh (``mesh=``, its ``context`` axis of N ranks) the KV cache -- the only state
-that grows with L -- is sharded by position: rank r holds positions [r*Lc, (r+1)*Lc) of every
-attention layer, Lc = cache length / N (the cache is padded to a multiple of N*S so every segment
-falls inside one rank's shard). Each rank attends the segment's queries to its own shard of
-earlier keys; the N partial results are merged by their log-sum-exps (pmax, psum), and the rank
-owning the segment's positions writes its keys/values. Everything else (weights, the segment's
-activations, the small Hyena caches) is replicated, so per-device memory is the weights plus 1/N
-of the KV cache, and the prefix attention -- the cost that grows with L -- is split N ways.
+that grows with L -- is sharded by position (``ShardedKV``): blocks of S positions are dealt
+round-robin, block g to rank g mod N at its local slot g // N, so every rank holds an equal share
+of the earlier keys whatever the offset (the cache is padded to a multiple of N*S). Each rank
+attends the segment's queries to its visible keys (a contiguous prefix of its shard); the N
+partial results are merged by their log-sum-exps (pmax, psum), and the rank owning the
+segment's block writes its keys/values. Everything else (weights, the segment's activations,
+the small Hyena caches) is replicated, so per-device memory is the weights plus 1/N of the KV
+cache, and the prefix attention -- the cost that grows with L -- is split N ways evenly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sh2_jax import conv, dispatch
 from sh2_jax.attention import resolve_attention_impl
@@ -41,6 +43,21 @@ from sh2_jax.inference.cache import Cache, HyenaCache, KVCache, cache_shapes, in
 from sh2_jax.parallel.attention import block_attention, merge
 
 CONTEXT_AXIS = "context"
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedKV:
+  """The KV cache sharded by position over ``axis`` of ``mesh``: blocks of ``stripe``
+  positions, block g on rank g mod N at local slot g // N. A segment (or decoded token) must
+  not straddle two blocks: segments of ``stripe`` tokens starting at multiples of it do not."""
+
+  mesh: Mesh
+  stripe: int
+  axis: str = CONTEXT_AXIS
+
+  @property
+  def size(self) -> int:
+    return self.mesh.shape[self.axis]
 
 
 def _with_history(hist: jax.Array, x: jax.Array) -> jax.Array:
@@ -89,24 +106,26 @@ def _prefix_and_write(q, k, v, cache: KVCache, offset, scale, impl):
   return prefix, new
 
 
-def _sharded_prefix_and_write(q, k, v, cache: KVCache, offset, scale, impl, mesh, axis):
-  """``_prefix_and_write`` with the cache's positions sharded over ``axis`` of ``mesh``."""
+def _sharded_prefix_and_write(q, k, v, cache: KVCache, offset, scale, impl, kv: ShardedKV):
+  """``_prefix_and_write`` with the cache laid out as ``kv`` says."""
+  n, stripe = kv.size, kv.stripe
 
   def local(q, k, v, kc, vc, offset):
     b, s = q.shape[:2]
-    lc = kc.shape[1]
-    start = offset - jax.lax.axis_index(axis) * lc      # the segment's start in this shard
-    visible = jnp.full((b,), jnp.clip(start, 0, lc), jnp.int32)
+    r = jax.lax.axis_index(kv.axis)
+    g, within = offset // stripe, offset % stripe        # the segment's block, its place in it
+    full = jnp.maximum(g - r + n - 1, 0) // n            # earlier blocks this rank holds
+    mine = g % n == r
+    visible = jnp.full((b,), full * stripe + jnp.where(mine, within, 0), jnp.int32)
     out, lse = block_attention(q, kc, vc, visible, False, scale, impl)
-    top = jax.lax.pmax(lse, axis)
+    top = jax.lax.pmax(lse, kv.axis)
     top = jnp.where(jnp.isfinite(top), top, 0.0)
-    w = jnp.exp(lse - top)                               # 0 where this shard saw no key
-    den = jax.lax.psum(w, axis)
-    out = jax.lax.psum(w[..., None] * out.astype(jnp.float32), axis)
+    w = jnp.exp(lse - top)                               # 0 where this rank saw no key
+    den = jax.lax.psum(w, kv.axis)
+    out = jax.lax.psum(w[..., None] * out.astype(jnp.float32), kv.axis)
     out = out / jnp.where(den > 0, den, 1.0)[..., None]
     lse = jnp.where(den > 0, top + jnp.log(jnp.where(den > 0, den, 1.0)), -jnp.inf)
-    mine = (start >= 0) & (start < lc)                   # segments never straddle shards
-    at = jnp.clip(start, 0, lc - s)
+    at = jnp.clip((g // n) * stripe + within, 0, kc.shape[1] - s)
 
     def write(c, x):
       old = jax.lax.dynamic_slice_in_dim(c, at, s, axis=1)
@@ -114,40 +133,39 @@ def _sharded_prefix_and_write(q, k, v, cache: KVCache, offset, scale, impl, mesh
 
     return out, lse, write(kc, k), write(vc, v)
 
-  seq = P(None, axis)
+  seq = P(None, kv.axis)
   out, lse, kc, vc = jax.shard_map(
-      local, mesh=mesh, in_specs=(P(), P(), P(), seq, seq, P()),
+      local, mesh=kv.mesh, in_specs=(P(), P(), P(), seq, seq, P()),
       out_specs=(P(), P(), seq, seq))(q, k, v, cache.k, cache.v, offset)
   return (out, lse), KVCache(kc, vc)
 
 
-def _attention_segment(block, h, cache: KVCache, offset, mesh=None, axis=CONTEXT_AXIS):
+def _attention_segment(block, h, cache: KVCache, offset, kv: ShardedKV | None = None):
   attn = block.inner_mha_cls
   b, s, _ = h.shape
   q, k, v = attn.qkv(h, offset + jnp.arange(s))
   impl = resolve_attention_impl(attn.impl, attn.dtype)
   scale = attn.head_dim ** -0.5
-  if mesh is None:
+  if kv is None:
     prefix, new = _prefix_and_write(q, k, v, cache, offset, scale, impl)
   else:
-    prefix, new = _sharded_prefix_and_write(q, k, v, cache, offset, scale, impl, mesh, axis)
+    prefix, new = _sharded_prefix_and_write(q, k, v, cache, offset, scale, impl, kv)
   diag = block_attention(q, k, v, None, True, scale, impl)
   o = merge(prefix, diag)[0].astype(q.dtype)
   return attn.out_proj(o.reshape(b, s, -1)), new
 
 
-def forward_segment(model, cache: Cache, tokens: jax.Array, mesh=None, axis=CONTEXT_AXIS):
+def forward_segment(model, cache: Cache, tokens: jax.Array, kv: ShardedKV | None = None):
   """tokens [B, S] continuing every row at position ``cache.lengths[0]`` -> (logits
-  [B, S, V] float32, the advanced Cache). With ``mesh``, the KV caches are sharded by position
-  over ``axis`` and the segment must lie inside one rank's shard (``segmented_apply`` pads the
-  cache so it does)."""
+  [B, S, V] float32, the advanced Cache). With ``kv``, the KV caches are laid out as it says
+  and the segment must lie inside one of its blocks."""
   offset = cache.lengths[0]
   x = model.embedding_layer(tokens)
   layers = []
   for block, layer_cache in zip(model.blocks, cache.layers):
     h = block.pre_norm(x)
     if block.op == "MHA":
-      mixed, layer_cache = _attention_segment(block, h, layer_cache, offset, mesh, axis)
+      mixed, layer_cache = _attention_segment(block, h, layer_cache, offset, kv)
     else:
       mixed, layer_cache = _hyena_segment(block, h, layer_cache)
     x = x + mixed
@@ -157,12 +175,10 @@ def forward_segment(model, cache: Cache, tokens: jax.Array, mesh=None, axis=CONT
   return logits, Cache(cache.lengths + tokens.shape[1], tuple(layers))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "head", "mesh", "axis"),
-                   donate_argnums=(2,))
-def _segment_step(graphdef, state, cache, tokens, next_first, head, mesh=None,
-                  axis=CONTEXT_AXIS):
+@functools.partial(jax.jit, static_argnames=("graphdef", "head", "kv"), donate_argnums=(2,))
+def _segment_step(graphdef, state, cache, tokens, next_first, head, kv=None):
   model = nnx.merge(graphdef, state)
-  logits, cache = forward_segment(model, cache, tokens, mesh, axis)
+  logits, cache = forward_segment(model, cache, tokens, kv)
   return head(logits, tokens, next_first), cache
 
 
@@ -184,17 +200,22 @@ def _loglik_head(logits, tokens, next_first):
   return ll
 
 
-def _mesh_cache(cfg, batch: int, max_len: int, segment_len: int, mesh, axis: str):
-  """An empty cache on ``mesh``: KV positions sharded over ``axis`` (length padded to a
-  multiple of N*segment_len), the rest replicated; built in place, never whole on one device."""
+def sharded_kv(mesh, segment_len: int, axis: str = CONTEXT_AXIS) -> ShardedKV:
+  """The ``ShardedKV`` of segments of ``segment_len`` over ``axis`` of ``mesh`` (checked)."""
   if axis not in mesh.shape:
     raise ValueError(f"mesh axes {tuple(mesh.shape)} have no {axis!r} axis to shard the KV "
                      "cache over")
-  step = mesh.shape[axis] * segment_len
+  return ShardedKV(mesh, segment_len, axis)
+
+
+def mesh_cache(cfg, batch: int, max_len: int, kv: ShardedKV) -> Cache:
+  """An empty cache laid out as ``kv`` says (length padded to a multiple of N*stripe), the rest
+  replicated on its mesh; built in place, never whole on one device."""
+  step = kv.size * kv.stripe
   shapes = cache_shapes(cfg, batch, -(-max_len // step) * step)
-  kv = NamedSharding(mesh, P(None, axis))
-  rep = NamedSharding(mesh, P())
-  shardings = Cache(rep, tuple(KVCache(kv, kv) if isinstance(c, KVCache)
+  seq = NamedSharding(kv.mesh, P(None, kv.axis))
+  rep = NamedSharding(kv.mesh, P())
+  shardings = Cache(rep, tuple(KVCache(seq, seq) if isinstance(c, KVCache)
                                else jax.tree.map(lambda _: rep, c) for c in shapes.layers))
   zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
   return jax.jit(zeros, out_shardings=shardings)()
@@ -205,24 +226,25 @@ def segmented_apply(model, tokens, segment_len: int, head=_logits_head,
   """Run ``tokens`` [B, L] in segments of ``segment_len``; returns (list of per-segment
   ``head(logits, tokens, next_first)`` results as numpy, final Cache). The last segment may be
   shorter (one more compilation). ``mesh``: shard the KV cache by position over its ``axis``
-  (see the module docstring); the model's parameters are replicated onto the mesh."""
+  in blocks of ``segment_len`` (``ShardedKV``); the model's parameters are replicated onto it."""
   tokens = np.asarray(tokens)
   model.check_tokens(tokens)
   if not isinstance(segment_len, int) or segment_len < 1:
     raise ValueError(f"segment_len {segment_len!r} must be a positive integer")
   b, length = tokens.shape
   graphdef, state = nnx.split(model)
-  if mesh is None:
+  kv = None if mesh is None else sharded_kv(mesh, segment_len, axis)
+  if kv is None:
     cache = init_cache(model.cfg, b, max_len or length)
   else:
-    cache = _mesh_cache(model.cfg, b, max_len or length, segment_len, mesh, axis)
+    cache = mesh_cache(model.cfg, b, max_len or length, kv)
     state = jax.device_put(state, NamedSharding(mesh, P()))
   outs = []
   for start in range(0, length, segment_len):
     seg = jnp.asarray(tokens[:, start:start + segment_len], jnp.int32)
     end = start + seg.shape[1]
     nxt = jnp.asarray(tokens[:, end] if end < length else np.full((b,), -1), jnp.int32)
-    out, cache = _segment_step(graphdef, state, cache, seg, nxt, head, mesh, axis)
+    out, cache = _segment_step(graphdef, state, cache, seg, nxt, head, kv)
     outs.append(np.asarray(out))
   return outs, cache
 
