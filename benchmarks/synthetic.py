@@ -161,6 +161,10 @@ def main(argv=None) -> dict:
                     for i in range(len(specs))]
     timings[lay] = time.perf_counter() - t0
     print(f"{lay}: {timings[lay]:.1f} s", flush=True)
+    if args.json:  # a run cut short by a time limit keeps the layouts it finished
+      with open(args.json, "w") as f:
+        json.dump({"partial": True, "config": dataclasses.asdict(cfg), "results": results,
+                   "train_seconds": timings}, f, indent=1)
 
   device = jax.devices()[0].device_kind
   title = (f"{device}: d_model {cfg.d_model}, 4 layers, {steps} steps x batch "

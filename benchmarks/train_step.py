@@ -224,10 +224,10 @@ def run(a) -> None:
       remat = remat_for(length, a.width, a.layers, a.cp, a.remat)
       row = dict(kind="step", model=label, L=length, width=a.width, layers=a.layers, cp=a.cp,
                  remat=remat, li_impl=li, step_s=None, note="")
-      if label in est:  # predicted cost: compile + ~4 steps, attention-heavy steps ~ L^2
+      if label in est:  # predicted cost: compile + ~3 steps, attention-heavy steps ~ L^2
         c_s, s_s, l0 = est[label]
         power = 2.0 if label.startswith("Transformer") else 1.3
-        predicted = c_s + 4 * s_s * (length / l0) ** power + 10
+        predicted = c_s + 3 * s_s * (length / l0) ** power + 10
         if not budget.allows(predicted):
           row["note"] = f"not run: time budget (predicted {predicted:.0f} s, left {budget.left():.0f} s)"
           rec.add(**row)
@@ -238,8 +238,8 @@ def run(a) -> None:
         p = Point(cfg, length, remat, mesh)
         p.run(1)  # warm-up
         est_step = p.run(1)
-        n = int(np.clip(a.target_s / est_step, 2, 10))
-        step_s = p.run(n)
+        n = int(np.clip(a.target_s / est_step, 1, 10))  # long steps: one more, mean of two
+        step_s = p.run(n) if n > 1 else (est_step + p.run(1)) / 2
         fpt = flops_per_token(cfg, length)
         tps = length / step_s
         row.update(step_s=step_s, tokens_per_s=tps, mfu=tps * fpt / (rate * devices),
