@@ -51,7 +51,10 @@ class Dense(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x, kernel = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
     if self.fp8 == "off":
-      y = jnp.dot(x, kernel, preferred_element_type=jnp.float32)
+      # Output in the compute dtype (GPU GEMMs accumulate in float32 and round once): the
+      # backward GEMMs then take compute-dtype cotangents. A float32 output here made the
+      # cotangent float32 and both backward GEMMs float32 (TF32 on Hopper, half the bf16 rate).
+      y = jnp.dot(x, kernel, preferred_element_type=self.dtype)
     else:
       scales = (jax.lax.stop_gradient(self.fp8_scales[...]) if self.fp8_scales is not None
                 else fp8lib.current_scales(x, kernel))
