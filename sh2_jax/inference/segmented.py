@@ -99,10 +99,13 @@ def _prefix_and_write(q, k, v, cache: KVCache, offset, scale, impl):
   """Attention of the segment's queries to the cached keys before ``offset``, and the cache
   with the segment's keys/values written at ``offset``."""
   b = q.shape[0]
-  prefix = block_attention(q, cache.k, cache.v, jnp.full((b,), offset, jnp.int32), False,
-                           scale, impl)
+  # Write first, then read the written cache up to ``offset`` (the new keys sit past it): the
+  # update is then the cache's only use and happens in place (read-then-write made XLA copy
+  # the whole cache each segment).
   new = KVCache(jax.lax.dynamic_update_slice_in_dim(cache.k, k, offset, axis=1),
                 jax.lax.dynamic_update_slice_in_dim(cache.v, v, offset, axis=1))
+  prefix = block_attention(q, new.k, new.v, jnp.full((b,), offset, jnp.int32), False,
+                           scale, impl)
   return prefix, new
 
 
@@ -117,6 +120,13 @@ def _sharded_prefix_and_write(q, k, v, cache: KVCache, offset, scale, impl, kv: 
     full = jnp.maximum(g - r + n - 1, 0) // n            # earlier blocks this rank holds
     mine = g % n == r
     visible = jnp.full((b,), full * stripe + jnp.where(mine, within, 0), jnp.int32)
+    at = jnp.clip((g // n) * stripe + within, 0, kc.shape[1] - s)
+
+    def write(c, x):  # first, so that it happens in place (see _prefix_and_write)
+      old = jax.lax.dynamic_slice_in_dim(c, at, s, axis=1)
+      return jax.lax.dynamic_update_slice_in_dim(c, jnp.where(mine, x, old), at, axis=1)
+
+    kc, vc = write(kc, k), write(vc, v)                  # the new keys sit past ``visible``
     out, lse = block_attention(q, kc, vc, visible, False, scale, impl)
     top = jax.lax.pmax(lse, kv.axis)
     top = jnp.where(jnp.isfinite(top), top, 0.0)
@@ -125,13 +135,7 @@ def _sharded_prefix_and_write(q, k, v, cache: KVCache, offset, scale, impl, kv: 
     out = jax.lax.psum(w[..., None] * out.astype(jnp.float32), kv.axis)
     out = out / jnp.where(den > 0, den, 1.0)[..., None]
     lse = jnp.where(den > 0, top + jnp.log(jnp.where(den > 0, den, 1.0)), -jnp.inf)
-    at = jnp.clip((g // n) * stripe + within, 0, kc.shape[1] - s)
-
-    def write(c, x):
-      old = jax.lax.dynamic_slice_in_dim(c, at, s, axis=1)
-      return jax.lax.dynamic_update_slice_in_dim(c, jnp.where(mine, x, old), at, axis=1)
-
-    return out, lse, write(kc, k), write(vc, v)
+    return out, lse, kc, vc
 
   seq = P(None, kv.axis)
   out, lse, kc, vc = jax.shard_map(
