@@ -38,14 +38,16 @@ def gated_fir(x1, v, x2, h, dskip, impl: str, interpret: bool = False):
   if impl == "xla":
     return conv.gated_conv(x1, v, x2, functools.partial(conv.fir_conv, h=h), dskip)
   if impl == "fft":
-    return conv.gated_conv(x1, v, x2, functools.partial(conv.fft_conv, h=h, out_dtype=jnp.float32), dskip)
+    fft = functools.partial(conv.fft_conv, h=h, out_dtype=jnp.float32)
+    return conv.gated_conv(x1, v, x2, fft, dskip)
   raise ValueError(f"conv_impl {impl!r} is not one of auto, pallas, xla, fft")
 
 
 def resolve_li_impl(impl: str, interpret: bool = False) -> str:
   """``li_impl``: ``modal_scan`` (the FFT-free chunked recurrence, ``pallas_kernels/
-  modal_scan.py``), ``modal_serial`` (the token-serial recurrence, ``modal_scan_serial.py``; not
-  yet timed on a GPU), ``fft`` (float32 FFT of the modal filter, the reference), ``auto``.
+  modal_scan.py``), ``modal_serial`` (the token-serial recurrence, ``modal_scan_serial.py``;
+  on the H100 within run-to-run noise of ``modal_scan``, so not the default), ``fft`` (float32
+  FFT of the modal filter, the reference), ``auto``.
 
   ``auto`` -> ``modal_scan`` on GPU (H100, width 4096, B = 1, bf16: 2.7x / 3.0x faster than
   fft forward / forward+backward at 16K, 4.6x / 4.4x at 64K; benchmarks/RESULTS.md, "FFT-free
@@ -78,4 +80,5 @@ def gated_modal(x1, v, x2, log_poles, residues, dskip, impl: str, interpret: boo
                                                interpret=interpret)[0]
   length = x1.shape[1]
   h = conv.modal_filter(log_poles, residues, length)
-  return conv.gated_conv(x1, v, x2, functools.partial(conv.fft_conv, h=h, out_dtype=jnp.float32), dskip)
+  fft = functools.partial(conv.fft_conv, h=h, out_dtype=jnp.float32)
+  return conv.gated_conv(x1, v, x2, fft, dskip)

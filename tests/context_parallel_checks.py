@@ -200,7 +200,7 @@ def error_checks():
           _generate_unequal_on_mesh, "with a mesh, prompts must have equal lengths; got "
                                      "lengths [2, 3]"),
       "error/segmented-mesh-axis": (
-          lambda: _segmented_without_context(), "have no 'context' axis to shard the KV cache"),
+          _segmented_without_context, "have no 'context' axis to shard the KV cache"),
   }
   out = []
   for name, (fn, expected) in cases.items():

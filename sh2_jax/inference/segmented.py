@@ -40,7 +40,7 @@ from sh2_jax import conv, dispatch
 from sh2_jax.attention import resolve_attention_impl
 from sh2_jax.hyena import featurize
 from sh2_jax.inference.cache import Cache, HyenaCache, KVCache, cache_shapes, init_cache
-from sh2_jax.parallel.attention import block_attention, merge
+from sh2_jax.parallel.attention import block_attention, merge, merge_across
 
 CONTEXT_AXIS = "context"
 
@@ -127,14 +127,7 @@ def _sharded_prefix_and_write(q, k, v, cache: KVCache, offset, scale, impl, kv: 
       return jax.lax.dynamic_update_slice_in_dim(c, jnp.where(mine, x, old), at, axis=1)
 
     kc, vc = write(kc, k), write(vc, v)                  # the new keys sit past ``visible``
-    out, lse = block_attention(q, kc, vc, visible, False, scale, impl)
-    top = jax.lax.pmax(lse, kv.axis)
-    top = jnp.where(jnp.isfinite(top), top, 0.0)
-    w = jnp.exp(lse - top)                               # 0 where this rank saw no key
-    den = jax.lax.psum(w, kv.axis)
-    out = jax.lax.psum(w[..., None] * out.astype(jnp.float32), kv.axis)
-    out = out / jnp.where(den > 0, den, 1.0)[..., None]
-    lse = jnp.where(den > 0, top + jnp.log(jnp.where(den > 0, den, 1.0)), -jnp.inf)
+    out, lse = merge_across(block_attention(q, kc, vc, visible, False, scale, impl), kv.axis)
     return out, lse, kc, vc
 
   seq = P(None, kv.axis)

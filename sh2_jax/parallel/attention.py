@@ -106,6 +106,19 @@ def merge(a, b):
   return out, lse
 
 
+def merge_across(part, axis_name: str):
+  """``merge`` over the ranks of ``axis_name``: each rank holds a partial attention (out, lse)
+  over its own disjoint key set; every rank gets the merged (out float32, lse)."""
+  out, lse = part
+  top = jax.lax.pmax(lse, axis_name)
+  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  w = jnp.exp(lse - top)  # 0 where this rank saw no key
+  den = jax.lax.psum(w, axis_name)
+  safe = jnp.where(den > 0, den, 1.0)
+  out = jax.lax.psum(w[..., None] * out.astype(jnp.float32), axis_name) / safe[..., None]
+  return out, jnp.where(den > 0, top + jnp.log(safe), -jnp.inf)
+
+
 def _global_order(x, n):
   """All-gathered zig-zag rows [B, 2cN, ...] -> global order."""
   b, total = x.shape[:2]

@@ -82,5 +82,6 @@ def check_against_mesh(config, mesh_shape: dict, process_count: int) -> None:
   n = mesh_shape["context"]
   chunks = 2 * n if n > 1 else 1  # zig-zag: two chunks per context rank
   if config.seq_len % chunks:
+    why = " (zig-zag: 2 chunks per rank)" if n > 1 else ""
     raise ValueError(f"seq_len {config.seq_len} cannot be split over mesh.context {n}: it must "
-                     f"be a multiple of {chunks}" + (" (zig-zag: 2 chunks per rank)" if n > 1 else ""))
+                     f"be a multiple of {chunks}{why}")

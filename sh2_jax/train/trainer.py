@@ -179,7 +179,8 @@ def train(config, workdir: str, prepared=None) -> dict:
       pending = []
       elapsed = time.perf_counter() - t0
       tps = (step - t0_step) * tokens_per_step / elapsed
-      record = {"step": step, "loss": m["loss"], "bits_per_byte": metrics_lib.bits_per_byte(m["loss"]),
+      record = {"step": step, "loss": m["loss"],
+                "bits_per_byte": metrics_lib.bits_per_byte(m["loss"]),
                 "lr": float(schedule(step - 1)), "grad_norm": m["grad_norm"],
                 "tokens_per_s": tps, "mfu": tps * fpt / peak}
     if evaluated and len(eval_src):
