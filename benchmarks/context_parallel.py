@@ -94,33 +94,38 @@ def rel_err(a, b):
   return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))
 
 
-def bench_ops(rec, lengths, ops, d, n, mesh, budget):
+def context_mesh(n: int):
+  return jax.make_mesh((n,), (AX,), axis_types=(AxisType.Auto,), devices=jax.devices()[:n])
+
+
+def bench_ops(rec, lengths, ops, d, ranks, budget, skip_modes=()):
+  """Per operator and length: the 1-GPU baseline once, then every mode on each mesh size."""
   from sh2_jax import dispatch
-  from sh2_jax.parallel.zigzag import zigzag_shard, zigzag_unshard
+  from sh2_jax.parallel.zigzag import zigzag_permutation, zigzag_unshard
   dev0 = jax.devices()[0]
-  spec = NamedSharding(mesh, P(None, AX))
   cases = op_cases(d)
   for length in lengths:
     for op in ops:
       make, params, base_fn, modes = cases[op]
-      if op == "MHA" and length > 131072:
-        continue  # quadratic: one 1-GPU point at 512K costs ~15 s per step
+      modes = {m: f for m, f in modes.items() if m not in skip_modes}
       if budget.left() < 25:
         print(f"budget: skipping {op} at L={length}", flush=True)
         continue
       xs = [jax.device_put(x, dev0) for x in make(length)]
       p0 = jax.device_put(params, dev0)
-      t1, g1 = None, None
-      try:
-        step = grad_step(base_fn)
-        t1 = timeit(step, p0, xs, max_s=1.0)
-        g1 = step(p0, xs)[1][1][0]  # d/dx1
-        err1 = ""
-      except Exception as e:  # noqa: BLE001 - OOM at long L is a result, not a crash
-        err1 = short_error(e)
+      t1, g1, err1 = None, None, ""
+      if op == "MHA" and length > 262144:
+        err1 = "not run: quadratic (one 1-GPU step at 512K costs ~15 s)"
+      else:
+        try:
+          step = grad_step(base_fn)
+          t1 = timeit(step, p0, xs, max_s=1.0)
+          g1 = step(p0, xs)[1][1][0]  # d/dx1
+        except Exception as e:  # noqa: BLE001 - OOM at long L is a result, not a crash
+          err1 = short_error(e)
       rec.add(kind="op", op=op, mode="1gpu", length=length, n=1, t=t1, note=err1)
       print(f"{op:4s} L={length:7d} 1 GPU   {fmt_ms(t1):>8s} ms {err1}", flush=True)
-      if op == "LI":  # the FFT path on one GPU too: the a2a_fft / p2p_fft modes run FFTs
+      if op == "LI" and "a2a_fft" not in skip_modes:  # the FFT path on one GPU too
         try:
           t_fft = timeit(grad_step(lambda p, a, b, c: dispatch.gated_modal(
               a, b, c, p[0], p[1], p[2], "fft")), p0, xs, max_s=1.0)
@@ -129,33 +134,40 @@ def bench_ops(rec, lengths, ops, d, n, mesh, budget):
           rec.add(kind="op", op=op, mode="1gpu_fft", length=length, n=1, t=None,
                   note=short_error(e))
         print(f"LI   L={length:7d} 1 GPU fft {fmt_ms(rec.rows[-1]['t'])} ms", flush=True)
-      zs = [jax.device_put(zigzag_shard(x, n), spec) for x in xs]
+      host = [np.asarray(x) for x in xs]
       del xs
-      pr = jax.device_put(params, NamedSharding(mesh, P()))
-      for mode, cp_fn in modes.items():
-        if budget.left() < 15:
-          break
-        f = jax.shard_map(lambda p, *a, cp_fn=cp_fn: cp_fn(p, *a, n), mesh=mesh,
-                          in_specs=(P(),) + (P(None, AX),) * 3, out_specs=P(None, AX),
-                          check_vma=False)
-        tn, err, note = None, None, ""
-        try:
-          step = grad_step(f)
-          tn = timeit(step, pr, zs, max_s=1.0)
-          if g1 is not None:
-            gz = step(pr, zs)[1][1][0]
-            err = rel_err(jax.device_put(zigzag_unshard(jax.device_put(gz, dev0), n), dev0), g1)
-        except Exception as e:  # noqa: BLE001
-          note = short_error(e)
-        eff = t1 / (n * tn) if (t1 and tn) else None
-        rec.add(kind="op", op=op, mode=mode, length=length, n=n, t=tn, t1=t1, efficiency=eff,
-                grad_rel_err=err, note=note)
-        print(f"{op:4s} L={length:7d} {n} GPUs {mode:9s} {fmt_ms(tn):>8s} ms  eff "
-              f"{'-' if eff is None else f'{eff:.2f}'}  err {err} {note}", flush=True)
-      del zs, g1
+      for n in ranks:
+        mesh = context_mesh(n)
+        spec = NamedSharding(mesh, P(None, AX))
+        perm = zigzag_permutation(length, n)  # on the host: no full-length copy on GPU 0
+        zs = [jax.device_put(np.take(x, perm, axis=1), spec) for x in host]
+        pr = jax.device_put(params, NamedSharding(mesh, P()))
+        for mode, cp_fn in modes.items():
+          if budget.left() < 15:
+            break
+          f = jax.shard_map(lambda p, *a, cp_fn=cp_fn, n=n: cp_fn(p, *a, n), mesh=mesh,
+                            in_specs=(P(),) + (P(None, AX),) * 3, out_specs=P(None, AX),
+                            check_vma=False)
+          tn, err, note = None, None, ""
+          try:
+            step = grad_step(f)
+            tn = timeit(step, pr, zs, max_s=1.0)
+            if g1 is not None:
+              gz = step(pr, zs)[1][1][0]
+              err = rel_err(jax.device_put(zigzag_unshard(jax.device_put(gz, dev0), n), dev0),
+                            g1)
+          except Exception as e:  # noqa: BLE001
+            note = short_error(e)
+          eff = t1 / (n * tn) if (t1 and tn) else None
+          rec.add(kind="op", op=op, mode=mode, length=length, n=n, t=tn, t1=t1, efficiency=eff,
+                  grad_rel_err=err, note=note)
+          print(f"{op:4s} L={length:7d} {n} GPUs {mode:9s} {fmt_ms(tn):>8s} ms  eff "
+                f"{'-' if eff is None else f'{eff:.2f}'}  err {err} {note}", flush=True)
+        del zs
+      del g1
 
 
-def bench_model(rec, length, d, layers, n, mesh, budget, modes):
+def bench_model(rec, length, d, layers, ranks, budget, modes):
   import optax
   from flax import nnx
   from sh2_jax.config import ModelConfig
@@ -190,16 +202,17 @@ def bench_model(rec, length, d, layers, n, mesh, budget, modes):
   rec.add(kind="model", mode="1gpu", length=length, n=1, t=t1, loss=loss1, note=note,
           layers=layers)
   print(f"model {layers} L={length} 1 GPU {fmt_ms(t1)} ms loss {loss1} {note}", flush=True)
-  state_r = jax.device_put(state, NamedSharding(mesh, P()))
-  tok_r = jax.device_put(tokens, NamedSharding(mesh, P()))
-  tgt_z = jax.device_put(zigzag_shard(targets, n), NamedSharding(mesh, P(None, AX)))
-  for mode in modes:
+  for n, mode in [(n, m) for n in ranks for m in modes]:
     if budget.left() < 30:
       break
+    mesh = context_mesh(n)
+    state_r = jax.device_put(state, NamedSharding(mesh, P()))
+    tok_r = jax.device_put(tokens, NamedSharding(mesh, P()))
+    tgt_z = jax.device_put(zigzag_shard(targets, n), NamedSharding(mesh, P(None, AX)))
     mr, li, att = mode.split("/")
     cp = ContextParallel(size=n, mr_mode=mr, li_mode=li, attention_mode=att, remat=True)
 
-    def step_cp(st, tok, tgt_zigzag, cp=cp):
+    def step_cp(st, tok, tgt_zigzag, cp=cp, mesh=mesh):
       logits = context_parallel_logits(nnx.merge(graphdef, st), tok, mesh, cp,
                                        zigzag_output=True)
       return optax.softmax_cross_entropy_with_integer_labels(logits, tgt_zigzag).mean()
@@ -271,6 +284,9 @@ def main():
   ap.add_argument("--layers", default="SE-MR-LI-MHA")
   ap.add_argument("--model_modes", default="p2p/state/allgather,a2a/a2a/ring")
   ap.add_argument("--budget", type=float, default=200.0)
+  ap.add_argument("--ranks", default="", help="mesh sizes, e.g. 2,4 (default: all devices)")
+  ap.add_argument("--skip_modes", default="", help="e.g. a2a_fft,p2p_fft (a2a_fft also skips "
+                  "the 1-GPU FFT baseline of LI)")
   ap.add_argument("--plot", default="")
   ap.add_argument("--png", default="")
   args = ap.parse_args()
@@ -279,9 +295,10 @@ def main():
     return
   budget = Budget(args.budget)
   n = jax.device_count()
-  if n < 2:
-    raise SystemExit(f"needs at least 2 devices for a context mesh; found {n}")
-  mesh = jax.make_mesh((n,), (AX,), axis_types=(AxisType.Auto,))
+  ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else [n]
+  if n < 2 or any(r < 2 or r > n for r in ranks):
+    raise SystemExit(f"--ranks {ranks}: each mesh needs 2..{n} devices (JAX sees {n})")
+  skip = tuple(m for m in args.skip_modes.split(",") if m)
   info = device_info()
   print(json.dumps(info), flush=True)
   rec = Recorder(args.out, "context_parallel")
@@ -289,12 +306,12 @@ def main():
   ops = args.ops.split(",")
   hyena_ops = [o for o in ops if o != "MHA"]
   # most wanted first: the run has a hard time limit (points past --budget are skipped)
-  bench_ops(rec, lengths[:1], hyena_ops, args.width, n, mesh, budget)
+  bench_ops(rec, lengths[:1], hyena_ops, args.width, ranks, budget, skip)
   if args.model_length:
-    bench_model(rec, args.model_length, args.width, args.layers, n, mesh, budget,
+    bench_model(rec, args.model_length, args.width, args.layers, ranks, budget,
                 args.model_modes.split(","))
-  bench_ops(rec, lengths[:1], [o for o in ops if o == "MHA"], args.width, n, mesh, budget)
-  bench_ops(rec, lengths[1:], hyena_ops, args.width, n, mesh, budget)
+  bench_ops(rec, lengths[:1], [o for o in ops if o == "MHA"], args.width, ranks, budget, skip)
+  bench_ops(rec, lengths[1:], hyena_ops, args.width, ranks, budget, skip)
   print(f"\n{info['device']} x {n}, {info['date']}, jax {info['jax']}\n")
   print(table(rec.rows), flush=True)
 

@@ -117,6 +117,20 @@ class Point:
     t0 = time.perf_counter()
     self.compiled = self.step.lower(self.params, self.opt_state, self.batch).compile()
     self.compile_s = time.perf_counter() - t0
+    # a second random batch, never trained on: its loss must stay near ln 256 = 5.55 (uniform
+    # bytes carry no information); a training loss far below it with this one near it is
+    # memorisation, both far below it a causality leak
+    from sh2_jax.train.step import eval_step
+    toks = rng.integers(0, 256, size=(1, length + 1), dtype=np.int32)
+    held = {"inputs": toks[:, :-1], "targets": toks[:, 1:],
+            "weights": np.ones((1, length), np.float32)}
+    self.heldout = (jax.device_put(held) if mesh is None else
+                    {k: jax.device_put(v, b_sh[k]) for k, v in held.items()})
+    self.eval = jax.jit(functools.partial(eval_step, graphdef=graphdef, mesh=mesh))
+
+  def heldout_loss(self) -> float:
+    m = self.eval(self.params, self.heldout)
+    return float(m["nll"] / m["tokens"])
 
   def run(self, n: int) -> float:
     """Seconds per step over n back-to-back steps (after the caller's warm-up)."""
@@ -244,7 +258,7 @@ def run(a) -> None:
         tps = length / step_s
         row.update(step_s=step_s, tokens_per_s=tps, mfu=tps * fpt / (rate * devices),
                    flops_per_token=fpt, params=p.num_params, compile_s=round(p.compile_s, 1),
-                   steps=n, loss=p.loss)
+                   steps=n, loss=p.loss, heldout_loss=p.heldout_loss())
         est[label] = (p.compile_s, step_s, length)
         if length == a.profile_len and budget.allows(6 * step_s + 20):
           prof = profile(p, f"{label}, L={length}, width {a.width}, {a.layers} layers")
@@ -258,7 +272,8 @@ def run(a) -> None:
       if row["step_s"]:
         print(f"{label:24s} L={length:6d} remat={remat:6s} step {row['step_s'] * 1e3:9.1f} ms  "
               f"{row['tokens_per_s']:9.0f} tok/s  MFU {100 * row['mfu']:5.1f}%  compile "
-              f"{row['compile_s']} s  wall {row['wall_s']} s  loss {row['loss']:.3f}", flush=True)
+              f"{row['compile_s']} s  wall {row['wall_s']} s  loss {row['loss']:.3f} "
+              f"held-out {row['heldout_loss']:.3f}", flush=True)
       else:
         print(f"{label:24s} L={length:6d}: {row['note']}", flush=True)
   if a.out and profiles:
