@@ -257,11 +257,12 @@ def plot(jsonl: str, png: str):
   import matplotlib.pyplot as plt
   rows = [json.loads(line) for line in open(jsonl)]
   cp = [r for r in rows if r.get("n", 1) > 1 and r.get("t") and r.get("t1")]
-  labels = [f"{r.get('op', 'model')} {r['mode']}\nL={r['length'] // 1024}K" for r in cp]
+  labels = [f"{r.get('op', 'model')} {r['mode']}\nL={r['length'] // 1024}K, {r['n']} GPUs"
+            for r in cp]
   fig, ax = plt.subplots(1, 2, figsize=(max(8, 0.7 * len(cp)), 4.5))
   x = np.arange(len(cp))
   ax[0].bar(x - 0.2, [r["t1"] * 1e3 for r in cp], 0.4, label="1 GPU")
-  ax[0].bar(x + 0.2, [r["t"] * 1e3 for r in cp], 0.4, label=f"{cp[0]['n']} GPUs (CP)")
+  ax[0].bar(x + 0.2, [r["t"] * 1e3 for r in cp], 0.4, label="N GPUs (CP)")
   ax[0].set_yscale("log")
   ax[0].set_ylabel("fwd+bwd ms")
   ax[1].bar(x, [r["efficiency"] for r in cp])

@@ -85,11 +85,7 @@ class Point:
     if mesh is None:
       p_sh = o_sh = b_sh = repl = None
     else:
-      specs = mesh_lib.param_specs(abstract)
-      # FSDP over the context ranks: shard what is annotated 'fsdp' over 'context' instead
-      specs = jax.tree.map(lambda s: jax.sharding.PartitionSpec(
-          *("context" if a == "fsdp" else a for a in s)), specs,
-          is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
+      specs = mesh_lib.param_specs(abstract)  # FSDP over fsdp x context: the context ranks
       p_sh = mesh_lib.param_shardings(mesh, abs_params, specs)
       abs_opt = jax.eval_shape(tx.init, abs_params)
       repl = mesh_lib.replicated(mesh)
@@ -230,6 +226,7 @@ def run(a) -> None:
     base.update(conv_impl="xla", attention_impl="xla")
   sh2 = evo2_7b_layout(a.width, a.layers, **base)
   models = [("SH2 (Evo 2 7B layout)", sh2), ("Transformer (all MHA)", transformer_like(sh2))]
+  models = [m for m, key in zip(models, ("sh2", "transformer")) if key in a.models.split(",")]
   lengths = [int(x) for x in a.lengths.split(",")]
   est = {}  # model -> (compile_s, step_s at length)
   profiles = []
@@ -369,6 +366,7 @@ if __name__ == "__main__":
   p.add_argument("--cp", type=int, default=1, help="context-parallel ranks (FSDP over them too)")
   p.add_argument("--lengths", default="32768,131072,8192,16384,65536",
                  help="comma list, in priority order")
+  p.add_argument("--models", default="sh2,transformer", help="which of sh2,transformer to run")
   p.add_argument("--remat", default="auto", choices=["auto", "none", "blocks", "dots"])
   p.add_argument("--li_impl", default="best", help="'best' = the FFT-free LI if available")
   p.add_argument("--budget_s", type=float, default=230.0)

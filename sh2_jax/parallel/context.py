@@ -15,20 +15,29 @@ operators: it names the mesh axis, its size N, and the collective used per opera
 convolutions, so the parameters and the per-token math are the model's own; RoPE gets the global
 (zig-zag) positions. ``context_parallel_logits`` is the global-array entry point: tokens [B, L]
 in, logits [B, L, V] (global order) out, differentiable with respect to the model.
+
+Parameters enter ``shard_map`` FSDP-sharded as the model annotates them (``fsdp`` on the first
+axis of matrices -> the mesh axes ``FSDP_AXES`` present in the mesh) and each block gathers its
+own parameters when it runs (inside its rematerialised step, so the backward gathers them again
+and the gradients leave reduce-scattered): one block's full parameters are live at a time, not
+the whole model's (ZeRO-3; at the 7B width on 4 GPUs the whole model gathered in float32 took
+26 GB per device before its gradients).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sh2_jax import conv, dispatch
 from sh2_jax.parallel import a2a, halo, li_state_passing, p2p_fft
 from sh2_jax.parallel.attention import ATTENTION_MODES, cp_attention
+from sh2_jax.train.mesh import FSDP_AXES
 from sh2_jax.parallel.zigzag import chunk_length, local_positions, zigzag_shard, zigzag_unshard
 
 MR_MODES = ("p2p", "a2a")
@@ -96,20 +105,56 @@ def block_forward(block, u: jax.Array, positions: jax.Array, cp: ContextParallel
   return z + block.mlp(block.post_norm(z))
 
 
-def forward_local(model, tokens: jax.Array, cp: ContextParallel) -> jax.Array:
-  """Inside shard_map: this rank's zig-zag tokens [B, 2c] -> its logits [B, 2c, V] (float32)."""
+def is_spec(x) -> bool:
+  return isinstance(x, P)
+
+
+def fsdp_specs(state, mesh) -> nnx.State:
+  """PartitionSpecs of a module state from its annotations: 'fsdp' -> the FSDP_AXES of
+  ``mesh``. A leaf whose annotated dimension their size does not divide enters whole (the
+  trainer rejects such a model before this, mesh.param_shardings; here it only costs memory)."""
+  axes = tuple(a for a in FSDP_AXES if a in mesh.axis_names)
+  size = math.prod(mesh.shape[a] for a in axes)
+
+  def one(spec, x):
+    if "fsdp" not in spec or not axes:
+      return P(*(None if a == "fsdp" else a for a in spec))
+    ok = all(d % size == 0 for d, a in zip(x.shape, spec) if a == "fsdp")
+    return P(*((axes if ok else None) if a == "fsdp" else a for a in spec))
+  return jax.tree.map(one, nnx.get_partition_spec(state), state, is_leaf=is_spec)
+
+
+def gather_params(state, specs):
+  """Inside shard_map: all-gather every leaf over the mesh axes its spec shards it on."""
+  def one(spec, x):
+    for dim, axes in enumerate(spec):
+      if axes is not None:
+        x = jax.lax.all_gather(x, axes, axis=dim, tiled=True)
+    return x
+  return jax.tree.map(one, specs, state, is_leaf=is_spec)
+
+
+def forward_local(model, tokens: jax.Array, cp: ContextParallel, specs=None) -> jax.Array:
+  """Inside shard_map: this rank's zig-zag tokens [B, 2c] -> its logits [B, 2c, V] (float32).
+  With ``specs`` (``fsdp_specs`` of the whole model's state) ``model`` holds this rank's shards
+  of the parameters and each block gathers its own when it runs; without, ``model`` is whole."""
   model.check_tokens(tokens)
   positions = local_positions(tokens.shape[1], cp.size, cp.axis_name)
-  x = model.embedding_layer(tokens)
-  for block in model.blocks:
-    if cp.remat:
-      graphdef, state = nnx.split(block)
-      step = jax.checkpoint(lambda s, x_, g=graphdef: block_forward(nnx.merge(g, s), x_,
-                                                                   positions, cp))
-      x = step(state, x)
-    else:
-      x = block_forward(block, x, positions, cp)
-  return model.embedding_layer.unembed(model.norm(x))
+
+  def whole(module, spec):
+    return module if specs is None else nnx.merge(
+        *(lambda g, st: (g, gather_params(st, spec)))(*nnx.split(module)))
+
+  embedding = whole(model.embedding_layer, specs and specs["embedding_layer"])
+  norm = whole(model.norm, specs and specs["norm"])
+  x = embedding(tokens)
+  for i, block in enumerate(model.blocks):
+    graphdef, state = nnx.split(block)
+    spec = None if specs is None else specs["blocks"][i]
+    step = (lambda s, x_, g=graphdef, sp=spec: block_forward(
+        nnx.merge(g, s if sp is None else gather_params(s, sp)), x_, positions, cp))
+    x = (jax.checkpoint(step) if cp.remat else step)(state, x)
+  return embedding.unembed(norm(x))
 
 
 def context_parallel_logits(model, tokens: jax.Array, mesh, cp: ContextParallel,
@@ -117,7 +162,7 @@ def context_parallel_logits(model, tokens: jax.Array, mesh, cp: ContextParallel,
   """tokens [B, L] (global order) -> logits [B, L, V] computed on the context-parallel mesh.
 
   The batch is split over ``batch_axes`` (a mesh axis name or tuple, or None), the sequence
-  zig-zag over ``cp.axis_name``; the parameters enter replicated. With ``zigzag_output`` the
+  zig-zag over ``cp.axis_name``; the parameters enter FSDP-sharded (module docstring). With ``zigzag_output`` the
   logits stay in zig-zag order (permute the targets with ``zigzag_shard`` instead: cheaper
   than moving [B, L, V] logits back).
   """
@@ -127,13 +172,16 @@ def context_parallel_logits(model, tokens: jax.Array, mesh, cp: ContextParallel,
   chunk_length(tokens.shape[1], cp.size)  # clear error for a length that cannot be split
   graphdef, state = nnx.split(model)
   spec = P(batch_axes, cp.axis_name)
+  state_specs = fsdp_specs(state, mesh)
+  state = jax.tree.map(lambda sp, x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, sp)),
+                       state_specs, state, is_leaf=is_spec)
 
   def local(state, tok):
-    return forward_local(nnx.merge(graphdef, state), tok, cp)
+    return forward_local(nnx.merge(graphdef, state), tok, cp, state_specs)
 
   # check_vma=False: the Pallas kernels' outputs carry no mesh-varying annotation; the tests
   # check the gradients of the replicated parameters under exactly this setting.
-  logits = jax.shard_map(local, mesh=mesh, in_specs=(P(), spec),
+  logits = jax.shard_map(local, mesh=mesh, in_specs=(state_specs, spec),
                          out_specs=P(batch_axes, cp.axis_name, None), check_vma=False)(
                              state, zigzag_shard(tokens, cp.size))
   return logits if zigzag_output else zigzag_unshard(logits, cp.size)

@@ -17,6 +17,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "context")
 BATCH_AXES = ("data", "fsdp")
+# The mesh axes a parameter annotated 'fsdp' is sharded over: every non-data device, so that a
+# context-parallel run keeps 1/(fsdp x context) of the parameters and optimizer state per device
+# (the context-parallel forward gathers one block's parameters at a time, parallel/context.py).
+FSDP_AXES = ("fsdp", "context")
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
@@ -57,8 +61,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def param_specs(abstract_model: nnx.Module) -> dict:
   """Pure dict (same tree as ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``) of
-  PartitionSpecs from the parameters' sharding annotations."""
-  return nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(abstract_model, nnx.Param)))
+  PartitionSpecs from the parameters' sharding annotations, 'fsdp' -> ``FSDP_AXES``."""
+  specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(abstract_model, nnx.Param)))
+  return jax.tree.map(lambda s: P(*(FSDP_AXES if a == "fsdp" else a for a in s)), specs,
+                      is_leaf=lambda s: isinstance(s, P))
+
+
+def axis_size(mesh: Mesh, axis) -> int:
+  """Size of a spec entry: one mesh axis name or a tuple of them."""
+  return math.prod(mesh.shape[a] for a in (axis if isinstance(axis, tuple) else (axis,)))
 
 
 def param_shardings(mesh: Mesh, abstract_params: dict, specs: dict) -> dict:
@@ -66,11 +77,12 @@ def param_shardings(mesh: Mesh, abstract_params: dict, specs: dict) -> dict:
   divide is an error naming the parameter (no silent replication)."""
   def one(path, x, spec):
     for dim, axis in zip(x.shape, spec):
-      if axis is not None and dim % mesh.shape[axis]:
+      if axis is not None and dim % axis_size(mesh, axis):
         name = ".".join(str(getattr(k, "key", k)) for k in path)
+        names = " x ".join(f"mesh.{a}" for a in (axis if isinstance(axis, tuple) else (axis,)))
         raise ValueError(f"parameter {name} of shape {tuple(x.shape)} cannot be sharded over "
-                         f"mesh axis {axis!r} of size {mesh.shape[axis]}: {dim} is not divisible;"
-                         f" choose mesh.{axis} dividing it")
+                         f"mesh axes {axis!r} of size {axis_size(mesh, axis)}: {dim} is not "
+                         f"divisible; choose {names} dividing it")
     return NamedSharding(mesh, spec)
   return jax.tree_util.tree_map_with_path(one, abstract_params, specs)
 
