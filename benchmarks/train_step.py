@@ -377,10 +377,17 @@ if __name__ == "__main__":
   if a.plot:
     with open(a.plot) as fh:
       rows = [json.loads(line) for line in fh if line.strip()]
-    report(rows, a.out or os.path.dirname(a.plot), 2 if "_cp2" in a.plot else 1)
+    cp = re.search(r"_cp(\d+)", os.path.basename(a.plot))
+    report(rows, a.out or os.path.dirname(a.plot), int(cp.group(1)) if cp else 1)
   else:
     if a.smoke:
       jax.config.update("jax_platforms", "cpu")
+      # XLA's CPU runtime deadlocks on this 7-layer model with its multi-threaded Eigen pool
+      # (main thread in BlockUntilReady, every pool thread idle; jax 0.11.2, 2 cores). Set
+      # before the CPU client starts, which is the first computation below.
+      os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                 " --xla_cpu_multi_thread_eigen=false"
+                                 " intra_op_parallelism_threads=1")
       a.width, a.layers, a.lengths, a.profile_len = 128, 7, "256,512", 256
       a.target_s = 0.5
     run(a)

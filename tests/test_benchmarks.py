@@ -1,0 +1,24 @@
+"""The training-step benchmark's plumbing on CPU (``--smoke``): both models run, the table and
+JSON rows come out, and the held-out loss (the benchmark's leak check) is reported."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_train_step_smoke(tmp_path):
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_step.py"),
+                         "--smoke", "--out", str(tmp_path)], capture_output=True, text=True,
+                        timeout=600, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(line) for line in open(tmp_path / "train_step.jsonl")]
+  steps = [r for r in rows if r.get("kind") == "step"]
+  assert {r["model"] for r in steps} == {"SH2 (Evo 2 7B layout)", "Transformer (all MHA)"}
+  for r in steps:
+    assert r["step_s"] > 0, r
+    # random bytes: a fresh batch's loss stays near ln 256 = 5.55 after a few steps
+    assert 4.5 < r["heldout_loss"] < 8.0, r
+  assert "| L | SH2 ms/step" in proc.stdout
