@@ -246,14 +246,21 @@ def train_checks(steps: int = 3):
   # 8-device data-parallel program (mesh data=8, context=1) hangs in its own collectives,
   # with or without this package, so it cannot be the reference here.
   # "4-modes": the other operator modes, as config.context_parallel passes them.
+  # "4-fsdp": parameters and optimizer state placed as the trainer places them (sharded over
+  # fsdp x context, mesh.FSDP_AXES), so each block gathers its own inside the CP forward
   modes = {4: None, "4-modes": dict(mr_mode="a2a", li_mode="state", attention_mode="ring"),
-           1: None}
+           "4-fsdp": None, 1: None}
   for context, context_modes in modes.items():
     mesh = (None if context == 1 else mesh_lib.make_mesh(
         ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=4))))
     step = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, remat="none", accum=1,
                                      mesh=mesh, context_modes=context_modes))
-    p, o = params, tx.init(params)
+    p = params
+    if context == "4-fsdp":
+      p = jax.device_put(params, mesh_lib.param_shardings(mesh, params,
+                                                          mesh_lib.param_specs(model)))
+      assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(p))
+    o = tx.init(p)
     losses[context] = []
     for batch in batches:
       if mesh is not None:
@@ -262,7 +269,8 @@ def train_checks(steps: int = 3):
       losses[context].append(float(metrics["loss"]))  # blocks: one program in flight at a time
   return [(f"train/context{c}-vs-1/step{i}", abs(a - b) / abs(b),
            f"loss context {c} {a:.7f} vs unsharded {b:.7f}")
-          for c in (4, "4-modes") for i, (a, b) in enumerate(zip(losses[c], losses[1]))]
+          for c in (4, "4-modes", "4-fsdp")
+          for i, (a, b) in enumerate(zip(losses[c], losses[1]))]
 
 
 def main(argv):

@@ -29,7 +29,8 @@ EXPECTED = ([f"{op}/n{n}/{part}" for n in SIZES for op in OPS for part in ("fwd"
             + [f"model-default/n{n}/{part}" for n in SIZES for part in ("logits", "grad")]
             + ["model-a2a-p2pfft-ring-remat/n4/logits", "model-a2a-p2pfft-ring-remat/n4/grad",
                "model-state/n8/logits", "model-state/n8/grad"]
-            + [f"train/context{c}-vs-1/step{i}" for c in ("4", "4-modes") for i in range(3)]
+            + [f"train/context{c}-vs-1/step{i}" for c in ("4", "4-modes", "4-fsdp")
+               for i in range(3)]
             + [f"segmented/{m}/{part}" for m in ("context2", "context8", "data2xcontext4")
                for part in ("logits", "score", "kv-sharded")]
             + ["generate/context4/tokens", "generate/context4/logits"]
