@@ -209,3 +209,26 @@ def test_metric_writer_resume_drops_later_and_torn_records(tmp_path):
   assert [json.loads(l) for l in lines] == [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0},
                                             {"step": 3, "loss": 1.5}]
   assert os.listdir(tmp_path / "tensorboard")
+
+
+def test_param_sharding_over_fsdp_and_context_names_the_bad_dimension():
+  """Parameters shard over fsdp x context (mesh.FSDP_AXES); a dimension that product does not
+  divide is one error naming the parameter and both axes."""
+  from flax import nnx
+  from sh2_jax import ModelConfig, StripedHyena
+  from sh2_jax.train import mesh as mesh_lib
+  cfg = ModelConfig(d_model=32, num_layers=1, layout="SE", num_heads=2, mlp_hidden=48,
+                    se_groups=8, mr_groups=8)
+  abstract = nnx.eval_shape(lambda: StripedHyena(cfg, rngs=nnx.Rngs(0)))
+  params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+  specs = mesh_lib.param_specs(abstract)
+  assert jax.sharding.PartitionSpec(("fsdp", "context"), None) in jax.tree.leaves(
+      specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
+  mesh = jax.sharding.AbstractMesh((1, 1, 3), mesh_lib.AXES)
+  with pytest.raises(ValueError, match=r"cannot be sharded over mesh axes \('fsdp', 'context'\) "
+                                       r"of size 3: \d+ is not divisible; choose mesh.fsdp x "
+                                       r"mesh.context dividing it"):
+    mesh_lib.param_shardings(mesh, params, specs)
+  ok = jax.sharding.AbstractMesh((1, 2, 2), mesh_lib.AXES)
+  shardings = mesh_lib.param_shardings(ok, params, specs)
+  assert len(jax.tree.leaves(shardings)) == len(jax.tree.leaves(params))
