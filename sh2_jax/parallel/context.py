@@ -27,7 +27,6 @@ the whole model's (ZeRO-3; at the 7B width on 4 GPUs the whole model gathered in
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +36,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from sh2_jax import conv, dispatch
 from sh2_jax.parallel import a2a, halo, li_state_passing, p2p_fft
 from sh2_jax.parallel.attention import ATTENTION_MODES, cp_attention
-from sh2_jax.train.mesh import FSDP_AXES
 from sh2_jax.parallel.zigzag import chunk_length, local_positions, zigzag_shard, zigzag_unshard
+from sh2_jax.train.mesh import FSDP_AXES, axis_size, fsdp_spec
 
 MR_MODES = ("p2p", "a2a")
 LI_MODES = ("a2a", "p2p_fft", "state")
@@ -114,13 +113,11 @@ def fsdp_specs(state, mesh) -> nnx.State:
   ``mesh``. A leaf whose annotated dimension their size does not divide enters whole (the
   trainer rejects such a model before this, mesh.param_shardings; here it only costs memory)."""
   axes = tuple(a for a in FSDP_AXES if a in mesh.axis_names)
-  size = math.prod(mesh.shape[a] for a in axes)
+  size = axis_size(mesh, axes)
 
   def one(spec, x):
-    if "fsdp" not in spec or not axes:
-      return P(*(None if a == "fsdp" else a for a in spec))
     ok = all(d % size == 0 for d, a in zip(x.shape, spec) if a == "fsdp")
-    return P(*((axes if ok else None) if a == "fsdp" else a for a in spec))
+    return fsdp_spec(spec, axes if ok else ())
   return jax.tree.map(one, nnx.get_partition_spec(state), state, is_leaf=is_spec)
 
 
@@ -142,11 +139,13 @@ def forward_local(model, tokens: jax.Array, cp: ContextParallel, specs=None) -> 
   positions = local_positions(tokens.shape[1], cp.size, cp.axis_name)
 
   def whole(module, spec):
-    return module if specs is None else nnx.merge(
-        *(lambda g, st: (g, gather_params(st, spec)))(*nnx.split(module)))
+    if spec is None:
+      return module
+    graphdef, state = nnx.split(module)
+    return nnx.merge(graphdef, gather_params(state, spec))
 
-  embedding = whole(model.embedding_layer, specs and specs["embedding_layer"])
-  norm = whole(model.norm, specs and specs["norm"])
+  embedding = whole(model.embedding_layer, None if specs is None else specs["embedding_layer"])
+  norm = whole(model.norm, None if specs is None else specs["norm"])
   x = embedding(tokens)
   for i, block in enumerate(model.blocks):
     graphdef, state = nnx.split(block)
@@ -162,9 +161,9 @@ def context_parallel_logits(model, tokens: jax.Array, mesh, cp: ContextParallel,
   """tokens [B, L] (global order) -> logits [B, L, V] computed on the context-parallel mesh.
 
   The batch is split over ``batch_axes`` (a mesh axis name or tuple, or None), the sequence
-  zig-zag over ``cp.axis_name``; the parameters enter FSDP-sharded (module docstring). With ``zigzag_output`` the
-  logits stay in zig-zag order (permute the targets with ``zigzag_shard`` instead: cheaper
-  than moving [B, L, V] logits back).
+  zig-zag over ``cp.axis_name``; the parameters enter FSDP-sharded (module docstring). With
+  ``zigzag_output`` the logits stay in zig-zag order (permute the targets with ``zigzag_shard``
+  instead: cheaper than moving [B, L, V] logits back).
   """
   if mesh.shape[cp.axis_name] != cp.size:
     raise ValueError(f"context size {cp.size} does not match mesh axis {cp.axis_name!r} of "
@@ -173,8 +172,9 @@ def context_parallel_logits(model, tokens: jax.Array, mesh, cp: ContextParallel,
   graphdef, state = nnx.split(model)
   spec = P(batch_axes, cp.axis_name)
   state_specs = fsdp_specs(state, mesh)
-  state = jax.tree.map(lambda sp, x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, sp)),
-                       state_specs, state, is_leaf=is_spec)
+  state = jax.tree.map(
+      lambda sp, x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, sp)),
+      state_specs, state, is_leaf=is_spec)
 
   def local(state, tok):
     return forward_local(nnx.merge(graphdef, state), tok, cp, state_specs)

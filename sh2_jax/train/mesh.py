@@ -63,8 +63,12 @@ def param_specs(abstract_model: nnx.Module) -> dict:
   """Pure dict (same tree as ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``) of
   PartitionSpecs from the parameters' sharding annotations, 'fsdp' -> ``FSDP_AXES``."""
   specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(abstract_model, nnx.Param)))
-  return jax.tree.map(lambda s: P(*(FSDP_AXES if a == "fsdp" else a for a in s)), specs,
-                      is_leaf=lambda s: isinstance(s, P))
+  return jax.tree.map(fsdp_spec, specs, is_leaf=lambda s: isinstance(s, P))
+
+
+def fsdp_spec(annotation: P, axes: tuple[str, ...] = FSDP_AXES) -> P:
+  """A parameter's annotation with 'fsdp' -> ``axes`` (None where ``axes`` is empty)."""
+  return P(*((axes or None) if a == "fsdp" else a for a in annotation))
 
 
 def axis_size(mesh: Mesh, axis) -> int:
