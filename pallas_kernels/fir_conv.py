@@ -212,18 +212,18 @@ def footprint(lay: Layout, backward: bool = False) -> Footprint:
 
   With T = 2 * slots * c * c elements of Toeplitz blocks per sub-block, R = c * width * itemsize
   bytes per row tile, n sub-blocks per program and P = num_stages - 1:
-    bf16 forward      T * 2 * n + P * 3R * n           the Toeplitz operands of the tensor-core
+    bf16 forward      T * 2 * n + P * 3R * n + 4cw     the Toeplitz operands of the tensor-core
                       (rebuild: P * (4T + 3R) * n;       dots, and P buffers of every load of a
                       2T + 3R * n when P = 0)            chunk (x1, v, x2; the float32 gathers of
                                                          the filter table when rebuilt per chunk)
     f32 forward       T * 4 * n + (1 + 2P) * R * n     FMA dots stage their operands; their loads
                                                          are not multi-buffered
-    bf16 backward     T * 2 * n + 4c^2 + 5R * n        plus the [c, c] float32 conversion of the
-                                                         dh partials; loads prefetched by hand
+    bf16 backward     T * 2 * n + 4c^2 * slots + 5R * n  plus the [c, c] float32 conversion of
+                                                         the dh partials; loads prefetched by hand
     f32 backward      T * 4 * n + 3R * n
   The sequential sub-block loop (``chunk_outer=False``) is counted like the chunk-outer one: the
   compiler does not reuse the loops' buffers. Fitted to the sizes the compiler reports on an H200
-  (``benchmarks/fir_smem.py``; ``benchmarks/fir_smem_h200.jsonl``): exact for the MR geometries,
+  (``benchmarks/fir_smem.py``; ``benchmarks/fir_smem_h200.jsonl``): within 35% for the MR kernels,
   an upper bound elsewhere (``tests/test_pallas_fir.py`` checks both). Registers: the float32
   accumulators and row tiles live per thread (an estimate; the compiler caps at 255 and spills).
   """
@@ -237,11 +237,11 @@ def footprint(lay: Layout, backward: bool = False) -> Footprint:
     if lay.rebuild:
       smem = p * (4 * t + 3 * r) * n if p else 2 * t + 3 * r * n
     else:
-      smem = 2 * t * n + p * 3 * r * n
+      smem = 2 * t * n + p * 3 * r * n + 4 * c * w
   elif not backward:
     smem = 4 * t * n + (1 + 2 * p) * r * n
   elif e == 2:
-    smem = 2 * t * n + 4 * c * c + 5 * r * n
+    smem = 2 * t * n + 4 * c * c * lay.slots + 5 * r * n
   else:
     smem = 4 * t * n + 3 * r * n
   threads = 32 * bs.num_warps

@@ -172,7 +172,7 @@ def measured_layout(row):
 
 def test_footprint_agrees_with_the_compiler():
   """``footprint`` against the shared memory the compiler allocated on an H200 (Nsight Compute's
-  launch statistics; "requested" of XLA's overflow error): never below it, exact to 25% for the
+  launch statistics; "requested" of XLA's overflow error): never below it, within 35% for the
   MR kernels (chunk 128, where the limit bites), within 48 KiB for the small SE kernels; every
   launch that overflowed is predicted not to fit."""
   rows = [json.loads(line) for line in open(CAL)]
@@ -187,7 +187,7 @@ def test_footprint_agrees_with_the_compiler():
     assert got is not None, row
     assert est >= got, (row, est)
     if row["chunk"] == 128:
-      assert est <= 1.25 * got, (row, est)
+      assert est <= 1.35 * got, (row, est)
     else:
       assert est - got <= 48 * 1024, (row, est)
     if not row["compiled"]:
@@ -256,7 +256,8 @@ def test_compiler_accepts_what_footprint_admits():
   wide margin overflows (RESOURCE_EXHAUSTED) — the estimate and the compiler agree."""
   rng = np.random.default_rng(5)
   for d, g in ((1920, 128), (4096, 256), (3072, 128), (768, 256)):
-    x = jnp.asarray(rng.standard_normal((1, 1024, d)), jnp.bfloat16)
+    # 32 chunks per program: loops long enough for the compiler to pipeline them
+    x = jnp.asarray(rng.standard_normal((1, 4096, d)), jnp.bfloat16)
     h = jnp.asarray(rng.standard_normal((g, 128)), jnp.float32)
     for bs in fir_conv.candidates(128, False, jnp.bfloat16)[:8]:
       lay = fir_conv.make_layout(x.shape, h.shape, bs, 2)
