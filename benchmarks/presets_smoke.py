@@ -32,17 +32,20 @@ warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecat
                         category=DeprecationWarning)
 
 
-def reduced(name: str, layers: int):
-  """The preset with ``layers`` layers (MHA last, SE/MR/LI before it)."""
+def reduced(name: str, layers: int, length: int):
+  """The preset with ``layers`` layers (MHA last, SE/MR/LI before it), positions for
+  ``length`` tokens."""
   spec = PRESETS[name]
+  kw = dict(dtype="bfloat16", num_layers=layers)
+  if spec.get("max_seqlen", 0) < length and name != "tiny":  # tiny keeps its 256 positions
+    kw["max_seqlen"] = length
   if spec.get("layer_idxs") is not None:
-    return get_preset(name, dtype="bfloat16", num_layers=layers,
-                      layer_idxs=evo2_layer_idxs(layers, (3,)))
-  return get_preset(name, dtype="bfloat16", num_layers=layers)
+    kw["layer_idxs"] = evo2_layer_idxs(layers, (3,))
+  return get_preset(name, **kw)
 
 
 def check(name: str, length: int, layers: int) -> dict:
-  cfg = reduced(name, layers)
+  cfg = reduced(name, layers, length)
   length = min(length, cfg.max_seqlen)
   model = StripedHyena(cfg, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
