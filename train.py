@@ -20,14 +20,7 @@ from __future__ import annotations
 import os
 import sys
 
-# Several host-CPU devices in one process (XLA_FLAGS=--xla_force_host_platform_device_count=N,
-# the CPU stand-in for a mesh): XLA's multi-threaded Eigen pool can deadlock the collectives of
-# concurrent device computations on a machine with few cores, so run each device single-threaded.
-# Set before JAX is imported; GPU and TPU runs are unaffected.
-_xla_flags = os.environ.get("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" in _xla_flags and "multi_thread_eigen" not in _xla_flags:
-  os.environ["XLA_FLAGS"] = (_xla_flags + " --xla_cpu_multi_thread_eigen=false"
-                             " intra_op_parallelism_threads=1")
+import sh2_jax  # noqa: E402,F401  (first: sets the XLA CPU workaround before JAX starts)
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -114,14 +107,18 @@ def main(argv):
   from sh2_jax.train import evaluate, trainer
   try:  # every check of the inputs runs here, before anything is written
     if FLAGS.mode == "train":
-      prepared = trainer.prepare_train(config)
+      prepared = trainer.prepare_train(config, FLAGS.workdir)
     else:
       prepared = evaluate.prepare_eval(config, FLAGS.workdir)
   except ValueError as e:  # bad input: one clear line, no traceback
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   if FLAGS.mode == "train":
-    trainer.train(config, FLAGS.workdir, prepared)
+    try:
+      trainer.train(config, FLAGS.workdir, prepared)
+    except trainer.Diverged as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
   else:
     evaluate.evaluate(config, FLAGS.workdir, prepared)
 

@@ -382,12 +382,7 @@ if __name__ == "__main__":
   else:
     if a.smoke:
       jax.config.update("jax_platforms", "cpu")
-      # XLA's CPU runtime deadlocks on this 7-layer model with its multi-threaded Eigen pool
-      # (main thread in BlockUntilReady, every pool thread idle; jax 0.11.2, 2 cores). Set
-      # before the CPU client starts, which is the first computation below.
-      os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                 " --xla_cpu_multi_thread_eigen=false"
-                                 " intra_op_parallelism_threads=1")
+      # (XLA's CPU deadlock on this model: worked around in sh2_jax/__init__.py.)
       a.width, a.layers, a.lengths, a.profile_len = 128, 7, "256,512", 256
       a.target_s = 0.5
     run(a)

@@ -3,12 +3,15 @@ ValueError that names it and what would be valid."""
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from sh2_jax.config import ModelConfig
 from sh2_jax.train.step import REMAT
 
 MODES = ("train", "eval")
+BYTE_TOKENS = 256  # token ids the byte-level data pipeline emits (sh2_jax/tokenizer.py)
 
 
 def _reference() -> ml_collections.ConfigDict:
@@ -58,8 +61,20 @@ def validate(config, mode: str = "train") -> ModelConfig:
     ContextParallel(size=1, **dict(config.context_parallel))
   except ValueError as e:
     raise ValueError(f"{e} (config.context_parallel)") from None
-  if not config.optimizer.learning_rate > 0:
-    raise ValueError(f"optimizer.learning_rate {config.optimizer.learning_rate!r} must be > 0")
+  _positive_int("max_nonfinite_logs", config.max_nonfinite_logs, allow_zero=True)
+  lr = config.optimizer.learning_rate
+  if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+    raise ValueError(f"optimizer.learning_rate {lr!r} must be a finite number > 0")
+  clip = config.optimizer.grad_clip
+  if not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip >= 0):
+    raise ValueError(f"optimizer.grad_clip {clip!r} is not valid; expected a finite number >= 0 "
+                     "(0 turns clipping off)")
+  if model_cfg.vocab_size < BYTE_TOKENS:
+    raise ValueError(f"model.vocab_size {model_cfg.vocab_size} is below the {BYTE_TOKENS} byte "
+                     f"tokens the data pipeline produces; expected >= {BYTE_TOKENS}")
+  if config.seq_len > model_cfg.max_seqlen:
+    raise ValueError(f"seq_len {config.seq_len} exceeds model.max_seqlen "
+                     f"{model_cfg.max_seqlen}; raise model.max_seqlen or shorten seq_len")
   if config.batch_size % config.optimizer.grad_accum_steps:
     raise ValueError(f"batch_size {config.batch_size} is not divisible by "
                      f"optimizer.grad_accum_steps {config.optimizer.grad_accum_steps}")

@@ -7,10 +7,14 @@ Each step directory holds the items
   state         ``step`` and the RNG key data
   data          the Grain iterator state (one file per process)
   train_config  the whole ml_collections config as JSON (for the record)
+  checksums     two uint32 checksums per parameter and optimizer array (``fingerprint``)
 Saves are asynchronous and atomic (Orbax writes a temporary directory and renames it when
 complete), so a killed run leaves at worst an unfinished temporary directory, which is ignored
-and cleaned up. Restoring tries the latest step first; a step that fails to restore is reported,
-renamed to ``<step>.damaged`` and the previous one is tried.
+and cleaned up. The checksums are verified after restoring, so flipped bits are caught. Restoring tries the
+latest step first; a step that fails to restore or to verify is reported, renamed to
+``<step>.damaged`` and the previous one is tried. A config whose model differs from the one the
+checkpoints were written for is an input error (``check_compatible``, before anything is
+written), not damage: the checkpoints stay as they are.
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ import os
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
+import numpy as np
 from jax.experimental import multihost_utils
 
-ITEMS = ("params", "config", "opt_state", "state", "data", "train_config")
+ITEMS = ("params", "config", "opt_state", "state", "data", "train_config", "checksums")
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -38,7 +44,8 @@ def make_manager(workdir: str, keep: int, use_async: bool) -> ocp.CheckpointMana
   handlers = {
       "params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
       "state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
-      "train_config": ocp.JsonCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
+      "train_config": ocp.JsonCheckpointHandler(), "checksums": ocp.JsonCheckpointHandler(),
+      "data": grain.checkpoint.CheckpointHandler()}
   return ocp.CheckpointManager(checkpoint_dir(workdir), item_names=ITEMS, options=options,
                                item_handlers=handlers)
 
@@ -51,7 +58,86 @@ def save(mngr: ocp.CheckpointManager, step: int, *, params, opt_state, state, da
       state=ocp.args.StandardSave(state),
       data=grain.checkpoint.CheckpointSave(data_iter),
       config=ocp.args.JsonSave(model_cfg),
+      checksums=ocp.args.JsonSave(_checksums(params, opt_state)),
       train_config=ocp.args.JsonSave(json.loads(json.dumps(train_cfg, default=str)))))
+
+
+# ModelConfig fields that change no parameter's shape or dtype: free to change on resume.
+RUNTIME_FIELDS = ("dtype", "conv_impl", "li_impl", "attention_impl", "max_seqlen", "mr_decay",
+                  "mr_decay_length", "rope_base", "rope_scale", "eps", "fp8_projections")
+
+
+def _committed_steps(workdir: str) -> list[int]:
+  root = checkpoint_dir(workdir)
+  if not os.path.isdir(root):
+    return []
+  return sorted((int(d) for d in os.listdir(root) if d.isdigit() and os.path.exists(
+      os.path.join(root, d, "config", "metadata"))), reverse=True)
+
+
+def check_compatible(workdir: str, model_cfg: dict, train_cfg) -> None:
+  """Raise ValueError (an input error) when the newest checkpoint in ``workdir`` was written
+  for another model or optimizer structure; names every differing field. Reads only."""
+  steps = _committed_steps(workdir)
+  if not steps:
+    return
+  path = os.path.join(checkpoint_dir(workdir), str(steps[0]))
+  try:
+    saved = json.load(open(os.path.join(path, "config", "metadata")))
+  except (OSError, ValueError):
+    return  # unreadable: restore_latest treats the step as damaged
+  diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {model_cfg[k]!r}"
+           for k in sorted(model_cfg) if k not in RUNTIME_FIELDS and
+           json.loads(json.dumps(saved.get(k))) != json.loads(json.dumps(model_cfg[k]))]
+  try:
+    saved_train = json.load(open(os.path.join(path, "train_config", "metadata")))
+    clip_then = saved_train["optimizer"]["grad_clip"] > 0
+  except (OSError, ValueError, KeyError, TypeError):
+    clip_then = None
+  if clip_then is not None and clip_then != (train_cfg.optimizer.grad_clip > 0):
+    diffs.append(f"optimizer.grad_clip: checkpoint {saved_train['optimizer']['grad_clip']!r}, "
+                 f"config {train_cfg.optimizer.grad_clip!r} (clipping on/off changes the "
+                 "optimizer state)")
+  if diffs:
+    raise ValueError(f"the checkpoints in {checkpoint_dir(workdir)} (latest step {steps[0]}) "
+                     f"were written for another model: " + "; ".join(diffs) +
+                     ". Use a new --workdir, or drop the overrides; the checkpoints are left "
+                     "untouched")
+
+
+def fingerprint(tree) -> dict:
+  """Per-array checksums (uint32): the wrapped sum of the array's 32-bit words, and the same
+  weighted by position, so any flipped bit and any swap of elements changes them."""
+  def one(x):
+    x = jnp.asarray(x)
+    if x.dtype.itemsize == 4:
+      w = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    else:
+      w = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    w = w.reshape(-1)
+    pos = jnp.arange(1, w.size + 1, dtype=jnp.uint32)
+    return jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * pos, dtype=jnp.uint32)])
+  return jax.tree.map(one, tree)
+
+
+def _checksums(params, opt_state) -> dict[str, list[int]]:
+  sums = jax.device_get(fingerprint({"params": params, "opt_state": opt_state}))
+  return {jax.tree_util.keystr(k): [int(v) for v in np.asarray(s)]
+          for k, s in jax.tree_util.tree_leaves_with_path(sums)}
+
+
+def _verify(mngr: ocp.CheckpointManager, step: int, params, opt_state) -> None:
+  """Compare the restored arrays with the checksums saved beside them (steps saved before
+  checksums existed have none, and are trusted as before)."""
+  path = os.path.join(str(mngr.directory), str(step), "checksums", "metadata")
+  if not os.path.exists(path):
+    return
+  want = json.load(open(path))
+  got = _checksums(params, opt_state)
+  bad = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+  if bad:
+    raise ValueError(f"checksum mismatch in {len(bad)} arrays ({', '.join(bad[:3])}"
+                     f"{' …' if len(bad) > 3 else ''}): the files were altered")
 
 
 def _set_damaged(mngr: ocp.CheckpointManager, step: int) -> None:
@@ -79,6 +165,7 @@ def restore_latest(mngr: ocp.CheckpointManager, *, abstract_params, abstract_opt
           opt_state=ocp.args.StandardRestore(abstract_opt_state),
           state=ocp.args.StandardRestore(abstract_state),
           data=grain.checkpoint.CheckpointRestore(data_iter)))
+      _verify(mngr, step, out["params"], out["opt_state"])
     except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
       msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
       logging.error("checkpoint step %d in %s is damaged and was not used (%s: %s); "

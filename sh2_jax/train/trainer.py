@@ -7,6 +7,7 @@ before the workdir exists — then create or resume the run and train.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import time
 
@@ -80,12 +81,21 @@ def run_eval(eval_fn, params, mesh, source, batch_size: int, max_batches: int,
           "bits_per_byte": metrics_lib.bits_per_byte(loss), "tokens": int(tokens)}
 
 
-def prepare_train(config):
-  """``prepare`` plus the training iterator (an empty training split is an input error)."""
+def prepare_train(config, workdir: str | None = None):
+  """``prepare`` plus the training iterator (an empty training split is an input error) and,
+  given ``workdir``, the check that its checkpoints were written for this model."""
   model_cfg, mesh, (train_src, eval_src) = prepare(config, "train")
+  if workdir is not None:
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+      raise ValueError(f"--workdir {workdir!r} is a file, not a directory")
+    checkpointing.check_compatible(workdir, model_cfg.to_dict(), config)
   data_iter = pipeline.train_iterator(train_src, config.batch_size, config.seed,
                                       jax.process_index(), jax.process_count())
   return model_cfg, mesh, data_iter, eval_src
+
+
+class Diverged(RuntimeError):
+  """Training stopped: the loss stayed NaN/inf for ``max_nonfinite_logs`` logged steps."""
 
 
 def train(config, workdir: str, prepared=None) -> dict:
@@ -156,6 +166,7 @@ def train(config, workdir: str, prepared=None) -> dict:
 
   record: dict = {}
   pending: list = []
+  nonfinite = 0  # logged losses in a row that are NaN/inf
   if step >= config.num_steps and main:
     print(f"the run in {workdir} is complete: step {step} of num_steps {config.num_steps}")
   if main:
@@ -179,6 +190,7 @@ def train(config, workdir: str, prepared=None) -> dict:
       pending = []
       elapsed = time.perf_counter() - t0
       tps = (step - t0_step) * tokens_per_step / elapsed
+      nonfinite = 0 if math.isfinite(m["loss"]) else nonfinite + 1
       record = {"step": step, "loss": m["loss"],
                 "bits_per_byte": metrics_lib.bits_per_byte(m["loss"]),
                 "lr": float(schedule(step - 1)), "grad_norm": m["grad_norm"],
@@ -192,8 +204,20 @@ def train(config, workdir: str, prepared=None) -> dict:
       bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}")
       if main:
         bar.write(metrics_lib.format_record(record))
+    if config.max_nonfinite_logs and nonfinite >= config.max_nonfinite_logs:
+      bar.close()
+      mngr.wait_until_finished()
+      mngr.close()
+      writer.close()
+      last = mngr.latest_step()
+      kept = ("no checkpoint was written" if last is None else
+              f"the last checkpoint, step {last}, is kept")
+      raise Diverged(
+          f"the loss was not finite at the last {nonfinite} logged steps (step {step}); "
+          f"stopping: checkpoints of diverged steps are not written, {kept}. Lower "
+          f"optimizer.learning_rate or check the data (max_nonfinite_logs sets the patience)")
     if config.checkpoint_every and (step % config.checkpoint_every == 0 or
-                                    step == config.num_steps):
+                                    step == config.num_steps) and not nonfinite:
       save(step)
     if logged or evaluated:  # eval and the (blocking part of) saving stay out of tokens/s
       t0, t0_step = time.perf_counter(), step
