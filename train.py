@@ -94,6 +94,12 @@ def main(argv):
     raise app.UsageError("--config is required, e.g. --config=configs/tiny.py")
   if FLAGS.dry_run:
     from sh2_jax.summary import print_summary
+    from sh2_jax.train import check
+    try:
+      check.validate(config, FLAGS.mode)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
     print_summary(config)
     return
   if not FLAGS.workdir:

@@ -50,6 +50,8 @@ def _train(tmp_path, *overrides, timeout=300):
     ("--config.seq_len=300", "seq_len 300 exceeds model.max_seqlen 256"),
     ("--config.optimizer.learning_rate=inf", "optimizer.learning_rate inf must be a finite"),
     ("--config.max_nonfinite_logs=-1", "max_nonfinite_logs -1 is not valid"),
+    ("--config.model.conv_impl=pallas", "conv_impl 'pallas' needs a GPU backend"),
+    ("--config.model.li_impl=modal_scan", "li_impl 'modal_scan' needs a GPU backend"),
 ])
 def test_bad_training_values_are_one_error_and_write_nothing(tmp_path, override, message):
   r, work = _train(tmp_path, override, timeout=120)
@@ -76,6 +78,12 @@ def test_divergence_stops_with_a_clear_message(tmp_path):
   losses = {json.loads(line)["step"]: json.loads(line)["loss"]
             for line in open(work / "metrics.jsonl") if '"loss"' in line}
   assert all(losses[s] == losses[s] for s in ckpts), (ckpts, losses)  # no NaN step kept
+
+
+def test_dry_run_validates(tmp_path):
+  r, work = _train(tmp_path, "--dry_run", "--config.seq_len=-5", timeout=120)
+  assert r.returncode == 2 and "error: seq_len -5 is not valid" in r.stderr, r.stderr[-2000:]
+  assert "Traceback" not in r.stderr and not work.exists()
 
 
 def _ckpt_listing(work):

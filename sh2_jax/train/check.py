@@ -62,6 +62,9 @@ def validate(config, mode: str = "train") -> ModelConfig:
   except ValueError as e:
     raise ValueError(f"{e} (config.context_parallel)") from None
   _positive_int("max_nonfinite_logs", config.max_nonfinite_logs, allow_zero=True)
+  from sh2_jax import dispatch  # the implementations must run on this backend
+  dispatch.resolve_conv_impl(model_cfg.conv_impl)
+  dispatch.resolve_li_impl(model_cfg.li_impl)
   lr = config.optimizer.learning_rate
   if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
     raise ValueError(f"optimizer.learning_rate {lr!r} must be a finite number > 0")
