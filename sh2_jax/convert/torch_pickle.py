@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import glob
 import io
+import math
 import os
 import pickle
 import re
@@ -98,6 +99,9 @@ def _rebuild_tensor(storage, offset, size, stride, *unused) -> np.ndarray:
   if needed > n_storage:
     raise CheckpointError(f"tensor of size {size}, stride {stride}, offset {offset} runs past "
                           f"its storage {storage.key!r} ({n_storage} elements)")
+  if math.prod(size) > n_storage:  # overlapping (e.g. stride-0) views multiply memory on copy
+    raise CheckpointError(f"tensor of size {size}, stride {stride} has more elements than its "
+                          f"storage {storage.key!r} ({n_storage}): overlapping views are refused")
   flat = storage.array()
   if not size:
     return flat[offset:offset + 1].reshape(())
