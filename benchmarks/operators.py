@@ -156,7 +156,7 @@ def make_layer(name: str, length: int, s: Setup):
   if name in ("SE", "MR", "LI fft", "LI scan", "MHA"):
     from flax import nnx
     from sh2_jax.config import ModelConfig
-    from sh2_jax.model import make_block
+    from sh2_jax.blocks import make_block
     li_impl = "fft"
     if name == "LI scan":
       li_impl = _li_dispatch_name()
@@ -171,7 +171,7 @@ def make_layer(name: str, length: int, s: Setup):
     graphdef, state = nnx.split(block)
 
     def f(state, x):
-      return nnx.merge(graphdef, state).mix(x)
+      return nnx.merge(graphdef, state).mix(x)[0]
     return f, (state, x)
   import equinox as eqx
   key = jax.random.key(3)

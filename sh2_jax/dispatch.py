@@ -82,3 +82,75 @@ def gated_modal(x1, v, x2, log_poles, residues, dskip, impl: str, interpret: boo
   h = conv.modal_filter(log_poles, residues, length)
   fft = functools.partial(conv.fft_conv, h=h, out_dtype=jnp.float32)
   return conv.gated_conv(x1, v, x2, fft, dskip)
+
+
+# -- callables for the modules: config value -> implementation, resolved here only ----------
+
+def fir_fn(impl: str, interpret: bool = False):
+  """The gated SE/MR core for ``conv_impl``: ``f(x1, v, x2, h, dskip) -> y``."""
+  resolve_conv_impl(impl, interpret)  # fail early on a backend that cannot run it
+  return functools.partial(gated_fir, impl=impl, interpret=interpret)
+
+
+def modal_fn(impl: str, interpret: bool = False):
+  """The gated LI core for ``li_impl``: ``f(x1, v, x2, log_poles, residues, dskip) -> y``."""
+  resolve_li_impl(impl, interpret)
+  return functools.partial(gated_modal, impl=impl, interpret=interpret)
+
+
+def _fft_modal_with_state(x1, v, x2, log_poles, residues, dskip=None):
+  from sh2_jax.ops import modal
+  y = gated_modal(x1, v, x2, log_poles, residues, dskip, "fft")
+  return y, modal.modal_state(x1 * v, log_poles)
+
+
+def modal_with_state_fn(impl: str, interpret: bool = False):
+  """The gated LI core from a zero state with its final state out, for ``li_impl``:
+  ``f(x1, v, x2, log_poles, residues, dskip) -> (y, state [B, D, N] float32)``."""
+  impl = resolve_li_impl(impl, interpret)
+  if impl == "modal_scan":
+    from pallas_kernels import modal_scan
+    return functools.partial(modal_scan.modal_scan, interpret=interpret)
+  if impl == "modal_serial":
+    from pallas_kernels import modal_scan_serial
+    return functools.partial(modal_scan_serial.modal_scan_serial, interpret=interpret)
+  return _fft_modal_with_state
+
+
+def resolve_attention_impl(impl: str, dtype) -> str:
+  """``attention_impl`` -> ``xla`` | ``cudnn``: ``auto`` is cuDNN on GPU for bf16/fp16, XLA
+  elsewhere; ``cudnn`` elsewhere is an error."""
+  from sh2_jax.config import ATTENTION_IMPLS
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl {impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+  if impl == "auto":
+    on_gpu = jax.default_backend() == "gpu"
+    return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+  if impl == "cudnn":
+    if jax.default_backend() != "gpu":
+      raise ValueError(f"attention_impl 'cudnn' needs a GPU backend, not {jax.default_backend()!r}")
+    if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+      raise ValueError(f"attention_impl 'cudnn' needs dtype bfloat16 or float16, not {dtype}")
+  return impl
+
+
+@functools.cache
+def _attend(impl: str):
+  """The softmax of ``ops.attention``: ``attend(q, k, v, kv_len, causal, scale, with_lse)``.
+  One function object per implementation, so it can be a static (nondiff) argument."""
+  def attend(q, k, v, kv_len, causal, scale, with_lse):
+    if impl == "cudnn" and with_lse:
+      from sh2_jax.kernels import cudnn_attention
+      return cudnn_attention.attention_with_lse(q, k, v, kv_len, causal, scale)
+    res = jax.nn.dot_product_attention(
+        q, k, v, scale=scale, is_causal=causal, key_value_seq_lengths=kv_len,
+        implementation=impl, return_residual=with_lse)
+    if with_lse:
+      return res[0], res[1].astype(jnp.float32)
+    return res
+  return attend
+
+
+def attention_fn(impl: str, dtype):
+  """The softmax attention for ``attention_impl`` at compute ``dtype`` (see ``_attend``)."""
+  return _attend(resolve_attention_impl(impl, dtype))

@@ -26,9 +26,11 @@ from jax.sharding import AxisType, PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sh2_jax import conv, dispatch  # noqa: E402
+from sh2_jax import dispatch  # noqa: E402
+from sh2_jax.embed import embed, named_points  # noqa: E402
 from sh2_jax.config import ModelConfig  # noqa: E402
 from sh2_jax.model import StripedHyena  # noqa: E402
+from sh2_jax.ops import fir  # noqa: E402
 from sh2_jax.parallel import a2a, halo, li_state_passing, p2p_fft  # noqa: E402
 from sh2_jax.parallel.attention import cp_attention  # noqa: E402
 from sh2_jax.parallel.context import ContextParallel, context_parallel_logits  # noqa: E402
@@ -79,35 +81,38 @@ def operator_checks(n, key):
   z = jax.random.normal(ks[3], (B, length, 3 * D))
   out = []
   feat = jax.random.normal(ks[4], (3 * D, 3))
-  out += check_op("featurizer", n, lambda w, z_: conv.featurizer_conv(z_, w),
+  out += check_op("featurizer", n, lambda w, z_: fir.featurizer_conv(z_, w),
                   lambda w, z_: halo.halo_featurizer(z_, w, AX, n), feat, (z,), ks[5])
   dskip = jax.random.normal(ks[6], (D,))
   for op, groups, taps, modes in (("SE", 8, 7, ("p2p",)), ("MR", 8, 128, ("p2p", "a2a"))):
     h = jax.random.normal(ks[7], (groups, taps)) / np.sqrt(taps)
     ds = None if op == "SE" else dskip
-    ref = lambda p, a, b_, c_, ds=ds: dispatch.gated_fir(a, b_, c_, p, ds, "xla")
+    xla = dispatch.fir_fn("xla")
+    ref = lambda p, a, b_, c_, ds=ds: xla(a, b_, c_, p, ds)
     for mode in modes:
       if mode == "p2p":
-        cp = lambda p, a, b_, c_, ds=ds: halo.halo_gated_fir(a, b_, c_, p, ds, "xla", AX, n)
+        cp = lambda p, a, b_, c_, ds=ds: halo.halo_gated_fir(a, b_, c_, p, ds, xla, AX, n)
       else:
-        cp = lambda p, a, b_, c_, ds=ds: a2a.a2a_gated_fir(a, b_, c_, p, ds, "xla", AX, n)
+        cp = lambda p, a, b_, c_, ds=ds: a2a.a2a_gated_fir(a, b_, c_, p, ds, xla, AX, n)
       out += check_op(f"{op}-{mode}", n, ref, cp, h, (x1, v, x2), ks[8])
   poles = -jnp.exp(jax.random.uniform(ks[9], (D, 16), minval=-9, maxval=0))
   resid = jax.random.normal(ks[10], (D, 16)) * 0.1
   li_ref = lambda p, a, b_, c_: dispatch.gated_modal(a, b_, c_, p[0], p[1], dskip, "fft")
-  li_a2a = lambda p, a, b_, c_: a2a.a2a_gated_modal(a, b_, c_, p[0], p[1], dskip, "fft", AX, n)
+  fft = dispatch.modal_fn("fft")
+  li_a2a = lambda p, a, b_, c_: a2a.a2a_gated_modal(a, b_, c_, p[0], p[1], dskip, fft, AX, n)
   li_p2p = lambda p, a, b_, c_: p2p_fft.p2p_gated_modal(a, b_, c_, p[0], p[1], dskip, AX, n)
   out += check_op("LI-a2a", n, li_ref, li_a2a, (poles, resid), (x1, v, x2), ks[11])
   out += check_op("LI-p2p_fft", n, li_ref, li_p2p, (poles, resid), (x1, v, x2), ks[11])
   li_state = lambda p, a, b_, c_: li_state_passing.state_passing_gated_modal(
-      a, b_, c_, p[0], p[1], dskip, AX, n, impl="fft")
+      a, b_, c_, p[0], p[1], dskip, AX, n, dispatch.modal_with_state_fn("fft"))
   out += check_op("LI-state", n, li_ref, li_state, (poles, resid), (x1, v, x2), ks[11])
   heads, hd = 2, 16
   q, k, vv = (jax.random.normal(kk, (B, length, heads, hd)) for kk in jax.random.split(ks[0], 3))
   att_ref = lambda _, a, b_, c_: jax.nn.dot_product_attention(a, b_, c_, is_causal=True,
                                                               implementation="xla")
   for mode in ("allgather", "ring"):
-    att_cp = lambda _, a, b_, c_, m=mode: cp_attention(a, b_, c_, AX, n, hd ** -0.5, "xla", m)
+    attend = dispatch.attention_fn("xla", jnp.float32)
+    att_cp = lambda _, a, b_, c_, m=mode: cp_attention(a, b_, c_, AX, n, hd ** -0.5, attend, m)
     out += check_op(f"MHA-{mode}", n, att_ref, att_cp, jnp.zeros(()), (q, k, vv), ks[1])
   return out
 
@@ -161,6 +166,26 @@ def segmented_checks(n, key, mesh=None):
           (f"segmented/{tag}/score", rel(ll, np.asarray(score(model, jnp.asarray(tokens)))), "")]
 
 
+def embed_checks(n, key):
+  """``embed`` through the context-parallel forward (mesh with a 'context' axis of n ranks) and
+  through the segmented forward with a sharded KV cache return the one-shot activations at every
+  named point (float32)."""
+  cfg = ModelConfig(d_model=D, num_layers=4, layout="SE-MR-LI-MHA", num_heads=2, mlp_hidden=48,
+                    se_groups=8, mr_groups=8, mr_len=24)
+  model = StripedHyena(cfg, rngs=nnx.Rngs(int(jax.random.randint(key, (), 0, 1000))))
+  tokens = jax.random.randint(key, (B, 2 * n * 12), 0, 256)
+  names = named_points(model)
+  ref = embed(model, tokens, names)
+  out = []
+  for tag, got in (("mesh", embed(model, tokens, names, mesh=mesh_of(n))),
+                   ("segmented-mesh", embed(model, tokens, names, segment_len=20,
+                                            mesh=mesh_of(n)))):
+    errs = {name: rel(got[name], ref[name]) for name in names}
+    worst = max(errs, key=errs.get)
+    out.append((f"embed/context{n}/{tag}", errs[worst], f"worst point {worst} of {len(errs)}"))
+  return out
+
+
 def generation_checks(n, key):
   """generate on a context mesh (segmented prefill, sharded KV cache while decoding) picks the
   same greedy tokens with the same logits as on one device."""
@@ -187,7 +212,7 @@ def error_checks():
   x = jnp.ones((1, 2 * 3 * 4, 6))
   cases = {
       "error/a2a-groups-split": (
-          lambda: run_cp(lambda p, a: a2a.a2a_gated_fir(a, a, a, p, None, "xla", AX, 4), 4,
+          lambda: run_cp(lambda p, a: a2a.a2a_gated_fir(a, a, a, p, None, dispatch.fir_fn("xla"), AX, 4), 4,
                          jnp.ones((6, 3)), jnp.ones((1, 32, 8))), "6 filter groups cannot be split"),
       "error/length-not-divisible": (
           lambda: zigzag_shard(jnp.ones((1, 30)), 4), "sequence length 30 cannot be zig-zag"),
@@ -278,6 +303,7 @@ def main(argv):
   key = jax.random.PRNGKey(0)
   results = error_checks() if "errors" in groups else []
   if "segmented" in groups:
+    results += embed_checks(4, jax.random.fold_in(key, 530))
     results += generation_checks(4, jax.random.fold_in(key, 520))
     results += segmented_checks(2, jax.random.fold_in(key, 500))
     results += segmented_checks(8, jax.random.fold_in(key, 508))

@@ -34,6 +34,7 @@ EXPECTED = ([f"{op}/n{n}/{part}" for n in SIZES for op in OPS for part in ("fwd"
             + [f"segmented/{m}/{part}" for m in ("context2", "context8", "data2xcontext4")
                for part in ("logits", "score", "kv-sharded")]
             + ["generate/context4/tokens", "generate/context4/logits"]
+            + ["embed/context4/mesh", "embed/context4/segmented-mesh"]
             + ["error/a2a-groups-split", "error/length-not-divisible",
                "error/p2p-fft-power-of-two", "error/bad-mode", "error/segmented-mesh-axis",
                "error/generate-mesh-unequal"])

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sh2_jax import conv, dispatch
+from sh2_jax import dispatch
+from sh2_jax.ops import fir, modal
 
 
 def np_causal_conv(u, h):
@@ -25,7 +26,7 @@ def rel(a, b):
 
 @pytest.mark.parametrize("b,length,d,g,k", [(2, 37, 16, 4, 7), (3, 131, 24, 24, 128),
                                              (1, 50, 12, 1, 3), (2, 90, 32, 2, 64)])
-@pytest.mark.parametrize("fn", [conv.fir_conv, conv.fir_conv_shifted, conv.fft_conv])
+@pytest.mark.parametrize("fn", [fir.fir_conv, fir.fir_conv_shifted, fir.fft_conv])
 def test_grouped_fir_paths(fn, b, length, d, g, k):
   rng = np.random.default_rng(hash((b, length, d, g, k)) % 2**32)
   u = rng.standard_normal((b, length, d)).astype(np.float32)
@@ -41,7 +42,7 @@ def test_modal_filter_and_li_path():
   res = rng.standard_normal((d, n)).astype(np.float32)
   t = np.arange(length)
   h_ref = np.einsum("dn,dnt->dt", res.astype(np.float64), np.exp(lam[..., None].astype(np.float64) * t))
-  h = conv.modal_filter(jnp.asarray(lam), jnp.asarray(res), length)
+  h = modal.modal_filter(jnp.asarray(lam), jnp.asarray(res), length)
   assert rel(h, h_ref) < 1e-5
   x1, v, x2 = (rng.standard_normal((2, length, d)).astype(np.float32) for _ in range(3))
   dskip = rng.standard_normal(d).astype(np.float32)
@@ -67,8 +68,8 @@ def test_gated_fir_dispatch_forward_and_grads(impl):
   grads = jax.grad(f, argnums=(0, 1, 2, 3, 4))(x1, v, x2, h, dskip)
   with jax.enable_x64():
     a64 = [jnp.asarray(np.asarray(a), jnp.float64) for a in (x1, v, x2, h, dskip)]
-    ref_grads = jax.grad(lambda *a: jnp.sum(jnp.sin(conv.gated_conv(
-        a[0], a[1], a[2], lambda uu: conv.fir_conv_shifted(uu, a[3]), a[4]))),
+    ref_grads = jax.grad(lambda *a: jnp.sum(jnp.sin(fir.gated_conv(
+        a[0], a[1], a[2], lambda uu: fir.fir_conv_shifted(uu, a[3]), a[4]))),
         argnums=(0, 1, 2, 3, 4))(*a64)
   for gr, rg in zip(grads, ref_grads):
     assert rel(gr, rg) < 1e-5
@@ -78,21 +79,21 @@ def test_featurizer_and_split():
   rng = np.random.default_rng(1)
   z = rng.standard_normal((2, 19, 9)).astype(np.float32)
   w = rng.standard_normal((9, 3)).astype(np.float32)
-  zc = conv.featurizer_conv(jnp.asarray(z), jnp.asarray(w))
+  zc = fir.featurizer_conv(jnp.asarray(z), jnp.asarray(w))
   assert rel(zc, np_causal_conv(z, w)) < 1e-6
-  x2, x1, v = conv.interleaved_split(zc)
+  x2, x1, v = fir.interleaved_split(zc)
   np.testing.assert_array_equal(np.asarray(x1), np.asarray(zc)[..., 1::3])
 
 
 def test_mr_decay_presets():
-  dec = conv.mr_decay(4, 128, "weak")
+  dec = fir.mr_decay(4, 128, "weak")
   assert dec.shape == (4, 128) and np.all(dec[:, 0] == 1)
   np.testing.assert_allclose(dec[-1, 64], np.exp(-100.0 * 64 / 127), rtol=1e-5)
   np.testing.assert_allclose(dec[0, 127], np.exp(-0.01), rtol=1e-6)
   assert np.all(np.diff(dec, axis=1) <= 0)
-  assert np.all(conv.mr_decay(4, 7, "none") == 1)
+  assert np.all(fir.mr_decay(4, 7, "none") == 1)
   with pytest.raises(ValueError, match="'fast'.*normal"):
-    conv.mr_decay(4, 7, "fast")
+    fir.mr_decay(4, 7, "fast")
 
 
 def test_bad_impls():
@@ -102,4 +103,4 @@ def test_bad_impls():
   with pytest.raises(ValueError, match="li_impl 'scan'"):
     dispatch.gated_modal(x, x, x, -jnp.ones((4, 2)), jnp.ones((4, 2)), None, "scan")
   with pytest.raises(ValueError, match="filter groups 3 do not divide channels 4"):
-    conv.fir_conv(x, jnp.ones((3, 2)))
+    fir.fir_conv(x, jnp.ones((3, 2)))

@@ -15,7 +15,8 @@ import pytest
 from flax import nnx
 
 import sh2_jax
-from sh2_jax import ModelConfig, StripedHyena, conv
+from sh2_jax import ModelConfig, StripedHyena
+from sh2_jax.ops import fir, modal
 from sh2_jax.inference import (cache_bytes, decode_step, prefill, sequence_scores, top_k_mask,
                                top_p_mask, variant_effect)
 from sh2_jax.inference.cache import cache_shapes
@@ -84,7 +85,7 @@ def test_recurrent_forms_match_float64():
   up = np.concatenate([np.zeros((b, k - 1, c)), u.astype(np.float64)], axis=1)
   for t in (0, 3, length - 1):
     ref = sum(hf[:, j] * up[:, t + k - 1 - j] for j in range(k))
-    got = conv.fir_step(jnp.asarray(up[:, t:t + k], jnp.float32), jnp.asarray(h))
+    got = fir.fir_step(jnp.asarray(up[:, t:t + k], jnp.float32), jnp.asarray(h))
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
   # LI: poles from very slow to fast enough to underflow over the sequence.
   length, d, n = 1000, 4, 5
@@ -93,12 +94,12 @@ def test_recurrent_forms_match_float64():
   res = rng.normal(size=(d, n))
   age = (length - 1 - np.arange(length)).astype(np.float64)
   ref = np.einsum("bkd,dnk->bdn", u.astype(np.float64), np.exp(lam[..., None] * age))
-  s = conv.modal_state(jnp.asarray(u), jnp.asarray(lam, jnp.float32))
+  s = modal.modal_state(jnp.asarray(u), jnp.asarray(lam, jnp.float32))
   assert np.all(np.isfinite(np.asarray(s)))
   assert rel(s, ref) < 1e-5
   # One step from the state continues the modal convolution of the longer sequence.
   u_next = rng.normal(size=(b, d))
-  y, s2 = conv.modal_step(s, jnp.asarray(u_next, jnp.float32), jnp.asarray(lam, jnp.float32),
+  y, s2 = modal.modal_step(s, jnp.asarray(u_next, jnp.float32), jnp.asarray(lam, jnp.float32),
                           jnp.asarray(res, jnp.float32))
   full = np.concatenate([u.astype(np.float64), u_next[:, None]], axis=1)
   filt = np.einsum("dn,dnt->dt", res, np.exp(lam[..., None] * np.arange(length + 1)))

@@ -11,7 +11,6 @@ import functools
 import os
 import subprocess
 import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +27,6 @@ pytestmark = pytest.mark.filterwarnings(
 
 INTERPRET = jax.default_backend() != "gpu"
 TOL = 1e-5
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_inputs(seed, batch, length, width, states=16, dtype=jnp.float32):
@@ -177,16 +175,16 @@ def test_state_round_trip():
   yb, sb = scan(x1[:, cut:], v[:, cut:], x2[:, cut:], lam, res, dskip, sa)
   assert rel_err(jnp.concatenate([ya, yb], axis=1), y) <= TOL
   assert rel_err(sb, s) <= TOL
-  # ... and the state is the decode path's: one conv.modal_step per token from s0
-  from sh2_jax import conv
+  # ... and the state is the decode path's: one ops.modal.modal_step per token from s0
+  from sh2_jax.ops import modal
   state = s0
   for t in range(cut):
-    _, state = conv.modal_step(state, x1[:, t] * v[:, t], lam, res)
+    _, state = modal.modal_step(state, x1[:, t] * v[:, t], lam, res)
   assert rel_err(sa, state) <= TOL
 
 
 def test_reference_matches_float64():
-  """The plain-jnp reference beside the kernel (FFT path + conv.modal_state) is itself right."""
+  """The plain-jnp reference beside the kernel (FFT path + ops.modal.modal_state) is itself right."""
   args = make_inputs(6, 2, 200, 12)
   y, s = ms.modal_scan_reference(*args)
   y_ref, s_ref = numpy_forward(*args)
@@ -216,21 +214,12 @@ def test_bad_inputs_name_the_value():
     ms.modal_scan(x1, v, x2, lam, res, block_sizes=BlockSizes(chunk=12), interpret=True)
 
 
-CP_SCRIPT = textwrap.dedent("""
-    import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    import sys, warnings
-    warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
-    sys.path.insert(0, {repo!r})
-    import jax, jax.numpy as jnp, numpy as np
-    from sh2_jax.parallel import li_state_passing as sp
-    sys.exit(sp.self_check(interpret=True))
-""")
+CP_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "li_state_passing_check.py")
 
 
 def test_context_parallel_state_passing_8_devices():
   """State passing over 8 CPU devices (zig-zag layout) equals the unsharded kernel, forward and
   gradients (in a subprocess: the device count is fixed at JAX start-up)."""
-  proc = subprocess.run([sys.executable, "-c", CP_SCRIPT.format(repo=REPO)],
+  proc = subprocess.run([sys.executable, CP_SCRIPT],
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from sh2_jax.config import ModelConfig
-from sh2_jax.train.step import REMAT
+from sh2_jax.config import REMAT_MODES as REMAT, ModelConfig
 
 MODES = ("train", "eval")
 
