@@ -38,7 +38,12 @@ def _mlp(index: int, cfg: ModelConfig, rngs: nnx.Rngs) -> MLP:
 
 
 class _ResidualBlock(nnx.Module):
-  """The pre-norm residual around a mixer and the MLP; subclasses define ``mix``."""
+  """The pre-norm residual around a mixer and the MLP; subclasses define ``mix`` and
+  ``mixer_flops_per_token``."""
+
+  def flops_per_token(self, cfg: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs per token (a multiply-add counts 2): the mixer plus the gated MLP."""
+    return self.mixer_flops_per_token(cfg, seq_len) + 2 * 3 * cfg.d_model * cfg.mlp_hidden
 
   def __call__(self, u: jax.Array, mode=FULL, cache=None):
     """u [B, L, D] -> (y [B, L, D], the mixer's new cache or None)."""
@@ -71,6 +76,10 @@ class HyenaBlock(_ResidualBlock):
   def init_cache(self, batch: int, max_len: int):
     return self.filter.init_cache(batch, max_len)
 
+  def mixer_flops_per_token(self, cfg: ModelConfig, seq_len: int) -> float:
+    d = cfg.d_model
+    return 2 * (3 * d * d + d * d) + self.filter.flops_per_token(seq_len)
+
 
 class AttentionBlock(_ResidualBlock):
   """MHA block: ``inner_mha_cls`` as the mixer."""
@@ -86,6 +95,10 @@ class AttentionBlock(_ResidualBlock):
 
   def init_cache(self, batch: int, max_len: int):
     return self.inner_mha_cls.init_cache(batch, max_len)
+
+  def mixer_flops_per_token(self, cfg: ModelConfig, seq_len: int) -> float:
+    d = cfg.d_model  # projections, and causal attention over half the square
+    return 2 * (3 * d * d + d * d) + 2 * 2 * (seq_len / 2) * d
 
 
 def make_block(index: int, op: str, cfg: ModelConfig, rngs: nnx.Rngs):

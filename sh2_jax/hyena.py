@@ -78,6 +78,10 @@ class _HyenaFilter(nnx.Module):
     new = None if cache is None else HyenaCache(hist, state.astype(cache.state.dtype))
     return capture.record(self, y), new
 
+  def flops_per_token(self, seq_len: int) -> float:
+    """Forward FLOPs per token: the featurizer (2 x 3 taps x 3D) plus the inner filter."""
+    return 2 * self.cfg.featurizer_len * 3 * self.cfg.d_model + self._inner_flops(seq_len)
+
   def init_cache(self, batch: int, max_len: int) -> HyenaCache:
     """The empty cache of this layer (history before position 0 is zeros)."""
     del max_len
@@ -102,6 +106,7 @@ class FirFilter(_HyenaFilter):
     self.h = param(rngs, jax.nn.initializers.normal(1 / math.sqrt(taps)), (groups, taps), pdt,
                    (None, None))
     self.D = param(rngs, jax.nn.initializers.ones, (cfg.d_model,), pdt, (None,)) if skip else None
+    self.taps = taps
     self.cross_correlation = cross_correlation
     self.decay = decay
     self.context_all_to_all = context_all_to_all
@@ -127,7 +132,10 @@ class FirFilter(_HyenaFilter):
     return h
 
   def _init_state(self, batch: int) -> jax.Array:
-    return jnp.zeros((batch, self.h.shape[1] - 1, self.cfg.d_model), jnp.dtype(self.cfg.dtype))
+    return jnp.zeros((batch, self.taps - 1, self.cfg.d_model), jnp.dtype(self.cfg.dtype))
+
+  def _inner_flops(self, seq_len: int) -> float:
+    return 2 * self.taps * self.cfg.d_model
 
   def _inner(self, x1, v, x2, mode, state):
     """The gated FIR core in ``mode``: (y [B, L, D], the last K-1 inputs u for the cache)."""
@@ -176,6 +184,10 @@ class ModalFilter(_HyenaFilter):
 
   def _init_state(self, batch: int) -> jax.Array:
     return jnp.zeros((batch, self.cfg.d_model, self.cfg.li_state), jnp.float32)
+
+  def _inner_flops(self, seq_len: int) -> float:
+    # The FFT convolution: three real FFTs of size 2L at ~5 N log2 N each, per token.
+    return 30 * math.log2(2 * seq_len) * self.cfg.d_model
 
   def _inner(self, x1, v, x2, mode, state):
     """The gated LI core in ``mode``: (y [B, L, D], the modal state [B, D, N] for the cache)."""

@@ -182,7 +182,7 @@ def test_trainer_data_hook():
 def test_sweep_schedule_is_the_trainers():
   """The sweep feeds the trainer's schedule in as factors on a constant-rate AdamW."""
   import types
-  from sh2_jax.synthetic.sweep import SweepConfig
+  from sh2_jax.train.synthetic_sweep import SweepConfig
   from sh2_jax.train.optim import learning_rate_schedule
   cfg = SweepConfig(steps=50, learning_rate=3e-3)
   ref = learning_rate_schedule(types.SimpleNamespace(
@@ -194,7 +194,7 @@ def test_sweep_schedule_is_the_trainers():
 def test_cpu_sweep_learns_mqar_with_the_hybrid():
   """The hybrid SE-MR-LI-MHA learns easy MQAR well above chance (1/8) and above the 1/4 of a
   model that only knows which values are in the context."""
-  from sh2_jax.synthetic.sweep import SweepConfig, make_pools, train_layout
+  from sh2_jax.train.synthetic_sweep import SweepConfig, make_pools, train_layout
   cfg = SweepConfig(d_model=64, num_layers=4, num_heads=2, mlp_hidden=128, steps=400,
                     batch_size=32, learning_rate=2e-3, n_train=4096, n_eval=256,
                     steps_per_call=100)

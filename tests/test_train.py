@@ -16,7 +16,7 @@ import optax
 import pytest
 from flax import nnx
 
-from configs.base import make_config
+from sh2_jax.configs.base import make_config
 from sh2_jax.model import StripedHyena
 from sh2_jax.presets import get_preset
 from sh2_jax.train import check, mesh as mesh_lib, optim

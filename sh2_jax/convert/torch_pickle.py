@@ -242,3 +242,12 @@ def _as_dict(obj: Any, path: str) -> dict[str, Any]:
   if not isinstance(obj, dict):
     raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a state dict")
   return dict(obj)
+
+
+def read_extra_state(blob: bytes) -> dict[str, Any] | None:
+  """Decode a ``*._extra_state`` blob (``torch.save`` of a dict into a BytesIO) with the
+  restricted reader; None when the blob holds no FP8 state."""
+  if not blob.startswith(b"PK"):
+    return None
+  state = load_state_dict_from_bytes(blob)
+  return state if "scale_fwd" in state else None

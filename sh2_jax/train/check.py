@@ -11,7 +11,7 @@ MODES = ("train", "eval")
 
 
 def _reference() -> ml_collections.ConfigDict:
-  from configs.base import make_config  # the one list of training keys
+  from sh2_jax.configs.base import make_config  # the one list of training keys
   return make_config("tiny")
 
 
