@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ARGS = ["--config=configs/tiny.py", "--config.model.d_model=32", "--config.model.mlp_hidden=64",
         "--config.model.se_groups=4", "--config.model.mr_groups=4", "--config.model.mr_len=16",
         "--config.seq_len=32", "--config.batch_size=4", "--config.num_steps=4",

@@ -22,7 +22,7 @@ from sh2_jax.presets import get_preset
 from sh2_jax.train import check, mesh as mesh_lib, optim
 from sh2_jax.train.step import train_step
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMALL = get_preset("tiny", d_model=32, mlp_hidden=64, num_heads=2, se_groups=4, mr_groups=4,
                    mr_len=16)
 

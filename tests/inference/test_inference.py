@@ -22,7 +22,7 @@ from sh2_jax.inference import (cache_bytes, decode_step, prefill, sequence_score
 from sh2_jax.inference.cache import cache_shapes
 from sh2_jax.tokenizer import PAD_ID
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIX = os.path.join(ROOT, "tests", "fixtures", "vortex_tiny")
 
 

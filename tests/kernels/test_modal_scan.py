@@ -8,9 +8,6 @@ Pallas interpreter on CPU; every run starts from NaN-poisoned outputs (``poison=
 from __future__ import annotations
 
 import functools
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -212,14 +209,3 @@ def test_bad_inputs_name_the_value():
     ms.modal_scan(x1, v, x2, lam, res, dskip, s0[:, :, :3])
   with pytest.raises(ValueError, match=r"BlockSizes.chunk=12 must be a power of two"):
     ms.modal_scan(x1, v, x2, lam, res, block_sizes=BlockSizes(chunk=12), interpret=True)
-
-
-CP_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "li_state_passing_check.py")
-
-
-def test_context_parallel_state_passing_8_devices():
-  """State passing over 8 CPU devices (zig-zag layout) equals the unsharded kernel, forward and
-  gradients (in a subprocess: the device count is fixed at JAX start-up)."""
-  proc = subprocess.run([sys.executable, CP_SCRIPT],
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

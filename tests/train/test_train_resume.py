@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS, EVERY = 40, 5
 ARGS = ["--config=configs/tiny.py", "--config.model.d_model=32", "--config.model.mlp_hidden=64",
         "--config.model.se_groups=4", "--config.model.mr_groups=4", "--config.model.mr_len=16",

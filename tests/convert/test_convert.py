@@ -12,7 +12,7 @@ import yaml
 from sh2_jax.convert import torch_pickle
 from sh2_jax.convert.vortex import config_from_yaml, from_vortex
 
-FIX = os.path.join(os.path.dirname(__file__), "fixtures")
+FIX = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures")
 PT = os.path.join(FIX, "vortex_tiny", "state_dict.pt")
 YML = os.path.join(FIX, "vortex_tiny", "config.yml")
 
@@ -99,7 +99,7 @@ def test_cli_writes_loadable_checkpoint(tmp_path):
   import jax.numpy as jnp
   from sh2_jax.checkpoint import load_model
   out = tmp_path / "ckpt"
-  root = os.path.dirname(os.path.dirname(__file__))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   r = subprocess.run([sys.executable, "-m", "sh2_jax.convert", "--checkpoint", PT,
                       "--config", YML, "--output", str(out)], capture_output=True, text=True,
                      cwd=root, env={**os.environ, "JAX_PLATFORMS": "cpu"})
