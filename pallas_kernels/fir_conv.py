@@ -15,9 +15,17 @@ with the gates fused so u and h*u never touch HBM.
 
 Groups: a filter's Toeplitz blocks are shared only by the channels of its group, so the dots run
 on sub-blocks of ``width`` channels (>= 16, the smallest tensor-core N). When the group size is a
-multiple of ``width`` a sub-block has one filter; otherwise (e.g. 15 or 1 channels per group) each
-sub-block does one dot per group it touches and keeps that group's columns (a "slot" mask) — more
-FLOPs, same bytes, and only for shapes the presets rarely use.
+multiple of ``width`` a sub-block has one filter. Otherwise there are two layouts: *aligned* —
+each sub-block holds exactly one group, its columns padded to ``width`` by a mask (Evo 2 1B: 15
+channels per group in 16 columns; 1/15 more columns read, no more dots); or *slots* — width-aligned
+sub-blocks do one dot per group they touch and keep that group's columns (more FLOPs and more
+Toeplitz blocks on chip, same bytes; for group sizes far from a power of two, e.g. 1 or 3).
+
+Resources: Triton stages dot operands and pipelined loads in shared memory (227 KiB per block on
+Hopper), which the interpreter does not model. ``footprint`` estimates a launch's shared memory
+and registers from its Layout; ``choose_block_sizes`` walks the candidates of a geometry, fastest
+first, and takes the first that fits, or raises ``DoesNotFit`` (``dispatch`` then falls back to
+XLA with a warning when the implementation was ``auto``).
 
 The backward kernels live in ``fir_conv_bwd.py``; ``gated_fir_conv`` ties both together through
 ``jax.custom_vjp``.
@@ -61,6 +69,9 @@ class BlockSizes:
   rebuild: bool | None = None  # build Toeplitz blocks per chunk; None: only when they don't fit
   prefetch: bool = True  # forward: issue the next chunk's loads before this chunk's dots
   min_programs: int = 0  # > 0: shorter segments (>= 4 chunks) until the grid has this many
+  # One group per sub-block, columns masked (see the module docstring); None: when the group size
+  # is not a multiple of width and padding it to a power of two wastes at most a third.
+  align_groups: bool | None = None
 
 
 def default_block_sizes(taps: int, backward: bool = False, dtype=jnp.bfloat16) -> BlockSizes:
@@ -83,7 +94,7 @@ def default_block_sizes(taps: int, backward: bool = False, dtype=jnp.bfloat16) -
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """Static geometry of one launch, derived from shapes and BlockSizes (see ``make_layout``)."""
-  bs: BlockSizes
+  bs: BlockSizes       # as launched: tile narrowed to D, width widened to the group (aligned)
   batch: int
   length: int          # L
   channels: int        # D
@@ -91,10 +102,13 @@ class Layout:
   taps: int            # K
   group_size: int      # D / G
   padded_length: int   # multiple of chunk
-  padded_channels: int  # multiple of tile
+  padded_channels: int  # columns of the padded inputs (every column a program may load)
   seg_chunks: int      # chunks per program (divides padded_length / chunk)
-  slots: int           # groups one sub-block may touch (1 when group_size % width == 0)
+  slots: int           # groups one sub-block may touch (1 when aligned or group_size % width == 0)
   rebuild: bool        # build the Toeplitz blocks per chunk (too many to keep on chip)
+  aligned: bool        # one group per sub-block, its columns masked to group_size
+  n_tiles: int         # programs along the channels
+  itemsize: int        # bytes per element of x1, v, x2
 
   @property
   def num_chunks(self):
@@ -102,16 +116,19 @@ class Layout:
 
   @property
   def grid(self):
-    return (self.batch, self.padded_channels // self.bs.tile, self.num_chunks // self.seg_chunks)
+    return (self.batch, self.n_tiles, self.num_chunks // self.seg_chunks)
 
   @property
   def subblocks(self):
     return self.bs.tile // self.bs.width
 
 
-# Bytes of Toeplitz blocks a program may keep live (Triton stages dot operands in shared memory,
-# 227 KiB on an H100, which the loads' pipeline buffers share).
+# Bytes of Toeplitz blocks a program may keep live before the launcher rebuilds them per chunk.
 _LIVE_BUDGET = {False: 96 * 1024, True: 64 * 1024}
+
+
+def _pow2_at_least(n: int) -> int:
+  return 1 << max(0, n - 1).bit_length()
 
 
 def make_layout(x_shape, h_shape, bs: BlockSizes, itemsize: int = 2,
@@ -131,19 +148,32 @@ def make_layout(x_shape, h_shape, bs: BlockSizes, itemsize: int = 2,
   if bs.tile % w:
     raise ValueError(f"BlockSizes.tile={bs.tile} must be a multiple of width={w}")
   gs = channels // groups
-  # Narrow the tile for small D so that padding stays small.
+  aligned = bs.align_groups
+  if aligned is None:
+    aligned = gs % w != 0 and 3 * max(w, _pow2_at_least(gs)) <= 4 * gs
+  aligned = bool(aligned) and gs % w != 0
   tile = bs.tile
-  while tile > w and tile // 2 >= channels:
-    tile //= 2
-  bs = dataclasses.replace(bs, tile=tile)
-  padded_channels = -(-channels // tile) * tile
+  if aligned:  # a sub-block is one group padded to a power of two
+    w = max(w, _pow2_at_least(gs))
+    tile = max(tile, w)
+    while tile > w and (tile // 2) // w * gs >= channels:
+      tile //= 2
+    n_tiles = -(-groups // (tile // w))
+    padded_channels = max(channels, w)  # windows past the last column shift left (subblock)
+  else:
+    # Narrow the tile for small D so that padding stays small.
+    while tile > w and tile // 2 >= channels:
+      tile //= 2
+    padded_channels = -(-channels // tile) * tile
+    n_tiles = padded_channels // tile
+  bs = dataclasses.replace(bs, tile=tile, width=w, align_groups=aligned)
   num_chunks = -(-length // c)
   seg = max(d for d in range(1, min(bs.seg_chunks, num_chunks) + 1) if num_chunks % d == 0)
-  # Short sequences: more, shorter segments so that the grid fills the GPU (132 SMs on an H100).
-  programs = lambda s_: batch * (padded_channels // tile) * (num_chunks // s_)  # noqa: E731
+  # Short sequences: more, shorter segments so that the grid fills the GPU (132 SMs).
+  programs = lambda s_: batch * n_tiles * (num_chunks // s_)  # noqa: E731
   while programs(seg) < bs.min_programs and seg > 4:
     seg = max(d for d in range(1, seg) if num_chunks % d == 0)
-  if gs % w == 0:
+  if aligned or gs % w == 0:
     slots = 1
   else:  # the most groups any width-aligned sub-block of real channels touches
     starts = np.arange(0, channels, w)
@@ -158,7 +188,105 @@ def make_layout(x_shape, h_shape, bs: BlockSizes, itemsize: int = 2,
     bs = dataclasses.replace(bs, chunk_outer=False)
   rebuild = per_sub > budget if bs.rebuild is None else bs.rebuild
   return Layout(bs, batch, length, channels, groups, taps, gs, num_chunks * c, padded_channels,
-                seg, slots, rebuild)
+                seg, slots, rebuild, aligned, n_tiles, itemsize)
+
+
+# ----------------------------------------------------------------------------- resources
+
+# Hopper: 227 KiB of shared memory per block (the opt-in maximum; what XLA reports as available).
+SMEM_LIMIT = 232448
+
+
+class DoesNotFit(ValueError):
+  """No block configuration of the FIR kernels fits this geometry on the device."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Footprint:
+  smem: int            # bytes of shared memory per program (block)
+  regs: int            # estimated 32-bit registers per thread for the live on-chip values
+
+
+def footprint(lay: Layout, backward: bool = False) -> Footprint:
+  """Shared memory and registers of one launch of ``lay``, as the Triton compiler lays it out.
+
+  With T = 2 * slots * c * c elements of Toeplitz blocks per sub-block, R = c * width * itemsize
+  bytes per row tile, n sub-blocks per program and P = num_stages - 1:
+    bf16 forward      T * 2 * n + P * 3R * n + 4cw     the Toeplitz operands of the tensor-core
+                      (rebuild: P * (4T + 3R) * n;       dots, and P buffers of every load of a
+                      2T + 3R * n when P = 0)            chunk (x1, v, x2; the float32 gathers of
+                                                         the filter table when rebuilt per chunk)
+    f32 forward       T * 4 * n + (1 + 2P) * R * n     FMA dots stage their operands; their loads
+                                                         are not multi-buffered
+    bf16 backward     T * 2 * n + 4c^2 * slots + 5R * n  plus the [c, c] float32 conversion of
+                                                         the dh partials; loads prefetched by hand
+    f32 backward      T * 4 * n + 3R * n
+  The sequential sub-block loop (``chunk_outer=False``) is counted like the chunk-outer one: the
+  compiler does not reuse the loops' buffers. Fitted to the sizes the compiler reports on an H200
+  (``benchmarks/fir_smem.py``; ``benchmarks/fir_smem_h200.jsonl``): within 35% for the MR kernels,
+  an upper bound elsewhere (``tests/test_pallas_fir.py`` checks both). Registers: the float32
+  accumulators and row tiles live per thread (an estimate; the compiler caps at 255 and spills).
+  """
+  bs = lay.bs
+  c, w, e = bs.chunk, bs.width, lay.itemsize
+  p = max(0, bs.num_stages - 1)
+  n = lay.subblocks
+  t = 2 * lay.slots * c * c
+  r = c * w * e
+  if not backward and e == 2:
+    if lay.rebuild:
+      smem = p * (4 * t + 3 * r) * n if p else 2 * t + 3 * r * n
+    else:
+      smem = 2 * t * n + p * 3 * r * n + 4 * c * w
+  elif not backward:
+    smem = 4 * t * n + (1 + 2 * p) * r * n
+  elif e == 2:
+    smem = 2 * t * n + 4 * c * c * lay.slots + 5 * r * n
+  else:
+    smem = 4 * t * n + 3 * r * n
+  threads = 32 * bs.num_warps
+  acc = c * w * 4 * (2 if backward else 1) * n + (lay.slots * c * c * 4 if backward else 0)
+  regs = (acc + (6 if backward else 3) * r * n) // (4 * threads)
+  return Footprint(int(smem), int(regs))
+
+
+def candidates(taps: int, backward: bool, dtype) -> list[BlockSizes]:
+  """Block configurations of a geometry, fastest first: the tuned default, then shallower
+  pipelines, one sub-block at a time, Toeplitz blocks rebuilt per chunk, each with the
+  sub-block layout ``make_layout`` picks and then the other two (aligned, slots). Order from
+  ``benchmarks/fir_smem.py --mode time`` on an H200 (evo2_1b / evo2_7b widths, 16K, bf16):
+  fewer stages cost 0-1%, the sequential sub-block loop up to 40%, rebuilding up to 65%."""
+  base = default_block_sizes(taps, backward, dtype)
+  out = []
+  for rebuild in (base.rebuild, True):
+    for outer in (base.chunk_outer, False):
+      for stages in sorted({base.num_stages, 2, 1}, reverse=True):
+        for align in (None, True, False):
+          bs = dataclasses.replace(base, align_groups=align, num_stages=stages,
+                                   chunk_outer=outer, rebuild=rebuild)
+          if bs not in out:
+            out.append(bs)
+  return out
+
+
+def choose_block_sizes(x_shape, h_shape, dtype, backward: bool = False,
+                       smem_limit: int | None = None) -> BlockSizes:
+  """The first candidate (fastest first) whose footprint fits ``smem_limit``; ``DoesNotFit``
+  names the geometry and the smallest footprint when none does."""
+  itemsize = jnp.dtype(dtype).itemsize
+  smem_limit = SMEM_LIMIT if smem_limit is None else smem_limit
+  groups, taps = h_shape
+  best = None
+  for bs in candidates(taps, backward, dtype):
+    fp = footprint(make_layout(x_shape, h_shape, bs, itemsize, backward), backward)
+    if fp.smem <= smem_limit:
+      return bs
+    best = fp.smem if best is None else min(best, fp.smem)
+  raise DoesNotFit(
+      f"no block configuration of the gated FIR {'backward' if backward else 'forward'} kernel "
+      f"fits D={x_shape[2]}, G={groups} ({x_shape[2] // groups} channels per group), K={taps}, "
+      f"{jnp.dtype(dtype).name}: the smallest needs {best} bytes of shared memory, the device "
+      f"allows {smem_limit}")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -180,14 +308,19 @@ def toeplitz(table_ref, g, offset: int, chunk: int, dtype, transpose: bool = Fal
   return table_ref[g, offset + diff].astype(dtype)
 
 
-def toeplitz_slots(table_ref, lay: Layout, gids, col_group, dtype):
-  """Per slot (H0, H1, column mask or None); callables that build them when ``lay.rebuild``."""
+def toeplitz_slots(table_ref, lay: Layout, gids, col_mask, dtype):
+  """Per slot (H0, H1, column mask or None); callables that build them when ``lay.rebuild``.
+  ``col_mask``: None (one filter for all columns), per-column group ids (slots: a slot keeps the
+  columns of its group), or a [1, width] bool (aligned: the columns of the one group)."""
   c = lay.bs.chunk
   out = []
   for g in gids:
     def build(g=g):
       gc = jnp.minimum(g, lay.groups - 1)
-      mask = None if lay.slots == 1 else (col_group == g)
+      if lay.aligned:
+        mask = col_mask
+      else:
+        mask = None if lay.slots == 1 else (col_mask == g)
       return (toeplitz(table_ref, gc, c, c, dtype), toeplitz(table_ref, gc, 2 * c, c, dtype),
               mask)
     out.append(build if lay.rebuild else build())
@@ -205,13 +338,32 @@ def dot(a, b, precision, trans_b: bool = False):
                              preferred_element_type=jnp.float32)
 
 
-def slot_groups(lay: Layout, d_start, s: int):
-  """Group ids (unclamped) of the slots of sub-block s of the tile starting at channel d_start,
-  and the per-column group ids of that sub-block."""
-  ds = d_start + s * lay.bs.width
-  col_group = (ds + jax.lax.broadcasted_iota(jnp.int32, (1, lay.bs.width), 1)) // lay.group_size
+def subblock(lay: Layout, tile_index, s: int):
+  """Sub-block s of channel tile ``tile_index``: (first column, column mask for loads' results
+  and stores or None, group ids (unclamped) of its slots, the mask argument of
+  ``toeplitz_slots``)."""
+  w = lay.bs.width
+  if lay.aligned:
+    # The window starts at the group's first column, or ends at the last column of the array
+    # (no channel padding); the mask keeps the group's columns.
+    g = tile_index * lay.subblocks + s
+    first = g * lay.group_size
+    start = jnp.minimum(first, lay.padded_channels - w)
+    lane = start + jax.lax.broadcasted_iota(jnp.int32, (1, w), 1)
+    mask = (lane >= first) & (lane < first + lay.group_size) & (g < lay.groups)
+    return start, mask, [g], mask
+  ds = tile_index * lay.bs.tile + s * w
+  col_group = (ds + jax.lax.broadcasted_iota(jnp.int32, (1, w), 1)) // lay.group_size
   first = ds // lay.group_size
-  return [first + j for j in range(lay.slots)], col_group
+  return ds, None, [first + j for j in range(lay.slots)], col_group
+
+
+def store(ref, idx, val, mask):
+  """``ref[idx] = val``, only the columns where ``mask`` [1, w] holds (None: all)."""
+  if mask is None:
+    ref[idx] = val
+  else:
+    plgpu.store(ref.at[idx], val, mask=jnp.broadcast_to(mask, val.shape))
 
 
 def pad_to(x: jax.Array, lay: Layout) -> jax.Array:
@@ -252,7 +404,6 @@ def _fwd_kernel(table_ref, skip_ref, x1_ref, v_ref, x2_ref, y_ref, *, lay: Layou
   bs = lay.bs
   c, w = bs.chunk, bs.width
   b, ti, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  d_start = ti * bs.tile
   first = si * lay.seg_chunks
   dtype = x1_ref.dtype
 
@@ -260,11 +411,11 @@ def _fwd_kernel(table_ref, skip_ref, x1_ref, v_ref, x2_ref, y_ref, *, lay: Layou
   # chunk before this program's first chunk (zero at the sequence start).
   subs = []
   for s in range(lay.subblocks):
-    cols = pl.ds(d_start + s * w, w)
-    gids, col_group = slot_groups(lay, d_start, s)
-    mats = toeplitz_slots(table_ref, lay, gids, col_group, dtype)
+    start, colmask, gids, slot_mask = subblock(lay, ti, s)
+    cols = pl.ds(start, w)
+    mats = toeplitz_slots(table_ref, lay, gids, slot_mask, dtype)
     skip = skip_ref[cols].astype(jnp.float32)[None, :] if has_skip else None
-    subs.append((cols, mats, skip))
+    subs.append((cols, mats, skip, colmask))
 
   last_chunk = lay.num_chunks - 1
 
@@ -283,7 +434,7 @@ def _fwd_kernel(table_ref, skip_ref, x1_ref, v_ref, x2_ref, y_ref, *, lay: Layou
   def step(k, carry, s):
     # With prefetch, the loads of chunk k+1 are issued before chunk k's dots (a software
     # pipeline by hand: Triton pipelines only loads that feed dots directly).
-    cols, mats, skip = subs[s]
+    cols, mats, skip, colmask = subs[s]
     if bs.prefetch:
       u_prev, x1, v, x2 = carry
       nxt = load(first + k + 1, cols, (x1_ref, v_ref, x2_ref))
@@ -299,8 +450,8 @@ def _fwd_kernel(table_ref, skip_ref, x1_ref, v_ref, x2_ref, y_ref, *, lay: Layou
       acc = p if acc is None else acc + p
     if skip is not None:
       acc = acc + skip * u.astype(jnp.float32)
-    y_ref[b, pl.ds((first + k) * c, c), cols] = (
-        x2.astype(jnp.float32) * acc).astype(y_ref.dtype)
+    store(y_ref, (b, pl.ds((first + k) * c, c), cols),
+          (x2.astype(jnp.float32) * acc).astype(y_ref.dtype), colmask)
     return (u,) + nxt
 
   if bs.chunk_outer:
@@ -374,16 +525,18 @@ def gated_fir_conv(x1: jax.Array, v: jax.Array, x2: jax.Array, h: jax.Array,
   x1, v, x2: [B, L, D] bf16 or f32; h: [G, K] (true convolution, G divides D, K <= chunk);
   dskip: [D] or None. Returns [B, L, D] in the input dtype; differentiable in all arrays.
   ``interpret`` runs the kernels in the Pallas interpreter (CPU tests); ``poison`` makes the
-  outputs start as NaN (tests).
+  outputs start as NaN (tests). Block sizes default to ``choose_block_sizes`` (the fastest that
+  fits shared memory); ``DoesNotFit`` when none does.
   """
   _check(x1, v, x2, h, dskip)
   if not interpret and jax.default_backend() != "gpu":
     raise ValueError(f"gated_fir_conv runs its Pallas kernels on a GPU, but JAX runs on "
                      f"{jax.default_backend()!r}; pass interpret=True (slow, for tests) or use "
                      f"sh2_jax.conv.gated_conv")
-  k = h.shape[1]
-  bs_f = block_sizes or default_block_sizes(k, dtype=x1.dtype)
-  bs_b = bwd_block_sizes or default_block_sizes(k, backward=True, dtype=x1.dtype)
+  if block_sizes is not None:  # explicit block sizes: their errors first
+    make_layout(x1.shape, h.shape, block_sizes, jnp.dtype(x1.dtype).itemsize)
+  bs_f = block_sizes or choose_block_sizes(x1.shape, h.shape, x1.dtype)
+  bs_b = bwd_block_sizes or choose_block_sizes(x1.shape, h.shape, x1.dtype, backward=True)
   has_skip = dskip is not None
   if dskip is None:
     dskip = jnp.zeros((x1.shape[2],), jnp.float32)

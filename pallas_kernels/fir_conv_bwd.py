@@ -26,7 +26,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from pallas_kernels.fir_conv import (BlockSizes, Layout, call_pallas, dot, dot_precision,
-                                     filter_table, make_layout, pad_to, slot_groups, toeplitz_slots)
+                                     filter_table, make_layout, pad_to, store, subblock,
+                                     toeplitz_slots)
 
 
 def _dot_ta(a, b, precision):
@@ -41,7 +42,6 @@ def _bwd_kernel(table_ref, skip_ref, x1_ref, v_ref, x2_ref, dy_ref,
   bs = lay.bs
   c, w = bs.chunk, bs.width
   b, ti, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  d_start = ti * bs.tile
   first = si * lay.seg_chunks
   last_chunk = lay.num_chunks - 1
   dtype = x1_ref.dtype
@@ -51,11 +51,11 @@ def _bwd_kernel(table_ref, skip_ref, x1_ref, v_ref, x2_ref, dy_ref,
 
   subs = []
   for s in range(lay.subblocks):
-    cols = pl.ds(d_start + s * w, w)
-    gids, col_group = slot_groups(lay, d_start, s)
-    mats = toeplitz_slots(table_ref, lay, gids, col_group, dtype)
+    start, colmask, gids, slot_mask = subblock(lay, ti, s)
+    cols = pl.ds(start, w)
+    mats = toeplitz_slots(table_ref, lay, gids, slot_mask, dtype)
     skip = skip_ref[cols].astype(f32)[None, :] if has_skip else None
-    subs.append((cols, mats, skip))
+    subs.append((cols, mats, skip, colmask))
 
   def load(chunk, cols, refs):
     rows = pl.ds(jnp.minimum(chunk, last_chunk) * c, c)
@@ -72,7 +72,7 @@ def _bwd_kernel(table_ref, skip_ref, x1_ref, v_ref, x2_ref, dy_ref,
   def step(k, carry, s):
     # Chunk j uses x1, v, x2, dy of chunk j and x2, dy of chunk j+1 (for du); the loads for the
     # next iteration are issued first (a software pipeline by hand).
-    cols, mats, skip = subs[s]
+    cols, mats, skip, colmask = subs[s]
     u_prev, x1, v, x2_cur, dy_cur, x2_n, dy_n, maccs, sacc = carry
     j = first + k
     rows = pl.ds(j * c, c)
@@ -100,9 +100,9 @@ def _bwd_kernel(table_ref, skip_ref, x1_ref, v_ref, x2_ref, dy_ref,
     if skip is not None:
       z = z + skip * u_f
       du = du + skip * dz_f
-    dx2_ref[b, rows, cols] = (dy_f * z).astype(dx2_ref.dtype)
-    dx1_ref[b, rows, cols] = (du * v.astype(f32)).astype(dx1_ref.dtype)
-    dv_ref[b, rows, cols] = (du * x1.astype(f32)).astype(dv_ref.dtype)
+    store(dx2_ref, (b, rows, cols), (dy_f * z).astype(dx2_ref.dtype), colmask)
+    store(dx1_ref, (b, rows, cols), (du * v.astype(f32)).astype(dx1_ref.dtype), colmask)
+    store(dv_ref, (b, rows, cols), (du * x1.astype(f32)).astype(dv_ref.dtype), colmask)
     sacc = sacc + jnp.sum(dz_f * u_f, axis=0, keepdims=True)
     return (u,) + nxt[:2] + (x2_n, dy_n) + nxt[2:] + (tuple(new_m), sacc)
 
@@ -110,7 +110,7 @@ def _bwd_kernel(table_ref, skip_ref, x1_ref, v_ref, x2_ref, dy_ref,
     maccs, sacc = carry[-2], carry[-1]
     for j, m in enumerate(maccs):
       mpart_ref[b, ti, si, s, j, :, :] = m
-    spart_ref[b, si, pl.ds(0, 1), subs[s][0]] = sacc
+    store(spart_ref, (b, si, pl.ds(0, 1), subs[s][0]), sacc, subs[s][3])
 
   if bs.chunk_outer:
     def body(k, carries):
@@ -126,9 +126,11 @@ def _bwd_kernel(table_ref, skip_ref, x1_ref, v_ref, x2_ref, dy_ref,
 
 def slot_group_ids(lay: Layout) -> np.ndarray:
   """[n_tiles, subblocks, slots] group id of each partial (ids >= G belong to padding)."""
-  t = np.arange(lay.padded_channels // lay.bs.tile)[:, None, None]
+  t = np.arange(lay.n_tiles)[:, None, None]
   s = np.arange(lay.subblocks)[None, :, None]
   j = np.arange(lay.slots)[None, None, :]
+  if lay.aligned:
+    return t * lay.subblocks + s + j
   return (t * lay.bs.tile + s * lay.bs.width) // lay.group_size + j
 
 

@@ -9,6 +9,7 @@ Pallas on GPU and XLA elsewhere. ``li_impl`` (LI): ``fft`` (the reference), ``mo
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -28,11 +29,37 @@ def resolve_conv_impl(impl: str, interpret: bool = False) -> str:
   return impl
 
 
+def pallas_fir_misfit(x_shape, h_shape, dtype) -> str | None:
+  """Why the Pallas FIR kernels cannot run this geometry (no block configuration of the
+  forward or the backward fits the device's shared memory), or None when they can."""
+  try:
+    fir_kernels.choose_block_sizes(x_shape, h_shape, dtype)
+    fir_kernels.choose_block_sizes(x_shape, h_shape, dtype, backward=True)
+  except fir_kernels.DoesNotFit as err:
+    return str(err)
+  return None
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(reason: str) -> None:
+  warnings.warn(f"conv_impl 'auto': using 'xla' for this layer; {reason}", stacklevel=3)
+
+
 def gated_fir(x1, v, x2, h, dskip, impl: str, interpret: bool = False):
   """``x2 * (h * (x1 * v) + dskip * x1 * v)`` for grouped FIR filters h: [G, K] (true
   convolution orientation); x1, v, x2: [B, L, D]. ``interpret`` runs the Pallas kernels in the
-  interpreter (tests on CPU)."""
+  interpreter (tests on CPU). A geometry the Pallas kernels cannot fit on chip runs on XLA with
+  a one-line warning under ``auto``, and is an error naming why under ``pallas``."""
+  requested = impl
   impl = resolve_conv_impl(impl, interpret)
+  if impl == "pallas" and x1.dtype in (jnp.bfloat16, jnp.float32):
+    reason = pallas_fir_misfit(x1.shape, h.shape, x1.dtype)
+    if reason is not None and requested == "auto":
+      _warn_fallback(reason)
+      impl = "xla"
+    elif reason is not None:
+      raise ValueError(f"conv_impl 'pallas' cannot run this layer: {reason}; use conv_impl "
+                       f"'auto' (falls back to 'xla') or 'xla'")
   if impl == "pallas":
     return fir_kernels.gated_fir_conv(x1, v, x2, h, dskip, interpret=interpret)
   if impl == "xla":

@@ -6,6 +6,9 @@ Every run starts from NaN-poisoned outputs (``poison=True``), so an unwritten el
 
 from __future__ import annotations
 
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,6 +60,12 @@ CASES = [
     (2, 170, 64, 4, 64, jnp.bfloat16, False, None),                    # G = D/16, bf16
     (2, 260, 30, 2, 7, jnp.bfloat16, True, None),                      # 15 channels/group
     (2, 140, 45, 3, 128, jnp.float32, True, None),                     # 15 channels/group, K=128
+    (2, 130, 45, 3, 7, jnp.bfloat16, True,                             # 15 channels/group, slots
+     BlockSizes(chunk=32, tile=32, width=16, seg_chunks=2, align_groups=False)),
+    (3, 77, 75, 5, 7, jnp.float32, True,                               # aligned, a padding group
+     BlockSizes(chunk=32, tile=64, width=16, seg_chunks=2, align_groups=True)),  # in the tile
+    (2, 90, 72, 3, 64, jnp.bfloat16, True, None),                      # 24/group: width 32
+    (2, 70, 15, 1, 7, jnp.float32, False, None),                       # D < width
     (2, 170, 64, 4, 7, jnp.float32, True,                              # several segments,
      BlockSizes(chunk=32, tile=64, width=16, seg_chunks=2, chunk_outer=False)),  # group-outer
     (2, 170, 64, 4, 7, jnp.bfloat16, True,                             # grid-filling segments
@@ -142,3 +151,126 @@ def test_pallas_off_gpu_is_a_clear_error():
 @pytest.mark.skipif(not ON_GPU, reason="GPU dispatch")
 def test_auto_is_pallas_on_gpu():
   assert dispatch.resolve_conv_impl("auto") == "pallas"
+
+
+# ----------------------------------------------------------------------------- resources
+
+CAL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                   "fir_smem_h200.jsonl")
+
+
+def measured_layout(row):
+  """The Layout of one measured launch of ``benchmarks/fir_smem.py``."""
+  bs = BlockSizes(chunk=row["chunk"], tile=row["tile"], width=row["width"],
+                  chunk_outer=row["chunk_outer"], num_warps=row["warps"],
+                  num_stages=row["stages"], rebuild=row["rebuild"], prefetch=row["prefetch"],
+                  align_groups=row["aligned"])
+  dtype = jnp.dtype(row["dtype"])
+  return fir_conv.make_layout((1, 4096, row["D"]), (row["G"], row["K"]), bs, dtype.itemsize,
+                              row["dir"] == "bwd")
+
+
+def test_footprint_agrees_with_the_compiler():
+  """``footprint`` against the shared memory the compiler allocated on an H200 (Nsight Compute's
+  launch statistics; "requested" of XLA's overflow error): never below it, within 35% for the
+  MR kernels (chunk 128, where the limit bites), within 48 KiB for the small SE kernels; every
+  launch that overflowed is predicted not to fit."""
+  rows = [json.loads(line) for line in open(CAL)]
+  assert len(rows) >= 60 and {r["cpg"] for r in rows} >= {15, 16, 24}
+  n_fail = 0
+  for row in rows:
+    lay = measured_layout(row)
+    assert (lay.aligned, lay.slots, lay.rebuild) == (row["aligned"], row["slots"],
+                                                     row["rebuild"]), row
+    est = fir_conv.footprint(lay, row["dir"] == "bwd").smem
+    got = row["smem"]
+    assert got is not None, row
+    assert est >= got, (row, est)
+    if row["chunk"] == 128:
+      assert est <= 1.35 * got, (row, est)
+    else:
+      assert est - got <= 48 * 1024, (row, est)
+    if not row["compiled"]:
+      n_fail += 1
+      assert est > fir_conv.SMEM_LIMIT, (row, est)
+  assert n_fail >= 2  # the sweep holds overflowing launches (the old evo2_1b MR forward's kind)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=lambda d: jnp.dtype(d).name)
+def test_chosen_block_sizes_fit_every_geometry(dtype):
+  """Channels per group 1..64 (odd included), filter lengths 3..128, forward and backward: the
+  launcher's choice fits Hopper's 227 KiB of shared memory per block, and is the tuned default
+  wherever that fits."""
+  for cpg in range(1, 65):
+    for groups in (8, 128):
+      for taps in (3, 7, 64, 127, 128):
+        for backward in (False, True):
+          shape, hs = (1, 4096, cpg * groups), (groups, taps)
+          bs = fir_conv.choose_block_sizes(shape, hs, dtype, backward)
+          lay = fir_conv.make_layout(shape, hs, bs, jnp.dtype(dtype).itemsize, backward)
+          fp = fir_conv.footprint(lay, backward)
+          assert fp.smem <= fir_conv.SMEM_LIMIT, (cpg, groups, taps, backward, fp)
+          first = fir_conv.candidates(taps, backward, dtype)[0]
+          lay0 = fir_conv.make_layout(shape, hs, first, jnp.dtype(dtype).itemsize, backward)
+          if fir_conv.footprint(lay0, backward).smem <= fir_conv.SMEM_LIMIT:
+            assert bs == first
+
+
+def test_evo2_1b_geometry_is_aligned_and_fits():
+  """The evo2_1b MR layer (D = 1920, 128 groups of 15): one group per 16-column sub-block, the
+  Toeplitz blocks built once (the launch that overflowed had 2 slots, rebuilt per chunk)."""
+  for backward in (False, True):
+    bs = fir_conv.choose_block_sizes((1, 8192, 1920), (128, 128), jnp.bfloat16, backward)
+    lay = fir_conv.make_layout((1, 8192, 1920), (128, 128), bs, 2, backward)
+    assert lay.aligned and lay.slots == 1 and not lay.rebuild
+    assert lay.padded_channels == 1920  # no channel padding copy
+    assert fir_conv.footprint(lay, backward).smem <= fir_conv.SMEM_LIMIT
+
+
+def test_no_fit_is_one_clear_error(monkeypatch):
+  monkeypatch.setattr(fir_conv, "SMEM_LIMIT", 1024)
+  x = jnp.ones((1, 64, 30), jnp.float32)
+  with pytest.raises(fir_conv.DoesNotFit, match=r"D=30, G=2 \(15 channels per group\), K=7"):
+    gated_fir_conv(x, x, x, jnp.ones((2, 7)), interpret=True)
+  with pytest.raises(ValueError, match="conv_impl 'pallas' cannot run this layer"):
+    dispatch.gated_fir(x, x, x, jnp.ones((2, 7)), None, "pallas", interpret=True)
+
+
+def test_auto_falls_back_to_xla_with_one_warning(monkeypatch):
+  """``auto`` on a GPU with a geometry no configuration fits: XLA, one warning, same numbers."""
+  monkeypatch.setattr(fir_conv, "SMEM_LIMIT", 1024)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  dispatch._warn_fallback.cache_clear()
+  rng = np.random.default_rng(3)
+  x1, v, x2 = (jnp.asarray(rng.standard_normal((2, 50, 30)), jnp.float32) for _ in range(3))
+  h = jnp.asarray(rng.standard_normal((2, 7)), jnp.float32)
+  with pytest.warns(UserWarning, match="conv_impl 'auto': using 'xla'.*15 channels per group"):
+    y = dispatch.gated_fir(x1, v, x2, h, None, "auto")
+  monkeypatch.undo()
+  assert rel_err(y, dispatch.gated_fir(x1, v, x2, h, None, "xla")) <= 1e-6
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the compiler's shared-memory limit exists only on a GPU")
+def test_compiler_accepts_what_footprint_admits():
+  """On the GPU: every candidate ``footprint`` admits compiles and runs (the launcher never picks
+  a launch the compiler refuses), and the launch the evo2_1b forward used to take (2 slots,
+  Toeplitz blocks rebuilt per chunk, 3 stages) overflows with the size the estimate gives."""
+  rng = np.random.default_rng(5)
+  for d, g in ((1920, 128), (4096, 256), (3072, 128), (768, 256)):
+    # 32 chunks per program: loops long enough for the compiler to pipeline them
+    x = jnp.asarray(rng.standard_normal((1, 4096, d)), jnp.bfloat16)
+    h = jnp.asarray(rng.standard_normal((g, 128)), jnp.float32)
+    for bs in fir_conv.candidates(128, False, jnp.bfloat16)[:8]:
+      lay = fir_conv.make_layout(x.shape, h.shape, bs, 2)
+      if fir_conv.footprint(lay).smem <= fir_conv.SMEM_LIMIT:
+        y = jax.jit(lambda a, hh, bs=bs: fir_conv.fwd(a, a, a, hh, None, bs))(x, h)
+        assert np.isfinite(np.asarray(y, np.float32)).all()
+  x = jnp.asarray(rng.standard_normal((1, 8192, 1920)), jnp.bfloat16)
+  h = jnp.asarray(rng.standard_normal((128, 128)), jnp.float32)
+  old = BlockSizes(chunk=128, tile=16, width=16, seg_chunks=32, num_warps=4, num_stages=3,
+                   prefetch=False, align_groups=False)
+  lay = fir_conv.make_layout(x.shape, h.shape, old, 2)
+  assert lay.slots == 2 and lay.rebuild
+  est = fir_conv.footprint(lay).smem
+  with pytest.raises(Exception, match=f"requested {est}"):
+    jax.block_until_ready(jax.jit(lambda a, hh: fir_conv.fwd(a, a, a, hh, None, old))(x, h))

@@ -24,15 +24,21 @@ flags.DEFINE_string("output", None, "new directory for the sh2_jax checkpoint")
 flags.mark_flags_as_required(["checkpoint", "config", "output"])
 
 
+def _fail(message: str) -> None:
+  """One ``error:`` line on stderr, exit code 2 (bad input), nothing written."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
 def main(argv):
   del argv
   f = flags.FLAGS
   if os.path.exists(f.output):
-    sys.exit(f"error: output {f.output!r} already exists; choose a new directory")
+    _fail(f"output {f.output!r} already exists; choose a new directory")
   try:
     model = from_vortex(f.checkpoint, f.config)
   except (ValueError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
+    _fail(str(e))
   save_model(f.output, model)
   n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   print(f"wrote {f.output}: {len(model.blocks)} layers "

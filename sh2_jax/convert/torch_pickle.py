@@ -7,6 +7,13 @@ unpickler below knows a fixed allow-list of globals — tensor rebuilding, stora
 refuses everything else. Tensors come back as read-only ``numpy.memmap`` views of the archive
 (zip entries are stored uncompressed), so a 40B checkpoint streams instead of loading whole.
 Checkpoints cut into byte shards (``X.pt.part0``, ``X.pt.part1`` …) are read as one file.
+
+A downloaded checkpoint is untrusted input. Before anything is allocated or mapped, the reader
+refuses (``CheckpointError``, one message naming the file and the entry): compressed entries
+(``torch.save`` stores every entry uncompressed; a deflated one can inflate far past the file),
+entries whose bytes lie outside the file, storage keys that are not plain names, tensor views
+that are not inside their storage (negative or non-integer offsets, sizes or strides; an extent
+past the storage's end), and anything the allow-list does not name.
 """
 
 from __future__ import annotations
@@ -47,6 +54,10 @@ class BytesBlob:
     return self.data
 
 
+class CheckpointError(ValueError):
+  """A checkpoint file the reader refuses; the message names the file and the entry."""
+
+
 class _StorageType:
   def __init__(self, name: str):
     self.name = name
@@ -61,16 +72,38 @@ class _LazyStorage:
     return self.archive.storage(self.key, self.dtype)
 
 
-def _rebuild_tensor(storage: _LazyStorage, offset, size, stride, *unused) -> np.ndarray:
+def _ints(value, what: str) -> tuple[int, ...]:
+  if not isinstance(value, (tuple, list)) or not all(
+      isinstance(v, int) and not isinstance(v, bool) for v in value):
+    raise CheckpointError(f"tensor {what} {value!r} is not a tuple of integers")
+  return tuple(value)
+
+
+def _rebuild_tensor(storage, offset, size, stride, *unused) -> np.ndarray:
+  """A read-only view of ``storage``; refused unless every element it reaches lies inside it."""
+  if not isinstance(storage, _LazyStorage):
+    raise CheckpointError(f"a tensor's storage is a {type(storage).__name__}, not a storage")
+  if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+    raise CheckpointError(f"tensor storage offset {offset!r} is not a non-negative integer")
+  size, stride = _ints(size, "size"), _ints(stride, "stride")
+  if len(size) != len(stride):
+    raise CheckpointError(f"tensor size {size} and stride {stride} differ in length")
+  if any(s < 0 for s in size) or any(st < 0 for st in stride):
+    raise CheckpointError(f"tensor size {size} / stride {stride} has a negative entry")
+  n_storage = storage.archive.storage_size(storage.key, storage.dtype)
+  if 0 in size:
+    needed = offset  # an empty view reaches nothing
+  else:
+    needed = offset + 1 + sum((s - 1) * st for s, st in zip(size, stride))
+  if needed > n_storage:
+    raise CheckpointError(f"tensor of size {size}, stride {stride}, offset {offset} runs past "
+                          f"its storage {storage.key!r} ({n_storage} elements)")
   flat = storage.array()
-  size, stride = tuple(size), tuple(stride)
   if not size:
     return flat[offset:offset + 1].reshape(())
+  if 0 in size:
+    return np.zeros(size, flat.dtype)
   item = flat.dtype.itemsize
-  needed = offset + 1 + sum((s - 1) * st for s, st in zip(size, stride))
-  if needed > flat.size:
-    raise ValueError(f"tensor of size {size} stride {stride} runs past its storage "
-                     f"({flat.size} elements)")
   return np.lib.stride_tricks.as_strided(
       flat[offset:], shape=size, strides=tuple(st * item for st in stride), writeable=False)
 
@@ -106,11 +139,13 @@ class _Unpickler(pickle.Unpickler):
         "allowed in a checkpoint")
 
   def persistent_load(self, pid):
-    if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
-      raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
-    storage_type, key = pid[1], str(pid[2])
+    if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage"):
+      raise pickle.UnpicklingError(f"unsupported persistent id {pid!r:.80}")
+    storage_type, key = pid[1], pid[2]
     if not isinstance(storage_type, _StorageType):
-      raise pickle.UnpicklingError(f"unsupported storage type {storage_type!r}")
+      raise pickle.UnpicklingError(f"unsupported storage type {storage_type!r:.80}")
+    if not isinstance(key, str) or not re.fullmatch(r"[0-9A-Za-z_]{1,64}", key):
+      raise pickle.UnpicklingError(f"storage key {key!r:.80} is not a plain name")
     return _LazyStorage(self.archive, key, storage_type.dtype)
 
 
@@ -198,34 +233,79 @@ class _BytesFile(io.BytesIO):
 
 class _Archive:
   def __init__(self, path: str, data: bytes | None = None):
+    self.path = path
     self.file = _ConcatFile(shard_paths(path)) if data is None else _BytesFile(data)
+    total = self.file.total if data is None else len(data)
     try:
       self.zip = zipfile.ZipFile(self.file)
-    except zipfile.BadZipFile as e:
-      raise ValueError(f"{path!r} is not a torch.save zip archive ({e})") from None
-    pkls = [n for n in self.zip.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+      infos = self.zip.infolist()
+    except Exception as e:  # noqa: BLE001 - any failure to parse untrusted bytes is a refusal
+      raise CheckpointError(f"{path!r} is not a torch.save zip archive "
+                            f"({type(e).__name__}: {str(e)[:200]})") from None
+    for info in infos:
+      if info.compress_type != zipfile.ZIP_STORED:
+        raise CheckpointError(
+            f"{path!r}: entry {info.filename!r} is compressed (method {info.compress_type}); "
+            "torch.save stores entries uncompressed, and a compressed one can inflate far past "
+            "the file's size")
+      if info.header_offset + 30 + info.file_size > total or info.file_size != info.compress_size:
+        raise CheckpointError(f"{path!r}: entry {info.filename!r} ({info.file_size} bytes) "
+                              f"lies outside the file ({total} bytes)")
+    pkls = [i.filename for i in infos
+            if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
     if len(pkls) != 1:
-      raise ValueError(f"{path!r} holds {len(pkls)} data.pkl entries; expected one")
+      raise CheckpointError(f"{path!r} holds {len(pkls)} data.pkl entries; expected one")
     self.prefix = pkls[0][: -len("data.pkl")]
-    order = self.zip.namelist()
+    self.total = total
     bo = self.prefix + "byteorder"
-    if bo in order and self.zip.read(bo).strip() != b"little":
-      raise ValueError(f"{path!r} was saved big-endian; only little-endian is supported")
+    try:
+      order = self.zip.read(bo).strip() if bo in self.zip.namelist() else b"little"
+    except Exception as e:  # noqa: BLE001 - a damaged entry is a refusal
+      raise CheckpointError(f"{path!r}: entry {bo!r} is damaged ({type(e).__name__})") from None
+    if order != b"little":
+      raise CheckpointError(f"{path!r} was saved big-endian; only little-endian is supported")
+
+  def _info(self, key: str) -> zipfile.ZipInfo:
+    name = f"{self.prefix}data/{key}"
+    try:
+      return self.zip.getinfo(name)
+    except KeyError:
+      raise CheckpointError(f"{self.path!r}: storage entry {name!r} is missing") from None
+
+  def storage_size(self, key: str, dtype: np.dtype) -> int:
+    """Elements of storage ``key`` (its entry's bytes must be a whole number of them)."""
+    info = self._info(key)
+    if info.file_size % dtype.itemsize:
+      raise CheckpointError(f"{self.path!r}: storage entry {info.filename!r} holds "
+                            f"{info.file_size} bytes, not a multiple of {dtype.name}'s "
+                            f"{dtype.itemsize}")
+    return info.file_size // dtype.itemsize
 
   def storage(self, key: str, dtype: np.dtype) -> np.ndarray:
-    info = self.zip.getinfo(f"{self.prefix}data/{key}")
-    count = info.file_size // dtype.itemsize
-    if info.compress_type != zipfile.ZIP_STORED:
-      return np.frombuffer(self.zip.read(info), dtype=dtype)
+    info = self._info(key)
+    count = self.storage_size(key, dtype)
     self.file.seek(info.header_offset)
     header = self.file.read(30)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+      raise CheckpointError(f"{self.path!r}: storage entry {info.filename!r} has no local "
+                            "header at its offset")
     name_len, extra_len = struct.unpack("<HH", header[26:30])
     start = info.header_offset + 30 + name_len + extra_len
+    if start + info.file_size > self.total:
+      raise CheckpointError(f"{self.path!r}: storage entry {info.filename!r} runs past the end "
+                            f"of the file")
     return self.file.memmap(start, dtype, count)
 
   def load(self) -> Any:
-    with self.zip.open(self.prefix + "data.pkl") as f:
-      return _Unpickler(f, self).load()
+    name = self.prefix + "data.pkl"
+    try:
+      with self.zip.open(name) as f:
+        return _Unpickler(f, self).load()
+    except CheckpointError as e:
+      raise CheckpointError(f"{self.path!r}: entry {name!r}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - any failure to parse untrusted bytes is a refusal
+      raise CheckpointError(f"{self.path!r}: entry {name!r} is not a valid state dict pickle "
+                            f"({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def load_state_dict(path: str) -> dict[str, Any]:
@@ -240,7 +320,11 @@ def load_state_dict_from_bytes(data: bytes, name: str = "<bytes>") -> dict[str, 
 
 def _as_dict(obj: Any, path: str) -> dict[str, Any]:
   if not isinstance(obj, dict):
-    raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a state dict")
+    raise CheckpointError(f"{path!r} holds a {type(obj).__name__}, not a state dict")
+  bad = [k for k in obj if not isinstance(k, str)]
+  if bad:
+    raise CheckpointError(f"{path!r}: key {bad[0]!r:.80} is a {type(bad[0]).__name__}, not a "
+                          "parameter name")
   return dict(obj)
 
 

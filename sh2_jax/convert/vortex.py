@@ -101,6 +101,10 @@ def check_state_dict(sd: Mapping[str, Any], cfg: ModelConfig) -> None:
   """One error listing every missing, unexpected and mis-shaped key."""
   expected = _expected_keys(cfg)
   tensors = {k: v for k, v in sd.items() if not isinstance(v, BytesBlob)}
+  not_arrays = sorted(f"{k} ({type(tensors[k]).__name__})" for k in set(expected) & set(tensors)
+                      if not isinstance(tensors[k], np.ndarray))
+  if not_arrays:
+    raise ValueError(f"checkpoint entries that must be tensors are not: {', '.join(not_arrays)}")
   skipped = {k for k in sd if k not in tensors or k.endswith("._extra_state")}
   missing = sorted(set(expected) - set(tensors))
   unexpected = sorted(set(tensors) - set(expected) - skipped)
