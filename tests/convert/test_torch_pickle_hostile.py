@@ -16,9 +16,9 @@ import pytest
 from sh2_jax.convert import torch_pickle
 from sh2_jax.convert.torch_pickle import CheckpointError
 
-FIX = os.path.join(os.path.dirname(__file__), "fixtures")
+FIX = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures")
 PT = os.path.join(FIX, "vortex_tiny", "state_dict.pt")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # A tiny pickle assembler (protocol 2 opcodes), so the tests craft files without torch.
