@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pallas_kernels.fir_conv import BlockSizes, default_block_sizes, gated_fir_conv  # noqa: E402
+from sh2_jax.kernels.fir_conv import BlockSizes, gated_fir_conv  # noqa: E402
+from sh2_jax.kernels.fir_layout import default_block_sizes  # noqa: E402
 from sh2_jax import dispatch  # noqa: E402
 from sh2_jax.ops import fir  # noqa: E402
 

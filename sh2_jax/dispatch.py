@@ -1,9 +1,14 @@
 """The one config -> implementation dispatch for the Hyena inner filters.
 
-``conv_impl`` (SE, MR): ``xla`` is the direct grouped convolution of ``conv.fir_conv``, ``fft``
-the FFT convolution, ``pallas`` the two-stage blocked kernels of ``pallas_kernels``; ``auto`` is
-Pallas on GPU and XLA elsewhere. ``li_impl`` (LI): ``fft`` (the reference), ``modal_scan`` and
-``modal_serial`` (FFT-free Pallas recurrences), ``auto`` (``modal_scan`` on GPU, ``fft`` elsewhere).
+The only reader of ``conv_impl``, ``li_impl`` and ``attention_impl`` (their valid names are
+defined in ``config.py``); the modules ask it for callables (``fir_fn``, ``modal_fn``,
+``modal_with_state_fn``, ``attention_fn``) and never branch on a name themselves.
+
+``conv_impl`` (SE, MR): ``xla`` is the direct grouped convolution of ``ops.fir.fir_conv``,
+``fft`` the FFT convolution, ``pallas`` the two-stage blocked kernels of ``kernels/fir_conv.py``;
+``auto`` is Pallas on GPU and XLA elsewhere. ``li_impl`` (LI): ``fft`` (the reference),
+``modal_scan`` and ``modal_serial`` (FFT-free Pallas recurrences), ``auto`` (``modal_scan`` on
+GPU, ``fft`` elsewhere). ``attention_impl``: ``xla`` | ``cudnn`` | ``auto``.
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import fir_conv as fir_kernels
-from sh2_jax import conv
+from sh2_jax.config import ATTENTION_IMPLS, CONV_IMPLS, LI_IMPLS
+from sh2_jax.kernels import cudnn_attention, modal_scan, modal_scan_serial
+from sh2_jax.kernels import fir_conv as fir_kernels
+from sh2_jax.ops import fir, modal
 
 
 def resolve_conv_impl(impl: str, interpret: bool = False) -> str:
@@ -63,15 +70,15 @@ def gated_fir(x1, v, x2, h, dskip, impl: str, interpret: bool = False):
   if impl == "pallas":
     return fir_kernels.gated_fir_conv(x1, v, x2, h, dskip, interpret=interpret)
   if impl == "xla":
-    return conv.gated_conv(x1, v, x2, functools.partial(conv.fir_conv, h=h), dskip)
+    return fir.gated_conv(x1, v, x2, functools.partial(fir.fir_conv, h=h), dskip)
   if impl == "fft":
-    fft = functools.partial(conv.fft_conv, h=h, out_dtype=jnp.float32)
-    return conv.gated_conv(x1, v, x2, fft, dskip)
-  raise ValueError(f"conv_impl {impl!r} is not one of auto, pallas, xla, fft")
+    fft = functools.partial(fir.fft_conv, h=h, out_dtype=jnp.float32)
+    return fir.gated_conv(x1, v, x2, fft, dskip)
+  raise ValueError(f"conv_impl {impl!r} is not one of {', '.join(CONV_IMPLS)}")
 
 
 def resolve_li_impl(impl: str, interpret: bool = False) -> str:
-  """``li_impl``: ``modal_scan`` (the FFT-free chunked recurrence, ``pallas_kernels/
+  """``li_impl``: ``modal_scan`` (the FFT-free chunked recurrence, ``kernels/
   modal_scan.py``), ``modal_serial`` (the token-serial recurrence, ``modal_scan_serial.py``;
   on the H100 within run-to-run noise of ``modal_scan``, so not the default), ``fft`` (float32
   FFT of the modal filter, the reference), ``auto``.
@@ -82,7 +89,6 @@ def resolve_li_impl(impl: str, interpret: bool = False) -> str:
   (2 shared cores, f32, fwd / fwd+bwd: B=1 L=2048 D=64 fft 17.9 / 34.1 ms, interpreted
   modal_scan 13.2 / 46.5 ms; B=1 L=8192 D=256 fft 285 / 1283 ms, modal_scan 183 / 1110 ms),
   so the reference stays. ``modal_scan`` off GPU is an error unless ``interpret=True`` (tests)."""
-  from sh2_jax.config import LI_IMPLS
   if impl not in LI_IMPLS:
     raise ValueError(f"li_impl {impl!r} is not one of {', '.join(LI_IMPLS)}")
   if impl == "auto":
@@ -98,17 +104,15 @@ def gated_modal(x1, v, x2, log_poles, residues, dskip, impl: str, interpret: boo
   x1, v, x2: [B, L, D]. ``impl`` is ``li_impl`` (see ``resolve_li_impl``)."""
   impl = resolve_li_impl(impl, interpret)
   if impl == "modal_scan":
-    from pallas_kernels import modal_scan  # late: the kernel module imports sh2_jax.conv
     return modal_scan.gated_modal_scan(x1, v, x2, log_poles, residues, dskip,
                                        interpret=interpret)
   if impl == "modal_serial":
-    from pallas_kernels import modal_scan_serial
     return modal_scan_serial.modal_scan_serial(x1, v, x2, log_poles, residues, dskip,
                                                interpret=interpret)[0]
   length = x1.shape[1]
-  h = conv.modal_filter(log_poles, residues, length)
-  fft = functools.partial(conv.fft_conv, h=h, out_dtype=jnp.float32)
-  return conv.gated_conv(x1, v, x2, fft, dskip)
+  h = modal.modal_filter(log_poles, residues, length)
+  fft = functools.partial(fir.fft_conv, h=h, out_dtype=jnp.float32)
+  return fir.gated_conv(x1, v, x2, fft, dskip)
 
 
 # -- callables for the modules: config value -> implementation, resolved here only ----------
@@ -126,7 +130,6 @@ def modal_fn(impl: str, interpret: bool = False):
 
 
 def _fft_modal_with_state(x1, v, x2, log_poles, residues, dskip=None):
-  from sh2_jax.ops import modal
   y = gated_modal(x1, v, x2, log_poles, residues, dskip, "fft")
   return y, modal.modal_state(x1 * v, log_poles)
 
@@ -136,10 +139,8 @@ def modal_with_state_fn(impl: str, interpret: bool = False):
   ``f(x1, v, x2, log_poles, residues, dskip) -> (y, state [B, D, N] float32)``."""
   impl = resolve_li_impl(impl, interpret)
   if impl == "modal_scan":
-    from pallas_kernels import modal_scan
     return functools.partial(modal_scan.modal_scan, interpret=interpret)
   if impl == "modal_serial":
-    from pallas_kernels import modal_scan_serial
     return functools.partial(modal_scan_serial.modal_scan_serial, interpret=interpret)
   return _fft_modal_with_state
 
@@ -147,7 +148,6 @@ def modal_with_state_fn(impl: str, interpret: bool = False):
 def resolve_attention_impl(impl: str, dtype) -> str:
   """``attention_impl`` -> ``xla`` | ``cudnn``: ``auto`` is cuDNN on GPU for bf16/fp16, XLA
   elsewhere; ``cudnn`` elsewhere is an error."""
-  from sh2_jax.config import ATTENTION_IMPLS
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"attention_impl {impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
   if impl == "auto":
@@ -167,7 +167,6 @@ def _attend(impl: str):
   One function object per implementation, so it can be a static (nondiff) argument."""
   def attend(q, k, v, kv_len, causal, scale, with_lse):
     if impl == "cudnn" and with_lse:
-      from sh2_jax.kernels import cudnn_attention
       return cudnn_attention.attention_with_lse(q, k, v, kv_len, causal, scale)
     res = jax.nn.dot_product_attention(
         q, k, v, scale=scale, is_causal=causal, key_value_seq_lengths=kv_len,

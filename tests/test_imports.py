@@ -149,3 +149,22 @@ def test_the_graph_sees_known_edges():
   assert "sh2_jax.ops.fir" in graph["sh2_jax.hyena"]
   assert "sh2_jax.model" in graph["sh2_jax.inference.cache"]
   assert "sh2_jax.parallel.halo" in graph["sh2_jax.hyena"]
+  assert "sh2_jax.kernels.fir_layout" in graph["sh2_jax.kernels.fir_conv_bwd"]
+
+
+def test_pip_install_ships_one_top_level_package():
+  """``pip install .`` ships what pyproject's package find selects (setuptools: folders with an
+  ``__init__.py`` whose dotted name matches an ``include`` pattern): only ``sh2_jax``."""
+  import fnmatch
+  import tomllib
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    find = tomllib.load(f)["tool"]["setuptools"]["packages"]["find"]
+  packages = []
+  for dirpath, dirnames, files in os.walk(ROOT):
+    dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    name = os.path.relpath(dirpath, ROOT).replace(os.sep, ".")
+    if "__init__.py" in files and any(fnmatch.fnmatchcase(name, pat) for pat in find["include"]):
+      packages.append(name)
+  assert {p.split(".")[0] for p in packages} == {PACKAGE}, packages
+  assert "sh2_jax.configs" in packages and "sh2_jax.kernels" in packages
+  assert not os.path.exists(os.path.join(ROOT, "configs", "__init__.py"))  # a plain folder

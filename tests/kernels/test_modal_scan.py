@@ -1,4 +1,4 @@
-"""The FFT-free LI kernels (``pallas_kernels/modal_scan.py``, chunked, and
+"""The FFT-free LI kernels (``sh2_jax/kernels/modal_scan.py``, chunked, and
 ``modal_scan_serial.py``, token-serial) against independent float64
 references: a numpy FFT convolution of the float64 modal filter (long forward), and a dense
 float64 Toeplitz formulation differentiated by JAX (every gradient). Runs the kernels in the
@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import modal_scan as ms
-from pallas_kernels import modal_scan_serial as mss
-from pallas_kernels.modal_scan import BlockSizes
+from sh2_jax.kernels import modal_scan as ms
+from sh2_jax.kernels import modal_scan_serial as mss
+from sh2_jax.kernels.modal_scan import BlockSizes
 from sh2_jax import dispatch
 
 pytestmark = pytest.mark.filterwarnings(

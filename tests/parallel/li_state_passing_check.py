@@ -18,7 +18,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, PartitionSpec as P  # noqa: E402
 
-from pallas_kernels import modal_scan as ms  # noqa: E402
+from sh2_jax.kernels import modal_scan as ms  # noqa: E402
 from sh2_jax import dispatch  # noqa: E402
 from sh2_jax.parallel import a2a  # noqa: E402
 from sh2_jax.parallel.li_state_passing import state_passing_gated_modal  # noqa: E402

@@ -1,5 +1,5 @@
-"""Backward of the gated grouped FIR kernel (``fir_conv.py``): one Pallas pass plus a small
-reduction.
+"""Backward of the gated grouped FIR kernel (``fir_conv.py``; tiling from ``fir_layout.py``):
+one Pallas pass plus a small reduction.
 
 With u = x1 * v, z = h * u + dskip * u, y = x2 * z and dz = dy * x2:
 
@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from pallas_kernels.fir_conv import (BlockSizes, Layout, call_pallas, dot, dot_precision,
-                                     filter_table, make_layout, pad_to, store, subblock,
-                                     toeplitz_slots)
+from sh2_jax.kernels._pallas import call_pallas, dot, dot_precision, store
+from sh2_jax.kernels.fir_layout import (BlockSizes, Layout, filter_table, make_layout, pad_to,
+                                        subblock, toeplitz_slots)
 
 
 def _dot_ta(a, b, precision):

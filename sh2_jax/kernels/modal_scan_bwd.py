@@ -35,10 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from pallas_kernels.fir_conv import call_pallas
-from pallas_kernels.modal_scan import (F32, BlockSizes, Geometry, column, decay_tables,
-                                       lag_table, make_geometry, pad_inputs, pad_params,
-                                       pad_state, segment_tail, walk)
+from sh2_jax.kernels._pallas import call_pallas
+from sh2_jax.kernels.modal_geometry import (F32, BlockSizes, Geometry, column, decay_tables,
+                                            lag_table, make_geometry, pad_inputs, pad_params,
+                                            pad_state, segment_tail, walk)
 
 
 def _intra_pairs(p, lam, res, chunk):

@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from pallas_kernels.fir_conv import call_pallas
-from pallas_kernels.modal_scan import (F32, BlockSizes, Geometry, make_geometry, pad_inputs,
-                                       pad_params, pad_state)
+from sh2_jax.kernels._pallas import call_pallas
+from sh2_jax.kernels.modal_geometry import (F32, BlockSizes, Geometry, check_inputs,
+                                            make_geometry, pad_inputs, pad_params, pad_state)
 
 # Tokens per unrolled block ("chunk"), channels per program, 1 warp: 32 lanes x 1 channel each.
 DEFAULT = BlockSizes(chunk=8, tile=32, segment_chunks=32, num_warps=1)
@@ -328,8 +328,7 @@ def modal_scan_serial(x1, v, x2, log_poles, residues, dskip=None, initial_state=
   """``(y, final_state)`` exactly as ``modal_scan.modal_scan`` (same shapes, dtypes, checks),
   by the token-serial kernels; block_sizes.chunk is the unrolled block of tokens. ``rows_io``
   (default: compiled only) moves the [tile, N] states per state row (see ``_load_nt``)."""
-  from pallas_kernels.modal_scan import _check
-  _check(x1, v, x2, log_poles, residues, dskip, initial_state)
+  check_inputs(x1, v, x2, log_poles, residues, dskip, initial_state)
   launch = (interpret, poison, (not interpret) if rows_io is None else rows_io)
   opts = (block_sizes or DEFAULT, dskip is not None, launch)
   d = jnp.zeros((x1.shape[2],), F32) if dskip is None else dskip

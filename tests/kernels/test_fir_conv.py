@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import fir_conv
-from pallas_kernels.fir_conv import BlockSizes, gated_fir_conv
+from sh2_jax.kernels import _pallas, fir_conv, fir_layout
+from sh2_jax.kernels.fir_conv import BlockSizes, gated_fir_conv
 from sh2_jax import dispatch
 
 pytestmark = pytest.mark.filterwarnings(
@@ -131,7 +131,7 @@ def test_bad_inputs_raise_clear_errors():
 def test_poison_marks_unwritten_outputs():
   """The poisoning the tests rely on: a kernel that writes nothing leaves only NaN."""
   x = jnp.ones((16, 16), jnp.float32)
-  (y,) = fir_conv.call_pallas(lambda x_ref, y_ref: None, (jax.ShapeDtypeStruct(x.shape, x.dtype),),
+  (y,) = _pallas.call_pallas(lambda x_ref, y_ref: None, (jax.ShapeDtypeStruct(x.shape, x.dtype),),
                               (1,), BlockSizes(), INTERPRET, "noop", True, x)
   assert np.isnan(np.asarray(y)).all()
 
@@ -155,8 +155,8 @@ def test_auto_is_pallas_on_gpu():
 
 # ----------------------------------------------------------------------------- resources
 
-CAL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                   "fir_smem_h200.jsonl")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CAL = os.path.join(ROOT, "benchmarks", "fir_smem_h200.jsonl")
 
 
 def measured_layout(row):
@@ -166,8 +166,8 @@ def measured_layout(row):
                   num_stages=row["stages"], rebuild=row["rebuild"], prefetch=row["prefetch"],
                   align_groups=row["aligned"])
   dtype = jnp.dtype(row["dtype"])
-  return fir_conv.make_layout((1, 4096, row["D"]), (row["G"], row["K"]), bs, dtype.itemsize,
-                              row["dir"] == "bwd")
+  return fir_layout.make_layout((1, 4096, row["D"]), (row["G"], row["K"]), bs, dtype.itemsize,
+                                row["dir"] == "bwd")
 
 
 def test_footprint_agrees_with_the_compiler():
@@ -182,7 +182,7 @@ def test_footprint_agrees_with_the_compiler():
     lay = measured_layout(row)
     assert (lay.aligned, lay.slots, lay.rebuild) == (row["aligned"], row["slots"],
                                                      row["rebuild"]), row
-    est = fir_conv.footprint(lay, row["dir"] == "bwd").smem
+    est = fir_layout.footprint(lay, row["dir"] == "bwd").smem
     got = row["smem"]
     assert got is not None, row
     assert est >= got, (row, est)
@@ -192,7 +192,7 @@ def test_footprint_agrees_with_the_compiler():
       assert est - got <= 48 * 1024, (row, est)
     if not row["compiled"]:
       n_fail += 1
-      assert est > fir_conv.SMEM_LIMIT, (row, est)
+      assert est > fir_layout.SMEM_LIMIT, (row, est)
   assert n_fail >= 2  # the sweep holds overflowing launches (the old evo2_1b MR forward's kind)
 
 
@@ -207,12 +207,12 @@ def test_chosen_block_sizes_fit_every_geometry(dtype):
         for backward in (False, True):
           shape, hs = (1, 4096, cpg * groups), (groups, taps)
           bs = fir_conv.choose_block_sizes(shape, hs, dtype, backward)
-          lay = fir_conv.make_layout(shape, hs, bs, jnp.dtype(dtype).itemsize, backward)
-          fp = fir_conv.footprint(lay, backward)
-          assert fp.smem <= fir_conv.SMEM_LIMIT, (cpg, groups, taps, backward, fp)
-          first = fir_conv.candidates(taps, backward, dtype)[0]
-          lay0 = fir_conv.make_layout(shape, hs, first, jnp.dtype(dtype).itemsize, backward)
-          if fir_conv.footprint(lay0, backward).smem <= fir_conv.SMEM_LIMIT:
+          lay = fir_layout.make_layout(shape, hs, bs, jnp.dtype(dtype).itemsize, backward)
+          fp = fir_layout.footprint(lay, backward)
+          assert fp.smem <= fir_layout.SMEM_LIMIT, (cpg, groups, taps, backward, fp)
+          first = fir_layout.candidates(taps, backward, dtype)[0]
+          lay0 = fir_layout.make_layout(shape, hs, first, jnp.dtype(dtype).itemsize, backward)
+          if fir_layout.footprint(lay0, backward).smem <= fir_layout.SMEM_LIMIT:
             assert bs == first
 
 
@@ -221,14 +221,14 @@ def test_evo2_1b_geometry_is_aligned_and_fits():
   Toeplitz blocks built once (the launch that overflowed had 2 slots, rebuilt per chunk)."""
   for backward in (False, True):
     bs = fir_conv.choose_block_sizes((1, 8192, 1920), (128, 128), jnp.bfloat16, backward)
-    lay = fir_conv.make_layout((1, 8192, 1920), (128, 128), bs, 2, backward)
+    lay = fir_layout.make_layout((1, 8192, 1920), (128, 128), bs, 2, backward)
     assert lay.aligned and lay.slots == 1 and not lay.rebuild
     assert lay.padded_channels == 1920  # no channel padding copy
-    assert fir_conv.footprint(lay, backward).smem <= fir_conv.SMEM_LIMIT
+    assert fir_layout.footprint(lay, backward).smem <= fir_layout.SMEM_LIMIT
 
 
 def test_no_fit_is_one_clear_error(monkeypatch):
-  monkeypatch.setattr(fir_conv, "SMEM_LIMIT", 1024)
+  monkeypatch.setattr(fir_layout, "SMEM_LIMIT", 1024)
   x = jnp.ones((1, 64, 30), jnp.float32)
   with pytest.raises(fir_conv.DoesNotFit, match=r"D=30, G=2 \(15 channels per group\), K=7"):
     gated_fir_conv(x, x, x, jnp.ones((2, 7)), interpret=True)
@@ -238,7 +238,7 @@ def test_no_fit_is_one_clear_error(monkeypatch):
 
 def test_auto_falls_back_to_xla_with_one_warning(monkeypatch):
   """``auto`` on a GPU with a geometry no configuration fits: XLA, one warning, same numbers."""
-  monkeypatch.setattr(fir_conv, "SMEM_LIMIT", 1024)
+  monkeypatch.setattr(fir_layout, "SMEM_LIMIT", 1024)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   dispatch._warn_fallback.cache_clear()
   rng = np.random.default_rng(3)
@@ -260,17 +260,17 @@ def test_compiler_accepts_what_footprint_admits():
     # 32 chunks per program: loops long enough for the compiler to pipeline them
     x = jnp.asarray(rng.standard_normal((1, 4096, d)), jnp.bfloat16)
     h = jnp.asarray(rng.standard_normal((g, 128)), jnp.float32)
-    for bs in fir_conv.candidates(128, False, jnp.bfloat16)[:8]:
-      lay = fir_conv.make_layout(x.shape, h.shape, bs, 2)
-      if fir_conv.footprint(lay).smem <= fir_conv.SMEM_LIMIT:
+    for bs in fir_layout.candidates(128, False, jnp.bfloat16)[:8]:
+      lay = fir_layout.make_layout(x.shape, h.shape, bs, 2)
+      if fir_layout.footprint(lay).smem <= fir_layout.SMEM_LIMIT:
         y = jax.jit(lambda a, hh, bs=bs: fir_conv.fwd(a, a, a, hh, None, bs))(x, h)
         assert np.isfinite(np.asarray(y, np.float32)).all()
   x = jnp.asarray(rng.standard_normal((1, 8192, 1920)), jnp.bfloat16)
   h = jnp.asarray(rng.standard_normal((128, 128)), jnp.float32)
   old = BlockSizes(chunk=128, tile=16, width=16, seg_chunks=32, num_warps=4, num_stages=3,
                    prefetch=False, align_groups=False)
-  lay = fir_conv.make_layout(x.shape, h.shape, old, 2)
+  lay = fir_layout.make_layout(x.shape, h.shape, old, 2)
   assert lay.slots == 2 and lay.rebuild
-  est = fir_conv.footprint(lay).smem
+  est = fir_layout.footprint(lay).smem
   with pytest.raises(Exception, match=f"requested {est}"):
     jax.block_until_ready(jax.jit(lambda a, hh: fir_conv.fwd(a, a, a, hh, None, old))(x, h))
