@@ -39,6 +39,9 @@ def op_cases(d: int):
   from sh2_jax.parallel.attention import cp_attention
   groups = 256
   key = jax.random.key(0)
+  fir_auto, li_auto, li_fft = (dispatch.fir_fn("auto"), dispatch.modal_fn("auto"),
+                               dispatch.modal_fn("fft"))
+  attend = dispatch.attention_fn("auto", jnp.bfloat16)
 
   def hyena_inputs(length, dtype=jnp.bfloat16):
     ks = jax.random.split(key, 3)
@@ -52,21 +55,21 @@ def op_cases(d: int):
   cases = {
       "SE": (hyena_inputs, fir_params(7),
              lambda p, a, b, c: dispatch.gated_fir(a, b, c, p[0], None, "auto"),
-             {"p2p": lambda p, a, b, c, n: halo.halo_gated_fir(a, b, c, p[0], None, "auto", AX, n)}),
+             {"p2p": lambda p, a, b, c, n: halo.halo_gated_fir(a, b, c, p[0], None, fir_auto, AX, n)}),
       "MR": (hyena_inputs, fir_params(128),
              lambda p, a, b, c: dispatch.gated_fir(a, b, c, p[0], p[1], "auto"),
-             {"p2p": lambda p, a, b, c, n: halo.halo_gated_fir(a, b, c, p[0], p[1], "auto", AX, n),
-              "a2a": lambda p, a, b, c, n: a2a.a2a_gated_fir(a, b, c, p[0], p[1], "auto", AX, n)}),
+             {"p2p": lambda p, a, b, c, n: halo.halo_gated_fir(a, b, c, p[0], p[1], fir_auto, AX, n),
+              "a2a": lambda p, a, b, c, n: a2a.a2a_gated_fir(a, b, c, p[0], p[1], fir_auto, AX, n)}),
       "LI": (hyena_inputs, li_params,
              lambda p, a, b, c: dispatch.gated_modal(a, b, c, p[0], p[1], p[2], "auto"),
-             {"a2a": lambda p, a, b, c, n: a2a.a2a_gated_modal(a, b, c, p[0], p[1], p[2], "auto",
+             {"a2a": lambda p, a, b, c, n: a2a.a2a_gated_modal(a, b, c, p[0], p[1], p[2], li_auto,
                                                                AX, n),
               "a2a_fft": lambda p, a, b, c, n: a2a.a2a_gated_modal(a, b, c, p[0], p[1], p[2],
-                                                                   "fft", AX, n),
+                                                                   li_fft, AX, n),
               "p2p_fft": lambda p, a, b, c, n: p2p_fft.p2p_gated_modal(a, b, c, p[0], p[1], p[2],
                                                                        AX, n),
               "state": lambda p, a, b, c, n: li_state_passing.state_passing_gated_modal(
-                  a, b, c, p[0], p[1], p[2], AX, n, impl=dispatch.resolve_li_impl("auto"))}),
+                  a, b, c, p[0], p[1], p[2], AX, n, dispatch.modal_with_state_fn("auto"))}),
   }
 
   def mha_inputs(length):
@@ -77,7 +80,7 @@ def op_cases(d: int):
                                                      implementation="cudnn")
   cases["MHA"] = (mha_inputs, jnp.zeros(()), lambda p, a, b, c: att(a, b, c),
                   {m: (lambda p, a, b, c, n, m=m: cp_attention(a, b, c, AX, n, 128 ** -0.5,
-                                                               "auto", m))
+                                                               attend, m))
                    for m in ("allgather", "ring")})
   return cases
 

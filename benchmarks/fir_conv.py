@@ -25,8 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pallas_kernels.fir_conv import BlockSizes, default_block_sizes, gated_fir_conv  # noqa: E402
-from sh2_jax import conv, dispatch  # noqa: E402
+from sh2_jax.kernels.fir_conv import BlockSizes, gated_fir_conv  # noqa: E402
+from sh2_jax.kernels.fir_layout import default_block_sizes  # noqa: E402
+from sh2_jax import dispatch  # noqa: E402
+from sh2_jax.ops import fir  # noqa: E402
 
 warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated",
                         category=DeprecationWarning)
@@ -179,9 +181,9 @@ def featurizer(length=16384):
     op = ops(taps)["pallas"]
 
     def full(z, w, h, d):
-      x2, x1, v = conv.interleaved_split(conv.featurizer_conv(z, w))
+      x2, x1, v = fir.interleaved_split(fir.featurizer_conv(z, w))
       return op(x1, v, x2, h, d)
-    split = jax.jit(lambda z, w: conv.interleaved_split(conv.featurizer_conv(z, w)))
+    split = jax.jit(lambda z, w: fir.interleaved_split(fir.featurizer_conv(z, w)))
     x2, x1, v = split(z, w)
     t_full = timeit(jax.jit(full), z, w, h, dskip)
     t_feat = timeit(split, z, w)

@@ -33,8 +33,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import device_info, timeit  # noqa: E402
-from pallas_kernels import fir_conv as fc  # noqa: E402
-from pallas_kernels import fir_conv_bwd  # noqa: E402
+from sh2_jax.kernels import fir_conv as fc  # noqa: E402
+from sh2_jax.kernels import fir_conv_bwd  # noqa: E402
+from sh2_jax.kernels import fir_layout as fl  # noqa: E402
 from sh2_jax import dispatch  # noqa: E402
 
 warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated",
@@ -55,7 +56,7 @@ def arrays(shape, groups, taps, dtype, key=0):
   return x1, v, x2, h, dskip, dy
 
 
-def layout_key(lay: fc.Layout) -> tuple:
+def layout_key(lay: fl.Layout) -> tuple:
   bs = lay.bs
   return (bs.chunk, bs.tile, bs.width, bs.num_warps, bs.num_stages, bs.chunk_outer, bs.prefetch,
           lay.slots, lay.rebuild, lay.aligned, lay.seg_chunks)
@@ -70,8 +71,8 @@ def cases(length: int, max_per: int, geometries=GEOMETRIES):
         for backward in (False, True):
           shape = (1, length, d)
           seen = set()
-          for bs in fc.candidates(taps, backward, dtype):
-            lay = fc.make_layout(shape, (g, taps), bs, jnp.dtype(dtype).itemsize, backward)
+          for bs in fl.candidates(taps, backward, dtype):
+            lay = fl.make_layout(shape, (g, taps), bs, jnp.dtype(dtype).itemsize, backward)
             if layout_key(lay) in seen:
               continue
             seen.add(layout_key(lay))
@@ -82,7 +83,7 @@ def cases(length: int, max_per: int, geometries=GEOMETRIES):
 
 def describe(shape, g, taps, dtype, backward, lay) -> dict:
   bs = lay.bs
-  fp = fc.footprint(lay, backward)
+  fp = fl.footprint(lay, backward)
   return dict(D=shape[2], G=g, cpg=shape[2] // g, K=taps, dtype=jnp.dtype(dtype).name,
               dir="bwd" if backward else "fwd", chunk=bs.chunk, tile=bs.tile, width=bs.width,
               warps=bs.num_warps, stages=bs.num_stages, chunk_outer=bs.chunk_outer,
@@ -160,8 +161,8 @@ def run_time(args):
       chosen = (fc.choose_block_sizes(shape, (g, taps), dtype),
                 fc.choose_block_sizes(shape, (g, taps), dtype, backward=True))
       tried = []
-      for bs in fc.candidates(taps, False, dtype)[:args.max_per]:
-        lay = fc.make_layout(shape, (g, taps), bs, 2)
+      for bs in fl.candidates(taps, False, dtype)[:args.max_per]:
+        lay = fl.make_layout(shape, (g, taps), bs, 2)
         if layout_key(lay) in tried:
           continue
         tried.append(layout_key(lay))

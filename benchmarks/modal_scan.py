@@ -1,4 +1,4 @@
-"""Benchmark of the FFT-free LI core (``pallas_kernels/modal_scan.py``) against the float32 FFT
+"""Benchmark of the FFT-free LI core (``sh2_jax/kernels/modal_scan.py``) against the float32 FFT
 path and a plain-XLA chunked form of the same recurrence.
 
 Width 4096, batch 1, 16 states, bf16 inputs (float32 states and filter math), gated LI core
@@ -10,7 +10,7 @@ x1, v, x2, log_poles, residues, dskip) medians; bytes moved against the measured
   python benchmarks/modal_scan.py --mode table --out DIR  # the table with default block sizes
 
 Both Pallas forms are measured: the chunked kernels (``modal_scan``, the li_impl default) and the
-token-serial kernels (``modal_serial``, ``pallas_kernels/modal_scan_serial.py``).
+token-serial kernels (``modal_serial``, ``sh2_jax/kernels/modal_scan_serial.py``).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import copy_bandwidth, short_error, timeit  # noqa: E402
-from pallas_kernels import modal_scan as ms  # noqa: E402
-from pallas_kernels import modal_scan_serial as mss  # noqa: E402
+from sh2_jax.kernels import modal_scan as ms  # noqa: E402
+from sh2_jax.kernels import modal_scan_serial as mss  # noqa: E402
 from sh2_jax import dispatch  # noqa: E402
 
 warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated",

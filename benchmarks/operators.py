@@ -7,7 +7,7 @@ Cores — what sits between the input and output projections:
   SE           gated 7-tap grouped FIR (256 groups), Pallas two-stage kernel (``dispatch.gated_fir``)
   MR           gated 128-tap grouped FIR + skip, the same kernels
   LI fft       gated modal long filter (16 poles/channel), float32 FFT of size 2L
-  LI scan      the same through the FFT-free chunked modal recurrence (``pallas_kernels.modal_scan``)
+  LI scan      the same through the FFT-free chunked modal recurrence (``sh2_jax.kernels.modal_scan``)
   MHA          causal softmax attention, 32 heads x 128, ``jax.nn.dot_product_attention`` (cuDNN)
   Mamba-2      SSD scan (64 heads x 64, state 128, one B/C group, D skip), jax-linear-attention's
                Mosaic GPU kernels (``jla.layers.ssm.mamba2_ssd``, grouped B/C gradients)
@@ -59,7 +59,7 @@ def _have_jla() -> bool:
 
 def _have_modal_scan() -> bool:
   try:
-    from pallas_kernels import modal_scan  # noqa: F401
+    from sh2_jax.kernels import modal_scan  # noqa: F401
     return True
   except ImportError:
     return False
@@ -118,7 +118,7 @@ def make_core(name: str, length: int, s: Setup):
     if name == "LI fft":
       return (lambda x1, v, x2, lam, res, dk: dispatch.gated_modal(x1, v, x2, lam, res, dk, "fft"),
               (x1, v, x2, lam, res, dskip))
-    from pallas_kernels import modal_scan
+    from sh2_jax.kernels import modal_scan
     kw = {} if s.gpu else {"interpret": True}
     return (lambda x1, v, x2, lam, res, dk: modal_scan.gated_modal_scan(x1, v, x2, lam, res, dk,
                                                                         **kw),
@@ -156,7 +156,7 @@ def make_layer(name: str, length: int, s: Setup):
   if name in ("SE", "MR", "LI fft", "LI scan", "MHA"):
     from flax import nnx
     from sh2_jax.config import ModelConfig
-    from sh2_jax.model import make_block
+    from sh2_jax.blocks import make_block
     li_impl = "fft"
     if name == "LI scan":
       li_impl = _li_dispatch_name()
@@ -171,7 +171,7 @@ def make_layer(name: str, length: int, s: Setup):
     graphdef, state = nnx.split(block)
 
     def f(state, x):
-      return nnx.merge(graphdef, state).mix(x)
+      return nnx.merge(graphdef, state).mix(x)[0]
     return f, (state, x)
   import equinox as eqx
   key = jax.random.key(3)
@@ -229,7 +229,7 @@ def available(names, s: Setup) -> tuple[list[str], list[str]]:
     if n in ("Mamba-2", "GLA") and not _have_jla():
       notes.append(f"{n}: jax-linear-attention not installed")
     elif n == "LI scan" and not _have_modal_scan():
-      notes.append("LI scan: pallas_kernels.modal_scan missing")
+      notes.append("LI scan: sh2_jax.kernels.modal_scan missing")
     else:
       keep.append(n)
   return keep, notes

@@ -115,7 +115,7 @@ def main(argv=None) -> dict:
   from sh2_jax.synthetic.tasks import TaskSpec  # numpy only: generate before JAX starts
   specs = [TaskSpec.make(t, L, seed=0, **p) for t, _, L, p in probs]
   t0 = time.perf_counter()
-  from sh2_jax.synthetic.sweep import (SweepConfig, compile_layouts, device_pool, make_pools,
+  from sh2_jax.train.synthetic_sweep import (SweepConfig, compile_layouts, device_pool, make_pools,
                                        time_call, train_and_eval)
   train_pool = make_pools(specs, n_train, "train", length, args.workers)
   eval_pool = make_pools(specs, args.n_eval, "eval", length, args.workers)

@@ -1,7 +1,4 @@
-"""Preset 'evo2_40b_1m' (see sh2_jax/presets.py) with the default training setup."""
+"""Checkout shim so that ``--config=configs/evo2_40b_1m.py`` works: the config is
+``sh2_jax/configs/evo2_40b_1m.py``."""
 
-from configs.base import make_config
-
-
-def get_config():
-  return make_config("evo2_40b_1m")
+from sh2_jax.configs.evo2_40b_1m import get_config  # noqa: F401

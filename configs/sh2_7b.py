@@ -1,7 +1,4 @@
-"""Preset 'sh2_7b' (see sh2_jax/presets.py) with the default training setup."""
+"""Checkout shim so that ``--config=configs/sh2_7b.py`` works: the config is
+``sh2_jax/configs/sh2_7b.py``."""
 
-from configs.base import make_config
-
-
-def get_config():
-  return make_config("sh2_7b")
+from sh2_jax.configs.sh2_7b import get_config  # noqa: F401

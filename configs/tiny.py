@@ -1,7 +1,4 @@
-"""Preset 'tiny' (see sh2_jax/presets.py) with the default training setup."""
+"""Checkout shim so that ``--config=configs/tiny.py`` works: the config is
+``sh2_jax/configs/tiny.py``."""
 
-from configs.base import make_config
-
-
-def get_config():
-  return make_config("tiny")
+from sh2_jax.configs.tiny import get_config  # noqa: F401

@@ -17,6 +17,11 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
 MR_DECAYS = ("weak", "normal", "strong", "none")
 FP8_MODES = ("off", "checkpoint_scales", "current_scaling")
+# Context parallelism: the collective per operator (sh2_jax/parallel/).
+REMAT_MODES = ("none", "blocks", "dots")  # per-block rematerialisation in the walk
+CONTEXT_MR_MODES = ("p2p", "a2a")
+CONTEXT_LI_MODES = ("a2a", "p2p_fft", "state")
+CONTEXT_ATTENTION_MODES = ("allgather", "ring")
 
 
 def resolve_layout(layout: str | None, num_layers: int,
@@ -55,7 +60,8 @@ def resolve_layout(layout: str | None, num_layers: int,
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Hyper-parameters of a StripedHyena 2 model. See SPEC.md for the math they feed."""
+  """Hyper-parameters of a StripedHyena 2 model. See docs/architecture.md for the math they
+  feed."""
 
   d_model: int = 64
   num_layers: int = 4

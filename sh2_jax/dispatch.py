@@ -1,9 +1,14 @@
 """The one config -> implementation dispatch for the Hyena inner filters.
 
-``conv_impl`` (SE, MR): ``xla`` is the direct grouped convolution of ``conv.fir_conv``, ``fft``
-the FFT convolution, ``pallas`` the two-stage blocked kernels of ``pallas_kernels``; ``auto`` is
-Pallas on GPU and XLA elsewhere. ``li_impl`` (LI): ``fft`` (the reference), ``modal_scan`` and
-``modal_serial`` (FFT-free Pallas recurrences), ``auto`` (``modal_scan`` on GPU, ``fft`` elsewhere).
+The only reader of ``conv_impl``, ``li_impl`` and ``attention_impl`` (their valid names are
+defined in ``config.py``); the modules ask it for callables (``fir_fn``, ``modal_fn``,
+``modal_with_state_fn``, ``attention_fn``) and never branch on a name themselves.
+
+``conv_impl`` (SE, MR): ``xla`` is the direct grouped convolution of ``ops.fir.fir_conv``,
+``fft`` the FFT convolution, ``pallas`` the two-stage blocked kernels of ``kernels/fir_conv.py``;
+``auto`` is Pallas on GPU and XLA elsewhere. ``li_impl`` (LI): ``fft`` (the reference),
+``modal_scan`` and ``modal_serial`` (FFT-free Pallas recurrences), ``auto`` (``modal_scan`` on
+GPU, ``fft`` elsewhere). ``attention_impl``: ``xla`` | ``cudnn`` | ``auto``.
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import fir_conv as fir_kernels
-from sh2_jax import conv
+from sh2_jax.config import ATTENTION_IMPLS, CONV_IMPLS, LI_IMPLS
+from sh2_jax.kernels import cudnn_attention, modal_scan, modal_scan_serial
+from sh2_jax.kernels import fir_conv as fir_kernels
+from sh2_jax.ops import fir, modal
 
 
 def resolve_conv_impl(impl: str, interpret: bool = False) -> str:
@@ -63,15 +70,15 @@ def gated_fir(x1, v, x2, h, dskip, impl: str, interpret: bool = False):
   if impl == "pallas":
     return fir_kernels.gated_fir_conv(x1, v, x2, h, dskip, interpret=interpret)
   if impl == "xla":
-    return conv.gated_conv(x1, v, x2, functools.partial(conv.fir_conv, h=h), dskip)
+    return fir.gated_conv(x1, v, x2, functools.partial(fir.fir_conv, h=h), dskip)
   if impl == "fft":
-    fft = functools.partial(conv.fft_conv, h=h, out_dtype=jnp.float32)
-    return conv.gated_conv(x1, v, x2, fft, dskip)
-  raise ValueError(f"conv_impl {impl!r} is not one of auto, pallas, xla, fft")
+    fft = functools.partial(fir.fft_conv, h=h, out_dtype=jnp.float32)
+    return fir.gated_conv(x1, v, x2, fft, dskip)
+  raise ValueError(f"conv_impl {impl!r} is not one of {', '.join(CONV_IMPLS)}")
 
 
 def resolve_li_impl(impl: str, interpret: bool = False) -> str:
-  """``li_impl``: ``modal_scan`` (the FFT-free chunked recurrence, ``pallas_kernels/
+  """``li_impl``: ``modal_scan`` (the FFT-free chunked recurrence, ``kernels/
   modal_scan.py``), ``modal_serial`` (the token-serial recurrence, ``modal_scan_serial.py``;
   on the H100 within run-to-run noise of ``modal_scan``, so not the default), ``fft`` (float32
   FFT of the modal filter, the reference), ``auto``.
@@ -82,7 +89,6 @@ def resolve_li_impl(impl: str, interpret: bool = False) -> str:
   (2 shared cores, f32, fwd / fwd+bwd: B=1 L=2048 D=64 fft 17.9 / 34.1 ms, interpreted
   modal_scan 13.2 / 46.5 ms; B=1 L=8192 D=256 fft 285 / 1283 ms, modal_scan 183 / 1110 ms),
   so the reference stays. ``modal_scan`` off GPU is an error unless ``interpret=True`` (tests)."""
-  from sh2_jax.config import LI_IMPLS
   if impl not in LI_IMPLS:
     raise ValueError(f"li_impl {impl!r} is not one of {', '.join(LI_IMPLS)}")
   if impl == "auto":
@@ -98,14 +104,79 @@ def gated_modal(x1, v, x2, log_poles, residues, dskip, impl: str, interpret: boo
   x1, v, x2: [B, L, D]. ``impl`` is ``li_impl`` (see ``resolve_li_impl``)."""
   impl = resolve_li_impl(impl, interpret)
   if impl == "modal_scan":
-    from pallas_kernels import modal_scan  # late: the kernel module imports sh2_jax.conv
     return modal_scan.gated_modal_scan(x1, v, x2, log_poles, residues, dskip,
                                        interpret=interpret)
   if impl == "modal_serial":
-    from pallas_kernels import modal_scan_serial
     return modal_scan_serial.modal_scan_serial(x1, v, x2, log_poles, residues, dskip,
                                                interpret=interpret)[0]
   length = x1.shape[1]
-  h = conv.modal_filter(log_poles, residues, length)
-  fft = functools.partial(conv.fft_conv, h=h, out_dtype=jnp.float32)
-  return conv.gated_conv(x1, v, x2, fft, dskip)
+  h = modal.modal_filter(log_poles, residues, length)
+  fft = functools.partial(fir.fft_conv, h=h, out_dtype=jnp.float32)
+  return fir.gated_conv(x1, v, x2, fft, dskip)
+
+
+# -- callables for the modules: config value -> implementation, resolved here only ----------
+
+def fir_fn(impl: str, interpret: bool = False):
+  """The gated SE/MR core for ``conv_impl``: ``f(x1, v, x2, h, dskip) -> y``."""
+  resolve_conv_impl(impl, interpret)  # fail early on a backend that cannot run it
+  return functools.partial(gated_fir, impl=impl, interpret=interpret)
+
+
+def modal_fn(impl: str, interpret: bool = False):
+  """The gated LI core for ``li_impl``: ``f(x1, v, x2, log_poles, residues, dskip) -> y``."""
+  resolve_li_impl(impl, interpret)
+  return functools.partial(gated_modal, impl=impl, interpret=interpret)
+
+
+def _fft_modal_with_state(x1, v, x2, log_poles, residues, dskip=None):
+  y = gated_modal(x1, v, x2, log_poles, residues, dskip, "fft")
+  return y, modal.modal_state(x1 * v, log_poles)
+
+
+def modal_with_state_fn(impl: str, interpret: bool = False):
+  """The gated LI core from a zero state with its final state out, for ``li_impl``:
+  ``f(x1, v, x2, log_poles, residues, dskip) -> (y, state [B, D, N] float32)``."""
+  impl = resolve_li_impl(impl, interpret)
+  if impl == "modal_scan":
+    return functools.partial(modal_scan.modal_scan, interpret=interpret)
+  if impl == "modal_serial":
+    return functools.partial(modal_scan_serial.modal_scan_serial, interpret=interpret)
+  return _fft_modal_with_state
+
+
+def resolve_attention_impl(impl: str, dtype) -> str:
+  """``attention_impl`` -> ``xla`` | ``cudnn``: ``auto`` is cuDNN on GPU for bf16/fp16, XLA
+  elsewhere; ``cudnn`` elsewhere is an error."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl {impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+  if impl == "auto":
+    on_gpu = jax.default_backend() == "gpu"
+    return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+  if impl == "cudnn":
+    if jax.default_backend() != "gpu":
+      raise ValueError(f"attention_impl 'cudnn' needs a GPU backend, not {jax.default_backend()!r}")
+    if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+      raise ValueError(f"attention_impl 'cudnn' needs dtype bfloat16 or float16, not {dtype}")
+  return impl
+
+
+@functools.cache
+def _attend(impl: str):
+  """The softmax of ``ops.attention``: ``attend(q, k, v, kv_len, causal, scale, with_lse)``.
+  One function object per implementation, so it can be a static (nondiff) argument."""
+  def attend(q, k, v, kv_len, causal, scale, with_lse):
+    if impl == "cudnn" and with_lse:
+      return cudnn_attention.attention_with_lse(q, k, v, kv_len, causal, scale)
+    res = jax.nn.dot_product_attention(
+        q, k, v, scale=scale, is_causal=causal, key_value_seq_lengths=kv_len,
+        implementation=impl, return_residual=with_lse)
+    if with_lse:
+      return res[0], res[1].astype(jnp.float32)
+    return res
+  return attend
+
+
+def attention_fn(impl: str, dtype):
+  """The softmax attention for ``attention_impl`` at compute ``dtype`` (see ``_attend``)."""
+  return _attend(resolve_attention_impl(impl, dtype))

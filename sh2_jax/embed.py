@@ -27,7 +27,7 @@ def named_points(model) -> list[str]:
   return list(_modules(model))
 
 
-def _targets(model, layers: Sequence[str]) -> dict[int, str]:
+def _check_names(model, layers: Sequence[str]) -> None:
   by_name = _modules(model)
   unknown = [n for n in layers if n not in by_name]
   if unknown:
@@ -37,30 +37,51 @@ def _targets(model, layers: Sequence[str]) -> dict[int, str]:
         f"unknown layer name(s) {unknown}; valid: {', '.join(top)}, blocks.N for N in "
         f"0..{len(model.blocks) - 1}, and blocks.N.<{'|'.join(suffixes)}> (as in the "
         "reference module paths, e.g. 'blocks.3.mlp.l3')")
-  return {id(by_name[n]): n for n in layers}
 
 
-def embed(model, tokens: jax.Array, layers: Sequence[str]) -> dict[str, jax.Array]:
-  """Activations [B, L, ...] at each named point for ``tokens`` [B, L] (one jitted forward)."""
-  layers = tuple(layers)
-  if not layers:
-    raise ValueError("embed needs at least one layer name, e.g. ['blocks.0.mlp.l3']")
-  _targets(model, layers)  # validate names before tracing
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def run(state, tokens):
-    m = nnx.merge(graphdef, state)
-    with capture.capturing(_targets(m, layers)) as out:
-      m(tokens)
-    return out
-
-  out = run(state, jnp.asarray(tokens))
+def _check_produced(out: dict, layers: Sequence[str]) -> dict:
+  """A named point must be a module that records its output (not a parameter container)."""
   missing = [n for n in layers if n not in out]
   if missing:
     raise ValueError(f"layer(s) {missing} produce no output in the forward pass "
                      "(e.g. a parameter container); choose a module that computes something")
   return {n: out[n] for n in layers}
+
+
+def embed(model, tokens: jax.Array, layers: Sequence[str], *, segment_len: int | None = None,
+          mesh=None, context=None) -> dict[str, jax.Array]:
+  """Activations [B, L, ...] at each named point for ``tokens`` [B, L].
+
+  By default one jitted forward. ``segment_len``: through the segmented forward (segments of
+  that many tokens carrying the recurrent state; ``mesh`` then shards its KV cache). ``mesh``
+  alone: through the context-parallel forward over the mesh's ``context`` axis (``context``: a
+  ``ContextParallel`` choosing the collectives; default: this mesh's axis, default modes). Every
+  path records the same points, so all return the same activations.
+  """
+  layers = tuple(layers)
+  if not layers:
+    raise ValueError("embed needs at least one layer name, e.g. ['blocks.0.mlp.l3']")
+  _check_names(model, layers)  # validate names before tracing
+  if segment_len is not None:
+    from sh2_jax.inference.segmented import segmented_activations
+    acts = segmented_activations(model, np.asarray(tokens), segment_len, layers, mesh=mesh)
+    return _check_produced({n: jnp.asarray(a) for n, a in acts.items()}, layers)
+  if mesh is not None:
+    from sh2_jax.modes import ContextParallel
+    from sh2_jax.parallel.context import context_parallel_forward
+    cp = context or ContextParallel(size=mesh.shape["context"])
+    graphdef, state = nnx.split(model)
+    run = jax.jit(lambda state, tokens: context_parallel_forward(
+        nnx.merge(graphdef, state), tokens, mesh, cp, layers=layers)[1])
+    return _check_produced(run(state, jnp.asarray(tokens)), layers)
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def run(state, tokens):
+    _, out = capture.run(lambda m, t: m(t), nnx.merge(graphdef, state), tokens)
+    return {n: out[n] for n in layers if n in out}
+
+  return _check_produced(run(state, jnp.asarray(tokens)), layers)
 
 
 def mean_pool(acts: jax.Array, lengths: jax.Array | None = None) -> jax.Array:

@@ -19,29 +19,22 @@ from sh2_jax.config import ModelConfig
 
 def param_count(cfg: ModelConfig) -> int:
   """Number of parameters, by abstract evaluation (works for 40B on a laptop)."""
-  from sh2_jax.model import StripedHyena  # local: the model imports nothing from here
-  abstract = nnx.eval_shape(lambda: StripedHyena(cfg, rngs=nnx.Rngs(0)))
+  abstract = _abstract(cfg)
   return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
 
 
-def layer_flops_per_token(cfg: ModelConfig, op: str, seq_len: int) -> float:
-  d, f = cfg.d_model, cfg.mlp_hidden
-  mlp = 2 * 3 * d * f
-  if op == "MHA":
-    return 2 * (3 * d * d + d * d) + 2 * 2 * (seq_len / 2) * d + mlp
-  proj = 2 * (3 * d * d + d * d)
-  featurizer = 2 * cfg.featurizer_len * 3 * d
-  if op == "SE":
-    inner = 2 * cfg.se_len * d
-  elif op == "MR":
-    inner = 2 * cfg.mr_len * d
-  else:
-    inner = 30 * math.log2(2 * seq_len) * d
-  return proj + featurizer + inner + mlp
+def _abstract(cfg: ModelConfig):
+  from sh2_jax.model import StripedHyena  # local: the model imports nothing from here
+  return nnx.eval_shape(lambda: StripedHyena(cfg, rngs=nnx.Rngs(0)))
+
+
+def layer_flops(cfg: ModelConfig, seq_len: int) -> list[float]:
+  """Forward FLOPs per token of each block (each block counts its own mixer)."""
+  return [block.flops_per_token(cfg, seq_len) for block in _abstract(cfg).blocks]
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> float:
   """Model FLOPs per token at sequence length ``seq_len`` (x3 for forward + backward)."""
-  fwd = sum(layer_flops_per_token(cfg, op, seq_len) for op in cfg.layer_types)
+  fwd = sum(layer_flops(cfg, seq_len))
   fwd += 2 * cfg.d_model * cfg.vocab_size  # tied unembedding
   return 3 * fwd if training else fwd

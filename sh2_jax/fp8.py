@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sh2_jax.config import FP8_MODES
+
 E4M3_MAX = 448.0
-FP8_MODES = ("off", "checkpoint_scales", "current_scaling")
 
 
 class Fp8Scales(nnx.Param):
@@ -95,15 +96,5 @@ def scales_from_extra_state(state: dict[str, Any]) -> np.ndarray:
   return scale[:2].copy()
 
 
-def read_extra_state(blob: bytes) -> dict[str, Any] | None:
-  """Decode a ``*._extra_state`` blob (``torch.save`` of a dict into a BytesIO) with the
-  restricted reader; None when the blob holds no FP8 state."""
-  from sh2_jax.convert.torch_pickle import load_state_dict_from_bytes  # avoid an import cycle
-  if not blob.startswith(b"PK"):
-    return None
-  state = load_state_dict_from_bytes(blob)
-  return state if "scale_fwd" in state else None
-
-
 __all__ = ["E4M3_MAX", "FP8_MODES", "Fp8Scales", "current_scales", "fp8_matmul",
-           "quantize_e4m3", "read_extra_state", "scale_from_amax", "scales_from_extra_state"]
+           "quantize_e4m3", "scale_from_amax", "scales_from_extra_state"]

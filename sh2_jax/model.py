@@ -1,8 +1,11 @@
-"""The StripedHyena 2 stack.
+"""The StripedHyena 2 stack, and the one walk over its blocks.
 
 tokens [B, L] int32 -> embed -> blocks (pre-norm, two residuals) -> RMSNorm -> logits [B, L, V]
-(tied embedding, float32 logits). Module paths follow the reference checkpoint
-(``embedding_layer``, ``blocks.N.{pre_norm,post_norm,projections,filter,out_filter_dense,mlp}``,
+(tied embedding, float32 logits). ``StripedHyena.forward(tokens, mode, cache)`` is the one
+forward: every mode of ``sh2_jax.modes`` (full sequence, prefill, decode, segment, context
+parallel) walks the blocks here and only here; rematerialisation and the per-block FSDP gather
+are options of that walk. Module paths follow the reference checkpoint (``embedding_layer``,
+``blocks.N.{pre_norm,post_norm,projections,filter,out_filter_dense,mlp}``,
 ``blocks.N.inner_mha_cls``, ``norm``), so names used with the reference work here.
 """
 
@@ -13,77 +16,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sh2_jax import capture
-from sh2_jax.attention import Attention
-from sh2_jax.config import ModelConfig
-from sh2_jax.hyena import HyenaFilter, hyena_forward
-from sh2_jax.layers import MLP, Dense, RMSNorm, small_init, wang_init
+from sh2_jax.blocks import make_block, norm
+from sh2_jax.config import REMAT_MODES, ModelConfig
+from sh2_jax.modes import FULL, Cache, Prefill, last_steps
+from sh2_jax.sharding import gather_params
 
-
-def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> RMSNorm:
-  return RMSNorm(cfg.d_model, eps=cfg.eps, dtype=jnp.dtype(cfg.dtype),
-                 param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
-
-
-def _mlp(index: int, cfg: ModelConfig, rngs: nnx.Rngs) -> MLP:
-  if cfg.evo2_style_activations:
-    activation = "gelu" if index == 0 else "identity"
-  else:
-    activation = cfg.mlp_activation
-  return MLP(cfg.d_model, cfg.mlp_hidden, activation=activation, num_layers=cfg.num_layers,
-             dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
-
-
-class HyenaBlock(nnx.Module):
-  """SE, MR or LI block: ``z = u + Hyena(pre_norm(u))``, ``y = z + mlp(post_norm(z))``."""
-
-  def __init__(self, index: int, op: str, cfg: ModelConfig, rngs: nnx.Rngs):
-    d, dt, pdt = cfg.d_model, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    self.op = op
-    self.pre_norm = _norm(cfg, rngs)
-    self.post_norm = _norm(cfg, rngs)
-    self.projections = Dense(d, 3 * d, use_bias=False, init=small_init(d), dtype=dt,
-                             param_dtype=pdt, rngs=rngs, fp8=cfg.fp8_projections)
-    self.filter = HyenaFilter(op, cfg, rngs)
-    self.out_filter_dense = Dense(d, d, use_bias=cfg.hyena_out_bias,
-                                  init=wang_init(d, cfg.num_layers), dtype=dt, param_dtype=pdt,
-                                  rngs=rngs)
-    self.mlp = _mlp(index, cfg, rngs)
-
-  def mix(self, x: jax.Array) -> jax.Array:
-    return hyena_forward(self.projections, self.filter, self.out_filter_dense, x)
-
-  def __call__(self, u: jax.Array) -> jax.Array:
-    return residual_block(self, u)
-
-
-class AttentionBlock(nnx.Module):
-  """MHA block: ``z = u + MHA(pre_norm(u))``, ``y = z + mlp(post_norm(z))``."""
-
-  def __init__(self, index: int, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.op = "MHA"
-    self.pre_norm = _norm(cfg, rngs)
-    self.post_norm = _norm(cfg, rngs)
-    self.inner_mha_cls = Attention(cfg, rngs)
-    self.mlp = _mlp(index, cfg, rngs)
-
-  def mix(self, x: jax.Array) -> jax.Array:
-    return self.inner_mha_cls(x)
-
-  def __call__(self, u: jax.Array) -> jax.Array:
-    return residual_block(self, u)
-
-
-def residual_block(block, u: jax.Array, mix=None) -> jax.Array:
-  """``z = u + mix(pre_norm(u))``, ``y = z + mlp(post_norm(z))``; ``mix`` defaults to the
-  block's own mixer (the decoding path passes its cache-filling / recurrent mixers)."""
-  z = u + (mix or block.mix)(block.pre_norm(u))
-  return capture.record(block, z + block.mlp(block.post_norm(z)))
-
-
-def make_block(index: int, op: str, cfg: ModelConfig, rngs: nnx.Rngs):
-  if op == "MHA":
-    return AttentionBlock(index, cfg, rngs)
-  return HyenaBlock(index, op, cfg, rngs)
+_REMAT_POLICIES = {"blocks": None,
+                   "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 class Embedding(nnx.Module):
@@ -104,15 +43,36 @@ class Embedding(nnx.Module):
                    preferred_element_type=jnp.float32)
 
 
+def _through(module: nnx.Module, fn, *args, remat: str = "none", spec=None):
+  """``fn(module, *args)``, optionally with the module's parameters all-gathered first
+  (``spec``: their PartitionSpecs, inside shard_map) and/or rematerialised (``remat``:
+  ``blocks`` recomputes the whole call in the backward pass, ``dots`` keeps the matmul outputs).
+  What the call records is recorded into ``module`` as if called directly."""
+  if remat == "none" and spec is None:
+    return fn(module, *args)
+  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+  def step(params, rest, *args):
+    full = params if spec is None else gather_params(params, spec)
+    return capture.run_inner(fn, nnx.merge(graphdef, full, rest), *args)
+
+  if remat != "none":
+    step = jax.checkpoint(step, policy=_REMAT_POLICIES[remat])
+  out, inter = step(params, rest, *args)
+  capture.resow(module, inter)
+  return out
+
+
 class StripedHyena(nnx.Module):
-  """A StripedHyena 2 language model. ``model(tokens [B, L]) -> logits [B, L, V]`` (float32)."""
+  """A StripedHyena 2 language model. ``model(tokens [B, L]) -> logits [B, L, V]`` (float32);
+  ``model.forward(tokens, mode, cache) -> (logits, cache)`` for every other mode."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embedding_layer = Embedding(cfg, rngs)
     self.blocks = nnx.List([make_block(i, op, cfg, rngs)
                             for i, op in enumerate(cfg.layer_types)])
-    self.norm = _norm(cfg, rngs)
+    self.norm = norm(cfg, rngs)
 
   def check_tokens(self, tokens) -> None:
     if tokens.ndim != 2:
@@ -120,19 +80,53 @@ class StripedHyena(nnx.Module):
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(f"tokens must be integers; got dtype {tokens.dtype}")
 
-  def __call__(self, tokens: jax.Array) -> jax.Array:
+  def init_cache(self, batch: int, max_len: int) -> Cache:
+    """An empty cache (all rows at position 0), each layer's from its own mixer."""
+    return Cache(jnp.zeros((batch,), jnp.int32),
+                 tuple(block.init_cache(batch, max_len) for block in self.blocks))
+
+  def forward(self, tokens: jax.Array, mode=FULL, cache: Cache | None = None, *,
+              remat: str = "none", param_specs=None):
+    """The one walk over the blocks: tokens [B, L] -> (logits [B, L, V] float32, new Cache or
+    None). ``Prefill`` returns the logits at each row's last token only ([B, 1, V]).
+
+    remat: one of ``config.REMAT_MODES`` (``none``, ``blocks``, ``dots``), per block.
+    param_specs: inside shard_map, the PartitionSpecs (``sharding.fsdp_specs``) of this model's
+    ``nnx.Param`` state, which then holds this rank's shards: each block gathers its own
+    parameters when it runs (inside its rematerialised step, so the backward gathers again and
+    gradients leave reduce-scattered): one block's parameters live at a time (ZeRO-3).
+    """
+    if remat not in REMAT_MODES:
+      raise ValueError(f"remat {remat!r} is not one of {', '.join(REMAT_MODES)}")
     self.check_tokens(tokens)
-    x = self.embedding_layer(tokens)
-    for block in self.blocks:
-      x = block(x)
-    return self.embedding_layer.unembed(self.norm(x))
+    spec = (lambda name: None) if param_specs is None else (lambda name: param_specs[name])
+    embed = lambda m, t: m(t)
+    x = _through(self.embedding_layer, embed, tokens, spec=spec("embedding_layer"))
+    layers = []
+    for i, block in enumerate(self.blocks):
+      layer_cache = None if cache is None else cache.layers[i]
+      step = lambda m, x_, c_: m(x_, mode, c_)
+      block_spec = None if param_specs is None else param_specs["blocks"][i]
+      x, layer_cache = _through(block, step, x, layer_cache, remat=remat, spec=block_spec)
+      layers.append(layer_cache)
+    if isinstance(mode, Prefill):
+      x = last_steps(x, mode.lengths, 1)                       # [B, 1, D]
+    x = _through(self.norm, lambda m, x_: m(x_), x, spec=spec("norm"))
+    logits = _through(self.embedding_layer, lambda m, x_: m.unembed(x_), x,
+                      spec=spec("embedding_layer"))
+    if cache is None:
+      return logits, None
+    lengths = mode.lengths if isinstance(mode, Prefill) else cache.lengths + tokens.shape[1]
+    return logits, Cache(lengths, tuple(layers))
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    """tokens [B, L] -> logits [B, L, V] float32 (the full-sequence forward)."""
+    return self.forward(tokens)[0]
 
   def hidden_states(self, tokens: jax.Array) -> dict[str, jax.Array]:
     """The residual stream at every stage: ``embedding``, ``block_i``, ``final_norm``."""
-    self.check_tokens(tokens)
-    out = {}
-    x = out["embedding"] = self.embedding_layer(tokens)
-    for i, block in enumerate(self.blocks):
-      x = out[f"block_{i}"] = block(x)
-    out["final_norm"] = self.norm(x)
-    return out
+    names = {"embedding_layer": "embedding",
+             **{f"blocks.{i}": f"block_{i}" for i in range(len(self.blocks))},
+             "norm": "final_norm"}
+    _, out = capture.run(lambda m, t: m(t), self, tokens)
+    return {new: out[old] for old, new in names.items()}

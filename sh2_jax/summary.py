@@ -5,13 +5,14 @@ from __future__ import annotations
 import collections
 
 from sh2_jax.config import ModelConfig
-from sh2_jax.flops import flops_per_token, layer_flops_per_token, param_count
+from sh2_jax.flops import flops_per_token, layer_flops, param_count
 
 
 def summary(cfg: ModelConfig, seq_len: int | None = None) -> str:
   seq_len = seq_len or cfg.max_seqlen
   types = cfg.layer_types
   counts = collections.Counter(types)
+  per_op = dict(zip(types, layer_flops(cfg, seq_len)))  # every block of one type costs the same
   lines = [
       f"parameters: {param_count(cfg):,}",
       f"width {cfg.d_model}, {cfg.num_layers} layers, {cfg.num_heads} heads x {cfg.head_dim}, "
@@ -22,8 +23,7 @@ def summary(cfg: ModelConfig, seq_len: int | None = None) -> str:
       f"FLOPs per token at L={seq_len}: forward {flops_per_token(cfg, seq_len, False):.4g}, "
       f"training {flops_per_token(cfg, seq_len, True):.4g}",
       "per-layer forward FLOPs per token: " + ", ".join(
-          f"{op} {layer_flops_per_token(cfg, op, seq_len):.3g}" for op in ("SE", "MR", "LI", "MHA")
-          if counts[op]),
+          f"{op} {per_op[op]:.3g}" for op in ("SE", "MR", "LI", "MHA") if counts[op]),
   ]
   return "\n".join(lines)
 

@@ -24,7 +24,7 @@ from sh2_jax import ModelConfig, StripedHyena, dispatch
 GPU = jax.default_backend() == "gpu"
 # (length, channels, groups): lengths not a multiple of any chunk; long on GPU
 OP_SHAPE = (16384 + 37, 4096, 256) if GPU else (203, 32, 4)  # GPU: the 7B width
-# bf16 takes other kernel block sizes than float32 (pallas_kernels/fir_conv.py); on CPU the
+# bf16 takes other kernel block sizes than float32 (sh2_jax/kernels/fir_layout.py); on CPU the
 # interpreter runs the same code for both, so float32 only
 DTYPES = [jnp.float32, jnp.bfloat16] if GPU else [jnp.float32]
 MODEL_LEN = 8192 + 21 if GPU else 77

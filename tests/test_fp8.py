@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from sh2_jax import fp8
-from sh2_jax.convert.torch_pickle import load_state_dict
+from sh2_jax.convert.torch_pickle import load_state_dict, read_extra_state
 from sh2_jax.convert.vortex import build_model, config_from_yaml, fp8_mode_for, params_from_state_dict
 from sh2_jax.embed import embed
 
@@ -79,7 +79,7 @@ def fp8_model():
 def test_checkpoint_scales_from_te_extra_state(fp8_model):
   model, extra = fp8_model
   assert model.cfg.fp8_projections == "checkpoint_scales"
-  state = fp8.read_extra_state(extra["blocks.1.projections._extra_state"].getvalue())
+  state = read_extra_state(extra["blocks.1.projections._extra_state"].getvalue())
   scales = np.asarray(state["scale_fwd"])[:2]
   np.testing.assert_array_equal(np.asarray(model.blocks[1].projections.fp8_scales[...]), scales)
   tokens = np.load(os.path.join(FIX, "vortex_tiny", "inputs.npz"))["tokens"][:, :64]

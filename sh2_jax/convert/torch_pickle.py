@@ -330,3 +330,12 @@ def _as_dict(obj: Any, path: str) -> dict[str, Any]:
     raise CheckpointError(f"{path!r}: key {bad[0]!r:.80} is a {type(bad[0]).__name__}, not a "
                           "parameter name")
   return dict(obj)
+
+
+def read_extra_state(blob: bytes) -> dict[str, Any] | None:
+  """Decode a ``*._extra_state`` blob (``torch.save`` of a dict into a BytesIO) with the
+  restricted reader; None when the blob holds no FP8 state."""
+  if not blob.startswith(b"PK"):
+    return None
+  state = load_state_dict_from_bytes(blob)
+  return state if "scale_fwd" in state else None

@@ -27,7 +27,7 @@ from flax import nnx
 
 from sh2_jax import fp8
 from sh2_jax.config import ModelConfig
-from sh2_jax.convert.torch_pickle import BytesBlob, load_state_dict
+from sh2_jax.convert.torch_pickle import BytesBlob, load_state_dict, read_extra_state
 from sh2_jax.model import StripedHyena
 
 # YAML keys whose value must be this for the conversion to be exact.
@@ -170,7 +170,7 @@ def params_from_state_dict(sd: Mapping[str, Any], cfg: ModelConfig) -> dict:
 
 
 def _checkpoint_fp8_scales(sd: Mapping[str, Any], key: str) -> np.ndarray:
-  state = fp8.read_extra_state(sd[key].getvalue()) if isinstance(sd.get(key), BytesBlob) else None
+  state = read_extra_state(sd[key].getvalue()) if isinstance(sd.get(key), BytesBlob) else None
   if state is None:
     raise ValueError(f"fp8_projections 'checkpoint_scales' needs FP8 scales in {key}, which "
                      "the checkpoint does not hold; use fp8_projections 'current_scaling'")
@@ -183,7 +183,7 @@ def fp8_mode_for(yaml_cfg: Mapping[str, Any], sd: Mapping[str, Any]) -> str:
   if not yaml_cfg.get("use_fp8_input_projections"):
     return "off"
   keys = [k for k in sd if k.endswith("projections._extra_state")]
-  states = [fp8.read_extra_state(sd[k].getvalue()) if isinstance(sd[k], BytesBlob) else None
+  states = [read_extra_state(sd[k].getvalue()) if isinstance(sd[k], BytesBlob) else None
             for k in keys]
   if keys and all(s is not None for s in states):
     return "checkpoint_scales"

@@ -17,13 +17,13 @@ from flax import nnx
 
 from sh2_jax import tokenizer
 from sh2_jax.inference.generation import PROMPT_BUCKET, as_token_rows, pad_rows
+from sh2_jax.ops.loss import token_loglik
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _score(graphdef, state, tokens):
   model = nnx.merge(graphdef, state)
-  logp = jax.nn.log_softmax(model(tokens)[:, :-1], axis=-1)
-  return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+  return token_loglik(model(tokens)[:, :-1], tokens[:, 1:])
 
 
 def score(model, tokens):

@@ -3,8 +3,9 @@
 Used for LI (the long filter needs the whole sequence) and optionally MR. Each rank sends u =
 x1 * v once and gets the filtered channels back once; the gates stay local (two D-wide
 transfers instead of four). After the all-to-all a rank holds all 2N chunks of its channels in
-zig-zag order and puts them in global order before the local convolution (``dispatch`` —
-Pallas / FFT per config), then reverses both steps. Rank r owns channels r*C/N .. (r+1)*C/N-1,
+zig-zag order and puts them in global order before the local convolution (the configured
+core handed in, ``dispatch.fir_fn`` / ``modal_fn``: Pallas / FFT per config), then reverses
+both steps. Rank r owns channels r*C/N .. (r+1)*C/N-1,
 so grouped filters are sliced by whole groups: a filter group must never straddle two ranks.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sh2_jax import conv, dispatch
+from sh2_jax.ops import fir
 
 
 def seq_to_channels(x: jax.Array, axis_name: str, n: int) -> jax.Array:
@@ -53,32 +54,32 @@ def _ones(x):
   return jnp.ones((), x.dtype)
 
 
-def a2a_fir_conv(u: jax.Array, h: jax.Array, impl: str, axis_name: str, n: int) -> jax.Array:
+def a2a_fir_conv(u: jax.Array, h: jax.Array, core, axis_name: str, n: int) -> jax.Array:
   """Grouped causal FIR (h: [G, K], true convolution) of the zig-zag shard u: [B, 2c, D]."""
   uc = seq_to_channels(u, axis_name, n)
   hr = _rank_groups(h, u.shape[2], axis_name, n, "MR all-to-all")
   ones = jnp.broadcast_to(_ones(uc), uc.shape)
-  y = dispatch.gated_fir(uc, ones, ones, hr, None, impl)
+  y = core(uc, ones, ones, hr, None)
   return channels_to_seq(y, axis_name, n)
 
 
-def a2a_modal_conv(u: jax.Array, log_poles: jax.Array, residues: jax.Array, impl: str,
+def a2a_modal_conv(u: jax.Array, log_poles: jax.Array, residues: jax.Array, core,
                    axis_name: str, n: int) -> jax.Array:
   """LI long convolution (poles/residues [D, N_state]) of the zig-zag shard u: [B, 2c, D]."""
   uc = seq_to_channels(u, axis_name, n)
   lp = _rank_groups(log_poles, u.shape[2], axis_name, n, "LI all-to-all")
   rs = _rank_groups(residues, u.shape[2], axis_name, n, "LI all-to-all")
   ones = jnp.broadcast_to(_ones(uc), uc.shape)
-  y = dispatch.gated_modal(uc, ones, ones, lp, rs, None, impl)
+  y = core(uc, ones, ones, lp, rs, None)
   return channels_to_seq(y, axis_name, n)
 
 
-def a2a_gated_fir(x1, v, x2, h, dskip, impl, axis_name, n):
+def a2a_gated_fir(x1, v, x2, h, dskip, core, axis_name, n):
   """SE/MR by all-to-all: ``x2 * (h * u + dskip * u)``, u = x1 * v; all [B, 2c, D] zig-zag."""
-  return conv.gated_conv(x1, v, x2, lambda u: a2a_fir_conv(u, h, impl, axis_name, n), dskip)
+  return fir.gated_conv(x1, v, x2, lambda u: a2a_fir_conv(u, h, core, axis_name, n), dskip)
 
 
-def a2a_gated_modal(x1, v, x2, log_poles, residues, dskip, impl, axis_name, n):
+def a2a_gated_modal(x1, v, x2, log_poles, residues, dskip, core, axis_name, n):
   """LI by all-to-all: ``x2 * (h_modal * u + dskip * u)``; all [B, 2c, D] zig-zag."""
-  return conv.gated_conv(
-      x1, v, x2, lambda u: a2a_modal_conv(u, log_poles, residues, impl, axis_name, n), dskip)
+  return fir.gated_conv(
+      x1, v, x2, lambda u: a2a_modal_conv(u, log_poles, residues, core, axis_name, n), dskip)

@@ -8,10 +8,10 @@ and for r = N-1 it is the rank's own slot 0. Each needed tail is sent with ``lax
 When a chunk is shorter than the halo (c < K-1) the halo spans several predecessor chunks; the
 same rule is applied per chunk offset.
 
-The local work runs the ordinary operator (``dispatch.gated_fir`` — the Pallas kernel on GPU,
-``conv.featurizer_conv``) on the two chunks as a batch of 2B independent sequences, then adds
+The local work runs the ordinary operator (the configured gated core handed in — the Pallas
+kernel on GPU — or ``fir.featurizer_conv``) on the two chunks as a batch of 2B independent sequences, then adds
 the contribution of the halo to the first min(K-1, c) outputs: by linearity that is the filter
-applied to [halo, zeros] (``conv.fir_conv`` on 2(K-1) tokens — negligible work).
+applied to [halo, zeros] (``fir.fir_conv`` on 2(K-1) tokens — negligible work).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from sh2_jax import conv, dispatch
+from sh2_jax.ops import fir
 from sh2_jax.parallel.zigzag import merge_chunks, split_chunks
 
 
@@ -66,7 +66,7 @@ def halo_contribution(u_halo: jax.Array, h: jax.Array, c: int) -> jax.Array:
   k = min(halo, c)
   ext = jnp.concatenate([u_halo, jnp.zeros((u_halo.shape[0], k, u_halo.shape[2]), u_halo.dtype)],
                         axis=1)
-  return conv.fir_conv(ext.astype(jnp.float32), h)[:, halo:]
+  return fir.fir_conv(ext.astype(jnp.float32), h)[:, halo:]
 
 
 def _as_batch(x):  # [B, 2c, C] -> [2B, c, C]: the two chunks as independent sequences
@@ -80,8 +80,8 @@ def _from_batch(y, b):  # [2B, c, C] -> [B, 2c, C]
 
 def halo_fir_conv(u: jax.Array, h: jax.Array, axis_name: str, n: int, local_conv=None):
   """Causal FIR of the zig-zag shard u: [B, 2c, C] with h: [G, K] (true convolution), equal to
-  the filter over the whole sequence. ``local_conv(u, h)`` defaults to ``conv.fir_conv``."""
-  local_conv = local_conv or conv.fir_conv
+  the filter over the whole sequence. ``local_conv(u, h)`` defaults to ``fir.fir_conv``."""
+  local_conv = local_conv or fir.fir_conv
   b, l2, _ = u.shape
   c = l2 // 2
   y = local_conv(_as_batch(u), h).astype(jnp.float32).reshape(b, 2, c, -1)
@@ -95,17 +95,17 @@ def halo_fir_conv(u: jax.Array, h: jax.Array, axis_name: str, n: int, local_conv
 
 
 def halo_featurizer(z: jax.Array, taps: jax.Array, axis_name: str, n: int) -> jax.Array:
-  """The featurizer (``conv.featurizer_conv``, taps [3D, 3]) on the zig-zag shard z: [B, 2c, 3D]."""
-  return halo_fir_conv(z, taps, axis_name, n, local_conv=conv.featurizer_conv)
+  """The featurizer (``fir.featurizer_conv``, taps [3D, 3]) on the zig-zag shard z: [B, 2c, 3D]."""
+  return halo_fir_conv(z, taps, axis_name, n, local_conv=fir.featurizer_conv)
 
 
-def halo_gated_fir(x1, v, x2, h, dskip, impl: str, axis_name: str, n: int) -> jax.Array:
-  """SE/MR on the zig-zag shard: ``dispatch.gated_fir`` on each chunk (the fused Pallas kernel on
-  GPU), plus ``x2 * (halo contribution)`` on each chunk's first K-1 outputs.
+def halo_gated_fir(x1, v, x2, h, dskip, core, axis_name: str, n: int) -> jax.Array:
+  """SE/MR on the zig-zag shard: the gated core ``core(x1, v, x2, h, dskip)``
+  (``dispatch.fir_fn``: the fused Pallas kernel on GPU) on each chunk, plus ``x2 * (halo contribution)`` on each chunk's first K-1 outputs.
   x1, v, x2: [B, 2c, D]; h: [G, K] (true convolution); dskip: [D] or None."""
   b, l2, d = x1.shape
   c = l2 // 2
-  y = dispatch.gated_fir(_as_batch(x1), _as_batch(v), _as_batch(x2), h, dskip, impl)
+  y = core(_as_batch(x1), _as_batch(v), _as_batch(x2), h, dskip)
   halo = h.shape[1] - 1
   if not halo:
     return _from_batch(y, b)

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sh2_jax import conv
+from sh2_jax.ops import fir
 from sh2_jax.parallel.zigzag import merge_chunks, split_chunks
 
 OFFSETS = np.array([0, 2, 1, 3])  # frequency offsets of the four sub-sequences (e_s, e_d, o_s, o_d)
@@ -57,7 +57,7 @@ def _folded_mode(lam, res, wrap, p):
 
 def decimated_modal_spectrum(log_poles: jax.Array, residues: jax.Array, offsets: jax.Array,
                              chunk: int, length: int) -> jax.Array:
-  """DFT_{2L} of the zero-padded LI filter (``conv.modal_filter``) at the frequencies
+  """DFT_{2L} of the zero-padded LI filter (``modal.modal_filter``) at the frequencies
   ``offsets[f] + (2L / chunk) * q``, q < chunk: [F, chunk, D] complex64.
 
   With M = 2L = s * chunk, k = f + s q and t = p + j * chunk:
@@ -145,5 +145,5 @@ def p2p_modal_conv(u: jax.Array, log_poles: jax.Array, residues: jax.Array, axis
 
 def p2p_gated_modal(x1, v, x2, log_poles, residues, dskip, axis_name: str, n: int):
   """LI by the p2p FFT: ``x2 * (h_modal * u + dskip * u)``, u = x1 * v; all [B, 2c, D] zig-zag."""
-  return conv.gated_conv(
+  return fir.gated_conv(
       x1, v, x2, lambda u: p2p_modal_conv(u, log_poles, residues, axis_name, n), dskip)

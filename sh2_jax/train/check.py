@@ -7,15 +7,14 @@ import math
 
 import ml_collections
 
-from sh2_jax.config import ModelConfig
-from sh2_jax.train.step import REMAT
+from sh2_jax.config import REMAT_MODES as REMAT, ModelConfig
 
 MODES = ("train", "eval")
 BYTE_TOKENS = 256  # token ids the byte-level data pipeline emits (sh2_jax/tokenizer.py)
 
 
 def _reference() -> ml_collections.ConfigDict:
-  from configs.base import make_config  # the one list of training keys
+  from sh2_jax.configs.base import make_config  # the one list of training keys
   return make_config("tiny")
 
 

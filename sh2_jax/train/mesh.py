@@ -15,12 +15,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-AXES = ("data", "fsdp", "context")
-BATCH_AXES = ("data", "fsdp")
-# The mesh axes a parameter annotated 'fsdp' is sharded over: every non-data device, so that a
-# context-parallel run keeps 1/(fsdp x context) of the parameters and optimizer state per device
-# (the context-parallel forward gathers one block's parameters at a time, parallel/context.py).
-FSDP_AXES = ("fsdp", "context")
+from sh2_jax.sharding import AXES, BATCH_AXES, FSDP_AXES, axis_size, fsdp_spec
+
+__all__ = ["AXES", "BATCH_AXES", "FSDP_AXES", "batch_sharding", "global_batch", "make_mesh",
+           "mesh_shape", "param_shardings", "param_specs", "replicated"]
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
@@ -64,16 +62,6 @@ def param_specs(abstract_model: nnx.Module) -> dict:
   PartitionSpecs from the parameters' sharding annotations, 'fsdp' -> ``FSDP_AXES``."""
   specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(abstract_model, nnx.Param)))
   return jax.tree.map(fsdp_spec, specs, is_leaf=lambda s: isinstance(s, P))
-
-
-def fsdp_spec(annotation: P, axes: tuple[str, ...] = FSDP_AXES) -> P:
-  """A parameter's annotation with 'fsdp' -> ``axes`` (None where ``axes`` is empty)."""
-  return P(*((axes or None) if a == "fsdp" else a for a in annotation))
-
-
-def axis_size(mesh: Mesh, axis) -> int:
-  """Size of a spec entry: one mesh axis name or a tuple of them."""
-  return math.prod(mesh.shape[a] for a in (axis if isinstance(axis, tuple) else (axis,)))
 
 
 def param_shardings(mesh: Mesh, abstract_params: dict, specs: dict) -> dict:

@@ -15,40 +15,23 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from sh2_jax.train.mesh import BATCH_AXES
-
-REMAT = ("none", "blocks", "dots")
-
-
-def _call_block(block, x):
-  return block(x)
-
-
-def apply_block(block, x: jax.Array, remat: str) -> jax.Array:
-  """One residual block; ``blocks`` recomputes the whole block in the backward pass, ``dots``
-  keeps the matmul outputs and recomputes the rest (cheaper, more memory)."""
-  if remat == "none":
-    return block(x)
-  policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots" else None
-  return nnx.remat(_call_block, policy=policy)(block, x)
+from sh2_jax.modes import ContextParallel
+from sh2_jax.parallel.context import context_parallel_logits
+from sh2_jax.sharding import BATCH_AXES
 
 
 def forward(model, tokens: jax.Array, remat: str = "none", mesh: Mesh | None = None,
             context_modes: dict | None = None) -> jax.Array:
-  """tokens [B, L] -> logits [B, L, V] float32: ``StripedHyena.__call__`` with the blocks
-  optionally rematerialised. ``mesh`` is where the context-parallel path plugs in: the
-  sequence of ``tokens`` is split over its 'context' axis, each operator by the
-  ``context_modes`` (``config.context_parallel``: mr_mode, li_mode, attention_mode)."""
-  if mesh is not None and mesh.shape["context"] > 1:  # zig-zag context parallelism (issue 6)
-    from sh2_jax.parallel.context import ContextParallel, context_parallel_logits
+  """tokens [B, L] -> logits [B, L, V] float32: the model's one forward with the blocks
+  optionally rematerialised (``blocks`` recomputes each block in the backward pass, ``dots``
+  keeps the matmul outputs). With a ``mesh`` whose 'context' axis is larger than 1 the
+  sequence is split over it, each operator by the ``context_modes``
+  (``config.context_parallel``: mr_mode, li_mode, attention_mode)."""
+  if mesh is not None and mesh.shape["context"] > 1:  # zig-zag context parallelism
     cp = ContextParallel(size=mesh.shape["context"], remat=remat != "none",
                          **(context_modes or {}))
     return context_parallel_logits(model, tokens, mesh, cp, batch_axes=BATCH_AXES)
-  model.check_tokens(tokens)
-  x = model.embedding_layer(tokens)
-  for block in model.blocks:
-    x = apply_block(block, x, remat)
-  return model.embedding_layer.unembed(model.norm(x))
+  return model.forward(tokens, remat=remat)[0]
 
 
 def loss_sums(graphdef, params, batch, remat: str, mesh: Mesh | None,

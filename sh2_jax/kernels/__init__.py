@@ -1,0 +1,1 @@
+"""Kernels: each family with its plain-jnp reference and its VJP wiring."""

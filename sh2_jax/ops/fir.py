@@ -1,0 +1,133 @@
+"""Causal depthwise convolution in plain jnp: the featurizer, the SE / MR filters, FFT
+convolution, the gate around every inner filter, and the one-token recurrent form.
+
+Every filter here is in *true-convolution* orientation: ``h[..., 0]`` multiplies the current
+token, ``y[t] = sum_k h[k] u[t - k]`` (docs/architecture.md, "Orientations"). The checkpoint's
+cross-correlation filters (featurizer, SE) are flipped by the modules that own them, never here.
+
+These functions are the training path on CPU, the decode path's building blocks, and the
+references of the Pallas kernels. Shapes: ``u: [B, L, C]``; grouped filters ``h: [G, K]`` where
+group g serves the contiguous channels ``g*C/G … (g+1)*C/G - 1``; per-channel ``h: [C, K]``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MR_DECAY_PRESETS = {"weak": (-2.0, 2.0), "normal": (-1.0, 2.0), "strong": (0.0, 2.0)}
+
+
+def expand_groups(h: jax.Array, channels: int) -> jax.Array:
+  """[G, K] grouped filters -> [C, K] per-channel filters (contiguous groups)."""
+  groups = h.shape[0]
+  if channels % groups:
+    raise ValueError(f"filter groups {groups} do not divide channels {channels}")
+  return jnp.repeat(h, channels // groups, axis=0)
+
+
+def fir_conv(u: jax.Array, h: jax.Array, precision=jax.lax.Precision.HIGHEST) -> jax.Array:
+  """Causal depthwise FIR through XLA's grouped convolution.
+
+  u: [B, L, C]; h: [G, K] (G divides C), true-convolution orientation. Returns [B, L, C] in
+  u's dtype, accumulated in float32.
+  """
+  _, length, channels = u.shape
+  h_full = expand_groups(h, channels)  # [C, K]
+  taps = h_full.shape[1]
+  # conv_general_dilated is a cross-correlation: flip the taps, pad K-1 zeros on the left.
+  rhs = jnp.flip(h_full, axis=1).T[:, None, :].astype(u.dtype)  # [K, 1, C] (WIO)
+  y = jax.lax.conv_general_dilated(
+      u, rhs, window_strides=(1,), padding=[(taps - 1, 0)],
+      dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=channels,
+      precision=precision, preferred_element_type=jnp.float32)
+  del length
+  return y.astype(u.dtype)
+
+
+def fir_conv_shifted(u: jax.Array, h: jax.Array) -> jax.Array:
+  """The same causal FIR as ``fir_conv`` as a sum of shifted copies (cheap for short filters,
+  and what the decode step and the context-parallel halo code reuse). float32 accumulation."""
+  _, length, channels = u.shape
+  h_full = expand_groups(h, channels).astype(jnp.float32)  # [C, K]
+  uf = u.astype(jnp.float32)
+  y = jnp.zeros_like(uf)
+  for k in range(min(h_full.shape[1], length)):
+    shifted = jnp.pad(uf, ((0, 0), (k, 0), (0, 0)))[:, :length]
+    y = y + h_full[:, k] * shifted
+  return y.astype(u.dtype)
+
+
+def fft_conv(u: jax.Array, h: jax.Array, out_dtype=None) -> jax.Array:
+  """Causal per-channel convolution by FFT of size 2L in float32.
+
+  u: [B, L, C]; h: [C, K] or grouped [G, K] with any K (taps past L are ignored, shorter
+  filters are zero-padded). Returns [B, L, C] in ``out_dtype`` (default u's dtype; the gates
+  ask for float32 so the result is not rounded twice).
+  """
+  _, length, channels = u.shape
+  h = h[:, :length]
+  if h.shape[0] != channels:
+    h = expand_groups(h, channels)
+  n = 2 * length
+  # The real filter is transposed, not its complex spectrum: [n/2+1, C] straight from the FFT.
+  hf = jnp.fft.rfft(h.astype(jnp.float32).T, n=n, axis=0)  # [n/2+1, C]
+  uf = jnp.fft.rfft(u.astype(jnp.float32), n=n, axis=1)    # [B, n/2+1, C]
+  y = jnp.fft.irfft(uf * hf[None], n=n, axis=1)[:, :length]
+  return y.astype(out_dtype or u.dtype)
+
+
+def featurizer_conv(z: jax.Array, w: jax.Array) -> jax.Array:
+  """The Hyena featurizer: depthwise causal FIR over all 3D channels (w: [3D, 3], true
+  convolution orientation), as shifted sums — three taps are cheaper than a convolution call."""
+  return fir_conv_shifted(z, w)
+
+
+def interleaved_split(zc: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """[.., 3D] -> (x2, x1, v) from the interleaved channels 0::3, 1::3, 2::3."""
+  return zc[..., 0::3], zc[..., 1::3], zc[..., 2::3]
+
+
+def mr_decay(groups: int, taps: int, preset: str, decay_length: int | None = None) -> np.ndarray:
+  """The MR regularising decay ``exp(-r_g t_k)``: [G, K] float32 constants.
+
+  ``r = logspace(a, b, G)`` (base 10) with (a, b) from the preset; ``t = linspace(0, 1,
+  decay_length)[:K]`` (decay_length defaults to K, so the last tap sits at t = 1).
+  """
+  if preset == "none":
+    return np.ones((groups, taps), np.float32)
+  if preset not in MR_DECAY_PRESETS:
+    raise ValueError(f"mr_decay {preset!r} is not one of {sorted(MR_DECAY_PRESETS) + ['none']}")
+  a, b = MR_DECAY_PRESETS[preset]
+  rates = np.logspace(a, b, groups)
+  t = np.linspace(0.0, 1.0, decay_length or taps)[:taps]
+  return np.exp(-rates[:, None] * t[None, :]).astype(np.float32)
+
+
+def gated_conv(x1: jax.Array, v: jax.Array, x2: jax.Array, conv, dskip: jax.Array | None):
+  """``y = x2 * (conv(u) + dskip * u)`` with ``u = x1 * v``: the gates around every inner filter.
+  The skip and gate run in float32 and the result is cast back to x1's dtype."""
+  u = x1 * v
+  y = conv(u).astype(jnp.float32)
+  if dskip is not None:
+    y = y + dskip.astype(jnp.float32) * u.astype(jnp.float32)
+  return (x2.astype(jnp.float32) * y).astype(x1.dtype)
+
+
+def fir_step(window: jax.Array, h: jax.Array) -> jax.Array:
+  """One output of the causal FIR ``fir_conv``: its recurrent form.
+
+  window: [B, K, C], the last K inputs oldest first (``window[:, -1]`` is the current token;
+  zeros before the sequence start); h: [G, K] grouped or [C, K] per-channel, true-convolution
+  orientation. Returns ``sum_k h[:, k] * window[:, K-1-k]``: [B, C] in window's dtype,
+  accumulated in float32.
+  """
+  if window.shape[1] != h.shape[1]:
+    raise ValueError(f"fir_step window of {window.shape[1]} steps does not match "
+                     f"{h.shape[1]} filter taps")
+  h_full = expand_groups(h, window.shape[-1]).astype(jnp.float32)  # [C, K]
+  y = jnp.einsum("bkc,ck->bc", jnp.flip(window, axis=1).astype(jnp.float32), h_full,
+                 precision=jax.lax.Precision.HIGHEST)
+  return y.astype(window.dtype)
+
