@@ -29,8 +29,10 @@ def _none():
 
 
 def record(module: nnx.Module, value, name: str = OUTPUT):
-  """Sow ``value`` as ``module``'s output (kept only inside ``nnx.capture``); returns it."""
-  module.sow(nnx.Intermediate, name, value, reduce_fn=_last, init_fn=_none, capture_noop=True)
+  """Sow ``value`` as ``module``'s output while a ``run`` captures (a no-op otherwise, on any
+  Flax version: ``sow``'s ``capture_noop`` argument is recent); returns it."""
+  if _ACTIVE.get():
+    module.sow(nnx.Intermediate, name, value, reduce_fn=_last, init_fn=_none)
   return value
 
 

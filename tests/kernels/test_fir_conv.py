@@ -256,12 +256,17 @@ def test_compiler_accepts_what_footprint_admits():
   a launch the compiler refuses), and the launch the evo2_1b forward used to take (2 slots,
   Toeplitz blocks rebuilt per chunk, 3 stages) overflows with the size the estimate gives."""
   rng = np.random.default_rng(5)
-  for d, g in ((1920, 128), (4096, 256), (3072, 128), (768, 256)):
+  for d, g in ((1920, 128), (4096, 256), (768, 256)):
     # 32 chunks per program: loops long enough for the compiler to pipeline them
     x = jnp.asarray(rng.standard_normal((1, 4096, d)), jnp.bfloat16)
     h = jnp.asarray(rng.standard_normal((g, 128)), jnp.float32)
+    seen = set()
     for bs in fir_layout.candidates(128, False, jnp.bfloat16)[:8]:
       lay = fir_layout.make_layout(x.shape, h.shape, bs, 2)
+      key = (lay.aligned, lay.slots, lay.rebuild, lay.bs.num_stages, lay.bs.chunk_outer)
+      if key in seen:
+        continue
+      seen.add(key)
       if fir_layout.footprint(lay).smem <= fir_layout.SMEM_LIMIT:
         y = jax.jit(lambda a, hh, bs=bs: fir_conv.fwd(a, a, a, hh, None, bs))(x, h)
         assert np.isfinite(np.asarray(y, np.float32)).all()
