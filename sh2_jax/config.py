@@ -112,6 +112,10 @@ class ModelConfig:
                          ("se_groups", self.se_groups), ("mr_groups", self.mr_groups)):
       if not isinstance(value, int) or value < 1:
         bad(field, value, "a positive integer")
+    if not isinstance(self.max_seqlen, int) or self.max_seqlen < 1:
+      bad("max_seqlen", self.max_seqlen, "a positive integer")
+    if not (isinstance(self.eps, (int, float)) and self.eps > 0):
+      bad("eps", self.eps, "a number > 0")
     types = self.layer_types  # validates layout / index lists
     if "MHA" in types and self.d_model % self.num_heads:
       bad("num_heads", self.num_heads, f"a divisor of d_model {self.d_model}")

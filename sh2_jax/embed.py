@@ -58,7 +58,11 @@ def embed(model, tokens: jax.Array, layers: Sequence[str], *, segment_len: int |
   ``ContextParallel`` choosing the collectives; default: this mesh's axis, default modes). Every
   path records the same points, so all return the same activations.
   """
+  if isinstance(layers, str):
+    raise ValueError(f"layers must be a list of names, e.g. [{layers!r}]; got the string "
+                     f"{layers!r}")
   layers = tuple(layers)
+  model.check_tokens(tokens if hasattr(tokens, "ndim") else np.asarray(tokens))
   if not layers:
     raise ValueError("embed needs at least one layer name, e.g. ['blocks.0.mlp.l3']")
   _check_names(model, layers)  # validate names before tracing
@@ -89,6 +93,9 @@ def mean_pool(acts: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
   acts = acts.astype(jnp.float32)
   if lengths is None:
     return acts.mean(axis=1)
+  if np.shape(lengths) != acts.shape[:1]:
+    raise ValueError(f"lengths has shape {np.shape(lengths)}; expected one length per row "
+                     f"({acts.shape[0]},)")
   mask = (jnp.arange(acts.shape[1])[None, :] < jnp.asarray(lengths)[:, None])[..., None]
   return (acts * mask).sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1)
 

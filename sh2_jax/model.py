@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sh2_jax import capture
@@ -75,10 +76,23 @@ class StripedHyena(nnx.Module):
     self.norm = norm(cfg, rngs)
 
   def check_tokens(self, tokens) -> None:
+    """Shape and dtype always; the ids themselves when they are concrete (not traced): every
+    driver calls this first, so an id outside the vocabulary is an error, not NaN output."""
+    if not hasattr(tokens, "ndim") or not hasattr(tokens, "dtype"):
+      raise ValueError(f"tokens must be an integer array [batch, length]; got a "
+                       f"{type(tokens).__name__}")
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [batch, length]; got shape {tuple(tokens.shape)}")
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(f"tokens must be integers; got dtype {tokens.dtype}")
+    if tokens.shape[1] == 0:
+      raise ValueError("tokens are empty (length 0); give at least one token per row")
+    if not isinstance(tokens, jax.core.Tracer):
+      ids = np.asarray(tokens)
+      lo, hi = int(ids.min()), int(ids.max())
+      if lo < 0 or hi >= self.cfg.vocab_size:
+        raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary "
+                         f"0..{self.cfg.vocab_size - 1}")
 
   def init_cache(self, batch: int, max_len: int) -> Cache:
     """An empty cache (all rows at position 0), each layer's from its own mixer."""
