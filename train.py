@@ -92,6 +92,13 @@ def main(argv):
   config = FLAGS.config
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/tiny.py")
+  try:
+    config.keys()  # the config file loads lazily: a missing or broken one fails here
+  except Exception as e:  # noqa: BLE001 - report the loader's own last line
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    print(f"error: cannot load the --config file: {lines[-1] if lines else type(e).__name__}",
+          file=sys.stderr)
+    sys.exit(2)
   if FLAGS.dry_run:
     from sh2_jax.summary import print_summary
     from sh2_jax.train import check

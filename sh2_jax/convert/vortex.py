@@ -37,7 +37,29 @@ _REQUIRED = {"interleave": True, "column_split_hyena": False, "hyena_flip_x1x2":
 
 
 def config_from_yaml(cfg: Mapping[str, Any], **overrides) -> ModelConfig:
-  """A vortex YAML config (as a dict) -> ModelConfig."""
+  """A vortex YAML config (as a dict) -> ModelConfig; a missing key or a value of the wrong type
+  is one ValueError naming the key."""
+  try:
+    return _config_from_yaml(cfg, **overrides)
+  except KeyError as e:
+    raise ValueError(f"the vortex config has no {e.args[0]!r} key") from None
+  except (TypeError, ValueError) as e:
+    if "not valid" in str(e) or "unsupported" in str(e) or "not supported" in str(e):
+      raise
+    bad = {k: v for k, v in cfg.items() if k in _NUMERIC and not _is_number(v)}
+    raise ValueError(f"vortex config values {bad or ''} must be numbers ({e})") from None
+
+
+_NUMERIC = ("hidden_size", "num_layers", "vocab_size", "num_attention_heads", "inner_mlp_size",
+            "hcs_filter_groups", "hcm_filter_groups", "hcs_filter_length", "hcm_filter_length",
+            "short_filter_length", "state_size", "hcl_filter_groups", "max_seqlen")
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _config_from_yaml(cfg: Mapping[str, Any], **overrides) -> ModelConfig:
   bad = {k: cfg[k] for k, want in _REQUIRED.items() if k in cfg and cfg[k] != want}
   if bad:
     raise ValueError(f"unsupported vortex config values {bad}; sh2_jax converts configs with "
@@ -202,8 +224,13 @@ def build_model(cfg: ModelConfig, params: dict) -> StripedHyena:
 
 
 def read_yaml(yaml_path: str) -> dict:
-  with open(yaml_path) as f:
-    cfg = yaml.safe_load(f)
+  try:
+    with open(yaml_path) as f:
+      cfg = yaml.safe_load(f)
+  except yaml.YAMLError as e:
+    where = getattr(e, "problem_mark", None)
+    at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+    raise ValueError(f"{yaml_path!r} is not valid YAML{at}") from None
   if not isinstance(cfg, dict):
     raise ValueError(f"{yaml_path!r} is not a YAML mapping of config keys")
   return cfg

@@ -24,6 +24,9 @@ from sh2_jax.train.trainer import place, prepare, run_eval
 def prepare_eval(config, checkpoint: str):
   """Every input check of ``evaluate`` (config, mesh, data, checkpoint); writes nothing."""
   _, mesh, (_, eval_src) = prepare(config, "eval")
+  out_dir = os.path.dirname(os.path.abspath(config.eval_output)) if config.eval_output else None
+  if out_dir is not None and not os.path.isdir(out_dir):
+    raise ValueError(f"eval_output {config.eval_output!r}: directory {out_dir!r} does not exist")
   if len(eval_src) == 0:
     raise ValueError("the held-out split is empty; raise data.eval_fraction (1.0 evaluates the "
                      "whole dataset) or give more data")

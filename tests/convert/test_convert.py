@@ -114,3 +114,18 @@ def test_cli_writes_loadable_checkpoint(tmp_path):
                       capture_output=True, text=True, cwd=root)
   assert r2.returncode != 0 and "not found" in r2.stderr and "Traceback" not in r2.stderr
   assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda text: "\n".join(ln for ln in text.splitlines() if "hidden_size" not in ln),
+     "the vortex config has no 'hidden_size' key"),
+    (lambda text: text.replace("num_layers: 8", "num_layers: abc"),
+     "{'num_layers': 'abc'} must be numbers"),
+    (lambda text: "a: [1, 2\nb: :\n", "is not valid YAML"),
+])
+def test_bad_yaml_is_one_error(tmp_path, edit, message):
+  from sh2_jax.convert.vortex import read_yaml
+  path = tmp_path / "c.yml"
+  path.write_text(edit(open(YML).read()))
+  with pytest.raises(ValueError, match=message):
+    config_from_yaml(read_yaml(str(path)))

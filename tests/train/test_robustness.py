@@ -120,3 +120,15 @@ def test_other_model_is_an_input_error_and_bit_flips_are_damage(tmp_path):
   assert "checkpoint step 4" in r.stdout and "damaged" in r.stdout, r.stdout[-2000:]
   assert "resuming from checkpoint step 2" in r.stdout
   assert "4.damaged" in _ckpt_listing(work)
+
+
+def test_missing_config_file_and_eval_output_directory(tmp_path):
+  r = subprocess.run([sys.executable, "train.py", f"--config={tmp_path / 'none.py'}",
+                      f"--workdir={tmp_path / 'w'}"], capture_output=True, text=True, cwd=ROOT,
+                     env=ENV, timeout=120)
+  assert r.returncode == 2 and "error: cannot load the --config file" in r.stderr, r.stderr[-1500:]
+  assert "Traceback" not in r.stderr and not (tmp_path / "w").exists()
+  r, _ = _train(tmp_path, "--mode=eval", f"--config.eval_output={tmp_path / 'no' / 'x.json'}",
+                timeout=120)
+  assert r.returncode == 2 and "eval_output" in r.stderr and "does not exist" in r.stderr, \
+      r.stderr[-1500:]
