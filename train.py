@@ -32,6 +32,12 @@ flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics.jsonl,
                     "in eval mode, the checkpoint to evaluate.")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (or resume), or evaluate.")
 flags.DEFINE_bool("dry_run", False, "Print the model summary and exit; writes nothing.")
+flags.DEFINE_bool("memory", False, "Compile the train step for the config's model, batch, length "
+                  "and mesh, print XLA's memory per device against the device's, and exit; writes "
+                  "nothing (plan on forced host devices with XLA_FLAGS="
+                  "--xla_force_host_platform_device_count=N).")
+flags.DEFINE_float("device_memory_gb", None, "With --memory: compare against this many GiB per "
+                   "device instead of the device's own memory.")
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
@@ -86,6 +92,26 @@ def _parse_flags(argv: list[str]) -> list[str]:
   sys.exit(2)
 
 
+def _memory_report(config) -> None:
+  from sh2_jax.train import check, trainer
+  from sh2_jax.train import mesh as mesh_lib
+  import jax
+  try:
+    model_cfg = check.validate(config, "train")
+    mesh = mesh_lib.make_mesh(config.mesh)
+    check.check_against_mesh(config, dict(mesh.shape), jax.process_count())
+    if FLAGS.device_memory_gb is not None and not FLAGS.device_memory_gb > 0:
+      raise ValueError(f"--device_memory_gb {FLAGS.device_memory_gb} must be > 0")
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  limit = FLAGS.device_memory_gb * 2**30 if FLAGS.device_memory_gb else None
+  rep = trainer.memory_report(config, model_cfg, mesh, limit)
+  print(f"model {config.preset}, batch {config.batch_size} x {config.seq_len} tokens, remat "
+        f"{config.remat}, {jax.default_backend()}")
+  print(trainer.format_memory_report(rep))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -109,10 +135,13 @@ def main(argv):
       sys.exit(2)
     print_summary(config)
     return
-  if not FLAGS.workdir:
-    raise app.UsageError("--workdir is required")
   if not FLAGS["verbosity"].present:  # Orbax logs every file it writes at INFO
     logging.set_verbosity(logging.WARNING)
+  if FLAGS.memory:
+    _memory_report(config)
+    return
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir is required")
   _initialize_distributed()
   import jax
   logging.info("JAX process %d of %d, %d devices (%s)", jax.process_index(), jax.process_count(),

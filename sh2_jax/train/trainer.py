@@ -6,10 +6,12 @@ before the workdir exists — then create or resume the run and train.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -94,16 +96,23 @@ def prepare_train(config, workdir: str | None = None):
   return model_cfg, mesh, data_iter, eval_src
 
 
-class Diverged(RuntimeError):
-  """Training stopped: the loss stayed NaN/inf for ``max_nonfinite_logs`` logged steps."""
+@dataclasses.dataclass(frozen=True)
+class StepSetup:
+  """The abstract state, shardings and jitted train step of a config on a mesh."""
+  graphdef: Any
+  abs_params: dict
+  p_sh: dict
+  tx: optax.GradientTransformation
+  abs_opt: Any
+  o_sh: Any
+  repl: Any
+  b_sh: dict
+  step_fn: Any
+  abs_batch: dict
 
 
-def train(config, workdir: str, prepared=None) -> dict:
-  """Train (or resume) the run in ``workdir``; returns the last logged record. ``prepared``:
-  the result of ``prepare_train(config)`` when the caller already validated the inputs."""
-  model_cfg, mesh, data_iter, eval_src = prepared or prepare_train(config)
-  main = jax.process_index() == 0
-
+def build_step(config, model_cfg: ModelConfig, mesh) -> StepSetup:
+  """Everything the train step needs but the arrays (no memory allocated)."""
   abstract = abstract_model(model_cfg)
   graphdef, _ = nnx.split(abstract)
   abs_params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
@@ -114,6 +123,70 @@ def train(config, workdir: str, prepared=None) -> dict:
                                transform_non_params=lambda _: mesh_lib.replicated(mesh))
   repl = mesh_lib.replicated(mesh)
   b_sh = {k: mesh_lib.batch_sharding(mesh) for k in ("inputs", "targets", "weights")}
+  step_fn = jax.jit(
+      functools.partial(train_step, graphdef=graphdef, tx=tx, remat=config.remat,
+                        accum=config.optimizer.grad_accum_steps, mesh=mesh,
+                        context_modes=dict(config.context_parallel)),
+      in_shardings=(p_sh, o_sh, b_sh), out_shardings=(p_sh, o_sh, repl), donate_argnums=(0, 1))
+  abs_batch = {k: jax.ShapeDtypeStruct((config.batch_size, config.seq_len),
+                                       jnp.float32 if k == "weights" else jnp.int32, sharding=sh)
+               for k, sh in b_sh.items()}
+  return StepSetup(graphdef, abs_params, p_sh, tx, abs_opt, o_sh, repl, b_sh, step_fn, abs_batch)
+
+
+def memory_report(config, model_cfg: ModelConfig, mesh, device_memory: float | None = None
+                  ) -> dict:
+  """XLA's memory analysis of the compiled train step, per device, in bytes: arguments
+  (parameters, optimizer state, batch), temporaries, output, the donated (aliased) part, the
+  total live at once, and the device's memory (``device_memory`` overrides, for planning on
+  forced host devices). Compiles; allocates nothing."""
+  s = build_step(config, model_cfg, mesh)
+  compiled = s.step_fn.lower(_abstract(s.abs_params, s.p_sh), _abstract(s.abs_opt, s.o_sh),
+                             s.abs_batch).compile()
+  ma = compiled.memory_analysis()
+  args, out = ma.argument_size_in_bytes, ma.output_size_in_bytes
+  temp, alias = ma.temp_size_in_bytes, ma.alias_size_in_bytes
+  if device_memory is None:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    device_memory = stats.get("bytes_limit")
+  return {"arguments": args, "temporaries": temp, "output": out, "aliased": alias,
+          "total": args + temp + out - alias, "device_memory": device_memory,
+          "devices": mesh.size, "mesh": dict(mesh.shape)}
+
+
+def format_memory_report(rep: dict) -> str:
+  def gib(b):
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+
+  lines = [f"train step memory per device (XLA's analysis of the compiled step; mesh "
+           f"{rep['mesh']}, {rep['devices']} device(s)):",
+           f"  arguments    {gib(rep['arguments'])}  (parameters, optimizer state, batch)",
+           f"  temporaries  {gib(rep['temporaries'])}",
+           f"  output       {gib(rep['output'])}  ({gib(rep['aliased'])} of it reuses the donated "
+           "arguments)",
+           f"  total        {gib(rep['total'])}"]
+  mem = rep["device_memory"]
+  if mem:
+    verdict = "fits" if rep["total"] <= mem else "does not fit"
+    lines.append(f"  device       {gib(mem)}: {verdict} ({100 * rep['total'] / mem:.0f}% of it)")
+  else:
+    lines.append("  device       memory unknown (set --device_memory_gb to compare)")
+  return "\n".join(lines)
+
+
+class Diverged(RuntimeError):
+  """Training stopped: the loss stayed NaN/inf for ``max_nonfinite_logs`` logged steps."""
+
+
+def train(config, workdir: str, prepared=None) -> dict:
+  """Train (or resume) the run in ``workdir``; returns the last logged record. ``prepared``:
+  the result of ``prepare_train(config)`` when the caller already validated the inputs."""
+  model_cfg, mesh, data_iter, eval_src = prepared or prepare_train(config)
+  main = jax.process_index() == 0
+
+  s = build_step(config, model_cfg, mesh)
+  graphdef, abs_params, p_sh, tx, abs_opt, o_sh, repl, b_sh = (
+      s.graphdef, s.abs_params, s.p_sh, s.tx, s.abs_opt, s.o_sh, s.repl, s.b_sh)
 
   os.makedirs(workdir, exist_ok=True)
   mngr = checkpointing.make_manager(workdir, config.keep_checkpoints,
@@ -137,17 +210,10 @@ def train(config, workdir: str, prepared=None) -> dict:
       print(f"resuming from checkpoint step {step} in {checkpointing.checkpoint_dir(workdir)}",
             flush=True)
 
-  step_fn = jax.jit(
-      functools.partial(train_step, graphdef=graphdef, tx=tx, remat=config.remat,
-                        accum=config.optimizer.grad_accum_steps, mesh=mesh,
-                        context_modes=dict(config.context_parallel)),
-      in_shardings=(p_sh, o_sh, b_sh), out_shardings=(p_sh, o_sh, repl), donate_argnums=(0, 1))
+  step_fn, abs_batch = s.step_fn, s.abs_batch
   eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, mesh=mesh,
                                       context_modes=dict(config.context_parallel)),
                     in_shardings=(p_sh, b_sh), out_shardings=repl)
-  abs_batch = {k: jax.ShapeDtypeStruct((config.batch_size, config.seq_len),
-                                       jnp.float32 if k == "weights" else jnp.int32, sharding=s)
-               for k, s in b_sh.items()}
   compiled = step_fn.lower(params, opt_state, abs_batch).compile()  # keep compile out of tokens/s
 
   schedule = learning_rate_schedule(config.optimizer, config.num_steps)

@@ -232,3 +232,26 @@ def test_param_sharding_over_fsdp_and_context_names_the_bad_dimension():
   ok = jax.sharding.AbstractMesh((1, 2, 2), mesh_lib.AXES)
   shardings = mesh_lib.param_shardings(ok, params, specs)
   assert len(jax.tree.leaves(shardings)) == len(jax.tree.leaves(params))
+
+
+def test_memory_report_before_a_run(tmp_path):
+  """``--memory`` compiles the step and prints XLA's memory per device, with a verdict against
+  the given device memory; on 2 forced host devices it plans a context-parallel mesh."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  run = lambda *a, **kw: subprocess.run(  # noqa: E731
+      [sys.executable, "train.py", "--config=configs/tiny.py", "--memory", *a],
+      capture_output=True, text=True, cwd=root, timeout=600, **kw)
+  r = run("--device_memory_gb=0.001", env=env)
+  assert r.returncode == 0, r.stderr[-2000:]
+  for word in ("arguments", "temporaries", "output", "total", "does not fit"):
+    assert word in r.stdout, r.stdout
+  r = run("--device_memory_gb=64", "--config.mesh.context=2", "--config.mesh.data=1",
+          env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "'context': 2" in r.stdout and ": fits" in r.stdout, r.stdout
+  r = run("--device_memory_gb=-1", env=env)
+  assert r.returncode == 2 and "--device_memory_gb -1.0 must be > 0" in r.stderr
+  assert not list(tmp_path.iterdir())
