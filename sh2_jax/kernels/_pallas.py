@@ -14,6 +14,16 @@ from jax.experimental.pallas import triton as plgpu
 TRITON_DEPRECATION = "The Pallas Triton backend is deprecated"
 
 
+def check_gated_inputs(x1, v, x2) -> None:
+  """The gated operators' inputs x1, v, x2: one shape [B, L, D], one dtype (bf16 or f32)."""
+  if x1.ndim != 3 or x1.shape != v.shape or x1.shape != x2.shape:
+    raise ValueError(f"x1, v, x2 must share one shape [B, L, D]; got {x1.shape}, {v.shape}, "
+                     f"{x2.shape}")
+  if not (x1.dtype == v.dtype == x2.dtype) or x1.dtype not in (jnp.bfloat16, jnp.float32):
+    raise ValueError(f"x1, v, x2 must all be bfloat16 or float32; got {x1.dtype}, {v.dtype}, "
+                     f"{x2.dtype}")
+
+
 def dot_precision(dtype):
   # float32 inputs get full-precision FMA dots (Triton's default would be tf32, ~3e-4 error).
   return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None

@@ -42,7 +42,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from sh2_jax.kernels import fir_conv_bwd
-from sh2_jax.kernels._pallas import call_pallas, dot, dot_precision, store
+from sh2_jax.kernels._pallas import (call_pallas, check_gated_inputs, dot, dot_precision,
+                                     store)
 from sh2_jax.kernels.fir_layout import (BlockSizes, DoesNotFit, Layout, choose_block_sizes,
                                         filter_table, make_layout, pad_to, subblock,
                                         toeplitz_slots)
@@ -137,12 +138,7 @@ def fwd(x1, v, x2, h, dskip, bs: BlockSizes, interpret: bool = False, poison: bo
 
 
 def _check(x1, v, x2, h, dskip):
-  if x1.ndim != 3 or x1.shape != v.shape or x1.shape != x2.shape:
-    raise ValueError(f"x1, v, x2 must share one shape [B, L, D]; got {x1.shape}, {v.shape}, "
-                     f"{x2.shape}")
-  if not (x1.dtype == v.dtype == x2.dtype) or x1.dtype not in (jnp.bfloat16, jnp.float32):
-    raise ValueError(f"x1, v, x2 must all be bfloat16 or float32; got {x1.dtype}, {v.dtype}, "
-                     f"{x2.dtype}")
+  check_gated_inputs(x1, v, x2)
   if h.ndim != 2:
     raise ValueError(f"h must be [G, K]; got shape {h.shape}")
   if dskip is not None and dskip.shape != (x1.shape[2],):

@@ -9,6 +9,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from sh2_jax.kernels._pallas import check_gated_inputs
+
 F32 = jnp.float32
 
 
@@ -187,12 +189,7 @@ def walk(load, step, start, count: int, direction: int, carry, geo: Geometry):
 
 
 def check_inputs(x1, v, x2, log_poles, residues, dskip, state):
-  if x1.ndim != 3 or x1.shape != v.shape or x1.shape != x2.shape:
-    raise ValueError(f"x1, v, x2 must share one shape [B, L, D]; got {x1.shape}, {v.shape}, "
-                     f"{x2.shape}")
-  if not (x1.dtype == v.dtype == x2.dtype) or x1.dtype not in (jnp.bfloat16, jnp.float32):
-    raise ValueError(f"x1, v, x2 must all be bfloat16 or float32; got {x1.dtype}, {v.dtype}, "
-                     f"{x2.dtype}")
+  check_gated_inputs(x1, v, x2)
   batch, _, d = x1.shape
   if log_poles.ndim != 2 or log_poles.shape[0] != d or residues.shape != log_poles.shape:
     raise ValueError(f"log_poles and residues must both be [D={d}, N]; got {log_poles.shape} "
