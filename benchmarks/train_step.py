@@ -74,7 +74,7 @@ class Point:
     from sh2_jax.model import StripedHyena
     from sh2_jax.train import mesh as mesh_lib
     from sh2_jax.train.optim import make_optimizer
-    from sh2_jax.train.step import train_step
+    from sh2_jax.train.step import compiler_options, train_step
     import optax
 
     self.cfg, self.length, self.remat = cfg, length, remat
@@ -103,7 +103,9 @@ class Point:
                              mesh=mesh)
     kw = {} if mesh is None else dict(in_shardings=(p_sh, o_sh, b_sh),
                                       out_shardings=(p_sh, o_sh, repl))
-    self.step = jax.jit(step, donate_argnums=(0, 1), **kw)
+    # the trainer's XLA options (the latency-hiding scheduler off on a context mesh)
+    self.step = jax.jit(step, donate_argnums=(0, 1),
+                        compiler_options=compiler_options(mesh) or None, **kw)
     rng = np.random.default_rng(seed)
     toks = rng.integers(0, 256, size=(1, length + 1), dtype=np.int32)  # bytes, as in training
     batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:],

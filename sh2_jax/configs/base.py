@@ -42,6 +42,9 @@ def make_config(preset: str) -> ml_collections.ConfigDict:
       learning_rate=3e-3, warmup_steps=10, min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95,
       eps=1e-8, grad_clip=1.0, grad_accum_steps=1, decay_embedding=True))
   c.remat = "none"  # none | blocks | dots (rematerialise each block / all but its matmuls)
+  # XLA GPU's latency-hiding scheduler for the train step: auto (off on a context mesh, where it
+  # kept every block's activations live: sh2_jax/train/step.py), on, off
+  c.latency_hiding = "auto"
   c.max_nonfinite_logs = 3  # stop after this many logged losses in a row are NaN/inf; 0: never
   c.data = ml_collections.ConfigDict(dict(
       path="", format="auto", eval_fraction=0.05, upper_case=False, n_handling="keep"))

@@ -55,6 +55,10 @@ def validate(config, mode: str = "train") -> ModelConfig:
   _positive_int("optimizer.warmup_steps", config.optimizer.warmup_steps, allow_zero=True)
   if config.remat not in REMAT:
     raise ValueError(f"remat {config.remat!r} is not valid; expected one of {', '.join(REMAT)}")
+  from sh2_jax.train.step import LATENCY_HIDING
+  if config.latency_hiding not in LATENCY_HIDING:
+    raise ValueError(f"latency_hiding {config.latency_hiding!r} is not valid; expected one of "
+                     f"{', '.join(LATENCY_HIDING)}")
   from sh2_jax.parallel.context import ContextParallel
   try:
     ContextParallel(size=1, **dict(config.context_parallel))

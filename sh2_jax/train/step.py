@@ -20,6 +20,26 @@ from sh2_jax.parallel.context import context_parallel_logits
 from sh2_jax.sharding import BATCH_AXES
 
 
+LATENCY_HIDING = ("auto", "on", "off")
+
+
+def compiler_options(mesh: Mesh | None, latency_hiding: str = "auto") -> dict:
+  """XLA options for compiling the train step (``config.latency_hiding``).
+
+  ``auto`` turns XLA GPU's latency-hiding scheduler off on a context mesh. There it overlaps
+  the context collectives (halo exchanges, all-to-alls, K/V gathers) and the per-block FSDP
+  gathers and reduce-scatters with compute by keeping buffers of many blocks live at once: the
+  compiled step of the 7B layout at 128K over 4 H200s needed 6.0 GiB more per added layer with
+  it and 0.71 GiB without (the saved block input is 0.25 GiB; benchmarks/cp_memory.py,
+  benchmarks/RESULTS.md, issue 18), which is why the 32-layer 7B asked for 192 GiB per device.
+  Elsewhere the default (on) stays. Other backends ignore the option."""
+  if latency_hiding not in LATENCY_HIDING:
+    raise ValueError(f"latency_hiding {latency_hiding!r} is not one of {', '.join(LATENCY_HIDING)}")
+  on = (latency_hiding == "on" or
+        (latency_hiding == "auto" and (mesh is None or mesh.shape["context"] == 1)))
+  return {} if on else {"xla_gpu_enable_latency_hiding_scheduler": False}
+
+
 def forward(model, tokens: jax.Array, remat: str = "none", mesh: Mesh | None = None,
             context_modes: dict | None = None) -> jax.Array:
   """tokens [B, L] -> logits [B, L, V] float32: the model's one forward with the blocks

@@ -27,7 +27,7 @@ from sh2_jax.flops import flops_per_token
 from sh2_jax.model import StripedHyena
 from sh2_jax.train import checkpointing, check, mesh as mesh_lib, metrics as metrics_lib
 from sh2_jax.train.optim import learning_rate_schedule, make_optimizer
-from sh2_jax.train.step import eval_step, train_step
+from sh2_jax.train.step import compiler_options, eval_step, train_step
 
 
 def prepare(config, mode: str):
@@ -127,7 +127,8 @@ def build_step(config, model_cfg: ModelConfig, mesh) -> StepSetup:
       functools.partial(train_step, graphdef=graphdef, tx=tx, remat=config.remat,
                         accum=config.optimizer.grad_accum_steps, mesh=mesh,
                         context_modes=dict(config.context_parallel)),
-      in_shardings=(p_sh, o_sh, b_sh), out_shardings=(p_sh, o_sh, repl), donate_argnums=(0, 1))
+      in_shardings=(p_sh, o_sh, b_sh), out_shardings=(p_sh, o_sh, repl), donate_argnums=(0, 1),
+      compiler_options=compiler_options(mesh, config.latency_hiding) or None)
   abs_batch = {k: jax.ShapeDtypeStruct((config.batch_size, config.seq_len),
                                        jnp.float32 if k == "weights" else jnp.int32, sharding=sh)
                for k, sh in b_sh.items()}
