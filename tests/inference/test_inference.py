@@ -298,7 +298,10 @@ def test_generate_cli(tmp_path):
   TSV row per generated token."""
   fasta = tmp_path / "p.fa"
   fasta.write_text(">one first prompt\nACGTAC\nGTTA\n>two\nGGC\n")
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  # JAX_PLATFORMS unset, as a user runs it: JAX then probes its backends (and used to log
+  # "Unable to initialize backend 'tpu'"); the pinned jaxlib has only the CPU one.
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  env["PYTHONPATH"] = ROOT
   out = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--model", "tiny",
                         "--fasta", str(fasta), "--max_new_tokens", "5", "--temperature", "0.5",
                         "--top_k", "3", "--line_width", "8", "--logprobs",
@@ -317,6 +320,8 @@ def test_generate_cli(tmp_path):
   assert records[0][1].startswith(b"ACGTACGTTA") and records[1][1].startswith(b"GGC")
   assert records[1][0].startswith(b"two prompt_len=3 ")
   assert "RANDOM weights" in out.stderr
+  noise = [ln for ln in out.stderr.splitlines() if "INFO" in ln or "tpu" in ln.lower()]
+  assert not noise, noise  # no absl INFO records, no JAX backend probe
   rows = (tmp_path / "lp.tsv").read_text().splitlines()
   assert rows[0] == "record\tstep\ttoken\tlogprob" and len(rows) == 1 + 2 * 5
   assert [r.split("\t")[:2] for r in rows[1:3]] == [["one", "0"], ["one", "1"]]
