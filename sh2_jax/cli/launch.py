@@ -28,7 +28,12 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   try:
     return FLAGS(list(argv))
   except flags.Error as e:  # absl's messages name the flag and the bad value
-    fail(str(e))
+    fail(one_line(str(e)))
+
+
+def one_line(message: str) -> str:
+  """absl reports several missing or bad flags on several lines: join them with '; '."""
+  return "; ".join(ln.strip() for ln in message.splitlines() if ln.strip())
 
 
 def quiet_logs() -> None:

@@ -27,7 +27,7 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
-from sh2_jax.cli.launch import fail, launch
+from sh2_jax.cli.launch import fail, launch, one_line
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (e.g. configs/tiny.py) or the name "
@@ -121,7 +121,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return FLAGS(argv)
   except flags.Error as e:  # absl's own messages are clear (unknown flag, bad enum value)
-    fail(str(e))
+    fail(one_line(str(e)))
   except Exception as e:  # noqa: BLE001 - config file or override errors
     fail(_override_error(argv, e))
 

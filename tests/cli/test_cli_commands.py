@@ -45,3 +45,12 @@ def test_help_describes_the_command_not_the_shim():
   assert "sh2-train --config=tiny --workdir=runs/tiny" in r.stdout  # the command's docstring
   assert "--workdir" in r.stdout and "--dry_run" in r.stdout  # and its flags
   assert "Checkout shim" not in r.stdout
+
+
+def test_missing_flags_are_one_error_line():
+  """absl reports each missing required flag on its own line; the commands print one."""
+  r = subprocess.run([sys.executable, "-m", "sh2_jax.convert", "--output=x"], cwd=ROOT,
+                     capture_output=True, text=True, timeout=240)
+  lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+  assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+  assert "--checkpoint" in lines[0] and "--config" in lines[0] and "--output=x" not in lines[0]
