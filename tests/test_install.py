@@ -95,7 +95,8 @@ def test_pip_install_then_the_commands_from_another_directory(tmp_path):
   r = run(python, "-c", "import importlib.metadata as m, importlib.util as u, json; "
           "d = m.distribution('sh2-jax'); print(json.dumps({'version': d.version, "
           "'top': d.read_text('top_level.txt').split(), 'files': [str(f) for f in d.files], "
-          "'origin': u.find_spec('sh2_jax').origin}))")
+          "'origin': u.find_spec('sh2_jax').origin, 'requires': d.requires, "
+          "'extras': d.metadata.get_all('Provides-Extra')}))")
   assert r.returncode == 0, r.stderr
   dist = json.loads(r.stdout)
   import sh2_jax
@@ -103,6 +104,10 @@ def test_pip_install_then_the_commands_from_another_directory(tmp_path):
   assert dist["top"] == ["sh2_jax"] and dist["origin"].startswith(venv)
   assert "sh2_jax/data/corpus/synthetic_genome.fa" in dist["files"]
   assert any(f.endswith("licenses/LICENSE") for f in dist["files"])
+  assert set(dist["extras"]) >= {"cuda12", "cuda13", "test", "bench"}
+  runtime = [r for r in dist["requires"] if "extra ==" not in r]
+  assert any(r.startswith("jax") for r in runtime) and not any("pytest" in r for r in runtime)
+  assert 'jax[cuda12]==0.11.2; extra == "cuda12"' in dist["requires"]
 
   # sh2-train: a preset name, the shipped corpus (package data), quiet logs.
   r = run("sh2-train", "--config=tiny", f"--workdir={work / 'W'}", "--config.num_steps=3",
