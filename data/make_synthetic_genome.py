@@ -1,4 +1,5 @@
-"""Write ``sh2_jax/data/corpus/synthetic_genome.fa``: a deterministic, made-up genome for the default corpus.
+"""Write ``sh2_jax/data/corpus/synthetic_genome.fa``: a deterministic, made-up genome for the
+default corpus.
 
 Nothing here is real biology data. Each contig mixes what makes DNA learnable at the byte level:
 a background from a fixed order-3 Markov chain (GC-rich and AT-rich regions), protein-coding-like

@@ -5,6 +5,7 @@ The environment is made with ``--system-site-packages`` plus a ``.pth`` line nam
 interpreter's site-packages (a venv made from a venv sees the base interpreter's packages, not
 the parent venv's), so the pinned requirements are there and nothing is downloaded: the
 install is ``pip install --no-index --no-deps --no-build-isolation`` of a copy of the checkout.
+All five commands are installed; ``sh2-score`` and ``sh2-embed`` have their own tests.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def test_pip_install_then_the_commands_from_another_directory(tmp_path):
   python, bin_dir = os.path.join(venv, "bin", "python"), os.path.join(venv, "bin")
   src = _copy_checkout(tmp_path / "src")
   r = subprocess.run([python, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-                      "--no-build-isolation", "--disable-pip-version-check", src],
+                      "--no-build-isolation", "--no-cache-dir", "--disable-pip-version-check",
+                      src],
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stdout + r.stderr
   for command in COMMANDS:

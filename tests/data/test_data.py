@@ -156,7 +156,8 @@ def test_jsonl_lines_are_documents(tmp_path):
 
 @pytest.mark.parametrize("line,message", [
     (b'{"text": "AC"}\n{"text": "AC"', r"line 2 is not JSON"),
-    (b'{"seq": "AC"}', r"line 1: expected an object with a string 'text' field; got keys \['seq'\]"),
+    (b'{"seq": "AC"}',
+     r"line 1: expected an object with a string 'text' field; got keys \['seq'\]"),
     (b'["AC"]', r"line 1: .* got a JSON list"),
     (b'{"text": 5}', r"line 1: expected an object with a string 'text'"),
 ])
@@ -175,7 +176,8 @@ def test_unknown_extension_is_an_error_not_text(tmp_path):
   with pytest.raises(ValueError, match=r"notes\.csv' has an unknown extension"):
     readers.read_documents(str(tmp_path))  # inside a directory too, before anything is read
   assert readers.read_documents(str(tmp_path / "notes.csv"), fmt="text") == [b"a,b\n"]
-  assert readers.file_format("x.FA.gz") == "fasta" and readers.file_format("y", "jsonl") == "jsonl"
+  assert readers.file_format("x.FA.gz") == "fasta"
+  assert readers.file_format("y", "jsonl") == "jsonl"
 
 
 def test_one_fasta_parser_for_training_and_prompts(tmp_path):
