@@ -1,4 +1,5 @@
-"""Write ``corpus/synthetic_genome.fa``: a deterministic, made-up genome for the default corpus.
+"""Write ``sh2_jax/data/corpus/synthetic_genome.fa``: a deterministic, made-up genome for the
+default corpus.
 
 Nothing here is real biology data. Each contig mixes what makes DNA learnable at the byte level:
 a background from a fixed order-3 Markov chain (GC-rich and AT-rich regions), protein-coding-like
@@ -83,4 +84,5 @@ def main(path: str, seed: int = 7, num_contigs: int = 12, contig_len: int = 9000
 
 
 if __name__ == "__main__":
-  main(os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus", "synthetic_genome.fa"))
+  main(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sh2_jax", "data",
+                   "corpus", "synthetic_genome.fa"))

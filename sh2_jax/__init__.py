@@ -2,6 +2,8 @@
 
 import os as _os
 
+__version__ = "0.1.0"  # the package version (pyproject.toml reads it from here)
+
 
 def _xla_cpu_one_thread_per_op() -> None:
   """Work around a deadlock of XLA's CPU runtime (jax 0.11.2): independent FFTs of one jitted
@@ -28,5 +30,5 @@ from sh2_jax.inference.segmented import segmented_logits, segmented_score  # noq
 from sh2_jax.model import StripedHyena  # noqa: E402
 from sh2_jax.zoo import load  # noqa: E402
 
-__all__ = ["ModelConfig", "StripedHyena", "embed", "generate", "load", "mean_pool",
+__all__ = ["__version__", "ModelConfig", "StripedHyena", "embed", "generate", "load", "mean_pool",
            "resolve_layout", "score", "segmented_logits", "segmented_score"]

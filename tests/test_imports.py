@@ -2,7 +2,9 @@
 
 - no cycle between modules;
 - no cycle between folders (each subpackage of ``sh2_jax`` is one node; the package's own
-  top-level modules are a node each, since everything builds on ``config.py`` and the modules);
+  top-level modules are a node each, since everything builds on ``config.py`` and the modules;
+  a folder's ``__main__.py``, what ``python -m`` runs, is an entry point like the commands in
+  ``sh2_jax/cli/`` and is left out);
 - nothing in the library imports a top-level ``configs`` (the configs live in
   ``sh2_jax/configs``);
 - no switch on a layer-type string (``op == "LI"``, ``op in ("MR", "LI")``) outside
@@ -109,7 +111,7 @@ def test_no_folder_cycle():
   modules, graph = _graph()
   folders: dict[str, set[str]] = {}
   for m, deps in graph.items():
-    if m == PACKAGE:  # the package's re-exports are its interface, not a dependency
+    if m == PACKAGE or m.endswith(".__main__"):  # the interface and the entry points
       continue
     node = folders.setdefault(_folder(m), set())
     node.update(_folder(d) for d in deps if d in modules and d != PACKAGE
@@ -168,3 +170,13 @@ def test_pip_install_ships_one_top_level_package():
   assert {p.split(".")[0] for p in packages} == {PACKAGE}, packages
   assert "sh2_jax.configs" in packages and "sh2_jax.kernels" in packages
   assert not os.path.exists(os.path.join(ROOT, "configs", "__init__.py"))  # a plain folder
+
+
+def test_library_never_imports_the_commands():
+  """``sh2_jax/cli/`` sits on top: only entry points (``__main__``) import it."""
+  _, graph = _graph()
+  bad = sorted(m for m, deps in graph.items()
+               if not m.startswith("sh2_jax.cli") and not m.endswith(".__main__")
+               and any(d.startswith("sh2_jax.cli") for d in deps))
+  assert not bad, f"library modules importing sh2_jax.cli: {bad}"
+  assert "sh2_jax.cli.convert" in graph["sh2_jax.convert.__main__"]

@@ -1,3 +1,3 @@
 """The ml_collections training configs, one per model preset (``base.make_config``). Train with
-``--config=configs/<name>.py`` from a checkout (the top-level ``configs/`` files re-export these)
-or ``--config=<site-packages>/sh2_jax/configs/<name>.py`` after ``pip install``."""
+``sh2-train --config=<name>`` (the name of a file here), ``--config=configs/<name>.py`` from a
+checkout (the top-level ``configs/`` files re-export these), or the path of any config file."""

@@ -25,7 +25,7 @@ def make_config(preset: str) -> ml_collections.ConfigDict:
     if field.name not in c.model and field.name != "layer_idxs":
       c.model[field.name] = field.default
   # Training (Flax-examples style top-level keys). The defaults train the tiny preset on a CPU
-  # in about a minute on the shipped corpus (data.path "" = data/corpus).
+  # in about a minute on the shipped corpus (data.path "" = sh2_jax/data/corpus).
   c.seed = 0
   c.num_steps = 100
   c.log_every = 10

@@ -1,49 +1,6 @@
-"""CLI: convert a reference (vortex / Evo 2) checkpoint into an sh2_jax Orbax checkpoint.
+"""``python -m sh2_jax.convert ...`` runs ``sh2-convert ...`` (``sh2_jax/cli/convert.py``)."""
 
-  python -m sh2_jax.convert --checkpoint evo2_7b.pt --config evo2-7b-8k.yml --output DIR
-
-``--checkpoint`` may name a file cut into ``.partN`` shards. Nothing is written unless the whole
-checkpoint converts; Orbax writes DIR atomically.
-"""
-
-from __future__ import annotations
-
-import os
-import sys
-
-import jax
-from absl import app, flags
-from flax import nnx
-
-from sh2_jax.checkpoint import save_model
-from sh2_jax.convert.vortex import from_vortex
-
-flags.DEFINE_string("checkpoint", None, "reference .pt state dict (or its .partN shards)")
-flags.DEFINE_string("config", None, "the model's vortex YAML config")
-flags.DEFINE_string("output", None, "new directory for the sh2_jax checkpoint")
-flags.mark_flags_as_required(["checkpoint", "config", "output"])
-
-
-def _fail(message: str) -> None:
-  """One ``error:`` line on stderr, exit code 2 (bad input), nothing written."""
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
-def main(argv):
-  del argv
-  f = flags.FLAGS
-  if os.path.exists(f.output):
-    _fail(f"output {f.output!r} already exists; choose a new directory")
-  try:
-    model = from_vortex(f.checkpoint, f.config)
-  except (ValueError, FileNotFoundError) as e:
-    _fail(str(e))
-  save_model(f.output, model)
-  n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  print(f"wrote {f.output}: {len(model.blocks)} layers "
-        f"({'-'.join(model.cfg.layer_types)}), {n:,} parameters")
-
+from sh2_jax.cli.convert import main
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

@@ -1,7 +1,7 @@
 """Synthetic tasks as training data: ``config.data.format = "synthetic:<task>[:k=v,...]"``.
 
-    python train.py --config=configs/synthetic_mqar.py --workdir=runs/mqar
-    python train.py --config=configs/tiny.py --workdir=runs/sc \\
+    sh2-train --config=synthetic_mqar --workdir=runs/mqar
+    sh2-train --config=tiny --workdir=runs/sc \\
         --config.data.format=synthetic:selective_copy:n_tokens=8,vocab=16
 
 The parameters after the task name are the generator's keyword arguments (``tasks.py``) plus

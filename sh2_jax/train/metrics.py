@@ -53,12 +53,37 @@ def _step_of(line: str) -> float:
     return math.inf
 
 
+# Metrics the TensorBoard HParams dashboard shows beside each run's config.
+HPARAM_METRICS = ("train/loss", "train/bits_per_byte", "eval/loss", "eval/bits_per_byte")
+
+
+def tensorboard_tag(key: str) -> str:
+  """A record key -> its TensorBoard tag: ``eval_loss`` -> ``eval/loss``, ``loss`` ->
+  ``train/loss`` (grouped as TensorBoard sections, as in the Flax and MaxText trainers)."""
+  return f"eval/{key[len('eval_'):]}" if key.startswith("eval_") else f"train/{key}"
+
+
+def flat_hparams(tree: dict, prefix: str = "") -> dict:
+  """A nested config dict -> ``{"optimizer.learning_rate": 3e-3, ...}`` of the scalars
+  TensorBoard's HParams plugin takes (bool, int, float, str); other values as their str."""
+  out = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      out.update(flat_hparams(value, name + "."))
+    elif value is not None:
+      out[name] = value if isinstance(value, (bool, int, float, str)) else str(value)
+  return out
+
+
 class MetricWriter:
   """One JSON object per logged step in ``workdir/metrics.jsonl`` plus TensorBoard scalars in
-  ``workdir/tensorboard``. Only the main process writes. On resume from step s, records after
-  s (from the interrupted run) are dropped so the file describes one consistent run."""
+  ``workdir/tensorboard`` (tags ``train/...`` and ``eval/...``; ``config``, when given, is
+  logged once as text and as HParams). Only the main process writes. On resume from step s,
+  records after s (from the interrupted run) are dropped so the file describes one consistent
+  run."""
 
-  def __init__(self, workdir: str, enabled: bool, resume_step: int = 0):
+  def __init__(self, workdir: str, enabled: bool, resume_step: int = 0, config=None):
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.tb = None
@@ -71,6 +96,20 @@ class MetricWriter:
         f.writelines(keep)
     from tensorboardX import SummaryWriter  # heavy import, main process only
     self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._session_end = None
+    if config is not None:
+      self._log_config(config.to_dict() if hasattr(config, "to_dict") else dict(config),
+                       resume_step)
+
+  def _log_config(self, config: dict, step: int) -> None:
+    from tensorboardX.summary import hparams
+    text = json.dumps(config, indent=2, sort_keys=True, default=str)
+    self.tb.add_text("config", "```\n" + text + "\n```", step)
+    experiment, session_start, self._session_end = hparams(
+        flat_hparams(config), {tag: 0.0 for tag in HPARAM_METRICS})
+    self.tb.file_writer.add_summary(experiment, step)
+    self.tb.file_writer.add_summary(session_start, step)
+    self.tb.flush()
 
   def write(self, record: dict) -> None:
     if not self.enabled:
@@ -79,11 +118,13 @@ class MetricWriter:
       f.write(json.dumps(record) + "\n")
     for key, value in record.items():
       if key != "step" and isinstance(value, (int, float)):
-        self.tb.add_scalar(key, value, record["step"])
+        self.tb.add_scalar(tensorboard_tag(key), value, record["step"])
     self.tb.flush()
 
   def close(self) -> None:
     if self.tb is not None:
+      if self._session_end is not None:
+        self.tb.file_writer.add_summary(self._session_end)
       self.tb.close()
 
 

@@ -218,7 +218,7 @@ def train(config, workdir: str, prepared=None) -> dict:
   compiled = step_fn.lower(params, opt_state, abs_batch).compile()  # keep compile out of tokens/s
 
   schedule = learning_rate_schedule(config.optimizer, config.num_steps)
-  writer = metrics_lib.MetricWriter(workdir, main, resume_step=step)
+  writer = metrics_lib.MetricWriter(workdir, main, resume_step=step, config=config)
   fpt = flops_per_token(model_cfg, config.seq_len)
   peak = metrics_lib.peak_flops_per_device(config.peak_flops, model_cfg.dtype) * jax.device_count()
   tokens_per_step = config.batch_size * config.seq_len

@@ -1,6 +1,7 @@
 """Byte data: readers, FASTA, packing, the held-out split, Grain iterators."""
 
 import gzip
+import json
 
 import ml_collections
 import numpy as np
@@ -138,3 +139,59 @@ def test_eval_batches_cover_every_window_once():
 def test_default_corpus_loads():
   train, held = pipeline.load_dataset(data_cfg("", eval_fraction=0.05), 128)
   assert len(train) > 500 and len(held) > 20
+
+
+def test_jsonl_lines_are_documents(tmp_path):
+  """OpenGenome2's layout: one {"text": ...} object per line, each one document (gzip too)."""
+  lines = [{"text": "ACGTAC", "id": 1}, {"text": "héllo"}, {"text": ""}, {"text": "GG"}]
+  raw = "\n".join(json.dumps(x) for x in lines).encode() + b"\n\n"
+  (tmp_path / "a.jsonl").write_bytes(raw)
+  (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress(raw))
+  docs = [b"ACGTAC", "héllo".encode(), b"GG"]
+  assert readers.read_documents(str(tmp_path / "a.jsonl")) == docs
+  assert readers.read_documents(str(tmp_path), upper=True) == [d.upper() for d in docs] * 2
+  train, _ = pipeline.load_dataset(data_cfg(tmp_path / "a.jsonl"), 4)
+  assert len(train) == (6 + 6 + 2 + 3) // 4  # each document + EOD, packed into windows of 4
+
+
+@pytest.mark.parametrize("line,message", [
+    (b'{"text": "AC"}\n{"text": "AC"', r"line 2 is not JSON"),
+    (b'{"seq": "AC"}',
+     r"line 1: expected an object with a string 'text' field; got keys \['seq'\]"),
+    (b'["AC"]', r"line 1: .* got a JSON list"),
+    (b'{"text": 5}', r"line 1: expected an object with a string 'text'"),
+])
+def test_bad_jsonl_names_the_line(tmp_path, line, message):
+  (tmp_path / "x.jsonl").write_bytes(line)
+  with pytest.raises(ValueError, match=message):
+    readers.read_documents(str(tmp_path / "x.jsonl"))
+
+
+def test_unknown_extension_is_an_error_not_text(tmp_path):
+  (tmp_path / "notes.csv").write_bytes(b"a,b\n")
+  with pytest.raises(ValueError, match=r"data file .*notes\.csv' has an unknown extension; "
+                                       r"expected one of \.txt, \.text, \.fa, .*\.jsonl"):
+    readers.read_documents(str(tmp_path / "notes.csv"))
+  (tmp_path / "ok.txt").write_bytes(b"text")
+  with pytest.raises(ValueError, match=r"notes\.csv' has an unknown extension"):
+    readers.read_documents(str(tmp_path))  # inside a directory too, before anything is read
+  assert readers.read_documents(str(tmp_path / "notes.csv"), fmt="text") == [b"a,b\n"]
+  assert readers.file_format("x.FA.gz") == "fasta"
+  assert readers.file_format("y", "jsonl") == "jsonl"
+
+
+def test_one_fasta_parser_for_training_and_prompts(tmp_path):
+  raw = b"ACGT\n>one first\nAC\n;comment\nGT\n\n>two\n>three\nTT\n"
+  assert readers.fasta_records(raw) == [(None, b"ACGT"), (b"one first", b"ACGT"), (b"two", b""),
+                                        (b"three", b"TT")]
+  assert readers.parse_fasta(raw) == [b"ACGT", b"ACGT", b"TT"]  # training: every sequence
+  f = tmp_path / "p.fa"
+  f.write_bytes(b">one first\nAC\nGT\n>two\nTT\n")
+  assert readers.read_fasta(str(f)) == [("one first", b"ACGT"), ("two", b"TT")]
+  for content, message in [(raw, "sequence before the first '>' header"),
+                           (b">a\nAC\n>b\n", r"record\(s\) \['b'\] have no sequence"),
+                           (b"\n\n", "holds no FASTA records"),
+                           (b">a\n\x00\xff", "is not a text FASTA file")]:
+    f.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+      readers.read_fasta(str(f))

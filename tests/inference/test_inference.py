@@ -293,14 +293,36 @@ def test_zoo_list_and_load(tmp_path, capsys):
 
 
 def test_generate_cli(tmp_path):
+  """Clean FASTA on stdout: the prompt's name and key=value metadata in the header, prompt +
+  continuation in wrapped sequence lines (no separator inside them); --logprobs writes one
+  TSV row per generated token."""
   fasta = tmp_path / "p.fa"
-  fasta.write_text(">one\nACGTAC\nGTTA\n>two\nGGC\n")
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  fasta.write_text(">one first prompt\nACGTAC\nGTTA\n>two\nGGC\n")
+  # JAX_PLATFORMS unset, as a user runs it: JAX then probes its backends (and used to log
+  # "Unable to initialize backend 'tpu'"); the pinned jaxlib has only the CPU one.
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  env["PYTHONPATH"] = ROOT
   out = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--model", "tiny",
                         "--fasta", str(fasta), "--max_new_tokens", "5", "--temperature", "0.5",
-                        "--top_k", "3"], capture_output=True, text=True, env=env, timeout=300)
+                        "--top_k", "3", "--line_width", "8", "--logprobs",
+                        str(tmp_path / "lp.tsv")],
+                       capture_output=True, text=True, env=env, timeout=300)
   assert out.returncode == 0, out.stderr
+  from sh2_jax.data.readers import fasta_records
+  fasta_bytes = set(range(0x21, 0x7f)) - set(b">;")  # printable, no header/comment marker
   lines = out.stdout.splitlines()
-  assert lines[0] == ">one" and lines[1].startswith("ACGTACGTTA|")
-  assert lines[2] == ">two" and lines[3].startswith("GGC|")
+  assert lines[0].startswith(">one first prompt prompt_len=10 new_tokens=5 stopped=no ")
+  assert "temperature=0.5 top_k=3" in lines[0]
+  assert all(len(ln) <= 8 and set(ln.encode()) <= fasta_bytes for ln in lines
+             if not ln.startswith(">"))
+  records = fasta_records(out.stdout.encode())
+  assert [len(seq) for _, seq in records] == [15, 8]
+  assert records[0][1].startswith(b"ACGTACGTTA") and records[1][1].startswith(b"GGC")
+  assert records[1][0].startswith(b"two prompt_len=3 ")
   assert "RANDOM weights" in out.stderr
+  noise = [ln for ln in out.stderr.splitlines() if "INFO" in ln or "tpu" in ln.lower()]
+  assert not noise, noise  # no absl INFO records, no JAX backend probe
+  rows = (tmp_path / "lp.tsv").read_text().splitlines()
+  assert rows[0] == "record\tstep\ttoken\tlogprob" and len(rows) == 1 + 2 * 5
+  assert [r.split("\t")[:2] for r in rows[1:3]] == [["one", "0"], ["one", "1"]]
+  assert all(float(r.split("\t")[3]) <= 0 for r in rows[1:])

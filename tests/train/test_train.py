@@ -155,6 +155,7 @@ def _run_cli(args, env_extra=None):
 def test_bad_inputs_give_one_clear_error_and_write_nothing(tmp_path):
   (tmp_path / "empty.txt").write_bytes(b"")
   (tmp_path / "headers.fa").write_bytes(b">only a header\n")
+  (tmp_path / "notes.csv").write_bytes(b"a,b\n")
   two = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   cases = [
       (["--config.foo=1"], None, "unknown config key 'foo'"),
@@ -166,6 +167,8 @@ def test_bad_inputs_give_one_clear_error_and_write_nothing(tmp_path):
       ([f"--config.data.path={tmp_path / 'missing'}"], None, "does not exist"),
       ([f"--config.data.path={tmp_path / 'empty.txt'}"], None, "empty.txt' is empty"),
       ([f"--config.data.path={tmp_path / 'headers.fa'}"], None, "has no sequences"),
+      ([f"--config.data.path={tmp_path / 'notes.csv'}"], None,
+       "notes.csv' has an unknown extension; expected one of .txt, .text, .fa"),
       (["--config.model.num_heads=3"], None, "num_heads 3 is not valid"),
   ]
   with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -209,6 +212,18 @@ def test_metric_writer_resume_drops_later_and_torn_records(tmp_path):
   assert [json.loads(l) for l in lines] == [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0},
                                             {"step": 3, "loss": 1.5}]
   assert os.listdir(tmp_path / "tensorboard")
+
+
+def test_tensorboard_tags_and_logged_config():
+  """Scalars under train/ and eval/ (TensorBoard sections); the config as flat HParams (the
+  event files themselves are read in tests/test_install.py)."""
+  from sh2_jax.train.metrics import flat_hparams, tensorboard_tag
+  assert [tensorboard_tag(k) for k in ("loss", "lr", "eval_loss", "eval_bits_per_byte")] == [
+      "train/loss", "train/lr", "eval/loss", "eval/bits_per_byte"]
+  hp = flat_hparams(make_config("tiny").to_dict())
+  assert hp["optimizer.learning_rate"] == 3e-3 and hp["model.layout"] == "SE-MR-LI-MHA"
+  assert hp["async_checkpointing"] is True and hp["mesh.data"] == -1
+  assert all(isinstance(v, (bool, int, float, str)) for v in hp.values())
 
 
 def test_param_sharding_over_fsdp_and_context_names_the_bad_dimension():
