@@ -47,6 +47,13 @@ def _find_step_dir(directory: str) -> str:
                    "or numbered step directories holding one")
 
 
+def read_config(directory: str) -> dict:
+  """The ModelConfig dict stored with a checkpoint (``directory`` as for ``load_model``)."""
+  step_dir = _find_step_dir(os.path.abspath(directory))
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    return ckptr.restore(step_dir, ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+
 def load_model(directory: str, dtype=None, **overrides) -> StripedHyena:
   """Build the model described by the checkpoint and load its parameters.
 
@@ -54,8 +61,7 @@ def load_model(directory: str, dtype=None, **overrides) -> StripedHyena:
   extra ModelConfig fields (e.g. ``conv_impl='xla'``).
   """
   step_dir = _find_step_dir(os.path.abspath(directory))
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-    cfg_dict = ckptr.restore(step_dir, ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  cfg_dict = read_config(step_dir)
   if dtype is not None:
     overrides["dtype"] = jnp.dtype(dtype).name
   cfg = ModelConfig.from_dict({**cfg_dict, **overrides})

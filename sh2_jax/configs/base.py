@@ -12,10 +12,12 @@ import ml_collections
 
 from sh2_jax.config import ModelConfig
 
-from sh2_jax.presets import PRESETS
+from sh2_jax.presets import PRESETS, resolve_name
 
 
 def make_config(preset: str) -> ml_collections.ConfigDict:
+  """The training config of ``preset`` (a deprecated alias warns and maps to its new name)."""
+  preset = resolve_name(preset)
   c = ml_collections.ConfigDict()
   c.preset = preset
   c.model = ml_collections.ConfigDict(dict(PRESETS[preset]))

@@ -30,6 +30,8 @@ from absl import logging
 import numpy as np
 from jax.experimental import multihost_utils
 
+from sh2_jax import config as config_lib
+
 ITEMS = ("params", "config", "opt_state", "state", "data", "train_config", "checksums")
 
 
@@ -62,9 +64,6 @@ def save(mngr: ocp.CheckpointManager, step: int, *, params, opt_state, state, da
       train_config=ocp.args.JsonSave(json.loads(json.dumps(train_cfg, default=str)))))
 
 
-# ModelConfig fields that change no parameter's shape or dtype: free to change on resume.
-RUNTIME_FIELDS = ("dtype", "conv_impl", "li_impl", "attention_impl", "max_seqlen", "mr_decay",
-                  "mr_decay_length", "rope_base", "rope_scale", "eps", "fp8_projections")
 
 
 def _committed_steps(workdir: str) -> list[int]:
@@ -86,9 +85,7 @@ def check_compatible(workdir: str, model_cfg: dict, train_cfg) -> None:
     saved = json.load(open(os.path.join(path, "config", "metadata")))
   except (OSError, ValueError):
     return  # unreadable: restore_latest treats the step as damaged
-  diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {model_cfg[k]!r}"
-           for k in sorted(model_cfg) if k not in RUNTIME_FIELDS and
-           json.loads(json.dumps(saved.get(k))) != json.loads(json.dumps(model_cfg[k]))]
+  diffs = [f"model.{d}" for d in config_lib.shape_diffs(saved, model_cfg)]
   try:
     saved_train = json.load(open(os.path.join(path, "train_config", "metadata")))
     clip_then = saved_train["optimizer"]["grad_clip"] > 0
