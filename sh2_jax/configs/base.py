@@ -44,6 +44,11 @@ def make_config(preset: str) -> ml_collections.ConfigDict:
       learning_rate=3e-3, warmup_steps=10, min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95,
       eps=1e-8, grad_clip=1.0, grad_accum_steps=1, decay_embedding=True))
   c.remat = "none"  # none | blocks | dots (rematerialise each block / all but its matmuls)
+  # Fine-tuning (sh2_jax/train/finetune.py): start from this checkpoint's parameters (a
+  # converted Evo 2 checkpoint, a training workdir or a step directory) with a fresh optimizer
+  # at step 0; a workdir that already holds checkpoints resumes from them instead.
+  c.init_from = ""
+  c.freeze = ""  # parameter groups kept fixed, comma-separated: "embedding_layer,blocks.0"
   c.max_nonfinite_logs = 3  # stop after this many logged losses in a row are NaN/inf; 0: never
   c.data = ml_collections.ConfigDict(dict(
       path="", format="auto", eval_fraction=0.05, upper_case=False, n_handling="keep"))

@@ -64,14 +64,25 @@ def save(mngr: ocp.CheckpointManager, step: int, *, params, opt_state, state, da
       train_config=ocp.args.JsonSave(json.loads(json.dumps(train_cfg, default=str)))))
 
 
-
-
 def _committed_steps(workdir: str) -> list[int]:
   root = checkpoint_dir(workdir)
   if not os.path.isdir(root):
     return []
   return sorted((int(d) for d in os.listdir(root) if d.isdigit() and os.path.exists(
       os.path.join(root, d, "config", "metadata"))), reverse=True)
+
+
+def latest_model_config(workdir: str) -> dict | None:
+  """The model config of the newest committed step in ``workdir`` (None: no checkpoint, a run
+  there starts anew)."""
+  steps = _committed_steps(workdir)
+  if not steps:
+    return None
+  try:
+    return json.load(open(os.path.join(checkpoint_dir(workdir), str(steps[0]), "config",
+                                       "metadata")))
+  except (OSError, ValueError):
+    return {}  # unreadable: restore_latest treats the step as damaged
 
 
 def check_compatible(workdir: str, model_cfg: dict, train_cfg) -> None:
@@ -95,6 +106,10 @@ def check_compatible(workdir: str, model_cfg: dict, train_cfg) -> None:
     diffs.append(f"optimizer.grad_clip: checkpoint {saved_train['optimizer']['grad_clip']!r}, "
                  f"config {train_cfg.optimizer.grad_clip!r} (clipping on/off changes the "
                  "optimizer state)")
+  if clip_then is not None and bool(saved_train.get("freeze")) != bool(train_cfg.get("freeze")):
+    diffs.append(f"freeze: checkpoint {saved_train.get('freeze', '')!r}, config "
+                 f"{train_cfg.get('freeze', '')!r} (freezing on/off changes the optimizer state; "
+                 "which groups are frozen may change)")
   if diffs:
     raise ValueError(f"the checkpoints in {checkpoint_dir(workdir)} (latest step {steps[0]}) "
                      f"were written for another model: " + "; ".join(diffs) +
