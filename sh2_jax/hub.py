@@ -79,7 +79,7 @@ def _download_message(name: str, why: str) -> str:
           f"{release.repo} --include '{file}*'` on a machine with internet (copy that cache "
           f"over and point HF_HOME at it), then load {name!r} again; or convert a copy kept "
           f"elsewhere into the cache: `sh2-convert --checkpoint PATH/{file} --config {name} "
-          f"--output {cached_path(name)}`")
+          f"--output {cached_path(name)}` (in a checkout: python -m sh2_jax.convert)")
 
 
 def check_converted(path: str, name: str, cfg_dict: dict) -> None:
