@@ -140,3 +140,13 @@ def test_bad_init_from_and_freeze_are_input_errors(setup, tmp_path):
   with pytest.raises(ValueError, match="freezes every parameter"):
     trainer.prepare_train(_config(tmp, freeze="embedding_layer,blocks,norm"), str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
+
+
+def test_cli_init_from_another_model_is_one_line(setup, tmp_path):
+  tmp, _ = setup
+  r = _run(tmp, f"--workdir={tmp_path / 'w'}", f"--config.init_from={tmp / 'evo2'}",
+           "--config.model.mlp_hidden=96")
+  assert r.returncode == 2
+  lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error: init_from ") and "mlp_hidden" in lines[0]
+  assert not (tmp_path / "w").exists()
