@@ -102,3 +102,19 @@ def test_released_name_without_weights_is_one_error(tmp_path):
                str(tmp_path / "cache" / "evo2_7b_base"), "hf download", "--config evo2_7b_base"):
     assert part in err[0], part
   assert not (tmp_path / "cache").exists()  # nothing written
+
+
+def test_every_config_file_builds_a_preset():
+  """configs/<name>.py (the checkout shims) and sh2_jax/configs/<name>.py for every preset."""
+  import runpy
+  names = set()
+  for folder in ("configs", os.path.join("sh2_jax", "configs")):
+    for f in sorted(os.listdir(os.path.join(ROOT, folder))):
+      if f.endswith(".py") and f not in ("__init__.py", "base.py"):
+        with warnings.catch_warnings():
+          warnings.simplefilter("ignore", FutureWarning)  # the deprecated names' shims
+          c = runpy.run_path(os.path.join(ROOT, folder, f))["get_config"]()
+        assert c.preset in presets.PRESETS, f
+        names.add(f[:-3])
+  assert set(presets.PRESETS) <= names
+  assert set(presets.DEPRECATED) <= names

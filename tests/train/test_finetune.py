@@ -150,3 +150,17 @@ def test_cli_init_from_another_model_is_one_line(setup, tmp_path):
   lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
   assert len(lines) == 1 and lines[0].startswith("error: init_from ") and "mlp_hidden" in lines[0]
   assert not (tmp_path / "w").exists()
+
+
+def test_init_from_restores_into_fsdp_shards(setup, tmp_path):
+  """Two devices, parameters sharded over fsdp: each restores its shard of the checkpoint."""
+  tmp, _ = setup
+  env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  r = subprocess.run([sys.executable, "train.py", f"--config={tmp / 'cfg.py'}",
+                      f"--config.data.path={tmp / 'corpus.fa'}", f"--workdir={tmp_path / 'w'}",
+                      f"--config.init_from={tmp / 'evo2'}", "--config.mesh.data=1",
+                      "--config.mesh.fsdp=2", "--config.batch_size=2", "--config.num_steps=1",
+                      "--config.data.eval_fraction=0.0"], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "fine-tuning from" in r.stdout and "on 2 cpu device(s)" in r.stdout
