@@ -8,6 +8,7 @@ in the Evo 2 configs). ``ModelConfig.from_dict`` accepts an ml_collections Confi
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Mapping
 
 OPS = ("SE", "MR", "LI", "MHA")
@@ -166,8 +167,6 @@ def shape_diffs(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str
   """``field: checkpoint X, config Y`` for every field outside ``RUNTIME_FIELDS`` in which two
   model config dicts differ (the layer order is compared as resolved layer types, so a layout
   string and the equivalent index lists agree)."""
-  import json
-
   def norm(v):
     return json.loads(json.dumps(v))
 
