@@ -42,6 +42,7 @@ def resolve_init(config, model_cfg: ModelConfig, resumed: dict | None):
     print(f"the workdir holds checkpoints: resuming from them; init_from {src!r} is not used",
           flush=True)
     return _adopt(model_cfg, resumed), None
+  src = os.path.expanduser(src)
   if not os.path.exists(src):
     raise ValueError(f"init_from {src!r} does not exist; expected a checkpoint directory (a "
                      "converted Evo 2 checkpoint, a training workdir or a step directory)")
