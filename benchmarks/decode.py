@@ -1,6 +1,6 @@
 """Decode throughput after a long prompt, and decoding-cache memory against all-attention.
 
-  PYTHONPATH=. python benchmarks/decode.py                       # evo2_7b shape, bf16, H100
+  PYTHONPATH=. python benchmarks/decode.py                       # evo2_7b_base shape, bf16, H100
   PYTHONPATH=. python benchmarks/decode.py --small               # CPU smoke run
 
 Random weights (bf16 parameters and compute) at the preset's shape. For each batch size:
@@ -31,7 +31,7 @@ from sh2_jax.inference.cache import cache_bytes
 from sh2_jax.model import StripedHyena
 from sh2_jax.presets import evo2_layer_idxs, get_preset
 
-flags.DEFINE_string("preset", "evo2_7b", "model shape")
+flags.DEFINE_string("preset", "evo2_7b_base", "model shape")
 flags.DEFINE_integer("prompt_len", 8192, "prompt tokens before decoding")
 flags.DEFINE_list("batches", ["1", "16"], "batch sizes")
 flags.DEFINE_integer("steps", 64, "decode steps per timed loop")

@@ -4,7 +4,7 @@ filter lengths, with fewer layers (one of each SE, MR, LI and MHA), default impl
 (``conv_impl=auto``: the Pallas kernels on a GPU). Fails loudly: exit code 1 and the failing
 presets named. Run it whenever a kernel changes.
 
-  python benchmarks/presets_smoke.py [--length 8192] [--presets evo2_1b,evo2_7b]
+  python benchmarks/presets_smoke.py [--length 8192] [--presets evo2_1b_base,evo2_7b_base]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Peak memory and time of the segmented forward (sh2_jax.inference.segmented).
 
-  python benchmarks/segmented.py --preset=evo2_7b --length=1048576 --segments=65536 --context=2
+  python benchmarks/segmented.py --preset=evo2_7b_base --length=1048576 --segments=65536 --context=2
 
 ``--context N`` shards the KV cache by position over N devices (a mesh of the first N; weights
 and the Hyena caches replicated); ``--context 1`` runs on one device without a mesh.
@@ -25,7 +25,7 @@ from sh2_jax.inference.segmented import _loglik_head, segmented_apply
 from sh2_jax.model import StripedHyena
 from sh2_jax.presets import get_preset
 
-flags.DEFINE_string("preset", "evo2_7b", "model preset")
+flags.DEFINE_string("preset", "evo2_7b_base", "model preset")
 flags.DEFINE_integer("length", 1 << 20, "tokens")
 flags.DEFINE_list("segments", ["65536"], "segment lengths to time")
 flags.DEFINE_integer("num_layers", 0, "override the layer count (0: the preset's)")

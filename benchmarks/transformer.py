@@ -25,6 +25,6 @@ def evo2_7b_layout(width: int = 4096, num_layers: int = 32, **overrides) -> Mode
     raise ValueError(f"width {width} must be a positive multiple of 128 (heads of 128)")
   mha = tuple(range(3, num_layers, 7))
   mlp = max(64, round(11008 * width / 4096 / 64) * 64)
-  return get_preset("evo2_7b", d_model=width, num_heads=width // 128, mlp_hidden=mlp,
+  return get_preset("evo2_7b_base", d_model=width, num_heads=width // 128, mlp_hidden=mlp,
                     se_groups=width // 16, mr_groups=width // 16, num_layers=num_layers,
                     layer_idxs=evo2_layer_idxs(num_layers, mha), **overrides)

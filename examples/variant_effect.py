@@ -1,12 +1,12 @@
 """Variant-effect scoring, the Evo 2 way: score a window around each single-base variant with
 the reference base and with the alternative, and report the change in log-likelihood.
 
-  python examples/variant_effect.py --model=ckpt/evo2_7b --fasta=my_gene.fa --window=8192
+  python examples/variant_effect.py --model=evo2_7b_base --fasta=my_gene.fa --window=8192
   python examples/variant_effect.py            # the shipped synthetic gene, tiny random model
 
-``--model`` is an sh2_jax checkpoint directory (ours, or converted from Evo 2 with
-``python -m sh2_jax.convert``) or a preset name; a preset has RANDOM weights, and the output
-says so: its deltas only show the workflow, not biology.
+``--model`` is what ``sh2_jax.load`` takes: an sh2_jax checkpoint directory, a released model's
+name (its weights), or a preset without weights (``tiny``, ``random:NAME``): RANDOM weights, and
+the output says so: its deltas only show the workflow, not biology.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sh2_jax  # noqa: E402
 from sh2_jax.data.readers import parse_fasta  # noqa: E402
 from sh2_jax.inference.scoring import mutate  # noqa: E402
+from sh2_jax.presets import RELEASES  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 flags.DEFINE_string("model", "tiny", "checkpoint directory or preset name")
@@ -47,7 +48,7 @@ def main(argv):
   if not records:
     sys.exit(f"error: {FLAGS.fasta!r} holds no FASTA sequence")
   seq = records[0]
-  random_weights = not os.path.isdir(FLAGS.model)
+  random_weights = not os.path.isdir(FLAGS.model) and FLAGS.model not in RELEASES
   model = sh2_jax.load(FLAGS.model, dtype=FLAGS.dtype)
   print(f"model: {FLAGS.model}" + ("  [RANDOM WEIGHTS: deltas illustrate the workflow only]"
                                    if random_weights else ""))

@@ -47,6 +47,23 @@ def _find_step_dir(directory: str) -> str:
                    "or numbered step directories holding one")
 
 
+def read_config(directory: str) -> dict:
+  """The ModelConfig dict stored with a checkpoint (``directory`` as for ``load_model``)."""
+  step_dir = _find_step_dir(os.path.abspath(directory))
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    return ckptr.restore(step_dir, ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+
+def restore_params(directory: str, target: dict) -> dict:
+  """The stored parameters (``directory`` as for ``load_model``) restored into ``target``, a
+  pure dict of arrays or ``jax.ShapeDtypeStruct`` (with shardings: each device reads its shard,
+  so a model larger than one device restores straight into its FSDP layout)."""
+  step_dir = _find_step_dir(os.path.abspath(directory))
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    return ckptr.restore(step_dir, ocp.args.Composite(
+        params=ocp.args.StandardRestore(target)))["params"]
+
+
 def load_model(directory: str, dtype=None, **overrides) -> StripedHyena:
   """Build the model described by the checkpoint and load its parameters.
 
@@ -54,16 +71,12 @@ def load_model(directory: str, dtype=None, **overrides) -> StripedHyena:
   extra ModelConfig fields (e.g. ``conv_impl='xla'``).
   """
   step_dir = _find_step_dir(os.path.abspath(directory))
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-    cfg_dict = ckptr.restore(step_dir, ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  cfg_dict = read_config(step_dir)
   if dtype is not None:
     overrides["dtype"] = jnp.dtype(dtype).name
   cfg = ModelConfig.from_dict({**cfg_dict, **overrides})
   abstract = nnx.eval_shape(lambda: StripedHyena(cfg, rngs=nnx.Rngs(0)))
-  target = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-    params = ckptr.restore(step_dir, ocp.args.Composite(
-        params=ocp.args.StandardRestore(target)))["params"]
+  params = restore_params(step_dir, nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
   graphdef, state = nnx.split(abstract)  # no random init: the weights come from disk
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
   return nnx.merge(graphdef, state)

@@ -8,6 +8,7 @@ in the Evo 2 configs). ``ModelConfig.from_dict`` accepts an ml_collections Confi
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Mapping
 
 OPS = ("SE", "MR", "LI", "MHA")
@@ -154,3 +155,36 @@ class ModelConfig:
     d = dataclasses.asdict(self)
     d["layer_idxs"] = {op: list(idxs) for op, idxs in self.layer_idxs}
     return d
+
+
+# Fields that change no parameter's shape or dtype (numerics and implementation choices): a
+# checkpoint's weights load into a model that differs from it only in these.
+RUNTIME_FIELDS = ("dtype", "conv_impl", "li_impl", "attention_impl", "max_seqlen", "mr_decay",
+                  "mr_decay_length", "rope_base", "rope_scale", "eps", "fp8_projections")
+
+
+def shape_diffs(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+  """``field: checkpoint X, config Y`` for every field outside ``RUNTIME_FIELDS`` in which two
+  model config dicts differ (the layer order is compared as resolved layer types, so a layout
+  string and the equivalent index lists agree)."""
+  def norm(v):
+    return json.loads(json.dumps(v))
+
+  def types(d):
+    try:
+      return list(resolve_layout(d.get("layout"), d.get("num_layers"),
+                                 dict(d.get("layer_idxs") or {}) or None))
+    except (ValueError, TypeError):
+      return None
+
+  diffs = []
+  for k in sorted(set(saved) | set(wanted)):
+    if k in RUNTIME_FIELDS or k in ("layout", "layer_idxs"):
+      continue
+    if norm(saved.get(k)) != norm(wanted.get(k)):
+      diffs.append(f"{k}: checkpoint {saved.get(k)!r}, config {wanted.get(k)!r}")
+  if norm(saved.get("num_layers")) == norm(wanted.get("num_layers")) and (
+      types(saved) != types(wanted)):
+    diffs.append(f"layer types: checkpoint {'-'.join(types(saved) or ['?'])}, config "
+                 f"{'-'.join(types(wanted) or ['?'])}")
+  return diffs

@@ -71,7 +71,7 @@ def fp8_model():
   sd.update(extra)
   ycfg = yaml.safe_load(open(os.path.join(FIX, "vortex_tiny", "config.yml")))
   ycfg["use_fp8_input_projections"] = True
-  mode = fp8_mode_for(ycfg, sd)
+  mode = fp8_mode_for(ycfg["use_fp8_input_projections"], sd)
   cfg = config_from_yaml(ycfg, fp8_projections=mode)
   return build_model(cfg, params_from_state_dict(sd, cfg)), extra
 
@@ -100,7 +100,8 @@ def test_missing_scales_are_reported():
   sd = dict(load_state_dict(os.path.join(FIX, "vortex_tiny_parts", "state_dict.pt")))
   ycfg = yaml.safe_load(open(os.path.join(FIX, "vortex_tiny_parts", "config.yml")))
   ycfg["use_fp8_input_projections"] = True
-  assert fp8_mode_for(ycfg, sd) == "current_scaling"  # dummy blobs hold no scales (logged)
+  # dummy blobs hold no scales (logged)
+  assert fp8_mode_for(ycfg["use_fp8_input_projections"], sd) == "current_scaling"
   cfg = config_from_yaml(ycfg, fp8_projections="checkpoint_scales")
   with pytest.raises(ValueError, match="needs FP8 scales in blocks.0.projections._extra_state"):
     params_from_state_dict(sd, cfg)

@@ -121,7 +121,7 @@ def test_preset_summaries_without_weights():
   for name in PRESETS:
     text = summary(get_preset(name), 8192)
     counts[name] = int(text.splitlines()[0].split(": ")[1].replace(",", ""))
-  assert 1.0e9 < counts["evo2_1b"] < 1.2e9
+  assert 1.0e9 < counts["evo2_1b_base"] < 1.2e9
   assert 6.3e9 < counts["evo2_7b"] < 6.7e9
   assert 19e9 < counts["evo2_20b"] < 21e9
   assert 39e9 < counts["evo2_40b"] < 42e9

@@ -1,9 +1,11 @@
 """Convert a reference (vortex / Evo 2) checkpoint into an sh2_jax Orbax checkpoint
 (``sh2-convert``; also ``python -m sh2_jax.convert``).
 
-  sh2-convert --checkpoint evo2_7b_base.pt --config evo2-7b-8k.yml --output DIR
+  sh2-convert --checkpoint evo2_7b_base.pt --config evo2_7b_base --output DIR
+  sh2-convert --checkpoint evo2_7b.pt --config evo2-7b-1m.yml --output DIR
 
-``--checkpoint`` may name a file cut into ``.partN`` shards. Nothing is written unless the whole
+``--config`` is the model's name (the preset with the shapes of the reference config that name
+is paired with) or a vortex YAML file. ``--checkpoint`` may name a file cut into ``.partN`` shards. Nothing is written unless the whole
 checkpoint converts; Orbax writes DIR atomically.
 """
 
@@ -20,7 +22,8 @@ from sh2_jax.cli.launch import fail, launch
 from sh2_jax.convert.vortex import from_vortex
 
 flags.DEFINE_string("checkpoint", None, "reference .pt state dict (or its .partN shards)")
-flags.DEFINE_string("config", None, "the model's vortex YAML config")
+flags.DEFINE_string("config", None, "the model's name (evo2_7b_base, evo2_7b, ...) or its "
+                    "vortex YAML config")
 flags.DEFINE_string("output", None, "new directory for the sh2_jax checkpoint")
 flags.mark_flags_as_required(["checkpoint", "config", "output"])
 

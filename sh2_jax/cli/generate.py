@@ -1,11 +1,13 @@
 """Generate DNA (or any bytes) from a checkpoint or a preset (``sh2-generate``; ``python
 generate.py`` in a checkout). Writes FASTA to stdout.
 
-  sh2-generate --model CKPT_DIR_OR_PRESET --prompt ACGTACGT --max_new_tokens 64 > out.fa
+  sh2-generate --model evo2_7b_base --prompt ACGTACGT --max_new_tokens 64 > out.fa
   sh2-generate --model CKPT_DIR --fasta prompts.fa --temperature 0.7 --top_k 4 --logprobs lp.tsv
 
-A FASTA file's records run as one batch (prompts of different lengths are fine). A preset name
-builds that architecture with random weights (useful to try the pipeline, not for biology).
+A FASTA file's records run as one batch (prompts of different lengths are fine). ``--model`` is
+anything ``sh2_jax.load`` takes: a checkpoint directory, a released model's name (its weights,
+from the local cache or the Hugging Face hub), or ``random:NAME`` for random weights (to try the
+pipeline, not for biology; ``tiny`` has no released weights and is always random).
 
 Each output record is the prompt followed by its continuation, wrapped at ``--line_width``;
 the header is the prompt's name plus ``key=value`` fields: ``prompt_len`` (the first that many
@@ -29,7 +31,8 @@ from absl import flags
 from sh2_jax.cli.launch import fail, launch
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "checkpoint directory (ours or a converted Evo 2) or preset")
+flags.DEFINE_string("model", None, "checkpoint directory (ours or a converted Evo 2), a model "
+                    "name (evo2_7b_base, evo2_7b, ...) or random:NAME")
 flags.DEFINE_string("prompt", None, "prompt string")
 flags.DEFINE_string("fasta", None, "FASTA file: every record is one prompt")
 flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate per prompt")
@@ -65,7 +68,7 @@ def check_flags() -> None:
   """Every flag value, before any model is loaded (errors name the value and what is valid)."""
   f = FLAGS
   if f.model is None:
-    raise ValueError("--model is required (a checkpoint directory or a preset name)")
+    raise ValueError("--model is required (a checkpoint directory or a model name)")
   if (f.prompt is None) == (f.fasta is None):
     raise ValueError("give exactly one of --prompt or --fasta")
   if f.prompt is not None and not f.prompt:

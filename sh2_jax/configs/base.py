@@ -12,10 +12,12 @@ import ml_collections
 
 from sh2_jax.config import ModelConfig
 
-from sh2_jax.presets import PRESETS
+from sh2_jax.presets import PRESETS, resolve_name
 
 
 def make_config(preset: str) -> ml_collections.ConfigDict:
+  """The training config of ``preset`` (a deprecated alias warns and maps to its new name)."""
+  preset = resolve_name(preset)
   c = ml_collections.ConfigDict()
   c.preset = preset
   c.model = ml_collections.ConfigDict(dict(PRESETS[preset]))
@@ -45,6 +47,11 @@ def make_config(preset: str) -> ml_collections.ConfigDict:
   # XLA GPU's latency-hiding scheduler for the train step: auto (off on a context mesh, where it
   # kept every block's activations live: sh2_jax/train/step.py), on, off
   c.latency_hiding = "auto"
+  # Fine-tuning (sh2_jax/train/finetune.py): start from this checkpoint's parameters (a
+  # converted Evo 2 checkpoint, a training workdir or a step directory) with a fresh optimizer
+  # at step 0; a workdir that already holds checkpoints resumes from them instead.
+  c.init_from = ""
+  c.freeze = ""  # parameter groups kept fixed, comma-separated: "embedding_layer,blocks.0"
   c.max_nonfinite_logs = 3  # stop after this many logged losses in a row are NaN/inf; 0: never
   c.data = ml_collections.ConfigDict(dict(
       path="", format="auto", eval_fraction=0.05, upper_case=False, n_handling="keep"))

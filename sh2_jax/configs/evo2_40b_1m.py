@@ -1,7 +1,7 @@
-"""Preset 'evo2_40b_1m' (see sh2_jax/presets.py) with the default training setup."""
+"""Deprecated: 'evo2_40b_1m' is now 'evo2_40b' (the reference evo2 name); use configs/evo2_40b.py."""
 
 from sh2_jax.configs.base import make_config
 
 
 def get_config():
-  return make_config("evo2_40b_1m")
+  return make_config("evo2_40b_1m")  # warns once and builds 'evo2_40b'

@@ -16,7 +16,9 @@ Released checkpoints hold MR filters with the training decay multiplied in: mr_d
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 from typing import Any, Mapping
 
 import jax
@@ -25,7 +27,7 @@ import numpy as np
 import yaml
 from flax import nnx
 
-from sh2_jax import fp8
+from sh2_jax import fp8, presets
 from sh2_jax.config import ModelConfig
 from sh2_jax.convert.torch_pickle import BytesBlob, load_state_dict, read_extra_state
 from sh2_jax.model import StripedHyena
@@ -119,8 +121,25 @@ def _expected_keys(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   return keys
 
 
+def _tensor_shapes(sd: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+  return {k: tuple(v.shape) for k, v in sd.items()
+          if not isinstance(v, BytesBlob) and not k.endswith("._extra_state")
+          and hasattr(v, "shape")}
+
+
+def matching_presets_for(sd: Mapping[str, Any]) -> list[str]:
+  """The presets whose parameter names and shapes are exactly those of state dict ``sd``."""
+  shapes = _tensor_shapes(sd)
+  return [n for n in presets.PRESETS if _expected_keys(presets.get_preset(n)) == shapes]
+
+
+def _some(keys: list[str], n: int = 6) -> str:
+  return ", ".join(keys[:n]) + (f", … ({len(keys) - n} more)" if len(keys) > n else "")
+
+
 def check_state_dict(sd: Mapping[str, Any], cfg: ModelConfig) -> None:
-  """One error listing every missing, unexpected and mis-shaped key."""
+  """One error (one line) listing the missing, unexpected and mis-shaped keys, and naming the
+  presets whose shapes the checkpoint does have (a checkpoint paired with the wrong config)."""
   expected = _expected_keys(cfg)
   tensors = {k: v for k, v in sd.items() if not isinstance(v, BytesBlob)}
   not_arrays = sorted(f"{k} ({type(tensors[k]).__name__})" for k in set(expected) & set(tensors)
@@ -134,10 +153,18 @@ def check_state_dict(sd: Mapping[str, Any], cfg: ModelConfig) -> None:
                      for k in set(expected) & set(tensors)
                      if tuple(tensors[k].shape) != expected[k])
   if missing or unexpected or misshaped:
-    parts = [f"{name} ({len(keys)}): {', '.join(keys)}" for name, keys in
+    parts = [f"{name} ({len(keys)}): {_some(keys)}" for name, keys in
              (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
              if keys]
-    raise ValueError("checkpoint does not match the config:\n  " + "\n  ".join(parts))
+    matches = matching_presets_for(sd)
+    hint = ""
+    if matches:
+      rel = presets.RELEASES
+      named = [f"{n} (reference config {rel[n].reference_config})" if n in rel else n
+               for n in matches]
+      hint = (f"; its shapes match preset {' and '.join(named)}: pass --config "
+              f"{matches[0]} (or that YAML)")
+    raise ValueError("checkpoint does not match the config: " + "; ".join(parts) + hint)
 
 
 def _wqkv_runtime(w: np.ndarray, heads: int) -> np.ndarray:
@@ -199,10 +226,11 @@ def _checkpoint_fp8_scales(sd: Mapping[str, Any], key: str) -> np.ndarray:
   return fp8.scales_from_extra_state(state)
 
 
-def fp8_mode_for(yaml_cfg: Mapping[str, Any], sd: Mapping[str, Any]) -> str:
-  """The reference ran the projections in FP8 iff ``use_fp8_input_projections``; use the
-  checkpoint's scales when every Hyena block stores them, else current scaling (logged)."""
-  if not yaml_cfg.get("use_fp8_input_projections"):
+def fp8_mode_for(trained_fp8: bool, sd: Mapping[str, Any]) -> str:
+  """The mode of a model that ran its projections in FP8 iff ``trained_fp8`` (the YAML's
+  ``use_fp8_input_projections``, or the preset's): the checkpoint's scales when every Hyena
+  block stores them, else current scaling (logged)."""
+  if not trained_fp8:
     return "off"
   keys = [k for k in sd if k.endswith("projections._extra_state")]
   states = [read_extra_state(sd[k].getvalue()) if isinstance(sd[k], BytesBlob) else None
@@ -236,11 +264,24 @@ def read_yaml(yaml_path: str) -> dict:
   return cfg
 
 
-def from_vortex(pt_path: str, yaml_path: str, dtype=jnp.float32, **overrides) -> StripedHyena:
-  """Load a reference checkpoint. ``dtype`` is the compute dtype (parameters stay float32);
-  ``overrides`` are extra ModelConfig fields (e.g. ``conv_impl='xla'``)."""
-  yaml_cfg = read_yaml(yaml_path)
+def from_vortex(pt_path: str, config: str, dtype=jnp.float32, **overrides) -> StripedHyena:
+  """Load a reference checkpoint with its config: a vortex YAML file, or the name of a preset
+  (``evo2_7b_base``; the preset holds the shapes of the reference config the name is paired
+  with). ``dtype`` is the compute dtype (parameters stay float32); ``overrides`` are extra
+  ModelConfig fields (e.g. ``conv_impl='xla'``)."""
+  if os.path.isfile(config):
+    yaml_cfg = read_yaml(config)
+    trained_fp8 = bool(yaml_cfg.get("use_fp8_input_projections"))
+    make = functools.partial(config_from_yaml, yaml_cfg)
+  elif config in presets.PRESETS or config in presets.DEPRECATED:
+    name = presets.resolve_name(config)
+    trained_fp8 = presets.PRESETS[name].get("fp8_projections", "off") != "off"
+    make = functools.partial(presets.get_preset, name, mr_decay="none")
+  else:
+    raise ValueError(f"config {config!r} is neither a YAML file nor a model name; names: "
+                     f"{', '.join(presets.PRESETS)}")
   sd = load_state_dict(pt_path)
-  overrides.setdefault("fp8_projections", fp8_mode_for(yaml_cfg, sd))
-  cfg = config_from_yaml(yaml_cfg, dtype=jnp.dtype(dtype).name, **overrides)
+  check_state_dict(sd, make(**{**overrides, "fp8_projections": "off"}))  # shapes first
+  overrides.setdefault("fp8_projections", fp8_mode_for(trained_fp8, sd))
+  cfg = make(dtype=jnp.dtype(dtype).name, **overrides)
   return build_model(cfg, params_from_state_dict(sd, cfg))

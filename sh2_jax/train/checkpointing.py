@@ -30,6 +30,8 @@ from absl import logging
 import numpy as np
 from jax.experimental import multihost_utils
 
+from sh2_jax import config as config_lib
+
 ITEMS = ("params", "config", "opt_state", "state", "data", "train_config", "checksums")
 
 
@@ -62,17 +64,25 @@ def save(mngr: ocp.CheckpointManager, step: int, *, params, opt_state, state, da
       train_config=ocp.args.JsonSave(json.loads(json.dumps(train_cfg, default=str)))))
 
 
-# ModelConfig fields that change no parameter's shape or dtype: free to change on resume.
-RUNTIME_FIELDS = ("dtype", "conv_impl", "li_impl", "attention_impl", "max_seqlen", "mr_decay",
-                  "mr_decay_length", "rope_base", "rope_scale", "eps", "fp8_projections")
-
-
 def _committed_steps(workdir: str) -> list[int]:
   root = checkpoint_dir(workdir)
   if not os.path.isdir(root):
     return []
   return sorted((int(d) for d in os.listdir(root) if d.isdigit() and os.path.exists(
       os.path.join(root, d, "config", "metadata"))), reverse=True)
+
+
+def latest_model_config(workdir: str) -> dict | None:
+  """The model config of the newest committed step in ``workdir`` (None: no checkpoint, a run
+  there starts anew)."""
+  steps = _committed_steps(workdir)
+  if not steps:
+    return None
+  try:
+    return json.load(open(os.path.join(checkpoint_dir(workdir), str(steps[0]), "config",
+                                       "metadata")))
+  except (OSError, ValueError):
+    return {}  # unreadable: restore_latest treats the step as damaged
 
 
 def check_compatible(workdir: str, model_cfg: dict, train_cfg) -> None:
@@ -86,9 +96,7 @@ def check_compatible(workdir: str, model_cfg: dict, train_cfg) -> None:
     saved = json.load(open(os.path.join(path, "config", "metadata")))
   except (OSError, ValueError):
     return  # unreadable: restore_latest treats the step as damaged
-  diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {model_cfg[k]!r}"
-           for k in sorted(model_cfg) if k not in RUNTIME_FIELDS and
-           json.loads(json.dumps(saved.get(k))) != json.loads(json.dumps(model_cfg[k]))]
+  diffs = [f"model.{d}" for d in config_lib.shape_diffs(saved, model_cfg)]
   try:
     saved_train = json.load(open(os.path.join(path, "train_config", "metadata")))
     clip_then = saved_train["optimizer"]["grad_clip"] > 0
@@ -98,6 +106,10 @@ def check_compatible(workdir: str, model_cfg: dict, train_cfg) -> None:
     diffs.append(f"optimizer.grad_clip: checkpoint {saved_train['optimizer']['grad_clip']!r}, "
                  f"config {train_cfg.optimizer.grad_clip!r} (clipping on/off changes the "
                  "optimizer state)")
+  if clip_then is not None and bool(saved_train.get("freeze")) != bool(train_cfg.get("freeze")):
+    diffs.append(f"freeze: checkpoint {saved_train.get('freeze', '')!r}, config "
+                 f"{train_cfg.get('freeze', '')!r} (freezing on/off changes the optimizer state; "
+                 "which groups are frozen may change)")
   if diffs:
     raise ValueError(f"the checkpoints in {checkpoint_dir(workdir)} (latest step {steps[0]}) "
                      f"were written for another model: " + "; ".join(diffs) +

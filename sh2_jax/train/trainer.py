@@ -25,8 +25,10 @@ from sh2_jax.config import ModelConfig
 from sh2_jax.data import pipeline
 from sh2_jax.flops import flops_per_token
 from sh2_jax.model import StripedHyena
-from sh2_jax.train import checkpointing, check, mesh as mesh_lib, metrics as metrics_lib
-from sh2_jax.train.optim import learning_rate_schedule, make_optimizer
+from sh2_jax.train import checkpointing, check, finetune, mesh as mesh_lib
+from sh2_jax.train import metrics as metrics_lib
+from sh2_jax.train.optim import (check_freeze, freeze_prefixes, learning_rate_schedule,
+                                 make_optimizer)
 from sh2_jax.train.step import compiler_options, eval_step, train_step
 
 
@@ -84,16 +86,22 @@ def run_eval(eval_fn, params, mesh, source, batch_size: int, max_batches: int,
 
 
 def prepare_train(config, workdir: str | None = None):
-  """``prepare`` plus the training iterator (an empty training split is an input error) and,
-  given ``workdir``, the check that its checkpoints were written for this model."""
+  """``prepare`` plus the training iterator (an empty training split is an input error), the
+  frozen groups and, given ``workdir``, the check that its checkpoints were written for this
+  model, and the fine-tuning checkpoint (``config.init_from``; resuming wins). Returns
+  (model_cfg, mesh, data_iter, eval_src, init_from checkpoint or None)."""
   model_cfg, mesh, (train_src, eval_src) = prepare(config, "train")
+  resumed = None  # the model config of the workdir's newest checkpoint, if there is one
   if workdir is not None:
     if os.path.exists(workdir) and not os.path.isdir(workdir):
       raise ValueError(f"--workdir {workdir!r} is a file, not a directory")
     checkpointing.check_compatible(workdir, model_cfg.to_dict(), config)
+    resumed = checkpointing.latest_model_config(workdir)
+  model_cfg, init_from = finetune.resolve_init(config, model_cfg, resumed)
+  check_freeze(config.freeze, nnx.to_pure_dict(nnx.state(abstract_model(model_cfg), nnx.Param)))
   data_iter = pipeline.train_iterator(train_src, config.batch_size, config.seed,
                                       jax.process_index(), jax.process_count())
-  return model_cfg, mesh, data_iter, eval_src
+  return model_cfg, mesh, data_iter, eval_src, init_from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +125,7 @@ def build_step(config, model_cfg: ModelConfig, mesh) -> StepSetup:
   graphdef, _ = nnx.split(abstract)
   abs_params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
   p_sh = mesh_lib.param_shardings(mesh, abs_params, mesh_lib.param_specs(abstract))
-  tx = make_optimizer(config.optimizer, config.num_steps)
+  tx = make_optimizer(config.optimizer, config.num_steps, freeze_prefixes(config.freeze))
   abs_opt = jax.eval_shape(tx.init, abs_params)
   o_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, p_sh,
                                transform_non_params=lambda _: mesh_lib.replicated(mesh))
@@ -182,7 +190,7 @@ class Diverged(RuntimeError):
 def train(config, workdir: str, prepared=None) -> dict:
   """Train (or resume) the run in ``workdir``; returns the last logged record. ``prepared``:
   the result of ``prepare_train(config)`` when the caller already validated the inputs."""
-  model_cfg, mesh, data_iter, eval_src = prepared or prepare_train(config)
+  model_cfg, mesh, data_iter, eval_src, init_from = prepared or prepare_train(config, workdir)
   main = jax.process_index() == 0
 
   s = build_step(config, model_cfg, mesh)
@@ -199,7 +207,13 @@ def train(config, workdir: str, prepared=None) -> dict:
       abstract_state=abs_state, data_iter=data_iter)
   if restored is None:
     step = 0
-    params = init_params(model_cfg, config.seed, p_sh)
+    if init_from:
+      params = finetune.init_params(init_from, _abstract(abs_params, p_sh))
+      if main:
+        print(f"fine-tuning from {init_from}: its parameters, a fresh optimizer, step 0"
+              + (f", frozen: {config.freeze}" if config.freeze else ""), flush=True)
+    else:
+      params = init_params(model_cfg, config.seed, p_sh)
     opt_state = jax.jit(tx.init, out_shardings=o_sh)(params)
     rng = jax.jit(lambda: jax.random.key_data(jax.random.key(config.seed)).astype(jnp.uint32),
                   out_shardings=repl)()  # a global array: every process saves the same key

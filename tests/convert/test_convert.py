@@ -129,3 +129,59 @@ def test_bad_yaml_is_one_error(tmp_path, edit, message):
   path.write_text(edit(open(YML).read()))
   with pytest.raises(ValueError, match=message):
     config_from_yaml(read_yaml(str(path)))
+
+
+def _fake_state_dict(preset: str) -> dict:
+  """Every tensor of ``preset``'s reference checkpoint as a zero-stride view: the names and
+  shapes of a 7B checkpoint without its 26 GB."""
+  from sh2_jax.convert.vortex import _expected_keys
+  from sh2_jax.presets import get_preset
+  zero = np.zeros((), np.float32)
+  return {k: np.broadcast_to(zero, s) for k, s in _expected_keys(get_preset(preset)).items()}
+
+
+def test_checkpoint_with_the_wrong_config_names_the_matching_one():
+  """A 7B checkpoint converted with the 1B config (or any other mismatch with a known model):
+  one line naming the presets and reference configs its shapes match."""
+  from sh2_jax.convert.vortex import check_state_dict, matching_presets_for
+  from sh2_jax.presets import get_preset
+  sd = _fake_state_dict("evo2_7b")
+  assert matching_presets_for(sd) == ["evo2_7b"]
+  with pytest.raises(ValueError) as e:
+    check_state_dict(sd, get_preset("evo2_1b_base"))
+  msg = str(e.value)
+  assert "\n" not in msg and "mis-shaped (" in msg and "more)" in msg
+  assert msg.endswith("its shapes match preset evo2_7b (reference config evo2-7b-1m.yml): "
+                      "pass --config evo2_7b (or that YAML)")
+  with pytest.raises(ValueError, match=r"match preset evo2_7b_base \(reference config "
+                     r"evo2-7b-8k.yml\) and evo2_7b_262k .* and evo2_7b_microviridae"):
+    check_state_dict(_fake_state_dict("evo2_7b_base"), get_preset("evo2_7b"))
+
+
+def test_convert_by_model_name(monkeypatch):
+  """``--config NAME``: the preset's shapes, mr_decay 'none' (the decay is in the weights)."""
+  from sh2_jax import presets
+  cfg = config_from_yaml(yaml.safe_load(open(YML))).to_dict()
+  monkeypatch.setitem(presets.PRESETS, "fixture", {**cfg, "mr_decay": "weak"})
+  model = from_vortex(PT, "fixture")
+  assert model.cfg.mr_decay == "none"
+  tokens = np.load(os.path.join(FIX, "vortex_tiny", "inputs.npz"))["tokens"]
+  ref = np.load(os.path.join(FIX, "vortex_tiny", "logits.npz"))["logits"]
+  out = np.asarray(model(tokens))
+  assert np.linalg.norm(out - ref) / np.linalg.norm(ref) <= 1e-5
+  with pytest.raises(ValueError, match="neither a YAML file nor a model name"):
+    from_vortex(PT, "evo9_nope")
+
+
+def test_cli_wrong_model_name_is_one_line(tmp_path):
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  r = subprocess.run([sys.executable, "-m", "sh2_jax.convert", "--checkpoint", PT, "--config",
+                      "evo2_1b_base", "--output", str(tmp_path / "out")], capture_output=True,
+                     text=True, cwd=root, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert r.returncode == 2
+  lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "RuntimeWarning" not in ln
+           and "runpy" not in ln]
+  assert len(lines) == 1 and lines[0].startswith("error: checkpoint does not match the config: ")
+  assert not (tmp_path / "out").exists()

@@ -1,4 +1,4 @@
-"""Decoding, sampling, generation, scoring and the zoo.
+"""Decoding, sampling, generation and scoring.
 
 The recurrent decode must reproduce the parallel forward for every layer type, every row of a
 batch of different prompt lengths, and the reference's own greedy generation.
@@ -17,7 +17,7 @@ from flax import nnx
 import sh2_jax
 from sh2_jax import ModelConfig, StripedHyena
 from sh2_jax.ops import fir, modal
-from sh2_jax.inference import (cache_bytes, decode_step, prefill, sequence_scores, top_k_mask,
+from sh2_jax.inference import (decode_step, prefill, sequence_scores, top_k_mask,
                                top_p_mask, variant_effect)
 from sh2_jax.inference.cache import cache_shapes
 from sh2_jax.tokenizer import PAD_ID
@@ -268,30 +268,7 @@ def test_variant_effect(mixed):
     variant_effect(mixed, ref, [(99, "A")])
 
 
-# ------------------------------------------------------------------------------------- zoo
-def test_zoo_list_and_load(tmp_path, capsys):
-  from sh2_jax import zoo
-  from sh2_jax.checkpoint import save_model
-  from sh2_jax.presets import PRESETS
-  assert zoo.main(["list", "tiny", "evo2_7b"]) == 0
-  out = capsys.readouterr().out
-  model = sh2_jax.load("tiny")
-  n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  assert f"{n / 1e6:.2f}M" in out and "6.481B" in out
-  assert zoo.main(["list", "nope"]) == 2
-  assert set(PRESETS) >= {"tiny", "evo2_7b", "evo2_40b"}
-  # evo2_7b's decode cache at 8K: only the 5 MHA layers grow with the context.
-  cfg7 = sh2_jax.presets.get_preset("evo2_7b", dtype="bfloat16")
-  kv_per_layer = 2 * 8192 * 4096 * 2
-  assert 5 * kv_per_layer < cache_bytes(cfg7, 1, 8192) < 5 * kv_per_layer + 2**25
-  save_model(str(tmp_path / "ckpt"), model)
-  again = sh2_jax.load(str(tmp_path / "ckpt"))
-  t = jnp.arange(20, dtype=jnp.int32)[None]
-  np.testing.assert_array_equal(np.asarray(forward(again, t)), np.asarray(forward(model, t)))
-  with pytest.raises(ValueError, match="neither a checkpoint directory nor a preset"):
-    sh2_jax.load("evo3_999b")
-
-
+# ------------------------------------------------------------- generate.py (zoo: tests/test_zoo.py)
 def test_generate_cli(tmp_path):
   """Clean FASTA on stdout: the prompt's name and key=value metadata in the header, prompt +
   continuation in wrapped sequence lines (no separator inside them); --logprobs writes one

@@ -1,0 +1,7 @@
+"""Preset 'evo2_7b_262k' (see sh2_jax/presets.py) with the default training setup."""
+
+from sh2_jax.configs.base import make_config
+
+
+def get_config():
+  return make_config("evo2_7b_262k")
