@@ -44,30 +44,50 @@ def _is_fasta(path: str, fmt: str) -> bool:
   return name.endswith(FASTA_SUFFIXES)
 
 
-def parse_fasta(raw: bytes, upper: bool = False, n_handling: str = "keep") -> list[bytes]:
-  """FASTA bytes -> one bytes object per record with a non-empty sequence.
-
-  Text before the first header counts as a record without a header.
-  """
-  records: list[bytes] = []
-  current: list[bytes] = []
+def parse_fasta_records(raw: bytes, upper: bool = False,
+                        n_handling: str = "keep") -> list[tuple[str, bytes]]:
+  """FASTA bytes -> (name, sequence) per record with a non-empty sequence. The name is the
+  header's first word (as samtools and pyfaidx name records; '' for text before the first
+  header, which counts as a record)."""
+  records: list[tuple[bytes, list[bytes]]] = [(b"", [])]
   for line in raw.splitlines():
     line = line.strip()
     if line.startswith(b">"):
-      records.append(b"".join(current))
-      current = []
+      records.append((line[1:], []))
     elif line and not line.startswith(b";"):
-      current.append(line)
-  records.append(b"".join(current))
+      records[-1][1].append(line)
   out = []
-  for seq in records:
+  for header, lines in records:
+    seq = b"".join(lines)
     if upper:
       seq = seq.upper()
     if n_handling == "drop":
       seq = seq.replace(b"N", b"").replace(b"n", b"")
     if seq:
-      out.append(seq)
+      words = header.split()
+      out.append((words[0].decode("utf-8", errors="replace") if words else "", seq))
   return out
+
+
+def parse_fasta(raw: bytes, upper: bool = False, n_handling: str = "keep") -> list[bytes]:
+  """FASTA bytes -> one bytes object per record with a non-empty sequence.
+
+  Text before the first header counts as a record without a header.
+  """
+  return [seq for _, seq in parse_fasta_records(raw, upper, n_handling)]
+
+
+def read_fasta_records(path: str) -> list[tuple[str, bytes]]:
+  """(name, sequence) of every record of a FASTA file (optionally gzipped); a file with no
+  sequence is an error."""
+  if not os.path.isfile(path):
+    raise ValueError(f"FASTA file {path!r} does not exist" if not os.path.exists(path)
+                     else f"FASTA file {path!r} is not a file")
+  records = parse_fasta_records(_read_bytes(path))
+  if not records:
+    raise ValueError(f"FASTA file {path!r} has no sequences (only headers, comments or "
+                     "blank lines)")
+  return records
 
 
 def _read_file(path: str, fmt: str, upper: bool, n_handling: str) -> list[bytes]:

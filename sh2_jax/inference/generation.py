@@ -65,6 +65,26 @@ def pad_rows(rows: Sequence[np.ndarray], bucket: int = 1) -> tuple[np.ndarray, n
   return out, lengths
 
 
+def length_batches(rows: Sequence[np.ndarray], batch_size: int | None, bucket: int = 1):
+  """Yield (indices, tokens [n, L], lengths [n]): ``rows`` sorted by length and cut into
+  batches of ``batch_size`` (None: one batch of all), each right-padded to a multiple of
+  ``bucket``, so each batch pads little and few shapes compile. When there is more than one
+  batch the last is filled up to ``batch_size`` with one-token PAD rows (same shape, no extra
+  compilation); ``indices`` names only the real rows, which come first."""
+  if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
+    raise ValueError(f"batch_size {batch_size!r} must be None or a positive integer")
+  order = np.argsort([len(r) for r in rows], kind="stable")
+  size = len(rows) if batch_size is None else int(batch_size)
+  filler = np.full((1,), PAD_ID, np.int32)
+  for start in range(0, len(rows), size):
+    idx = order[start:start + size]
+    batch = [rows[i] for i in idx]
+    if len(rows) > size:
+      batch += [filler] * (size - len(idx))
+    tokens, lengths = pad_rows(batch, bucket)
+    yield idx, tokens, lengths[:len(idx)]
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
 def _prefill(graphdef, state, tokens, lengths, *, max_len):
   return prefill(nnx.merge(graphdef, state), tokens, lengths, max_len)

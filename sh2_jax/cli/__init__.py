@@ -1,0 +1,1 @@
+"""Command-line entry points (installed as sh2-* commands)."""

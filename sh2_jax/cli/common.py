@@ -1,0 +1,69 @@
+"""What the sh2-score and sh2-embed commands share: one ``error:`` line and exit code 2 for
+bad input, absl flag parsing that reports that way, and the checks of input and output paths
+that run before a model is loaded or anything is written."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import flags
+
+DTYPES = ("float32", "bfloat16")
+
+
+def fail(message: str) -> None:
+  """Print ``error: message`` on stderr and exit with status 2 (bad input)."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parser for ``app.run``, reporting a bad flag as one error line."""
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as e:  # absl's messages name the flag and the bad value
+    fail(str(e))
+  if len(rest) > 1:
+    fail(f"unexpected arguments: {rest[1:]}")
+  return rest
+
+
+def check_input_file(flag: str, path: str | None) -> None:
+  if not path:
+    raise ValueError(f"--{flag} is required")
+  if not os.path.exists(path):
+    raise ValueError(f"--{flag} {path!r} does not exist")
+  if not os.path.isfile(path):
+    raise ValueError(f"--{flag} {path!r} is not a file")
+
+
+def check_output_file(flag: str, path: str | None, suffix: str | None = None) -> None:
+  """The output's folder must exist and the path must not be a folder (checked up front, so a
+  long run never ends in an unwritable path)."""
+  if not path:
+    raise ValueError(f"--{flag} is required")
+  if os.path.isdir(path):
+    raise ValueError(f"--{flag} {path!r} is a directory; give a file name")
+  folder = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(folder):
+    raise ValueError(f"--{flag} {path!r}: the directory {folder!r} does not exist")
+  if suffix is not None and not path.endswith(suffix):
+    raise ValueError(f"--{flag} {path!r} must end in {suffix}")
+
+
+def check_positive(flag: str, value: int | None, allow_none: bool = True) -> None:
+  if value is None and allow_none:
+    return
+  if value is None or value < 1:
+    raise ValueError(f"--{flag} {value} is not valid; expected an integer >= 1")
+
+
+def check_dtype(value: str | None) -> None:
+  if value is not None and value not in DTYPES:
+    raise ValueError(f"--dtype {value!r} is not valid; expected one of {', '.join(DTYPES)}")
+
+
+def record_names(records: list[tuple[str, bytes]]) -> list[str]:
+  """Record names for output: the header's first word, ``record_N`` (1-based) when empty."""
+  return [name or f"record_{i + 1}" for i, (name, _) in enumerate(records)]
