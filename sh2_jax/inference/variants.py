@@ -5,7 +5,7 @@ Negative: the model finds the variant less likely (Evo 2's loss-of-function sign
 
 Variants come from a table or a VCF, at 1-based positions on a FASTA reference read by random
 access (pyfaidx; its ``.fai`` index is built once beside the FASTA, or in a temporary folder
-when that folder is read-only). Every row is checked before anything is scored: the chromosome
+when that folder is read-only; the FASTA must be uncompressed). Every row is checked before anything is scored: the chromosome
 exists, the position is on it, the reference base there is the row's ``ref``, both alleles are
 single bases A, C, G, T. Windows are ``width`` bases centred on the variant (shifted inward at a
 chromosome's ends), upper-cased; reference windows shared by several variants are scored once;
@@ -175,6 +175,28 @@ def read_variants(path: str, label_column: str = "label") -> list[Variant]:
 
 
 # ------------------------------------------------------------------------------ reference
+def _index(path: str) -> str:
+  """The path of an up-to-date ``.fai`` index of ``path``: ``<path>.fai`` (as samtools faidx
+  writes it), built when missing or older than the FASTA -- into a temporary name and renamed,
+  so concurrent readers never see half an index -- or, when that folder is read-only, built in
+  a temporary folder."""
+  import pyfaidx
+  fai = path + ".fai"
+  if os.path.exists(fai) and os.path.getmtime(fai) >= os.path.getmtime(path):
+    return fai
+  folder = os.path.dirname(os.path.abspath(path))
+  if not os.access(folder, os.W_OK):
+    fai = os.path.join(tempfile.mkdtemp(prefix="sh2_fai_"), os.path.basename(fai))
+  tmp = f"{fai}.tmp{os.getpid()}"
+  try:
+    pyfaidx.Faidx(path, indexname=tmp).close()
+    os.replace(tmp, fai)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return fai
+
+
 class Reference:
   """A FASTA reference read by random access through its ``.fai`` index (pyfaidx)."""
 
@@ -183,16 +205,15 @@ class Reference:
     if not os.path.isfile(path):
       raise ValueError(f"reference {path!r} does not exist" if not os.path.exists(path)
                        else f"reference {path!r} is not a file")
-    index = None  # pyfaidx's default: <path>.fai, as samtools faidx writes it
-    if not (os.path.exists(path + ".fai") or os.access(os.path.dirname(os.path.abspath(path)),
-                                                        os.W_OK)):
-      index = os.path.join(tempfile.mkdtemp(prefix="sh2_fai_"), os.path.basename(path) + ".fai")
+    with open(path, "rb") as f:
+      if f.read(2) == b"\x1f\x8b":
+        raise ValueError(f"reference {path!r} is gzip-compressed; random access needs a plain "
+                         "FASTA file (gunzip it once)")
     try:
-      self._fasta = pyfaidx.Fasta(path, indexname=index, as_raw=True,
-                                  sequence_always_upper=True)
+      self._fasta = pyfaidx.Fasta(path, indexname=_index(path), as_raw=True,
+                                  sequence_always_upper=True, rebuild=False)
     except (OSError, ValueError, ImportError, pyfaidx.FastaIndexingError) as e:
-      raise ValueError(f"reference {path!r} cannot be read as an indexed FASTA (plain, or "
-                       f"bgzip-compressed): {e}") from None
+      raise ValueError(f"reference {path!r} cannot be read as an indexed FASTA: {e}") from None
     self.path = path
     self.names = list(self._fasta.keys())
 
@@ -233,10 +254,15 @@ def window_bounds(pos0: int, width: int, length: int) -> tuple[int, int]:
 def score_variants(model, variants: Sequence[Variant], reference: Reference,
                    width: int | None = None, *, reduce: str = "mean", rc: bool = False,
                    batch_size: int | None = 8, segment_len: int | None = None,
-                   progress: bool = False) -> dict[str, np.ndarray]:
+                   chunk_size: int = 4096, progress: bool = False) -> dict[str, np.ndarray]:
   """Scores of the reference and alternative windows and their difference, each [N] float64:
   {'ref': ..., 'alt': ..., 'delta': alt - ref}. ``width`` defaults to 8192 bases (Evo 2's),
-  capped at the model's max_seqlen; the reference is checked first (``check_reference``)."""
+  capped at the model's max_seqlen. Everything is checked before anything is scored (the
+  reference bases; with ``rc``, that every window is DNA). Variants are taken ``chunk_size``
+  at a time (host memory: two windows per variant of a chunk); inside a chunk, variants
+  sharing a window share its reference score; ``batch_size`` windows go through each forward.
+  """
+  from tqdm import tqdm
   if reduce not in ("mean", "sum"):
     raise ValueError(f"reduce {reduce!r} is not valid for variant effects; expected 'mean' or "
                      "'sum'")
@@ -245,25 +271,33 @@ def score_variants(model, variants: Sequence[Variant], reference: Reference,
     raise ValueError(f"window {width!r} is not valid; expected 2..{model.cfg.max_seqlen} (the "
                      "model's max_seqlen)")
   check_reference(variants, reference)
-  ref_of: dict[tuple[str, int, int], int] = {}
-  ref_windows, alt_windows, which_ref = [], [], []
-  for v in variants:
-    start, end = window_bounds(v.pos - 1, width, reference.length(v.chrom))
-    key = (v.chrom, start, end)
-    if key not in ref_of:
-      ref_of[key] = len(ref_windows)
-      window = reference.fetch(*key).encode()
-      if rc:  # the whole window must be DNA; say which row's window is not
-        reverse_complement(tokenizer.encode(window),
-                           f"{v.where} ({v}): the window {v.chrom}:{start + 1}-{end}")
-      ref_windows.append(window)
-    which_ref.append(ref_of[key])
-    alt_windows.append(mutate(ref_windows[ref_of[key]], v.pos - 1 - start, v.alt))
-  scores = sequence_scores(model, ref_windows + alt_windows, reduce, rc=rc,
-                           batch_size=batch_size, segment_len=segment_len, progress=progress)
-  ref = scores[:len(ref_windows)][np.asarray(which_ref)]
-  alt = scores[len(ref_windows):]
-  return {"ref": ref, "alt": alt, "delta": alt - ref}
+  keys = [(v.chrom, *window_bounds(v.pos - 1, width, reference.length(v.chrom)))
+          for v in variants]
+  if rc:  # a window that is not DNA cannot be reverse-complemented: say whose window it is
+    seen = set()
+    for v, key in zip(variants, keys):
+      if key not in seen:
+        seen.add(key)
+        reverse_complement(tokenizer.encode(reference.fetch(*key)),
+                           f"{v.where} ({v}): the window {key[0]}:{key[1] + 1}-{key[2]}")
+  out = {"ref": np.empty(len(variants)), "alt": np.empty(len(variants))}
+  with tqdm(total=len(variants), desc="variants", unit="var", disable=not progress) as bar:
+    for lo in range(0, len(variants), chunk_size):
+      ref_of: dict[tuple[str, int, int], int] = {}
+      ref_windows, alt_windows, which_ref = [], [], []
+      for v, key in zip(variants[lo:lo + chunk_size], keys[lo:lo + chunk_size]):
+        if key not in ref_of:
+          ref_of[key] = len(ref_windows)
+          ref_windows.append(reference.fetch(*key).encode())
+        which_ref.append(ref_of[key])
+        alt_windows.append(mutate(ref_windows[ref_of[key]], v.pos - 1 - key[1], v.alt))
+      scores = sequence_scores(model, ref_windows + alt_windows, reduce, rc=rc,
+                               batch_size=batch_size, segment_len=segment_len)
+      hi = lo + len(alt_windows)
+      out["ref"][lo:hi] = scores[:len(ref_windows)][np.asarray(which_ref)]
+      out["alt"][lo:hi] = scores[len(ref_windows):]
+      bar.update(hi - lo)
+  return {**out, "delta": out["alt"] - out["ref"]}
 
 
 def auroc(scores, labels) -> float:

@@ -5,6 +5,7 @@ windows scored in batches equal to windows built by hand, AUROC from ranks, and 
 from __future__ import annotations
 
 import concurrent.futures
+import gzip
 import itertools
 import os
 import subprocess
@@ -52,6 +53,12 @@ def test_vcf_multiallelic_and_unlabelled(tmp_path):
   got = var.read_variants(str(path))
   assert [(v.pos, v.ref, v.alt, v.label) for v in got] == [(3, "G", "A", None),
                                                          (3, "G", "T", None)]
+  packed = tmp_path / "calls.vcf.gz"
+  packed.write_bytes(gzip.compress(path.read_bytes()))
+  assert [(v.pos, v.alt) for v in var.read_variants(str(packed))] == [(3, "A"), (3, "T")]
+  path.write_text(path.read_text() + "chr1\t5\t.\tC\tA\t.\tPASS\tlabel=1\n")
+  with pytest.raises(ValueError, match="line 3: no INFO key 'label', which other rows have"):
+    var.read_variants(str(path))
 
 
 @pytest.mark.parametrize("row,message", [
@@ -82,6 +89,15 @@ def test_reference_checks(tmp_path, reference):
       var.check_reference(var.read_variants(_table(tmp_path, [row])), reference)
   with pytest.raises(ValueError, match="alt 'X' is not a single DNA base"):
     var.mutate("ACGT", 1, "X")
+  gz = tmp_path / "ref.fa.gz"
+  gz.write_bytes(gzip.compress(f">chr1\n{CHR1}\n".encode()))
+  ragged = tmp_path / "ragged.fa"
+  ragged.write_text(">chr1\nACGT\nACGTTT\nAC\n")
+  for path, message in [(gz, "is gzip-compressed; random access needs a plain FASTA"),
+                        (ragged, "cannot be read as an indexed FASTA: Line length"),
+                        (tmp_path / "none.fa", "does not exist")]:
+    with pytest.raises(ValueError, match=message):
+      var.Reference(str(path))
 
 
 def test_window_bounds():
@@ -106,10 +122,18 @@ def test_deltas_equal_windows_scored_by_hand(tmp_path, model, reference):
     ref_s, alt_s = sequence_scores(model, [ref_w, alt_w])
     np.testing.assert_allclose([r, d], [ref_s, alt_s - ref_s], rtol=1e-5, atol=1e-6)
   assert np.all(np.abs(got["delta"]) > 0)
+  chunked = var.score_variants(model, variants, reference, 20, batch_size=2, chunk_size=3)
+  np.testing.assert_allclose(chunked["delta"], got["delta"], rtol=1e-5, atol=1e-7)
   rc = var.score_variants(model, variants, reference, 20, batch_size=3, rc=True)
   assert not np.allclose(rc["delta"], got["delta"])
   with pytest.raises(ValueError, match="window 300 is not valid; expected 2..256"):
     var.score_variants(model, variants, reference, 300)
+  iupac = tmp_path / "iupac.fa"
+  iupac.write_text(">chr1\nACGTRACGTA\n")
+  with pytest.raises(ValueError, match=r"line 2 \(chr1:2 C>T\): the window chr1:1-10 has 'R' "
+                                       "at position 5; reverse-complement averaging needs DNA"):
+    var.score_variants(model, var.read_variants(_table(tmp_path, [("chr1", 2, "C", "T", 0)])),
+                       var.Reference(str(iupac)), 16, rc=True)
 
 
 def test_auroc_known_cases():
