@@ -1,6 +1,9 @@
 """What the sh2-score and sh2-embed commands share: one ``error:`` line and exit code 2 for
-bad input, absl flag parsing that reports that way, and the checks of input and output paths
-that run before a model is loaded or anything is written."""
+bad input, absl flag parsing that reports that way, the checks of input and output paths that
+run before a model is loaded, and writing the output all at once at the end.
+
+The commands define their flags when run (``main``), not when imported, so several command
+modules can be imported into one process."""
 
 from __future__ import annotations
 
@@ -62,6 +65,27 @@ def check_positive(flag: str, value: int | None, allow_none: bool = True) -> Non
 def check_dtype(value: str | None) -> None:
   if value is not None and value not in DTYPES:
     raise ValueError(f"--dtype {value!r} is not valid; expected one of {', '.join(DTYPES)}")
+
+
+def write_atomic(path: str, write) -> None:
+  """``write(tmp)`` to a temporary file beside ``path``, then rename it onto ``path``: the
+  output is complete or absent, never half-written."""
+  root, ext = os.path.splitext(path)
+  tmp = f"{root}.tmp{os.getpid()}{ext}"  # same extension: np.savez keeps the name as given
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def write_text(path: str, lines) -> None:
+  """Text lines (or chunks), written all at once through ``write_atomic``."""
+  def write(tmp):
+    with open(tmp, "w") as out:
+      out.writelines(lines)
+  write_atomic(path, write)
 
 
 def record_names(records: list[tuple[str, bytes]]) -> list[str]:

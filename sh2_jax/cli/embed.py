@@ -15,7 +15,6 @@ names, lengths) is checked before anything is computed; the file is written at t
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags
@@ -23,17 +22,21 @@ from absl import app, flags
 from sh2_jax.cli import common
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "checkpoint directory (ours or a converted Evo 2) or a "
-                    "model name")
-flags.DEFINE_string("fasta", None, "FASTA file (optionally gzipped): embed every record")
-flags.DEFINE_list("layers", None, "comma-separated module paths, e.g. blocks.28.mlp.l3")
-flags.DEFINE_string("out", None, "output .npz file")
-flags.DEFINE_enum("pool", "mean", ["mean", "none"], "mean over each record's tokens, or none "
-                  "(one [L, D] array per record and layer)")
-flags.DEFINE_integer("segment_len", None, "run the segmented forward in segments of this many "
-                     "tokens (long records)")
-flags.DEFINE_integer("batch_size", 8, "records per forward pass")
-flags.DEFINE_string("dtype", None, "compute dtype, e.g. bfloat16 (default: the checkpoint's)")
+
+
+def define_flags() -> None:
+  """The command's flags (defined when it runs, not on import)."""
+  flags.DEFINE_string("model", None, "checkpoint directory (ours or a converted Evo 2) or a "
+                      "model name")
+  flags.DEFINE_string("fasta", None, "FASTA file (optionally gzipped): embed every record")
+  flags.DEFINE_list("layers", None, "comma-separated module paths, e.g. blocks.28.mlp.l3")
+  flags.DEFINE_string("out", None, "output .npz file")
+  flags.DEFINE_enum("pool", "mean", ["mean", "none"], "mean over each record's tokens, or none "
+                    "(one [L, D] array per record and layer)")
+  flags.DEFINE_integer("segment_len", None, "run the segmented forward in segments of this many "
+                       "tokens (long records)")
+  flags.DEFINE_integer("batch_size", 8, "records per forward pass")
+  flags.DEFINE_string("dtype", None, "compute dtype, e.g. bfloat16 (default: the checkpoint's)")
 
 
 def check_flags() -> None:
@@ -85,15 +88,14 @@ def _run(argv) -> None:
       arrays[layer] = a
     else:
       arrays.update({f"{layer}/{i}": x for i, x in enumerate(a)})
-  tmp = f"{f.out[:-len('.npz')]}.tmp{os.getpid()}.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, f.out)
+  common.write_atomic(f.out, lambda tmp: np.savez(tmp, **arrays))
   print(f"embedded {len(records)} record(s) at {len(f.layers)} layer(s); wrote {f.out}")
   sys.stdout.flush()
 
 
 def main(argv: list[str] | None = None) -> None:
   """The ``sh2-embed`` command; ``argv`` is the full command line (default ``sys.argv``)."""
+  define_flags()
   app.run(_run, argv=argv, flags_parser=common.parse_flags)
 
 

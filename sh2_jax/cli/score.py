@@ -19,7 +19,6 @@ goes to stderr.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags
@@ -27,25 +26,29 @@ from absl import app, flags
 from sh2_jax.cli import common
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "checkpoint directory (ours or a converted Evo 2) or a "
-                    "model name")
-flags.DEFINE_string("fasta", None, "FASTA file (optionally gzipped): score every record")
-flags.DEFINE_string("variants", None, "variants table (.tsv: chrom pos ref alt [label]) or "
-                    "VCF (.vcf, .vcf.gz): score each variant's effect")
-flags.DEFINE_string("reference", None, "FASTA reference the --variants positions refer to "
-                    "(read by random access through a .fai index)")
-flags.DEFINE_string("out", None, "output table (tab-separated)")
-flags.DEFINE_integer("batch_size", 8, "sequences (or windows) per forward pass")
-flags.DEFINE_enum("reduce", "mean", ["mean", "sum", "none"], "per-sequence score: the mean or "
-                  "sum of the per-token log-likelihoods, or none (every token; --fasta only)")
-flags.DEFINE_bool("rc", False, "average each score with its reverse complement's (DNA)")
-flags.DEFINE_integer("window", None, "bases around each variant (default 8192, Evo 2's, "
-                     "capped at the model's max_seqlen)")
-flags.DEFINE_string("label_column", "label", "column (table) or INFO key (VCF) holding 0/1 "
-                    "labels; when present the AUROC of -delta is printed")
-flags.DEFINE_integer("segment_len", None, "score each batch in segments of this many tokens "
-                     "(bounds memory for long sequences)")
-flags.DEFINE_string("dtype", None, "compute dtype, e.g. bfloat16 (default: the checkpoint's)")
+
+
+def define_flags() -> None:
+  """The command's flags (defined when it runs, not on import)."""
+  flags.DEFINE_string("model", None, "checkpoint directory (ours or a converted Evo 2) or a "
+                      "model name")
+  flags.DEFINE_string("fasta", None, "FASTA file (optionally gzipped): score every record")
+  flags.DEFINE_string("variants", None, "variants table (.tsv: chrom pos ref alt [label]) or "
+                      "VCF (.vcf, .vcf.gz): score each variant's effect")
+  flags.DEFINE_string("reference", None, "FASTA reference the --variants positions refer to "
+                      "(read by random access through a .fai index)")
+  flags.DEFINE_string("out", None, "output table (tab-separated)")
+  flags.DEFINE_integer("batch_size", 8, "sequences (or windows) per forward pass")
+  flags.DEFINE_enum("reduce", "mean", ["mean", "sum", "none"], "per-sequence score: the mean or "
+                    "sum of the per-token log-likelihoods, or none (every token; --fasta only)")
+  flags.DEFINE_bool("rc", False, "average each score with its reverse complement's (DNA)")
+  flags.DEFINE_integer("window", None, "bases around each variant (default 8192, Evo 2's, "
+                       "capped at the model's max_seqlen)")
+  flags.DEFINE_string("label_column", "label", "column (table) or INFO key (VCF) holding 0/1 "
+                      "labels; when present the AUROC of -delta is printed")
+  flags.DEFINE_integer("segment_len", None, "score each batch in segments of this many tokens "
+                       "(bounds memory for long sequences)")
+  flags.DEFINE_string("dtype", None, "compute dtype, e.g. bfloat16 (default: the checkpoint's)")
 
 
 def check_flags() -> None:
@@ -77,13 +80,6 @@ def check_flags() -> None:
   common.check_dtype(f.dtype)
 
 
-def _write_atomic(path: str, lines) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as out:
-    out.writelines(lines)
-  os.replace(tmp, path)
-
-
 def score_fasta(model, records) -> None:
   from sh2_jax.inference.scoring import sequence_scores
   f = FLAGS
@@ -99,7 +95,7 @@ def score_fasta(model, records) -> None:
   else:
     head = f"name\tlength\t{f.reduce}_loglik{'_rc_avg' if f.rc else ''}\n"
     rows = (f"{name}\t{len(seq)}\t{s:.8g}\n" for name, seq, s in zip(names, seqs, scores))
-  _write_atomic(f.out, [head, *rows])
+  common.write_text(f.out, [head, *rows])
   print(f"scored {len(seqs)} sequence(s); wrote {f.out}")
 
 
@@ -109,7 +105,7 @@ def score_variant_table(model, variants, reference) -> None:
   result = var.score_variants(model, variants, reference, f.window, reduce=f.reduce, rc=f.rc,
                               batch_size=f.batch_size, segment_len=f.segment_len,
                               progress=True)
-  var.write_deltas(f.out, variants, result)
+  common.write_text(f.out, [var.delta_table(variants, result)])
   print(f"scored {len(variants)} variant(s); wrote {f.out}")
   labels = [v.label for v in variants]
   if all(label is not None for label in labels):
@@ -160,6 +156,7 @@ def _run(argv) -> None:
 
 def main(argv: list[str] | None = None) -> None:
   """The ``sh2-score`` command; ``argv`` is the full command line (default ``sys.argv``)."""
+  define_flags()
   app.run(_run, argv=argv, flags_parser=common.parse_flags)
 
 

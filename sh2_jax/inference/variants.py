@@ -323,17 +323,13 @@ def auroc(scores, labels) -> float:
   return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def write_deltas(path: str, variants: Sequence[Variant], result: dict[str, np.ndarray]) -> None:
-  """A tab-separated table: chrom pos ref alt [label] ref_score alt_score delta; written to a
-  temporary file and renamed, so ``path`` is either complete or absent."""
+def delta_table(variants: Sequence[Variant], result: dict[str, np.ndarray]) -> str:
+  """The results as tab-separated text: a header, then one line per variant,
+  ``chrom pos ref alt [label] ref_score alt_score delta``."""
   labels = all(v.label is not None for v in variants)
-  head = list(TABLE_COLUMNS) + (["label"] if labels else []) + ["ref_score", "alt_score",
-                                                                 "delta"]
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write("\t".join(head) + "\n")
-    for i, v in enumerate(variants):
-      cells = [v.chrom, str(v.pos), v.ref, v.alt] + ([str(v.label)] if labels else [])
-      cells += [f"{result[k][i]:.8g}" for k in ("ref", "alt", "delta")]
-      f.write("\t".join(cells) + "\n")
-  os.replace(tmp, path)
+  head = [*TABLE_COLUMNS, *(["label"] if labels else []), "ref_score", "alt_score", "delta"]
+  lines = ["\t".join(head)]
+  for i, v in enumerate(variants):
+    cells = [v.chrom, str(v.pos), v.ref, v.alt] + ([str(v.label)] if labels else [])
+    lines.append("\t".join(cells + [f"{result[k][i]:.8g}" for k in ("ref", "alt", "delta")]))
+  return "\n".join(lines) + "\n"
