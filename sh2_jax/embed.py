@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from sh2_jax import capture
+from sh2_jax.tokenizer import encode
 
 
 def _modules(model) -> dict[str, nnx.Module]:
@@ -51,7 +52,6 @@ def _check_produced(out: dict, layers: Sequence[str]) -> dict:
 
 def _as_tokens(tokens):
   """A string (one sequence) or a list of strings of one length -> ids [B, L]; ids pass."""
-  from sh2_jax.tokenizer import encode
   if isinstance(tokens, (str, bytes, bytearray)):
     return encode(tokens)[None]
   if (isinstance(tokens, (list, tuple)) and tokens
@@ -65,8 +65,8 @@ def _as_tokens(tokens):
   return tokens
 
 
-def embed(model, tokens: jax.Array | str | Sequence[str], layers: Sequence[str], *, segment_len: int | None = None,
-          mesh=None, context=None) -> dict[str, jax.Array]:
+def embed(model, tokens: jax.Array | str | Sequence[str], layers: Sequence[str], *,
+          segment_len: int | None = None, mesh=None, context=None) -> dict[str, jax.Array]:
   """Activations [B, L, ...] at each named point for ``tokens`` [B, L] (ids; or a string,
   [1, L], or a list of strings of one length, [B, L], through the byte tokenizer).
 
@@ -136,7 +136,6 @@ def embed_sequences(model, seqs: Iterable[bytes | str | np.ndarray], layers: str
   from tqdm import tqdm
 
   from sh2_jax.inference.generation import PROMPT_BUCKET, length_batches
-  from sh2_jax.tokenizer import encode
   if pool not in POOL:
     raise ValueError(f"pool {pool!r} is not one of {', '.join(map(repr, POOL))}")
   names = [layers] if isinstance(layers, str) else list(layers)

@@ -5,11 +5,12 @@ Negative: the model finds the variant less likely (Evo 2's loss-of-function sign
 
 Variants come from a table or a VCF, at 1-based positions on a FASTA reference read by random
 access (pyfaidx; its ``.fai`` index is built once beside the FASTA, or in a temporary folder
-when that folder is read-only; the FASTA must be uncompressed). Every row is checked before anything is scored: the chromosome
-exists, the position is on it, the reference base there is the row's ``ref``, both alleles are
-single bases A, C, G, T. Windows are ``width`` bases centred on the variant (shifted inward at a
-chromosome's ends), upper-cased; reference windows shared by several variants are scored once;
-all windows go through ``sequence_scores`` in batches.
+when that folder is read-only; the FASTA must be uncompressed). Every row is checked before
+anything is scored: the chromosome exists, the position is on it, the reference base there is
+the row's ``ref``, both alleles are single bases A, C, G, T. Windows are ``width`` bases
+centred on the variant (shifted inward at a chromosome's ends), upper-cased; reference windows
+shared by several variants are scored once; all windows go through ``sequence_scores`` in
+batches.
 
   table (tab-separated, a header line naming the columns; '#' lines after it are comments):
       chrom  pos  ref  alt  [label]  [any other columns, ignored]
