@@ -28,14 +28,16 @@ from sh2_jax.tokenizer import PAD_ID
 PROMPT_BUCKET = 64  # prompt batches are padded to a multiple of this: fewer recompilations
 
 
-def as_token_rows(tokens, vocab_size: int) -> tuple[list[np.ndarray], bool]:
-  """A prompt (1-D ids), a batch [B, L], or a list of 1-D id sequences -> (rows, single)."""
+def as_token_rows(tokens, vocab_size: int,
+                  what: str = "prompt") -> tuple[list[np.ndarray], bool]:
+  """A prompt (1-D ids), a batch [B, L], or a list of 1-D id sequences -> (rows, single);
+  errors call a row ``what`` (e.g. 'sequence' when scoring)."""
   if isinstance(tokens, (str, bytes)):
     raise TypeError("prompts are token ids; turn text into ids with sh2_jax.tokenizer.encode")
   if isinstance(tokens, (np.ndarray, jax.Array)):
     arr = np.asarray(tokens)
     if arr.ndim not in (1, 2):
-      raise ValueError(f"prompt tokens must be [L] or [B, L]; got shape {arr.shape}")
+      raise ValueError(f"{what} tokens must be [L] or [B, L]; got shape {arr.shape}")
     single = arr.ndim == 1
     rows = [arr] if single else list(arr)
   else:
@@ -43,15 +45,16 @@ def as_token_rows(tokens, vocab_size: int) -> tuple[list[np.ndarray], bool]:
     single = bool(seq) and all(isinstance(t, (int, np.integer)) for t in seq)
     rows = [np.asarray(seq)] if single else [np.asarray(r) for r in seq]
   if not rows:
-    raise ValueError("no prompts given")
+    raise ValueError(f"no {what}s given")
   for i, r in enumerate(rows):
     if r.ndim != 1 or r.size == 0:
-      raise ValueError(f"prompt {i} must be a non-empty 1-D sequence of ids; got shape {r.shape}")
+      raise ValueError(f"{what} {i} must be a non-empty 1-D sequence of ids; got shape {r.shape}")
     if not np.issubdtype(r.dtype, np.integer):
-      raise ValueError(f"prompt {i} has dtype {r.dtype}; token ids must be integers")
+      raise ValueError(f"{what} {i} has dtype {r.dtype}; token ids must be integers")
     if r.min() < 0 or r.max() >= vocab_size:
-      raise ValueError(f"prompt {i} has token id {int(r.max() if r.max() >= vocab_size else r.min())}"
-                       f" outside the vocabulary 0..{vocab_size - 1}")
+      bad = int(r.max() if r.max() >= vocab_size else r.min())
+      raise ValueError(f"{what} {i} has token id {bad} outside the vocabulary "
+                       f"0..{vocab_size - 1}")
   return [r.astype(np.int32) for r in rows], single
 
 

@@ -63,7 +63,7 @@ def _as_rows(model, sequences) -> tuple[list[np.ndarray], str]:
   elif isinstance(sequences, (list, tuple)):
     sequences = [tokenizer.encode(s) if isinstance(s, (str, bytes, bytearray)) else s
                  for s in sequences]
-  rows, single = as_token_rows(sequences, model.cfg.vocab_size)
+  rows, single = as_token_rows(sequences, model.cfg.vocab_size, "sequence")
   form = ("single" if single else
           "array" if isinstance(sequences, (np.ndarray, jax.Array)) else "list")
   short = [i for i, r in enumerate(rows) if len(r) < 2]
