@@ -1,12 +1,18 @@
-"""Variant-effect scoring, the Evo 2 way: score a window around each single-base variant with
-the reference base and with the alternative, and report the change in log-likelihood.
+"""Variant effects, the Evo 2 way, on the shipped example data: ten single-base variants of a
+synthetic gene (``examples/data/variants.tsv``: start- and stop-codon losses, a premature
+stop, labelled 1; a synonymous change and changes outside the gene, labelled 0).
 
-  python examples/variant_effect.py --model=evo2_7b_base --fasta=my_gene.fa --window=8192
-  python examples/variant_effect.py            # the shipped synthetic gene, tiny random model
+  python examples/variant_effect.py                      # tiny model with RANDOM weights
+  python examples/variant_effect.py --model=ckpt/evo2_7b_base --window=8192
 
-``--model`` is what ``sh2_jax.load`` takes: an sh2_jax checkpoint directory, a released model's
-name (its weights), or a preset without weights (``tiny``, ``random:NAME``): RANDOM weights, and
-the output says so: its deltas only show the workflow, not biology.
+The same through the command line, on any table or VCF and reference:
+
+  sh2-score --model=ckpt/evo2_7b_base --variants=examples/data/variants.tsv \\
+      --reference=examples/data/synthetic_gene.fa --out=deltas.tsv
+
+``--model`` is an sh2_jax checkpoint directory (ours, or converted from Evo 2 with
+``sh2-convert``), a released model's name (its weights), or ``random:NAME``; with random
+weights the deltas only show the workflow, not biology, and the output says so.
 """
 
 from __future__ import annotations
@@ -20,56 +26,39 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import sh2_jax  # noqa: E402
-from sh2_jax.data.readers import parse_fasta  # noqa: E402
-from sh2_jax.inference.scoring import mutate  # noqa: E402
+from sh2_jax.inference import variants as var  # noqa: E402
 from sh2_jax.presets import RELEASES  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-flags.DEFINE_string("model", "tiny", "checkpoint directory or preset name")
-flags.DEFINE_string("fasta", os.path.join(HERE, "data", "synthetic_gene.fa"), "FASTA file (first record)")
-flags.DEFINE_integer("window", 256, "tokens of context around each variant (Evo 2 used 8192)")
-flags.DEFINE_list("variants", ["210:A", "215:A", "400:G", "700:G", "1100:C"],
-                  "0-based position:alt base pairs")
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+flags.DEFINE_string("model", "tiny", "checkpoint directory or model name")
+flags.DEFINE_string("variants", os.path.join(DATA, "variants.tsv"), "variants table or VCF")
+flags.DEFINE_string("reference", os.path.join(DATA, "synthetic_gene.fa"), "FASTA reference")
+flags.DEFINE_integer("window", 256, "bases around each variant (Evo 2 used 8192)")
 flags.DEFINE_string("dtype", None, "compute dtype, e.g. bfloat16 on GPU")
 FLAGS = flags.FLAGS
 
 
-def windows(seq: bytes, pos: int, alt: str, width: int) -> tuple[bytes, bytes]:
-  """(reference, mutated) windows of ``width`` bases containing ``pos`` (centred when possible)."""
-  start = min(max(0, pos - width // 2), max(0, len(seq) - width))
-  ref = seq[start:start + width]
-  return ref, mutate(ref, pos - start, alt)
-
-
 def main(argv):
   del argv
-  with open(FLAGS.fasta, "rb") as f:
-    records = parse_fasta(f.read(), upper=True)
-  if not records:
-    sys.exit(f"error: {FLAGS.fasta!r} holds no FASTA sequence")
-  seq = records[0]
+  try:
+    variants = var.read_variants(FLAGS.variants)
+    reference = var.Reference(FLAGS.reference)
+    var.check_reference(variants, reference)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   random_weights = not os.path.isdir(FLAGS.model) and FLAGS.model not in RELEASES
   model = sh2_jax.load(FLAGS.model, dtype=FLAGS.dtype)
   print(f"model: {FLAGS.model}" + ("  [RANDOM WEIGHTS: deltas illustrate the workflow only]"
                                    if random_weights else ""))
-  print(f"sequence: {len(seq)} bp from {os.path.basename(FLAGS.fasta)}; window {FLAGS.window}")
-  print(f"{'variant':>10} {'ref':>4} {'alt':>4} {'ref LL':>10} {'alt LL':>10} {'delta':>10}")
-  for item in FLAGS.variants:
-    try:
-      pos_s, alt = item.split(":")
-      pos = int(pos_s)
-    except ValueError:
-      sys.exit(f"error: variant {item!r} is not position:base (e.g. 210:T)")
-    if not 0 <= pos < len(seq):
-      sys.exit(f"error: variant position {pos} is outside the sequence 0..{len(seq) - 1}")
-    if alt.upper().encode() == seq[pos:pos + 1]:
-      sys.exit(f"error: variant {item!r}: {alt!r} is already the reference base at {pos}")
-    ref_w, alt_w = windows(seq, pos, alt.upper(), FLAGS.window)
-    ll_ref, ll_alt = (float(np.mean(x)) for x in sh2_jax.score(model, [
-        np.frombuffer(ref_w, np.uint8).astype(np.int32),
-        np.frombuffer(alt_w, np.uint8).astype(np.int32)]))
-    print(f"{pos:>10} {chr(seq[pos]):>4} {alt:>4} {ll_ref:>10.5f} {ll_alt:>10.5f} "
-          f"{ll_alt - ll_ref:>+10.5f}")
+  result = var.score_variants(model, variants, reference, FLAGS.window, batch_size=8)
+  print(f"{'variant':>24} {'label':>5} {'ref LL':>10} {'alt LL':>10} {'delta':>10}")
+  for v, r, a, d in zip(variants, result["ref"], result["alt"], result["delta"]):
+    print(f"{str(v):>24} {'' if v.label is None else v.label:>5} {r:>10.5f} {a:>10.5f} "
+          f"{d:>+10.5f}")
+  labels = [v.label for v in variants]
+  if None not in labels and 0 < sum(labels) < len(labels):
+    print(f"AUROC of -delta for label 1: {var.auroc(-np.asarray(result['delta']), labels):.3f}")
 
 
 if __name__ == "__main__":

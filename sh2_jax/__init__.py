@@ -25,10 +25,10 @@ _xla_cpu_one_thread_per_op()
 
 from sh2_jax.config import ModelConfig, resolve_layout  # noqa: E402
 from sh2_jax.embed import embed, mean_pool  # noqa: E402
-from sh2_jax.inference import generate, score  # noqa: E402
+from sh2_jax.inference import generate, score, sequence_scores  # noqa: E402
 from sh2_jax.inference.segmented import segmented_logits, segmented_score  # noqa: E402
 from sh2_jax.model import StripedHyena  # noqa: E402
 from sh2_jax.zoo import load  # noqa: E402
 
 __all__ = ["__version__", "ModelConfig", "StripedHyena", "embed", "generate", "load", "mean_pool",
-           "resolve_layout", "score", "segmented_logits", "segmented_score"]
+           "resolve_layout", "score", "segmented_logits", "segmented_score", "sequence_scores"]

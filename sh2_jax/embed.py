@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from sh2_jax import capture
+from sh2_jax.tokenizer import encode
 
 
 def _modules(model) -> dict[str, nnx.Module]:
@@ -27,7 +28,8 @@ def named_points(model) -> list[str]:
   return list(_modules(model))
 
 
-def _check_names(model, layers: Sequence[str]) -> None:
+def check_layer_names(model, layers: Sequence[str]) -> None:
+  """Every name is a module path of ``model``; else one error listing the valid names."""
   by_name = _modules(model)
   unknown = [n for n in layers if n not in by_name]
   if unknown:
@@ -48,9 +50,25 @@ def _check_produced(out: dict, layers: Sequence[str]) -> dict:
   return {n: out[n] for n in layers}
 
 
-def embed(model, tokens: jax.Array, layers: Sequence[str], *, segment_len: int | None = None,
-          mesh=None, context=None) -> dict[str, jax.Array]:
-  """Activations [B, L, ...] at each named point for ``tokens`` [B, L].
+def _as_tokens(tokens):
+  """A string (one sequence) or a list of strings of one length -> ids [B, L]; ids pass."""
+  if isinstance(tokens, (str, bytes, bytearray)):
+    return encode(tokens)[None]
+  if (isinstance(tokens, (list, tuple)) and tokens
+      and all(isinstance(t, (str, bytes, bytearray)) for t in tokens)):
+    rows = [encode(t) for t in tokens]
+    if len({len(r) for r in rows}) > 1:
+      raise ValueError(f"strings of different lengths {sorted({len(r) for r in rows})} do not "
+                       "make one batch; use embed_sequences (batches by length, pools each "
+                       "sequence over its own tokens)")
+    return np.stack(rows)
+  return tokens
+
+
+def embed(model, tokens: jax.Array | str | Sequence[str], layers: Sequence[str], *,
+          segment_len: int | None = None, mesh=None, context=None) -> dict[str, jax.Array]:
+  """Activations [B, L, ...] at each named point for ``tokens`` [B, L] (ids; or a string,
+  [1, L], or a list of strings of one length, [B, L], through the byte tokenizer).
 
   By default one jitted forward. ``segment_len``: through the segmented forward (segments of
   that many tokens carrying the recurrent state; ``mesh`` then shards its KV cache). ``mesh``
@@ -62,10 +80,11 @@ def embed(model, tokens: jax.Array, layers: Sequence[str], *, segment_len: int |
     raise ValueError(f"layers must be a list of names, e.g. [{layers!r}]; got the string "
                      f"{layers!r}")
   layers = tuple(layers)
+  tokens = _as_tokens(tokens)
   model.check_tokens(tokens if hasattr(tokens, "ndim") else np.asarray(tokens))
   if not layers:
     raise ValueError("embed needs at least one layer name, e.g. ['blocks.0.mlp.l3']")
-  _check_names(model, layers)  # validate names before tracing
+  check_layer_names(model, layers)  # validate names before tracing
   if segment_len is not None:
     from sh2_jax.inference.segmented import segmented_activations
     acts = segmented_activations(model, np.asarray(tokens), segment_len, layers, mesh=mesh)
@@ -100,23 +119,48 @@ def mean_pool(acts: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
   return (acts * mask).sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1)
 
 
-def embed_sequences(model, seqs: Iterable[bytes | str], layer: str, batch_size: int = 8,
-                    max_len: int | None = None, progress: bool = True) -> np.ndarray:
-  """Mean-pooled embeddings [N, D] of many sequences (e.g. the records of a FASTA file),
-  batched by length with a progress bar. Sequences longer than ``max_len`` are an error."""
+POOL = ("mean", "none")
+
+
+def embed_sequences(model, seqs: Iterable[bytes | str | np.ndarray], layers: str | Sequence[str],
+                    *, pool: str = "mean", batch_size: int = 8, segment_len: int | None = None,
+                    max_len: int | None = None, progress: bool = True):
+  """Embeddings of many sequences (e.g. the records of a FASTA file), batched by length with a
+  progress bar; each row equals that sequence embedded alone.
+
+  layers: one module path -> its result; a list -> {path: result}. pool 'mean': [N, ...]
+  float32, the mean over each sequence's own tokens; 'none': a list of [L_i, ...] float32
+  arrays. ``segment_len``: through the segmented forward (long sequences). Sequences longer
+  than ``max_len`` (default: the model's max_seqlen) are an error.
+  """
   from tqdm import tqdm
 
-  from sh2_jax.tokenizer import encode, pad_batch
-  seqs = [encode(s) for s in seqs]
-  if max_len is not None:
-    long = [i for i, s in enumerate(seqs) if len(s) > max_len]
-    if long:
-      raise ValueError(f"sequence {long[0]} has {len(seqs[long[0]])} tokens > max_len {max_len}")
-  order = np.argsort([len(s) for s in seqs])
-  out = np.zeros((len(seqs), model.cfg.d_model), np.float32)
-  for start in tqdm(range(0, len(seqs), batch_size), disable=not progress, desc="embed"):
-    idx = order[start:start + batch_size]
-    tokens, lengths = pad_batch([seqs[i] for i in idx])
-    acts = embed(model, tokens, [layer])[layer]
-    out[idx] = np.asarray(mean_pool(acts, lengths))
-  return out
+  from sh2_jax.inference.generation import PROMPT_BUCKET, length_batches
+  if pool not in POOL:
+    raise ValueError(f"pool {pool!r} is not one of {', '.join(map(repr, POOL))}")
+  names = [layers] if isinstance(layers, str) else list(layers)
+  if not names:
+    raise ValueError("embed_sequences needs at least one layer name, e.g. 'blocks.0.mlp.l3'")
+  check_layer_names(model, names)
+  seqs = [s if isinstance(s, np.ndarray) else encode(s) for s in seqs]
+  empty = [i for i, s in enumerate(seqs) if len(s) == 0]
+  if empty:
+    raise ValueError(f"sequence {empty[0]} is empty; give at least one token per sequence")
+  max_len = model.cfg.max_seqlen if max_len is None else max_len
+  long = [i for i, s in enumerate(seqs) if len(s) > max_len]
+  if long:
+    raise ValueError(f"sequence {long[0]} has {len(seqs[long[0]])} tokens > max_len {max_len}")
+  out: dict[str, list] = {n: [None] * len(seqs) for n in names}
+  with tqdm(total=len(seqs), desc="embed", unit="seq", disable=not progress) as bar:
+    for idx, tokens, lengths in length_batches(seqs, batch_size, PROMPT_BUCKET):
+      acts = embed(model, tokens, names, segment_len=segment_len)
+      for n in names:
+        if pool == "mean":
+          a = np.asarray(mean_pool(acts[n][:len(idx)], lengths))
+        else:
+          a = [np.asarray(acts[n][j, :lengths[j]], np.float32) for j in range(len(idx))]
+        for j, i in enumerate(idx):
+          out[n][i] = a[j]
+      bar.update(len(idx))
+  result = {n: np.stack(v) if pool == "mean" else v for n, v in out.items()}
+  return result[layers] if isinstance(layers, str) else result

@@ -5,7 +5,7 @@ The environment is made with ``--system-site-packages`` plus a ``.pth`` line nam
 interpreter's site-packages (a venv made from a venv sees the base interpreter's packages, not
 the parent venv's), so the pinned requirements are there and nothing is downloaded: the
 install is ``pip install --no-index --no-deps --no-build-isolation`` of a copy of the checkout.
-All five commands are installed; ``sh2-score`` and ``sh2-embed`` have their own tests.
+All five commands are installed and run (``sh2-score`` and ``sh2-embed`` on the converted fixture).
 """
 
 from __future__ import annotations
@@ -139,3 +139,18 @@ def test_pip_install_then_the_commands_from_another_directory(tmp_path):
   assert lines[0].startswith(">a prompt_len=8 new_tokens=6 ")
   assert lines[1].startswith("ACGTACGT") and len(lines[1]) == 14 and "|" not in r.stdout
   assert len((work / "lp.tsv").read_text().splitlines()) == 1 + 2 * 6
+
+  # sh2-score and sh2-embed: the same FASTA through the converted model.
+  r = run("sh2-score", "--model", str(work / "converted"), "--fasta", "prompts.fa",
+          "--out", "scores.tsv")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert not _noise(r.stderr), _noise(r.stderr)
+  rows = (work / "scores.tsv").read_text().splitlines()
+  assert len(rows) == 3 and rows[1].split("\t")[:2] == ["a", "8"], rows
+  r = run("sh2-embed", "--model", str(work / "converted"), "--fasta", "prompts.fa",
+          "--layers", "blocks.0", "--out", "emb.npz")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert not _noise(r.stderr), _noise(r.stderr)
+  import numpy as np
+  with np.load(work / "emb.npz") as z:
+    assert list(z["names"]) == ["a", "b"] and z["blocks.0"].shape[0] == 2, dict(z)

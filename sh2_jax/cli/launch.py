@@ -53,12 +53,14 @@ def _adopt_help(module: str) -> None:
 
 
 def launch(main: Callable[[list[str]], None], module: str,
-           flags_parser: Callable[[Sequence[str]], list[str]] = parse_flags) -> None:
-  """Run ``main`` as the command defined in ``module`` (its ``__name__``)."""
+           flags_parser: Callable[[Sequence[str]], list[str]] = parse_flags,
+           argv: list[str] | None = None) -> None:
+  """Run ``main`` as the command defined in ``module`` (its ``__name__``); ``argv``: the whole
+  command line (default ``sys.argv``)."""
   _adopt_help(module)
 
   def run(argv: list[str]) -> None:
     quiet_logs()
     main(argv)
 
-  app.run(run, flags_parser=flags_parser)
+  app.run(run, argv=argv, flags_parser=flags_parser)

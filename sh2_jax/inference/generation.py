@@ -28,14 +28,16 @@ from sh2_jax.tokenizer import PAD_ID
 PROMPT_BUCKET = 64  # prompt batches are padded to a multiple of this: fewer recompilations
 
 
-def as_token_rows(tokens, vocab_size: int) -> tuple[list[np.ndarray], bool]:
-  """A prompt (1-D ids), a batch [B, L], or a list of 1-D id sequences -> (rows, single)."""
+def as_token_rows(tokens, vocab_size: int,
+                  what: str = "prompt") -> tuple[list[np.ndarray], bool]:
+  """A prompt (1-D ids), a batch [B, L], or a list of 1-D id sequences -> (rows, single);
+  errors call a row ``what`` (e.g. 'sequence' when scoring)."""
   if isinstance(tokens, (str, bytes)):
     raise TypeError("prompts are token ids; turn text into ids with sh2_jax.tokenizer.encode")
   if isinstance(tokens, (np.ndarray, jax.Array)):
     arr = np.asarray(tokens)
     if arr.ndim not in (1, 2):
-      raise ValueError(f"prompt tokens must be [L] or [B, L]; got shape {arr.shape}")
+      raise ValueError(f"{what} tokens must be [L] or [B, L]; got shape {arr.shape}")
     single = arr.ndim == 1
     rows = [arr] if single else list(arr)
   else:
@@ -43,15 +45,16 @@ def as_token_rows(tokens, vocab_size: int) -> tuple[list[np.ndarray], bool]:
     single = bool(seq) and all(isinstance(t, (int, np.integer)) for t in seq)
     rows = [np.asarray(seq)] if single else [np.asarray(r) for r in seq]
   if not rows:
-    raise ValueError("no prompts given")
+    raise ValueError(f"no {what}s given")
   for i, r in enumerate(rows):
     if r.ndim != 1 or r.size == 0:
-      raise ValueError(f"prompt {i} must be a non-empty 1-D sequence of ids; got shape {r.shape}")
+      raise ValueError(f"{what} {i} must be a non-empty 1-D sequence of ids; got shape {r.shape}")
     if not np.issubdtype(r.dtype, np.integer):
-      raise ValueError(f"prompt {i} has dtype {r.dtype}; token ids must be integers")
+      raise ValueError(f"{what} {i} has dtype {r.dtype}; token ids must be integers")
     if r.min() < 0 or r.max() >= vocab_size:
-      raise ValueError(f"prompt {i} has token id {int(r.max() if r.max() >= vocab_size else r.min())}"
-                       f" outside the vocabulary 0..{vocab_size - 1}")
+      bad = int(r.max() if r.max() >= vocab_size else r.min())
+      raise ValueError(f"{what} {i} has token id {bad} outside the vocabulary "
+                       f"0..{vocab_size - 1}")
   return [r.astype(np.int32) for r in rows], single
 
 
@@ -63,6 +66,26 @@ def pad_rows(rows: Sequence[np.ndarray], bucket: int = 1) -> tuple[np.ndarray, n
   for i, r in enumerate(rows):
     out[i, :len(r)] = r
   return out, lengths
+
+
+def length_batches(rows: Sequence[np.ndarray], batch_size: int | None, bucket: int = 1):
+  """Yield (indices, tokens [n, L], lengths [n]): ``rows`` sorted by length and cut into
+  batches of ``batch_size`` (None: one batch of all), each right-padded to a multiple of
+  ``bucket``, so each batch pads little and few shapes compile. When there is more than one
+  batch the last is filled up to ``batch_size`` with one-token PAD rows (same shape, no extra
+  compilation); ``indices`` names only the real rows, which come first."""
+  if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
+    raise ValueError(f"batch_size {batch_size!r} must be None or a positive integer")
+  order = np.argsort([len(r) for r in rows], kind="stable")
+  size = len(rows) if batch_size is None else int(batch_size)
+  filler = np.full((1,), PAD_ID, np.int32)
+  for start in range(0, len(rows), size):
+    idx = order[start:start + size]
+    batch = [rows[i] for i in idx]
+    if len(rows) > size:
+      batch += [filler] * (size - len(idx))
+    tokens, lengths = pad_rows(batch, bucket)
+    yield idx, tokens, lengths[:len(idx)]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
