@@ -39,6 +39,7 @@ same command again continues from the saved epoch (the epoch order is a function
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -147,14 +148,23 @@ def macro_accuracy(tp, support, predicted):
   return jnp.sum(recall * present, -1) / jnp.maximum(jnp.sum(present, -1), 1)
 
 
-class Group:
-  """The compiled functions of one group of ``n`` runs of one (task, setting, layout)."""
+@functools.lru_cache(maxsize=8)
+def compiled_group(model_cfg: ModelConfig, task: str, length: int, n_train: int,
+                   batch_size: int) -> "Group":
+  """One ``Group`` per model and data shape, kept for the process: settings and resumed runs
+  of the same shapes reuse its compiled functions."""
+  return Group(model_cfg, task, length, n_train, batch_size)
 
-  def __init__(self, cfg: MADTrainConfig, task: str, layout: str, vocab: int, length: int,
-               n_train: int):
-    self.cfg, self.n_train = cfg, n_train
-    self.steps = -(-n_train // cfg.batch_size)
-    model_cfg = cfg.model_config(layout, vocab, length)
+
+class Group:
+  """The jitted functions for runs of one model on one data shape (any number of runs: the
+  leading axis of every argument)."""
+
+  def __init__(self, model_cfg: ModelConfig, task: str, length: int, n_train: int,
+               batch_size: int):
+    self.n_train, self.batch_size = n_train, batch_size
+    self.steps = -(-n_train // batch_size)
+    vocab = model_cfg.vocab_size
     abstract = nnx.eval_shape(lambda: build_model(model_cfg, task, length, nnx.Rngs(0)))
     self.graphdef, _ = nnx.split(abstract)
     self.adam = optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
@@ -272,7 +282,8 @@ def train_setting(cfg: MADTrainConfig, task: str, setting: str, kwargs: dict, la
   if not record["runs"]:
     record["runs"] = [{"lr": lr, "weight_decay": wd, "seed": s, "curve": [], "done": False}
                       for lr, wd, s in runs]
-  group = Group(cfg, task, layout, vocab, length, n_train)
+  group = compiled_group(cfg.model_config(layout, vocab, length), task, length, n_train,
+                         cfg.batch_size)
   for g, members in enumerate(groups):
     recs = record["runs"][g * size:g * size + len(members)]
     if all(r["done"] for r in recs):
