@@ -89,6 +89,7 @@ def parse(argv=None):
   ap.add_argument("--runs_per_group", type=int, default=0,
                   help="runs vmapped together (0: all); fewer to fit long sequences")
   ap.add_argument("--json", default="", help="results file (default <workdir>/results.json)")
+  ap.add_argument("--plot", default="", help="bar chart of the baseline accuracies (a .png)")
   ap.add_argument("--smoke", action="store_true", help="toy sizes and 2 epochs, for CPU tests")
   args = ap.parse_args(argv)
 
@@ -119,6 +120,11 @@ def parse(argv=None):
     if v < (1 if name == "epochs" else 0):
       _fail(f"--{name} {v} must be {'a positive' if name == 'epochs' else 'a non-negative'} "
             "integer")
+  if args.plot:
+    import importlib.util
+    if importlib.util.find_spec("matplotlib") is None:
+      _fail(f"--plot {args.plot!r} needs matplotlib (the 'bench' extra); install it or leave "
+            "--plot out")
   try:
     seeds = tuple(int(s) for s in args.seeds.split(","))
   except ValueError:
@@ -169,6 +175,28 @@ def table(results: dict, tasks, layouts) -> str:
                          "MAD paper: attention", "MAD paper: Hyena"], rows)
 
 
+def plot(results: dict, tasks, layouts, path: str, title: str) -> None:
+  """Grouped bars: per task, the baseline test accuracy (best of the grid) of each layout."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(1.6 * len(tasks) + 2, 3.4))
+  width = 0.8 / len(layouts)
+  for j, lay in enumerate(layouts):
+    ys = [((results.get(t, {}).get("baseline", {}).get(lay) or {}).get("best") or {})
+          .get("test_acc", 0.0) for t in tasks]
+    ax.bar([i + (j - (len(layouts) - 1) / 2) * width for i in range(len(tasks))], ys, width,
+           label=lay)
+  ax.set_xticks(range(len(tasks)), [t.replace("_", " ") for t in tasks], fontsize=7)
+  ax.set_ylim(0, 1.02)
+  ax.set_ylabel("test accuracy (MAD, baseline)")
+  ax.legend(fontsize=6, ncol=3)
+  ax.set_title(title, fontsize=8)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=110)
+
+
 def main(argv=None) -> dict:
   args, tasks, layouts, plan, lrs, wds, seeds = parse(argv)
   from benchmarks.common import device_info
@@ -198,6 +226,9 @@ def main(argv=None) -> dict:
       out["table"] = table(out["results"], tasks, layouts)
       with open(out_path, "w") as f:
         json.dump(out, f, indent=1)
+  if args.plot:
+    plot(out["results"], tasks, layouts, args.plot,
+         f"{out['device']}, {out['date']}: best of the lr x wd grid")
   print("\n" + out["table"] + "\n(* : not finished; MAD score: mean over every setting)")
   return out
 

@@ -242,6 +242,26 @@ def _write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
+def load_data(cfg: MADTrainConfig, task: str, kwargs: dict, setting_dir: str):
+  """(train_x, train_y, test_x, test_y) of one setting, generated once and kept in
+  ``setting_dir/data.npz`` for every layout and later session (regenerated when the setting,
+  seed or test size differ)."""
+  path = os.path.join(setting_dir, "data.npz")
+  key = json.dumps({"task": task, "kwargs": kwargs, "seed": cfg.data_seed,
+                    "n_test": cfg.num_test_examples}, sort_keys=True)
+  if os.path.exists(path):
+    saved = np.load(path)
+    if str(saved["key"]) == key:
+      return saved["train_x"], saved["train_y"], saved["test_x"], saved["test_y"]
+  train_x, train_y = mad.dataset(task, "train", kwargs, seed=cfg.data_seed)
+  test_x, test_y = mad.dataset(task, "test", kwargs, n=cfg.num_test_examples,
+                               seed=cfg.data_seed)
+  os.makedirs(setting_dir, exist_ok=True)
+  _save(path, {"key": np.asarray(key), "train_x": train_x, "train_y": train_y,
+               "test_x": test_x, "test_y": test_y})
+  return train_x, train_y, test_x, test_y
+
+
 def train_setting(cfg: MADTrainConfig, task: str, setting: str, kwargs: dict, layout: str,
                   workdir: str, log=print) -> dict:
   """Train (or resume) every run of ``cfg.runs()`` on one task setting with one layout; the
@@ -250,8 +270,8 @@ def train_setting(cfg: MADTrainConfig, task: str, setting: str, kwargs: dict, la
   out_dir = os.path.join(workdir, task, setting, layout)
   os.makedirs(out_dir, exist_ok=True)
   t0 = time.perf_counter()
-  train_x, train_y = mad.dataset(task, "train", kwargs, seed=cfg.data_seed)
-  test_x, test_y = mad.dataset(task, "test", kwargs, n=cfg.num_test_examples, seed=cfg.data_seed)
+  train_x, train_y, test_x, test_y = load_data(cfg, task, kwargs,
+                                               os.path.join(workdir, task, setting))
   overlap = mad.overlap(train_x, test_x)
   if overlap > 0.001:
     log(f"warning: {overlap:.3f} of the test inputs of {task} {setting} are in the train split")
@@ -294,7 +314,7 @@ def train_setting(cfg: MADTrainConfig, task: str, setting: str, kwargs: dict, la
     params, adam_state = group.init(jnp.stack([jax.random.key(s) for s in seeds]))
     state_path = os.path.join(out_dir, f"state_g{g}.npz")
     start = 0
-    if os.path.exists(state_path):
+    if os.path.exists(state_path):  # the state and its runs' curves, saved together
       saved = np.load(state_path)
       leaves, treedef = jax.tree.flatten((params, adam_state))
       if int(saved["n_leaves"]) != len(leaves):
@@ -302,6 +322,11 @@ def train_setting(cfg: MADTrainConfig, task: str, setting: str, kwargs: dict, la
       params, adam_state = jax.tree.unflatten(
           treedef, [jnp.asarray(saved[f"leaf_{i}"]) for i in range(len(leaves))])
       start = int(saved["epoch"])
+      recs[:] = json.loads(str(saved["runs_json"]))
+    else:
+      recs[:] = [{"lr": lr, "weight_decay": wd, "seed": s, "curve": [], "done": False}
+                 for lr, wd, s in members]
+    record["runs"][g * size:g * size + len(members)] = recs
     active = np.asarray([not r["done"] for r in recs])
     for e in range(start, cfg.epochs):
       if not active.any():
@@ -332,6 +357,7 @@ def train_setting(cfg: MADTrainConfig, task: str, setting: str, kwargs: dict, la
         r["test_acc"], r["test_token_acc"] = float(acc[i]), float(token_acc[i])
       leaves = jax.tree.leaves((params, adam_state))
       _save(state_path, {"epoch": np.asarray(e + 1), "n_leaves": np.asarray(len(leaves)),
+                         "runs_json": np.asarray(json.dumps(recs)),
                          **{f"leaf_{i}": np.asarray(x) for i, x in enumerate(leaves)}})
       _write_json(curves_path, record)
       log(f"  {task} {setting} {layout} group {g} epoch {e + 1}/{cfg.epochs}: acc "

@@ -184,3 +184,14 @@ def test_settings_table():
     mad.setting("compression", "nope")
   with pytest.raises(ValueError, match="task 'x' is not valid"):
     mad.settings("x")
+
+
+def test_single_query_recall_scores_only_the_probe():
+  kw = dict(vocab_size=16, seq_len=32, multi_query=False)
+  x, y = mad.dataset("in_context_recall", "test", kw, n=100)
+  assert x.shape == (100, 32)  # the copy prefix adds a token
+  assert np.all(x[:, -2] == 15) and np.all(x[:, :-2] < 15)  # prefix, then the probe key
+  assert np.all((y != IGN).sum(1) == 1) and np.all(y[:, -1] != IGN)
+  for xi, yi in zip(x, y):
+    pairs = xi[:-2].reshape(-1, 2)
+    assert yi[-1] == pairs[pairs[:, 0] == xi[-1]][0, 1]  # the probe key's value

@@ -6,6 +6,7 @@ writes its table and resumes; bad flags fail with one line before anything is wr
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import pytest
 from sh2_jax.train import mad_sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
 KW = dict(vocab_size=16, seq_len=16, num_train_examples=40)
 CFG = mad_sweep.MADTrainConfig(d_model=16, num_heads=2, mlp_hidden=32, batch_size=16, epochs=3,
                                learning_rates=(1e-3,), weight_decays=(0.0, 0.1), seeds=(0, 1),
@@ -99,6 +101,8 @@ def _cli(*args):
 
 def test_cli_smoke_autoencoder_and_resume(tmp_path):
   args = ["--smoke", f"--workdir={tmp_path}", "--tasks=compression", "--layouts=Hyena-SE"]
+  if HAVE_MPL:
+    args.append(f"--plot={tmp_path / 'mad.png'}")
   proc = _cli(*args)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.load(open(tmp_path / "results.json"))
@@ -106,6 +110,8 @@ def test_cli_smoke_autoencoder_and_resume(tmp_path):
   assert entry["complete"] and entry["epochs"] == 2 and 0 <= entry["best"]["test_acc"] <= 1
   assert out["command"].startswith("mad.py --smoke") and out["date"]
   assert "| compression | Hyena-SE |" in proc.stdout and "n/a" in proc.stdout
+  assert not HAVE_MPL or (tmp_path / "mad.png").stat().st_size > 1000
+  assert (tmp_path / "compression" / "baseline" / "data.npz").exists()
   again = _cli(*args)  # finished: read back, nothing retrained
   assert again.returncode == 0 and "epoch" not in again.stdout
 
@@ -113,8 +119,11 @@ def test_cli_smoke_autoencoder_and_resume(tmp_path):
 @pytest.mark.parametrize("flag,msg", [("--layouts=MHA,XX", "layout 'XX' is not one of"),
                                       ("--tasks=recall", "task 'recall' is not one of"),
                                       ("--settings=seq_len=7", "setting 'seq_len=7' of"),
-                                      ("--lrs=1e-3,fast", "--lrs '1e-3,fast' is not")])
+                                      ("--lrs=1e-3,fast", "--lrs '1e-3,fast' is not"),
+                                      ("--plot=p.png", "--plot 'p.png' needs matplotlib")])
 def test_cli_bad_flags(tmp_path, flag, msg):
+  if flag.startswith("--plot") and HAVE_MPL:
+    pytest.skip("matplotlib is installed: --plot works")
   proc = _cli(f"--workdir={tmp_path / 'w'}", "--tasks=in_context_recall", flag)
   assert proc.returncode == 2
   assert proc.stderr.strip().startswith("error: ") and msg in proc.stderr
