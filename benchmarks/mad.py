@@ -86,6 +86,8 @@ def parse(argv=None):
   ap.add_argument("--wds", default=",".join(str(x) for x in mad.WEIGHT_DECAYS))
   ap.add_argument("--seeds", default="0")
   ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+  ap.add_argument("--warmup_epochs", type=int, default=0, help="linear warmup (MAD: none)")
+  ap.add_argument("--attention_impl", default="xla", choices=["xla", "cudnn"])
   ap.add_argument("--runs_per_group", type=int, default=0,
                   help="runs vmapped together (0: all); fewer to fit long sequences")
   ap.add_argument("--json", default="", help="results file (default <workdir>/results.json)")
@@ -115,11 +117,16 @@ def parse(argv=None):
           _fail(f"setting {n!r} of {t} is not one of {', '.join(names)}")
     for n in chosen:
       plan.append((t, n, SMOKE_KWARGS[t] if args.smoke else mad.setting(t, n)))
-  for name in ("epochs", "patience", "runs_per_group"):
+  for name in ("epochs", "patience", "runs_per_group", "warmup_epochs"):
     v = getattr(args, name)
     if v < (1 if name == "epochs" else 0):
       _fail(f"--{name} {v} must be {'a positive' if name == 'epochs' else 'a non-negative'} "
             "integer")
+  if args.attention_impl == "cudnn":
+    import jax
+    if jax.default_backend() != "gpu":
+      _fail(f"--attention_impl cudnn needs a GPU; this backend is {jax.default_backend()} "
+            "(use xla)")
   if args.plot:
     import importlib.util
     if importlib.util.find_spec("matplotlib") is None:
@@ -208,7 +215,8 @@ def main(argv=None) -> dict:
   else:
     cfg = MADTrainConfig(epochs=args.epochs, patience=args.patience, learning_rates=lrs,
                          weight_decays=wds, seeds=seeds, dtype=args.dtype,
-                         runs_per_group=args.runs_per_group)
+                         runs_per_group=args.runs_per_group,
+                         warmup_epochs=args.warmup_epochs, attention_impl=args.attention_impl)
   os.makedirs(args.workdir, exist_ok=True)
   out_path = args.json or os.path.join(args.workdir, "results.json")
   out = {**device_info(), "command": shlex.join([os.path.basename(sys.argv[0])] +

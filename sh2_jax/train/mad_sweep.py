@@ -81,6 +81,9 @@ class MADTrainConfig:
   data_seed: int = 0
   num_test_examples: int = mad.NUM_TEST_EXAMPLES
   runs_per_group: int = 0  # runs vmapped together; 0: all (fewer for long sequences)
+  # SE/MR/LI by FFT (the reference paths, which compose with vmap); attention by XLA, or cuDNN
+  # on a GPU for the long settings (its memory does not grow with the square of the length).
+  attention_impl: str = "xla"
 
   def runs(self) -> list[tuple[float, float, int]]:
     return list(itertools.product(self.learning_rates, self.weight_decays, self.seeds))
@@ -100,7 +103,7 @@ class MADTrainConfig:
                        layout=ops, vocab_size=vocab_size, num_heads=self.num_heads,
                        mlp_hidden=self.mlp_hidden, evo2_style_activations=False,
                        mlp_activation="gelu", dtype=self.dtype, conv_impl="fft", li_impl="fft",
-                       attention_impl="xla", max_seqlen=max(length, 256))
+                       attention_impl=self.attention_impl, max_seqlen=max(length, 256))
 
 
 def sincos(length: int, dim: int) -> np.ndarray:

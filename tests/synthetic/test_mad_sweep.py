@@ -47,6 +47,13 @@ def test_grid_resume_and_schedule(tmp_path):
   cos = lambda e: 1e-6 + (1e-3 - 1e-6) * (1 + math.cos(math.pi * e / 3)) / 2
   np.testing.assert_allclose(lrs, [cos(0), cos(1), cos(2)], rtol=1e-6)
   assert full["best"]["test_acc"] == max(r["test_acc"] for r in full["runs"])
+  # a run trained alone is the same run as its slot of the vmapped grid
+  alone_cfg = mad_sweep.MADTrainConfig(**{**CFG.__dict__, "weight_decays": (0.1,),
+                                          "seeds": (1,)})
+  alone = mad_sweep.train_setting(alone_cfg, "in_context_recall", "toy", KW, "MHA",
+                                  str(tmp_path / "c"), log=lambda s: None)
+  np.testing.assert_allclose(np.asarray(_curves(alone)[0]), np.asarray(_curves(full)[3]),
+                             rtol=2e-4, atol=1e-5)
 
   def interrupt(msg):
     if "epoch 1/" in msg:
@@ -120,7 +127,9 @@ def test_cli_smoke_autoencoder_and_resume(tmp_path):
                                       ("--tasks=recall", "task 'recall' is not one of"),
                                       ("--settings=seq_len=7", "setting 'seq_len=7' of"),
                                       ("--lrs=1e-3,fast", "--lrs '1e-3,fast' is not"),
-                                      ("--plot=p.png", "--plot 'p.png' needs matplotlib")])
+                                      ("--plot=p.png", "--plot 'p.png' needs matplotlib"),
+                                      ("--attention_impl=cudnn", "cudnn needs a GPU"),
+                                      ("--epochs=0", "--epochs 0 must be a positive")])
 def test_cli_bad_flags(tmp_path, flag, msg):
   if flag.startswith("--plot") and HAVE_MPL:
     pytest.skip("matplotlib is installed: --plot works")
