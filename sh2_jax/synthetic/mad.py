@@ -139,7 +139,8 @@ def fuzzy_in_context_recall(rng: np.random.Generator, vocab_size: int = 16, seq_
   """Recall of keys and values that are runs of distinct tokens: key sizes 1..k_motif_size in
   training (always k_motif_size in the test split), value sizes 1..v_motif_size. A probe pair
   is placed at a random point of the fill (when the fill reaches it) and repeated at the end;
-  the front is padded to ``seq_len``."""
+  the front is padded to ``seq_len``. As in MAD, the fill can end before the probe's random
+  point (about 3% of baseline test sequences): its final value is then not in the context."""
   _check(k_motif_size >= 1, "k_motif_size", k_motif_size, "a positive integer")
   _check(v_motif_size >= 1, "v_motif_size", v_motif_size, "a positive integer")
   _check_noise(frac_noise, noise_vocab_size)
