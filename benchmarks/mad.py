@@ -5,7 +5,7 @@ in one vmapped step (``sh2_jax/train/mad_sweep.py``), the best run per setting r
     python benchmarks/mad.py --workdir=runs/mad                      # all six tasks, baseline
     python benchmarks/mad.py --workdir=runs/mad --tasks=in_context_recall --layouts=MHA
     python benchmarks/mad.py --workdir=runs/mad --settings=all       # + every difficulty level
-    python benchmarks/mad.py --smoke --workdir=/tmp/mad_smoke        # tiny, CPU
+    python benchmarks/mad.py --smoke --workdir=runs/mad_smoke        # tiny, CPU
 
 Rerunning the same command resumes: finished runs are read back, unfinished ones continue from
 their last evaluated epoch. Writes ``--json`` (default ``<workdir>/results.json``: device, date,
