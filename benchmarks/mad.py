@@ -1,0 +1,245 @@
+"""The MAD synthetic benchmark (Poli et al. 2024) for our layouts: every (task, setting, layout)
+trained with MAD's protocol over its 3 x 2 learning-rate x weight-decay grid (times ``--seeds``)
+in one vmapped step (``sh2_jax/train/mad_sweep.py``), the best run per setting reported.
+
+    python benchmarks/mad.py --workdir=runs/mad                      # all six tasks, baseline
+    python benchmarks/mad.py --workdir=runs/mad --tasks=in_context_recall --layouts=MHA
+    python benchmarks/mad.py --workdir=runs/mad --settings=all       # + every difficulty level
+    python benchmarks/mad.py --smoke --workdir=runs/mad_smoke        # tiny, CPU
+
+Rerunning the same command resumes: finished runs are read back, unfinished ones continue from
+their last evaluated epoch. Writes ``--json`` (default ``<workdir>/results.json``: device, date,
+command, per setting the best run and every run's final accuracy; the curves stay in
+``<workdir>/<task>/<setting>/<layout>/curves.json``) and prints a markdown table: per task and
+layout the test accuracy at the baseline (MAD's macro accuracy, per-token accuracy in brackets)
+and the MAD score (the mean over all settings) where every setting finished.
+
+Published numbers: the MAD code (github.com/athms/mad-lab) ships no result tables, and the
+paper's per-task results for attention and Hyena are given in its figures; we could not retrieve
+numeric values for them, so ``PUBLISHED`` is empty and the table's published columns read
+"n/a" rather than numbers read off a plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# task -> {"attention": score, "hyena": score, "source": where}; empty: see the module docstring.
+PUBLISHED: dict[str, dict] = {}
+
+# --smoke: the same generators at toy sizes (a few seconds of CPU per layout).
+SMOKE_KWARGS = {
+    "in_context_recall": dict(vocab_size=16, seq_len=16, num_train_examples=48),
+    "fuzzy_in_context_recall": dict(vocab_size=16, seq_len=24, k_motif_size=2, v_motif_size=2,
+                                    num_train_examples=48),
+    "noisy_in_context_recall": dict(vocab_size=32, noise_vocab_size=16, seq_len=16,
+                                    frac_noise=0.2, num_train_examples=48),
+    "selective_copying": dict(vocab_size=16, seq_len=24, num_tokens_to_copy=4,
+                              num_train_examples=48),
+    "compression": dict(vocab_size=16, seq_len=8, num_train_examples=48),
+    "memorization": dict(vocab_size=64, seq_len=8, num_train_examples=48),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):  # one line, exit 2 (argparse prints the usage too)
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _fail(message: str):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _floats(name: str, text: str) -> tuple[float, ...]:
+  try:
+    values = tuple(float(x) for x in text.split(","))
+  except ValueError:
+    _fail(f"--{name} {text!r} is not a comma-separated list of numbers")
+  if not values or any(v < 0 for v in values):
+    _fail(f"--{name} {text!r} must list non-negative numbers")
+  return values
+
+
+def parse(argv=None):
+  from sh2_jax.synthetic import mad
+  from sh2_jax.train.mad_sweep import LAYOUTS
+  ap = _Parser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--workdir", required=True, help="state, curves and results go here")
+  ap.add_argument("--tasks", default="all", help="comma list of " + ", ".join(mad.TASKS))
+  ap.add_argument("--layouts", default="all", help="comma list of " + ", ".join(LAYOUTS))
+  ap.add_argument("--settings", default="baseline",
+                  help="baseline, all, or a comma list of setting names (seq_len=256, ...)")
+  ap.add_argument("--epochs", type=int, default=200)
+  ap.add_argument("--patience", type=int, default=0,
+                  help="stop a run after this many epochs without a better test accuracy "
+                  "(0: MAD's default, only the 0.999 threshold stops)")
+  ap.add_argument("--lrs", default=",".join(str(x) for x in mad.LEARNING_RATES))
+  ap.add_argument("--wds", default=",".join(str(x) for x in mad.WEIGHT_DECAYS))
+  ap.add_argument("--seeds", default="0")
+  ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+  ap.add_argument("--warmup_epochs", type=int, default=0, help="linear warmup (MAD: none)")
+  ap.add_argument("--attention_impl", default="xla", choices=["xla", "cudnn"])
+  ap.add_argument("--runs_per_group", type=int, default=0,
+                  help="runs vmapped together (0: all); fewer to fit long sequences")
+  ap.add_argument("--json", default="", help="results file (default <workdir>/results.json)")
+  ap.add_argument("--plot", default="", help="bar chart of the baseline accuracies (a .png)")
+  ap.add_argument("--smoke", action="store_true", help="toy sizes and 2 epochs, for CPU tests")
+  args = ap.parse_args(argv)
+
+  tasks = list(mad.TASKS) if args.tasks == "all" else args.tasks.split(",")
+  for t in tasks:
+    if t not in mad.TASKS:
+      _fail(f"task {t!r} is not one of {', '.join(mad.TASKS)}")
+  layouts = list(LAYOUTS) if args.layouts == "all" else args.layouts.split(",")
+  for lay in layouts:
+    if lay not in LAYOUTS:
+      _fail(f"layout {lay!r} is not one of {', '.join(LAYOUTS)}")
+  plan = []
+  for t in tasks:
+    names = [n for n, _ in mad.settings(t)]
+    if args.smoke:
+      chosen = ["baseline"]
+    elif args.settings == "all":
+      chosen = names
+    else:
+      chosen = args.settings.split(",")
+      for n in chosen:
+        if n not in names:
+          _fail(f"setting {n!r} of {t} is not one of {', '.join(names)}")
+    for n in chosen:
+      plan.append((t, n, SMOKE_KWARGS[t] if args.smoke else mad.setting(t, n)))
+  for name in ("epochs", "patience", "runs_per_group", "warmup_epochs"):
+    v = getattr(args, name)
+    if v < (1 if name == "epochs" else 0):
+      _fail(f"--{name} {v} must be {'a positive' if name == 'epochs' else 'a non-negative'} "
+            "integer")
+  if args.attention_impl == "cudnn":
+    import jax
+    if jax.default_backend() != "gpu":
+      _fail(f"--attention_impl cudnn needs a GPU; this backend is {jax.default_backend()} "
+            "(use xla)")
+  if args.plot:
+    import importlib.util
+    if importlib.util.find_spec("matplotlib") is None:
+      _fail(f"--plot {args.plot!r} needs matplotlib (the 'bench' extra); install it or leave "
+            "--plot out")
+  try:
+    seeds = tuple(int(s) for s in args.seeds.split(","))
+  except ValueError:
+    _fail(f"--seeds {args.seeds!r} is not a comma-separated list of integers")
+  return args, tasks, layouts, plan, _floats("lrs", args.lrs), _floats("wds", args.wds), seeds
+
+
+def collect(workdir: str, tasks, layouts) -> dict:
+  """Every finished or partial setting under ``workdir`` (this command's or an earlier one's):
+  task -> setting -> layout -> {complete, best, kwargs, epochs, runs (final accuracies)}."""
+  from sh2_jax.synthetic import mad
+  results: dict = {}
+  for t in tasks:
+    for name, _ in mad.settings(t):
+      for lay in layouts:
+        path = os.path.join(workdir, t, name, lay, "curves.json")
+        if not os.path.exists(path):
+          continue
+        with open(path) as f:
+          rec = json.load(f)
+        results.setdefault(t, {}).setdefault(name, {})[lay] = {
+            "complete": rec.get("complete", False), "best": rec.get("best"),
+            "kwargs": rec["kwargs"],
+            "epochs": max((len(r["curve"]) for r in rec["runs"]), default=0),
+            "runs": [{k: r.get(k) for k in ("lr", "weight_decay", "seed", "test_acc",
+                                            "test_token_acc", "done")} for r in rec["runs"]]}
+  return results
+
+
+def table(results: dict, tasks, layouts) -> str:
+  from benchmarks.common import markdown_table
+  from sh2_jax.synthetic import mad
+  rows = []
+  for t in tasks:
+    for lay in layouts:
+      per = results.get(t, {})
+      base = per.get("baseline", {}).get(lay)
+      cell = "–" if not base or not base.get("best") else (
+          f"{base['best']['test_acc']:.3f} ({base['best']['test_token_acc']:.3f})"
+          + ("" if base["complete"] else " *"))
+      names = [n for n, _ in mad.settings(t)]
+      done = [per.get(n, {}).get(lay) for n in names]
+      score = (f"{sum(d['best']['test_acc'] for d in done) / len(done):.3f}"
+               if all(d and d.get("complete") and d.get("best") for d in done) else "–")
+      pub = PUBLISHED.get(t, {})
+      rows.append([t, lay, cell, score, pub.get("attention", "n/a"), pub.get("hyena", "n/a")])
+  return markdown_table(["task", "layout", "baseline test acc (token)", "MAD score",
+                         "MAD paper: attention", "MAD paper: Hyena"], rows)
+
+
+def plot(results: dict, tasks, layouts, path: str, title: str) -> None:
+  """Grouped bars: per task, the baseline test accuracy (best of the grid) of each layout."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(1.6 * len(tasks) + 2, 3.4))
+  width = 0.8 / len(layouts)
+  for j, lay in enumerate(layouts):
+    ys = [((results.get(t, {}).get("baseline", {}).get(lay) or {}).get("best") or {})
+          .get("test_acc", 0.0) for t in tasks]
+    ax.bar([i + (j - (len(layouts) - 1) / 2) * width for i in range(len(tasks))], ys, width,
+           label=lay)
+  ax.set_xticks(range(len(tasks)), [t.replace("_", " ") for t in tasks], fontsize=7)
+  ax.set_ylim(0, 1.02)
+  ax.set_ylabel("test accuracy (MAD, baseline)")
+  ax.legend(fontsize=6, ncol=3)
+  ax.set_title(title, fontsize=8)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> dict:
+  args, tasks, layouts, plan, lrs, wds, seeds = parse(argv)
+  from benchmarks.common import device_info
+  from sh2_jax.train.mad_sweep import MADTrainConfig, train_setting
+  if args.smoke:
+    cfg = MADTrainConfig(d_model=16, num_heads=2, mlp_hidden=32, batch_size=16, epochs=2,
+                         learning_rates=lrs[:1], weight_decays=wds[:2], seeds=seeds[:1],
+                         dtype="float32", num_test_examples=32)
+  else:
+    cfg = MADTrainConfig(epochs=args.epochs, patience=args.patience, learning_rates=lrs,
+                         weight_decays=wds, seeds=seeds, dtype=args.dtype,
+                         runs_per_group=args.runs_per_group,
+                         warmup_epochs=args.warmup_epochs, attention_impl=args.attention_impl)
+  os.makedirs(args.workdir, exist_ok=True)
+  out_path = args.json or os.path.join(args.workdir, "results.json")
+  out = {**device_info(), "command": shlex.join([os.path.basename(sys.argv[0])] +
+                                                 (sys.argv[1:] if argv is None else argv)),
+         "config": None, "results": {}}
+  for task, name, kwargs in plan:
+    for lay in layouts:
+      t0 = time.perf_counter()
+      rec = train_setting(cfg, task, name, kwargs, lay, args.workdir,
+                          log=lambda s: print(s, flush=True))
+      out["config"] = rec["config"]
+      print(f"{task} {name} {lay}: best {rec.get('best')} ({time.perf_counter() - t0:.1f} s)",
+            flush=True)
+      out["results"] = collect(args.workdir, tasks, layouts)
+      out["table"] = table(out["results"], tasks, layouts)
+      with open(out_path, "w") as f:
+        json.dump(out, f, indent=1)
+  if args.plot:
+    plot(out["results"], tasks, layouts, args.plot,
+         f"{out['device']}, {out['date']}: best of the lr x wd grid")
+  print("\n" + out["table"] + "\n(* : not finished; MAD score: mean over every setting)")
+  return out
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,375 @@
+"""MAD's training protocol for many small models at once: every (learning rate, weight decay,
+seed) run of one (task, setting, layout) is one slot of a ``jax.vmap`` over the model init, the
+AdamW step and the evaluation, so the whole grid trains in one compiled step.
+
+Protocol (MAD ``train.py``, ``mad/configs.py``, ``mad/model/pl_model_wrapper.py``):
+
+* AdamW (torch defaults: b1 0.9, b2 0.999, eps 1e-8, decoupled weight decay on every
+  parameter), no gradient clipping, batch 128 with the data reshuffled every epoch and the last
+  batch short (here: padded with rows of weight 0, the same mean loss);
+* cosine annealing over ``epochs`` (200) from the peak rate to ``min_lr`` 1e-6, stepped once per
+  epoch (``CosineAnnealingLR``, Lightning's per-epoch interval); MAD has no warmup
+  (``warmup_epochs`` 0 keeps it so);
+* evaluation on the test split after every epoch; a run stops when its test accuracy reaches
+  0.999 (MAD's EarlyStopping ``stopping_threshold``), or, with ``patience`` > 0, after that many
+  evaluations without improvement (MAD's ``early_stop``/``stop_patience``, off by default);
+* the score of a run is the test accuracy of its final model, and the score of a setting the
+  best over the grid (``mad/analysis.py``); accuracy is MAD's ``MulticlassAccuracy`` over the
+  scored positions, which is *macro*-averaged over classes (torchmetrics' default: per-class
+  recall, averaged over the classes that occur among targets or predictions). The micro
+  (per-token) accuracy is kept beside it.
+
+Models (``LAYOUTS``): width 128 and MAD's depth of 2 sequence mixers + 2 channel mixers (two of
+our blocks, each a mixer and a gated MLP) for the single-operator layouts; the striped hybrids
+have one block per operator (3 or 4), since two blocks cannot hold them. Multi-head attention
+has MAD's 16 heads; the gated MLP has SwiGLU's 352 hidden units at width 128. Compression uses
+MAD's auto-encoder (``MADAutoEncoder``).
+
+Deviations: our blocks' RMSNorm pre-norm with two residuals, tied input/output embedding
+(``StripedHyena``; MAD's unembedding is a separate biased linear layer), the gated MLP's gate is
+GELU (SwiGLU: SiLU), Hyena operators are ours (SE/MR/LI), and bf16 compute with float32 master
+weights (MAD: ``bf16`` Lightning precision).
+
+Resuming: after every evaluation each group of runs saves its state (``state_g{i}.npz``:
+parameters, Adam moments, epoch, stop flags) and all curves go to ``curves.json``; running the
+same command again continues from the saved epoch (the epoch order is a function of
+(seed, epoch), so a resumed run is the run that was not interrupted).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from sh2_jax.config import ModelConfig
+from sh2_jax.layers import Dense, RMSNorm
+from sh2_jax.model import StripedHyena
+from sh2_jax.synthetic import mad
+
+LAYOUTS = {"MHA": "MHA", "Hyena-SE": "SE", "Hyena-MR": "MR", "Hyena-LI": "LI",
+           "SE-MR-LI-MHA": "SE-MR-LI-MHA", "SE-MR-LI": "SE-MR-LI"}
+
+
+@dataclasses.dataclass(frozen=True)
+class MADTrainConfig:
+  """Model size and training protocol shared by every run of a sweep (defaults: MAD's)."""
+  d_model: int = 128
+  num_heads: int = 16
+  mlp_hidden: int = 352
+  depth: int = 2  # blocks of a single-operator layout; hybrids get one per operator
+  batch_size: int = 128
+  epochs: int = 200
+  min_lr: float = 1e-6
+  warmup_epochs: int = 0
+  learning_rates: tuple[float, ...] = mad.LEARNING_RATES
+  weight_decays: tuple[float, ...] = mad.WEIGHT_DECAYS
+  seeds: tuple[int, ...] = (0,)
+  stop_acc: float = 0.999
+  patience: int = 0
+  dtype: str = "bfloat16"
+  data_seed: int = 0
+  num_test_examples: int = mad.NUM_TEST_EXAMPLES
+  runs_per_group: int = 0  # runs vmapped together; 0: all (fewer for long sequences)
+  # SE/MR/LI by FFT (the reference paths, which compose with vmap); attention by XLA, or cuDNN
+  # on a GPU for the long settings (its memory does not grow with the square of the length).
+  attention_impl: str = "xla"
+
+  def runs(self) -> list[tuple[float, float, int]]:
+    return list(itertools.product(self.learning_rates, self.weight_decays, self.seeds))
+
+  def lr(self, peak: float, epoch: int) -> float:
+    """The learning rate of epoch ``epoch``: linear warmup, then CosineAnnealingLR."""
+    if epoch < self.warmup_epochs:
+      return peak * (epoch + 1) / self.warmup_epochs
+    t = (epoch - self.warmup_epochs) / max(self.epochs - self.warmup_epochs, 1)
+    return self.min_lr + (peak - self.min_lr) * (1 + math.cos(math.pi * t)) / 2
+
+  def model_config(self, layout: str, vocab_size: int, length: int) -> ModelConfig:
+    if layout not in LAYOUTS:
+      raise ValueError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    ops = LAYOUTS[layout]
+    return ModelConfig(d_model=self.d_model, num_layers=max(self.depth, len(ops.split("-"))),
+                       layout=ops, vocab_size=vocab_size, num_heads=self.num_heads,
+                       mlp_hidden=self.mlp_hidden, evo2_style_activations=False,
+                       mlp_activation="gelu", dtype=self.dtype, conv_impl="fft", li_impl="fft",
+                       attention_impl=self.attention_impl, max_seqlen=max(length, 256))
+
+
+def sincos(length: int, dim: int) -> np.ndarray:
+  """[length, dim] fixed sin/cos position embeddings (MAD's ``posemb_sincos_1d``)."""
+  omega = 1.0 / 10000 ** (np.arange(dim // 2) / (dim // 2 - 1))
+  angles = np.arange(length)[:, None] * omega[None]
+  return np.concatenate([np.sin(angles), np.cos(angles)], 1).astype(np.float32)
+
+
+class MADAutoEncoder(nnx.Module):
+  """MAD's compression backbone: the causal stack encodes tokens [B, L]; its last position
+  (after the final norm) plus fixed sin/cos position embeddings is decoded at every position by
+  a non-expanding MLP (norm, linear, GELU, norm, linear, GELU) and a norm + biased linear
+  unembedding -> logits [B, L, V]."""
+
+  def __init__(self, cfg: ModelConfig, length: int, *, rngs: nnx.Rngs):
+    d, f32 = cfg.d_model, dict(dtype=jnp.float32, param_dtype=jnp.float32)
+    self.encoder = StripedHyena(cfg, rngs=rngs)
+    self.positions = nnx.Variable(jnp.asarray(sincos(length, d)))
+    self.norms = nnx.List([RMSNorm(d, eps=cfg.eps, **f32, rngs=rngs) for _ in range(3)])
+    self.dense = nnx.List([Dense(d, d, use_bias=True, init=jax.nn.initializers.normal(0.02),
+                                 **f32, rngs=rngs) for _ in range(2)])
+    self.unembed = Dense(d, cfg.vocab_size, use_bias=True,
+                         init=jax.nn.initializers.normal(0.02), **f32, rngs=rngs)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    h = self.encoder.hidden_states(tokens)["final_norm"][:, -1].astype(jnp.float32)
+    x = h[:, None] + self.positions[...][None, :tokens.shape[1]]
+    for norm, dense in zip(self.norms, self.dense):
+      x = jax.nn.gelu(dense(norm(x)).astype(jnp.float32), approximate=False)
+    return self.unembed(self.norms[2](x)).astype(jnp.float32)
+
+
+def build_model(cfg: ModelConfig, task: str, length: int, rngs: nnx.Rngs):
+  if task in mad.AUTOENCODER_TASKS:
+    return MADAutoEncoder(cfg, length, rngs=rngs)
+  return StripedHyena(cfg, rngs=rngs)
+
+
+def macro_accuracy(tp, support, predicted):
+  """torchmetrics' macro ``MulticlassAccuracy`` from per-class counts [..., V]: recall per
+  class, averaged over the classes that occur among targets or predictions."""
+  recall = tp / jnp.maximum(support, 1)
+  present = (support + predicted - tp) > 0
+  return jnp.sum(recall * present, -1) / jnp.maximum(jnp.sum(present, -1), 1)
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_group(model_cfg: ModelConfig, task: str, length: int, n_train: int,
+                   batch_size: int) -> "Group":
+  """One ``Group`` per model and data shape, kept for the process: settings and resumed runs
+  of the same shapes reuse its compiled functions."""
+  return Group(model_cfg, task, length, n_train, batch_size)
+
+
+class Group:
+  """The jitted functions for runs of one model on one data shape (any number of runs: the
+  leading axis of every argument)."""
+
+  def __init__(self, model_cfg: ModelConfig, task: str, length: int, n_train: int,
+               batch_size: int):
+    self.n_train, self.batch_size = n_train, batch_size
+    self.steps = -(-n_train // batch_size)
+    vocab = model_cfg.vocab_size
+    abstract = nnx.eval_shape(lambda: build_model(model_cfg, task, length, nnx.Rngs(0)))
+    self.graphdef, _ = nnx.split(abstract)
+    self.adam = optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
+
+    def init(key):
+      params = nnx.to_pure_dict(nnx.split(build_model(model_cfg, task, length,
+                                                      nnx.Rngs(key)))[1])
+      return params, self.adam.init(params)
+
+    def apply(params, tokens):
+      return nnx.merge(self.graphdef, params)(tokens)
+
+    def loss(params, inputs, targets):
+      w = (targets != mad.IGNORE).astype(jnp.float32)
+      nll = optax.softmax_cross_entropy_with_integer_labels(
+          apply(params, inputs), jnp.where(targets == mad.IGNORE, 0, targets))
+      return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+    def step(params, adam_state, inputs, targets, lr, wd, active):
+      value, grads = jax.value_and_grad(loss)(params, inputs, targets)
+      updates, new_adam = self.adam.update(grads, adam_state)
+      new = jax.tree.map(lambda p, u: p - lr * (u + wd * p), params, updates)
+      keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(active, x, y), a, b)
+      return keep(new, params), keep(new_adam, adam_state), value
+
+    def epoch(params, adam_state, train_x, train_y, order, lr, wd, active):
+      """order [n, steps, B] row ids (n_train = a padding row) -> one epoch per run."""
+      def body(carry, idx):
+        p, a = carry
+        p, a, value = jax.vmap(step)(p, a, train_x[idx], train_y[idx], lr, wd, active)
+        return (p, a), value
+      (params, adam_state), values = jax.lax.scan(body, (params, adam_state),
+                                                  jnp.swapaxes(order, 0, 1))
+      return params, adam_state, values.mean(0)
+
+    def evaluate(params, test_x, test_y):
+      """test_x/test_y [batches, B, L] -> per run: loss, macro accuracy, token accuracy."""
+      def body(acc, batch):
+        x, y = batch
+        logits = jax.vmap(apply, (0, None))(params, x)  # [n, B, L, V]
+        w = y != mad.IGNORE
+        safe = jnp.where(w, y, 0)
+        nll = jax.vmap(optax.softmax_cross_entropy_with_integer_labels, (0, None))(logits, safe)
+        pred = jnp.argmax(logits, -1)
+        hit = (pred == safe) & w
+        count = lambda ids, m: jax.vmap(lambda i, mm: jnp.zeros(vocab).at[i.reshape(-1)].add(
+            mm.reshape(-1).astype(jnp.float32)))(ids, m)
+        wb = jnp.broadcast_to(w, hit.shape)
+        sb = jnp.broadcast_to(safe, hit.shape)
+        new = (acc[0] + jnp.sum(nll * w, (1, 2)), acc[1] + jnp.sum(hit, (1, 2)),
+               acc[2] + count(sb, hit), acc[3] + count(sb, wb), acc[4] + count(pred, wb))
+        return new, None
+      n = jax.tree.leaves(params)[0].shape[0]
+      zeros = (jnp.zeros(n), jnp.zeros(n), jnp.zeros((n, vocab)), jnp.zeros((n, vocab)),
+               jnp.zeros((n, vocab)))
+      (nll, hits, tp, support, predicted), _ = jax.lax.scan(body, zeros, (test_x, test_y))
+      total = jnp.maximum(jnp.sum(test_y != mad.IGNORE), 1)
+      return nll / total, macro_accuracy(tp, support, predicted), hits / total
+
+    self.init = jax.jit(jax.vmap(init))
+    self.epoch = jax.jit(epoch, donate_argnums=(0, 1))
+    self.evaluate = jax.jit(evaluate)
+
+
+def _save(path: str, state: dict) -> None:
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **state)
+  os.replace(tmp, path)
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
+
+
+def load_data(cfg: MADTrainConfig, task: str, kwargs: dict, setting_dir: str):
+  """(train_x, train_y, test_x, test_y) of one setting, generated once and kept in
+  ``setting_dir/data.npz`` for every layout and later session (regenerated when the setting,
+  seed or test size differ)."""
+  path = os.path.join(setting_dir, "data.npz")
+  key = json.dumps({"task": task, "kwargs": kwargs, "seed": cfg.data_seed,
+                    "n_test": cfg.num_test_examples}, sort_keys=True)
+  if os.path.exists(path):
+    saved = np.load(path)
+    if str(saved["key"]) == key:
+      return saved["train_x"], saved["train_y"], saved["test_x"], saved["test_y"]
+  train_x, train_y = mad.dataset(task, "train", kwargs, seed=cfg.data_seed)
+  test_x, test_y = mad.dataset(task, "test", kwargs, n=cfg.num_test_examples,
+                               seed=cfg.data_seed)
+  os.makedirs(setting_dir, exist_ok=True)
+  _save(path, {"key": np.asarray(key), "train_x": train_x, "train_y": train_y,
+               "test_x": test_x, "test_y": test_y})
+  return train_x, train_y, test_x, test_y
+
+
+def train_setting(cfg: MADTrainConfig, task: str, setting: str, kwargs: dict, layout: str,
+                  workdir: str, log=print) -> dict:
+  """Train (or resume) every run of ``cfg.runs()`` on one task setting with one layout; the
+  state and ``curves.json`` live in ``workdir/task/setting/layout``. Returns the curves record:
+  per run its lr, weight decay, seed, per-epoch curves and final test accuracy, and ``best``."""
+  out_dir = os.path.join(workdir, task, setting, layout)
+  os.makedirs(out_dir, exist_ok=True)
+  t0 = time.perf_counter()
+  train_x, train_y, test_x, test_y = load_data(cfg, task, kwargs,
+                                               os.path.join(workdir, task, setting))
+  overlap = mad.overlap(train_x, test_x)
+  if overlap > 0.001:
+    log(f"warning: {overlap:.3f} of the test inputs of {task} {setting} are in the train split")
+  n_train, length = train_x.shape
+  vocab = kwargs.get("vocab_size", mad.BASELINES[task]["vocab_size"])
+  pad_x = np.concatenate([train_x, np.zeros((1, length), np.int32)])
+  pad_y = np.concatenate([train_y, np.full((1, length), mad.IGNORE, np.int32)])
+  eb = min(cfg.batch_size, len(test_x))
+  n_eval = len(test_x) // eb * eb
+  tx = jnp.asarray(test_x[:n_eval].reshape(-1, eb, length))
+  ty = jnp.asarray(test_y[:n_eval].reshape(-1, eb, length))
+  dx, dy = jnp.asarray(pad_x), jnp.asarray(pad_y)
+  runs = cfg.runs()
+  size = cfg.runs_per_group or len(runs)
+  groups = [runs[i:i + size] for i in range(0, len(runs), size)]
+  curves_path = os.path.join(out_dir, "curves.json")
+  record = {"task": task, "setting": setting, "layout": layout, "kwargs": kwargs,
+            "config": dataclasses.asdict(cfg), "n_train": n_train, "n_test": n_eval,
+            "seq_len": length, "test_train_overlap": overlap,
+            "data_seconds": time.perf_counter() - t0, "runs": []}
+  if os.path.exists(curves_path):
+    with open(curves_path) as f:
+      old = json.load(f)
+    same = json.loads(json.dumps({"config": record["config"], "kwargs": kwargs}))
+    if {"config": old.get("config"), "kwargs": old.get("kwargs")} != same:
+      raise ValueError(f"{out_dir} holds a run of another configuration; use a new workdir")
+    record["runs"] = old["runs"]
+  if not record["runs"]:
+    record["runs"] = [{"lr": lr, "weight_decay": wd, "seed": s, "curve": [], "done": False}
+                      for lr, wd, s in runs]
+  group = compiled_group(cfg.model_config(layout, vocab, length), task, length, n_train,
+                         cfg.batch_size)
+  for g, members in enumerate(groups):
+    recs = record["runs"][g * size:g * size + len(members)]
+    if all(r["done"] for r in recs):
+      continue
+    lr = np.asarray([m[0] for m in members], np.float32)
+    wd = jnp.asarray([m[1] for m in members], jnp.float32)
+    seeds = [m[2] for m in members]
+    params, adam_state = group.init(jnp.stack([jax.random.key(s) for s in seeds]))
+    state_path = os.path.join(out_dir, f"state_g{g}.npz")
+    start = 0
+    if os.path.exists(state_path):  # the state and its runs' curves, saved together
+      saved = np.load(state_path)
+      leaves, treedef = jax.tree.flatten((params, adam_state))
+      if int(saved["n_leaves"]) != len(leaves):
+        raise ValueError(f"{state_path} does not match this model; use a new workdir")
+      params, adam_state = jax.tree.unflatten(
+          treedef, [jnp.asarray(saved[f"leaf_{i}"]) for i in range(len(leaves))])
+      start = int(saved["epoch"])
+      recs[:] = json.loads(str(saved["runs_json"]))
+    else:
+      recs[:] = [{"lr": lr, "weight_decay": wd, "seed": s, "curve": [], "done": False}
+                 for lr, wd, s in members]
+    record["runs"][g * size:g * size + len(members)] = recs
+    active = np.asarray([not r["done"] for r in recs])
+    for e in range(start, cfg.epochs):
+      if not active.any():
+        break
+      te = time.perf_counter()
+      order = np.full((len(members), group.steps * cfg.batch_size), n_train, np.int32)
+      for i, s in enumerate(seeds):
+        order[i, :n_train] = np.random.default_rng([s, e]).permutation(n_train)
+      order = order.reshape(len(members), group.steps, cfg.batch_size)
+      lrs = jnp.asarray([cfg.lr(float(x), e) for x in lr], jnp.float32)
+      params, adam_state, train_loss = group.epoch(params, adam_state, dx, dy,
+                                                   jnp.asarray(order), lrs, wd,
+                                                   jnp.asarray(active))
+      test_loss, acc, token_acc = map(np.asarray, group.evaluate(params, tx, ty))
+      train_loss = np.asarray(train_loss)
+      for i, r in enumerate(recs):
+        if not active[i]:
+          continue
+        r["curve"].append({"epoch": e + 1, "lr": float(lrs[i]), "train_loss": float(train_loss[i]),
+                           "test_loss": float(test_loss[i]), "test_acc": float(acc[i]),
+                           "test_token_acc": float(token_acc[i])})
+        accs = [c["test_acc"] for c in r["curve"]]
+        stale = len(accs) - 1 - int(np.argmax(accs))
+        if acc[i] >= cfg.stop_acc or (cfg.patience and stale >= cfg.patience) or \
+            e + 1 == cfg.epochs:
+          r["done"] = True
+          active[i] = False
+        r["test_acc"], r["test_token_acc"] = float(acc[i]), float(token_acc[i])
+      leaves = jax.tree.leaves((params, adam_state))
+      _save(state_path, {"epoch": np.asarray(e + 1), "n_leaves": np.asarray(len(leaves)),
+                         "runs_json": np.asarray(json.dumps(recs)),
+                         **{f"leaf_{i}": np.asarray(x) for i, x in enumerate(leaves)}})
+      _write_json(curves_path, record)
+      log(f"  {task} {setting} {layout} group {g} epoch {e + 1}/{cfg.epochs}: acc "
+          + " ".join(f"{a:.3f}" for a in acc) + f"  ({time.perf_counter() - te:.1f} s)")
+  finished = [r for r in record["runs"] if "test_acc" in r]
+  if finished:
+    best = max(finished, key=lambda r: r["test_acc"])
+    record["best"] = {k: best[k] for k in ("lr", "weight_decay", "seed", "test_acc",
+                                           "test_token_acc")}
+  record["complete"] = all(r["done"] for r in record["runs"])
+  _write_json(curves_path, record)
+  return record
