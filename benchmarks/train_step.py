@@ -14,6 +14,12 @@ against the bf16 GEMM rate measured in the same process; model FLOPs from ``sh2_
   python benchmarks/train_step.py --smoke            # CPU plumbing check
   python benchmarks/train_step.py --plot DIR/train_step.jsonl
 
+``--remat auto`` (the default) runs each model at the fastest rematerialisation setting that
+fits the card: ``none``, then ``dots``, then ``blocks``, each compiled before anything is
+allocated and taken when XLA's memory analysis of the compiled step (arguments + temporaries +
+output - donated) is within 95% of the device's memory; the row records the setting and every
+total tried.
+
 The points run in priority order (``--lengths``) and a point whose predicted cost exceeds the
 time left (``--budget_s``) is skipped with a note, so a hard-limited call still prints its table.
 ``--profile_len`` traces two steps of each model at that length (jax.profiler) and prints the
@@ -57,19 +63,28 @@ def li_impl_choice(requested: str) -> str:
   return "modal_scan" if gpu and "modal_scan" in LI_IMPLS else "fft"
 
 
-def remat_for(length: int, width: int, layers: int, devices: int, requested: str) -> str:
-  """``none`` when every block's activations fit (short sequences), else ``blocks``."""
-  if requested != "auto":
-    return requested
-  tokens_per_device = length / devices
-  # ~20 live [L, D] bf16 tensors per block without remat; keep them under ~24 GB
-  return "none" if 20 * tokens_per_device * width * 2 * layers < 24e9 else "blocks"
+REMAT_ORDER = ("none", "dots", "blocks")  # fastest first: less recomputation, more memory
+FIT_SHARE = 0.95  # of the device's memory limit, left to the step's total
+
+
+def device_memory_limit() -> int | None:
+  """The allocator's limit of the first local device in bytes (None where unknown: CPU)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats.get("bytes_limit")
+
+
+def remat_candidates(requested: str) -> tuple[str, ...]:
+  """``auto``: every setting, fastest first (the first whose compiled step fits is taken)."""
+  return REMAT_ORDER if requested == "auto" else (requested,)
 
 
 class Point:
   """One model at one length: compiled step, live state, timings."""
 
   def __init__(self, cfg, length: int, remat: str, mesh, seed: int = 0):
+    """``remat``: a setting, or ``auto``: the fastest whose compiled step (XLA's memory
+    analysis: arguments + temporaries + output - donated) fits the device; each setting tried
+    is in ``self.memory`` (bytes per device)."""
     from flax import nnx
     from sh2_jax.model import StripedHyena
     from sh2_jax.train import mesh as mesh_lib
@@ -77,7 +92,7 @@ class Point:
     from sh2_jax.train.step import compiler_options, train_step
     import optax
 
-    self.cfg, self.length, self.remat = cfg, length, remat
+    self.cfg, self.length = cfg, length
     abstract = nnx.eval_shape(lambda: StripedHyena(cfg, rngs=nnx.Rngs(0)))
     graphdef, _ = nnx.split(abstract)
     abs_params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
@@ -93,28 +108,49 @@ class Point:
                                    transform_non_params=lambda _: repl)
       b_sh = {k: mesh_lib.batch_sharding(mesh) for k in ("inputs", "targets", "weights")}
 
+    b_shape = {k: jax.ShapeDtypeStruct((1, length), jnp.float32 if k == "weights" else jnp.int32,
+                                       sharding=None if b_sh is None else b_sh[k])
+               for k in ("inputs", "targets", "weights")}
+    abstract_args = (abs_params, jax.eval_shape(tx.init, abs_params))
+    if p_sh is not None:
+      abstract_args = jax.tree.map(
+          lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract_args,
+          (p_sh, o_sh))
+    kw = {} if mesh is None else dict(in_shardings=(p_sh, o_sh, b_sh),
+                                      out_shardings=(p_sh, o_sh, repl))
+    limit = device_memory_limit()
+    self.memory: dict[str, int] = {}
+    t0 = time.perf_counter()
+    for r in remat_candidates(remat):  # compile before anything is allocated
+      step = functools.partial(train_step, graphdef=graphdef, tx=tx, remat=r, accum=1,
+                               mesh=mesh)
+      # the trainer's XLA options (the latency-hiding scheduler off on a context mesh)
+      jitted = jax.jit(step, donate_argnums=(0, 1),
+                       compiler_options=compiler_options(mesh) or None, **kw)
+      compiled = jitted.lower(*abstract_args, b_shape).compile()
+      ma = compiled.memory_analysis()
+      self.memory[r] = (ma.argument_size_in_bytes + ma.temp_size_in_bytes
+                        + ma.output_size_in_bytes - ma.alias_size_in_bytes)
+      if limit is None or self.memory[r] <= FIT_SHARE * limit:
+        self.remat, self.compiled = r, compiled
+        break
+    else:
+      gib = {k: round(v / 2**30, 1) for k, v in self.memory.items()}
+      raise MemoryError(f"no remat setting fits the device ({(limit or 0) / 2**30:.0f} GiB): "
+                        f"compiled totals {gib} GiB")
+    self.compile_s = time.perf_counter() - t0
     # eager init (each op compiled once per shape), then shard: a jitted init of the whole
     # model compiled for minutes at 32 layers (benchmarks/RESULTS.md, "Training step")
     params = nnx.to_pure_dict(nnx.state(StripedHyena(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
     self.params = jax.device_put(params, p_sh) if p_sh is not None else params
     self.opt_state = jax.jit(tx.init, out_shardings=o_sh)(self.params)
     self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
-    step = functools.partial(train_step, graphdef=graphdef, tx=tx, remat=remat, accum=1,
-                             mesh=mesh)
-    kw = {} if mesh is None else dict(in_shardings=(p_sh, o_sh, b_sh),
-                                      out_shardings=(p_sh, o_sh, repl))
-    # the trainer's XLA options (the latency-hiding scheduler off on a context mesh)
-    self.step = jax.jit(step, donate_argnums=(0, 1),
-                        compiler_options=compiler_options(mesh) or None, **kw)
     rng = np.random.default_rng(seed)
     toks = rng.integers(0, 256, size=(1, length + 1), dtype=np.int32)  # bytes, as in training
     batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:],
              "weights": np.ones((1, length), np.float32)}
     self.batch = (jax.device_put(batch) if mesh is None else
                   {k: jax.device_put(v, b_sh[k]) for k, v in batch.items()})
-    t0 = time.perf_counter()
-    self.compiled = self.step.lower(self.params, self.opt_state, self.batch).compile()
-    self.compile_s = time.perf_counter() - t0
     # a second random batch, never trained on: its loss must stay near ln 256 = 5.55 (uniform
     # bytes carry no information); a training loss far below it with this one near it is
     # memorisation, both far below it a causality leak
@@ -234,9 +270,8 @@ def run(a) -> None:
   profiles = []
   for length in lengths:
     for label, cfg in models:
-      remat = remat_for(length, a.width, a.layers, a.cp, a.remat)
       row = dict(kind="step", model=label, L=length, width=a.width, layers=a.layers, cp=a.cp,
-                 remat=remat, li_impl=li, step_s=None, note="")
+                 remat=a.remat, li_impl=li, step_s=None, note="")
       if label in est:  # predicted cost: compile + ~3 steps, attention-heavy steps ~ L^2
         c_s, s_s, l0 = est[label]
         power = 2.0 if label.startswith("Transformer") else 1.3
@@ -248,7 +283,9 @@ def run(a) -> None:
           continue
       t0 = time.perf_counter()
       try:
-        p = Point(cfg, length, remat, mesh)
+        p = Point(cfg, length, a.remat, mesh)
+        remat = p.remat
+        row.update(remat=remat, memory_gib={k: round(v / 2**30, 2) for k, v in p.memory.items()})
         p.run(1)  # warm-up
         est_step = p.run(1)
         n = int(np.clip(a.target_s / est_step, 1, 10))  # long steps: one more, mean of two
@@ -369,7 +406,8 @@ if __name__ == "__main__":
   p.add_argument("--lengths", default="32768,131072,8192,16384,65536",
                  help="comma list, in priority order")
   p.add_argument("--models", default="sh2,transformer", help="which of sh2,transformer to run")
-  p.add_argument("--remat", default="auto", choices=["auto", "none", "blocks", "dots"])
+  p.add_argument("--remat", default="auto", choices=["auto", *REMAT_ORDER],
+                 help="auto: the fastest setting whose compiled step fits the device")
   p.add_argument("--li_impl", default="best", help="'best' = the FFT-free LI if available")
   p.add_argument("--budget_s", type=float, default=230.0)
   p.add_argument("--target_s", type=float, default=3.0, help="timed seconds per point")
