@@ -17,7 +17,7 @@ from flax import nnx
 import sh2_jax
 from sh2_jax import tokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RECORDS = [("first", "ACGTACGTTTGACCA"), ("second", "ACG"), ("third", "TTTTGGGCCAAGGATCCANNAC")]
 LAYERS = ["blocks.1.mlp.l3", "norm"]
 
