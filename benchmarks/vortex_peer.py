@@ -9,7 +9,7 @@ Three processes, one after the other, so that torch and JAX never share the card
      YAML (``--config``, default ``configs/evo2-7b-8k.yml`` of the vortex source), its parallel
      forward, and its generation path (``initialize_inference_params``, a prefill call, then one
      call per token); the module docstring there lists every setting that differs from the YAML.
-  2. ``--side ours_forward``: our ``StripedHyena`` (``benchmarks/decode.py``'s random build, every
+  2. ``--child --side ours_forward``: our ``StripedHyena`` (``benchmarks/decode.py``'s random build, every
      implementation ``auto``), the jitted forward, with ``XLA_PYTHON_CLIENT_MEM_FRACTION``.
   3. ``benchmarks/decode.py`` itself for our decoding (its table is read back), same variable.
 Timing: the median method of ``benchmarks/common.timeit`` (torch: the same loop closed by
@@ -21,15 +21,23 @@ Output: ``OUT/vortex_peer.jsonl`` (one row per point: kind, impl, L, batch, ms, 
 device, date, command, ...), ``OUT/vortex_peer.md`` (the tables), and each side's own JSONL.
 
 On the GPU machine (torch, triton and JAX there; no network, no flash_attn). Once, here, put a copy
-of the vortex source (github.com/Zymrael/vortex; only ``vortex/`` and ``configs/`` are needed) in a
-folder git ignores:
+of the vortex source (github.com/Zymrael/vortex; only ``vortex/``, ``configs/`` and
+``pyproject.toml`` are needed, about 1.6 MB) in a folder git ignores:
   echo /.vortex/ >> .git/info/exclude
-  mkdir -p .vortex && git --git-dir=<a clone of vortex>/.git archive HEAD vortex configs pyproject.toml \\
-    | tar -x -C .vortex
-then one device call, ``carry: [".vortex"]``, ``timeout_s: 600``:
-  PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/vortex_peer.py --vortex_src .vortex \\
+  mkdir -p .vortex && git --git-dir=<a clone of vortex>/.git archive HEAD vortex configs \
+    pyproject.toml | tar -x -C .vortex
+then device calls with ``carry: [".vortex"]`` (commands from the repository root):
+  # 1. cheap check of both sides at tiny shapes (vortex builds, imports, prefill + decode run):
+  PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/vortex_peer.py --smoke --vortex_src .vortex \
+    --out $OUT --budget_s 240
+  # 2. the run, timeout_s 600 (the YAML is checked against evo2_7b_base before anything runs):
+  PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/vortex_peer.py --vortex_src .vortex \
     --out $OUT --budget_s 540
-(a first, cheap check of the vortex side alone: ``--side vortex --lengths 8192 --batches 1``).
+If the budget cuts points (the notes say "not run: time budget"), give each side a call of its
+own on the same warm machine and merge the two JSONL files here:
+  ... vortex_peer.py --side vortex --vortex_src .vortex --out $OUT --budget_s 540
+  ... vortex_peer.py --side ours --vortex_src .vortex --out $OUT --budget_s 540
+  python benchmarks/vortex_peer.py --report A/vortex_peer.jsonl,B/vortex_peer.jsonl --out DIR
 Elsewhere:
   python benchmarks/vortex_peer.py --smoke --out DIR   # CPU plumbing check; vortex needs torch +
                                                        # CUDA, so that side is skipped with a note
@@ -293,7 +301,10 @@ def run_both(args) -> None:
       share = args.vortex_share if args.side == "both" else 1.0
       child_budget = budget.left() * share - 30  # room for model build and teardown
       # vortex's logging module opens activations_debug.log in the working directory: a scratch one
-      rc, lines = stream(child_argv(args, "vortex", child_budget, out), dict(os.environ),
+      # one device: vortex spreads its layers over every GPU it sees
+      env = dict(os.environ, CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES",
+                                                                 "0").split(",")[0])
+      rc, lines = stream(child_argv(args, "vortex", child_budget, out), env,
                          max(budget.left() * share, 30), cwd=tempfile.mkdtemp())
       rows += read_rows(os.path.join(out, "vortex_peer_vortex.jsonl"))
       if rc:

@@ -23,6 +23,14 @@ How vortex is configured here, and why (every deviation from the released YAML i
   (``exp(log_poles * t)`` with positive log-poles). We draw normal(0, 0.02) like ours, norm scales 1,
   log-poles ``-logspace(-4, 0, 16)`` (decaying modes), residues normal(0, 0.1); then the dtype pass
   of ``vortex.model.utils.load_checkpoint``: bf16 everywhere except poles and residues (float32).
+- Kernels that run (nothing is compiled from vortex's csrc; Transformer Engine, flashfftconv and
+  ``hyena_ops`` are absent and vortex falls back without them): cuBLAS GEMMs for every projection
+  and MLP (bf16); ATen ``conv1d`` in float32 for the 3-tap featurizer and the 7-tap SE filter;
+  cuFFT in float32 for the 128-tap MR filter (``fftconv_func``, FFT size 2L) and the LI long filter
+  (``parallel_iir``; the prefill's modal state by FFT, ``prefill_style: fft``); vortex's one Triton
+  kernel, rotary embeddings (``vortex/ops/embedding/rotary.py``); SDPA as above (the row records
+  which SDPA backends torch has enabled); decode steps are eager elementwise ops (``step_fir``,
+  ``step_iir``). No ``torch.compile`` (vortex's ``compile`` key is unset), no CUDA graphs.
 - Batch 16 decoding: vortex's prefill of 16 rows at once would materialise 16 x 32 x P x P attention
   scores (CrossAttention) and 16 x 4096 x 16 x 2P complex modal states per LI layer, far past one
   card, so one row is prefilled and its cache copied into the other 15 rows (rows are independent;
@@ -272,7 +280,11 @@ def run(args, rec, base: dict) -> None:
   attention = ("flash_attn (FlashSelfAttention, flash_attn_with_kvcache)" if args.attn == "flash"
                else "torch SDPA (parallel forward); einsum + softmax CrossAttention (prefill, "
                "decode)")
+  sdpa = {name: getattr(torch.backends.cuda, f"{name}_sdp_enabled")()
+          for name in ("flash", "mem_efficient", "cudnn", "math")
+          if hasattr(torch.backends.cuda, f"{name}_sdp_enabled")}
   rec.add(kind="config", impl="vortex", torch=torch.__version__, triton=triton.__version__,
+          sdpa_backends_enabled=sdpa, cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
           vortex_config=os.path.basename(args.config), overrides=overrides,
           flash_attn_importable=flash_ok, flash_attn_stub=stubbed,
           use_flash_attn=bool(config.use_flash_attn),
