@@ -31,6 +31,12 @@ How vortex is configured here, and why (every deviation from the released YAML i
   kernel, rotary embeddings (``vortex/ops/embedding/rotary.py``); SDPA as above (the row records
   which SDPA backends torch has enabled); decode steps are eager elementwise ops (``step_fir``,
   ``step_iir``). No ``torch.compile`` (vortex's ``compile`` key is unset), no CUDA graphs.
+- Newer vortex (vtx >= 1.1) has opt-in Triton kernels for the Hyena filters, which the evo2
+  package turns on with ``use_kernels=True``; the snapshot this was written against (vtx 1.0.8)
+  has none. With such a source, ``--set use_hcs_kernel=true --set use_hcm_kernel=true
+  --set use_hcl_kernel=true`` turns them on (the config row records every override).
+- Decoding samples greedily (``argmax`` of the last logits) where ``Generator`` calls
+  ``sample(top_k=1)``: the same token, a few small ops fewer per step.
 - Batch 16 decoding: vortex's prefill of 16 rows at once would materialise 16 x 32 x P x P attention
   scores (CrossAttention) and 16 x 4096 x 16 x 2P complex modal states per LI layer, far past one
   card, so one row is prefilled and its cache copied into the other 15 rows (rows are independent;
@@ -129,8 +135,11 @@ def load_config(path: str, overrides: dict):
 
 def build(config):
   """vortex's StripedHyena on cuda:0 with random weights and the dtypes of a loaded checkpoint."""
+  import logging
   import torch
   from vortex.model.model import StripedHyena
+  # vortex.logging sets the root logger to INFO; its per-layer lines would crowd the output
+  logging.getLogger().setLevel(logging.WARNING)
   torch.manual_seed(0)
   model = StripedHyena(config)
   model.to_bfloat16_except_pr_lc(to_float32=True)  # as load_checkpoint does before loading
