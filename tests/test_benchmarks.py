@@ -1,10 +1,14 @@
-"""The training-step benchmark's plumbing on CPU (``--smoke``): both models run, the table and
-JSON rows come out, and the held-out loss (the benchmark's leak check) is reported."""
+"""The benchmarks' plumbing on CPU (``--smoke``). The training step: both models run, the table
+and JSON rows come out, and the held-out loss (the benchmark's leak check) is reported. The
+vortex peer: its command line, the shape check, our side, and the merged tables (its torch side
+needs a CUDA device and runs only on the GPU machine)."""
 
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,3 +49,101 @@ def test_train_step_takes_the_fastest_remat_that_fits(monkeypatch):
   monkeypatch.setattr(ts, "device_memory_limit", lambda: 1)
   with pytest.raises(MemoryError, match="no remat setting fits"):
     ts.Point(cfg, 512, "auto", None)
+
+
+# ----------------------------------------------------------------------------- vortex_peer
+
+VORTEX_PEER = os.path.join(ROOT, "benchmarks", "vortex_peer.py")
+# The shape fields of vortex's configs/evo2-7b-8k.yml (what our converter reads).
+EVO2_7B_8K = dict(hidden_size=4096, num_layers=32, vocab_size=512, num_attention_heads=32,
+                  inner_mlp_size=11008, hcs_filter_groups=256, hcm_filter_groups=256,
+                  hcl_filter_groups=4096, hcs_filter_length=7, hcm_filter_length=128,
+                  short_filter_length=3, state_size=16, rotary_emb_base=10000,
+                  max_seqlen=32768, eps=1e-6, evo2_style_activations=True, interleave=True,
+                  column_split_hyena=False, hyena_flip_x1x2=False,
+                  hcs_layer_idxs=[0, 4, 7, 11, 14, 18, 21, 25, 28],
+                  hcm_layer_idxs=[1, 5, 8, 12, 15, 19, 22, 26, 29],
+                  hcl_layer_idxs=[2, 6, 9, 13, 16, 20, 23, 27, 30],
+                  attn_layer_idxs=[3, 10, 17, 24, 31])
+
+
+def _vortex_peer(*args, timeout=300):
+  return subprocess.run([sys.executable, VORTEX_PEER, *args], capture_output=True, text=True,
+                        timeout=timeout, cwd=ROOT)
+
+
+def test_vortex_peer_smoke(tmp_path):
+  """Both sides' plumbing on CPU: the vortex side is skipped with a note (no torch + CUDA here),
+  our forward and ``decode.py`` run, their rows are merged into one JSONL and the tables."""
+  proc = _vortex_peer("--smoke", "--out", str(tmp_path))
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  rows = [json.loads(line) for line in open(tmp_path / "vortex_peer.jsonl")]
+  vortex = [r for r in rows if r.get("impl") == "vortex"]
+  assert vortex and all(r["kind"] in ("skipped", "config", "forward", "decode") for r in vortex)
+  if vortex[0]["kind"] == "skipped":
+    assert "skip: vortex side:" in proc.stdout
+  fwd = [r for r in rows if r["kind"] == "forward" and r["impl"] == "sh2_jax"]
+  assert [r["L"] for r in fwd] == [256] and fwd[0]["ms"] > 0 and fwd[0]["tokens_per_s"] > 0
+  dec = sorted((r for r in rows if r["kind"] == "decode" and r["impl"] == "sh2_jax"),
+               key=lambda r: r["batch"])
+  assert [r["batch"] for r in dec] == [1, 2], dec
+  for r in dec:  # read back from decode.py's table, against this run's copy rate
+    assert r["ms"] > 0 and r["tokens_per_s"] > 0 and r["pct_copy"] > 0, r
+    assert r["command"].startswith("python benchmarks/vortex_peer.py --smoke")
+  md = open(tmp_path / "vortex_peer.md").read()
+  assert "| L | vortex ms |" in md and "| batch | vortex ms/step |" in md
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--lengths", "8192,abc"], "'abc'"),
+    (["--batches", "0"], "'0'"),
+    (["--side", "sideways"], "'sideways'"),
+    (["--attn", "fast"], "'fast'"),
+    (["--budget_s", "-1"], "--budget_s -1"),
+    (["--set", "novalue"], "'novalue'"),
+    (["--vortex_src", "no/such/dir"], "'no/such/dir'"),
+    (["--config", "x.yml"], "--config needs --vortex_src"),
+    (["--report", "no/such.jsonl"], "'no/such.jsonl'"),
+])
+def test_vortex_peer_bad_input(tmp_path, argv, needle):
+  out = tmp_path / "out"
+  proc = _vortex_peer("--smoke", "--out", str(out), *argv, timeout=60)
+  assert proc.returncode == 2, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+  assert not out.exists()  # nothing written
+
+
+def test_vortex_peer_refuses_a_config_of_another_shape(tmp_path):
+  """The vortex YAML is read by our converter and compared with the preset before any run."""
+  import yaml
+  src = tmp_path / "vortex"
+  (src / "vortex" / "model").mkdir(parents=True)
+  (src / "vortex" / "model" / "model.py").write_text("")
+  (src / "configs").mkdir()
+  (src / "configs" / "evo2-7b-8k.yml").write_text(yaml.safe_dump(dict(EVO2_7B_8K,
+                                                                      inner_mlp_size=11264)))
+  out = tmp_path / "out"
+  proc = _vortex_peer("--side", "ours", "--vortex_src", str(src), "--out", str(out), timeout=120)
+  assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+  assert "mlp_hidden 11264 vs ours 11008" in proc.stderr and not out.exists()
+
+
+def test_vortex_peer_tables_merge_both_sides(tmp_path):
+  sys.path.insert(0, ROOT)
+  from benchmarks import vortex_peer
+  base = dict(device="NVIDIA H200", date="2026-12-01 12:00 UTC", command="python x")
+  rows = [dict(kind="forward", impl="vortex", L=8192, batch=1, ms=300.0, tokens_per_s=27306, **base),
+          dict(kind="forward", impl="sh2_jax", L=8192, batch=1, ms=100.0, tokens_per_s=81920, **base),
+          dict(kind="forward", impl="vortex", L=131072, batch=1, ms=None, note="OOM", **base),
+          dict(kind="decode", impl="vortex", L=8192, batch=1, ms=40.0, tokens_per_s=25, gbs=330.0,
+               pct_copy=7.7, **base),
+          dict(kind="decode", impl="sh2_jax", L=8192, batch=1, ms=4.0, tokens_per_s=250,
+               gbs=3300.0, pct_copy=77.0, **base),
+          dict(kind="skipped", impl="vortex", note="not run: time budget", **base)]
+  text = vortex_peer.report(rows, str(tmp_path))
+  assert "| 8K | 300.0 | 27306 | 100.0 | 81920 | 3.00x |" in text
+  assert "| 128K | OOM | – | – | – | – |" in text
+  assert "| 1 | 40.0 | 25 | 330 (8%) | 4.000 | 250 | 3300 (77%) | 10.00x |" in text
+  assert "- vortex: not run: time budget" in text
+  assert open(tmp_path / "vortex_peer.md").read().strip() == text.strip()
