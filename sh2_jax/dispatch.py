@@ -7,8 +7,8 @@ defined in ``config.py``); the modules ask it for callables (``fir_fn``, ``modal
 ``conv_impl`` (SE, MR): ``xla`` is the direct grouped convolution of ``ops.fir.fir_conv``,
 ``fft`` the FFT convolution, ``pallas`` the two-stage blocked kernels of ``kernels/fir_conv.py``
 (Pallas Triton lowering), ``pallas_mgpu`` the same algorithm as Mosaic GPU (Hopper) kernels,
-``kernels/fir_conv_mgpu.py`` (bf16, a multiple of 16 channels per group, gradients up to 64
-taps; not yet timed on a GPU, so ``auto`` does not pick it); ``auto`` is ``pallas`` on GPU and
+``kernels/fir_conv_mgpu.py`` (bf16, a multiple of 16 channels per group, K <= 129; not yet
+timed on a GPU, so ``auto`` does not pick it); ``auto`` is ``pallas`` on GPU and
 XLA elsewhere. ``li_impl`` (LI): ``fft`` (the reference),
 ``modal_scan`` and ``modal_serial`` (FFT-free Pallas recurrences), ``auto`` (``modal_scan`` on
 GPU, ``fft`` elsewhere). ``attention_impl``: ``xla`` | ``cudnn`` | ``auto``.

@@ -10,30 +10,33 @@ x1, v, x2: [B, L, D] bfloat16; h: [G, K] grouped filters, true-convolution orien
 dskip: [D] or None.
 
 Algorithm (docs/architecture.md, "The two-stage blocked convolution"): cut L into chunks of c
-tokens (c >= K). The causal Toeplitz operator is block-bidiagonal, ``Y_j = H0 U_j + H1 U_{j-1}``
-with ``H0[i, i'] = h[i - i']`` and ``H1[i, i'] = h[i + c - i']``. Here both blocks are one wgmma
-of depth 2c: ``Y_j = [H1 | H0] @ [U_{j-1}; U_j]`` — the [c, 2c] block pair of the program's group
-is the A operand (built once per group by XLA, a few KiB, TMA-copied into shared memory once per
-program), ``[U_{j-1}; U_j]`` the B operand: a [2c, w] shared-memory buffer whose upper half
-carries u of the previous chunk (the halo of K-1 past tokens, as the Triton kernel carries
-``u_prev``; a program's first chunk loads chunk first-1 once). A program owns ``w`` channels of
-one group (the wgmma N) and ``seg_chunks`` consecutive chunks of one batch row; the gates are
-fused so u and h*u never touch HBM.
+tokens (c = 64, one warpgroup's wgmma M). The causal Toeplitz operator is block-banded with
+n + 1 bands, n = ceil((K - 1) / c) (1 for SE, 2 for K = 128): ``Y_j = sum_m H_m U_{j-m}``,
+``H_m[i, i'] = h[i + m c - i']`` (zero outside 0..K-1). All bands are one wgmma of depth (n+1)c:
+``Y_j = [H_n | … | H_1 | H_0] @ [U_{j-n}; …; U_j]`` — the [c, (n+1)c] band row of the program's
+group is the A operand (built once by XLA, a few KiB per group, TMA-copied into shared memory
+once per program), the window of the last n+1 chunks of u the B operand: a shared-memory
+buffer that slides by one chunk per step (the halo of K-1 past tokens, as the Triton kernel
+carries ``u_prev``; a program's first chunk loads the n chunks before it once). A program owns
+``w`` channels of one group (the wgmma N) and ``seg_chunks`` consecutive chunks of one batch
+row; the gates are fused so u and h*u never touch HBM.
 
-Backward (dz = dy * x2): ``dx2 = dy * z`` (z recomputed: one wgmma), ``du = [H0^T | H1^T] @
-[dz_j; dz_{j+1}] + dskip * dz`` (one wgmma; dx1 = du * v, dv = du * x1), and for dh one more
-wgmma per chunk accumulating ``P = dz_j @ [U_{j-1}; U_j]^T`` ([c, 2c] float32, in the
-accumulator registers across the program's chunks): token lag of entry (i, r) is c + i - r, so
-``dh[g, k] = sum_i P[i, c + i - k]`` over the programs of group g — each program writes its P
-(and its [c, w] float32 partial of sum dz * u for ddskip), and ``_reduce_dh`` sums them (no
-atomics), as ``fir_conv_bwd.reduce_dh`` does for the Triton kernel.
+Backward (dz = dy * x2): ``dx2 = dy * z`` (z recomputed: one wgmma), ``du = [H_0^T | … | H_n^T]
+@ [dz_j; …; dz_{j+n}] + dskip * dz`` (one wgmma on a window of dz that slides ahead: each step
+reads x2, dy of chunk j+n once; dx1 = du * v, dv = du * x1), and for dh one more wgmma per chunk
+accumulating ``P = dz_j @ [U_{j-n}; …; U_j]^T`` ([c, (n+1)c] float32, in accumulator registers
+across the program's chunks): the token lag of entry (i, r) is n c + i - r, so ``dh[g, k] =
+sum_i P[i, n c + i - k]`` over the programs of group g. Each program writes its P and its [c, w]
+float32 partial of sum dz * u (ddskip); ``_reduce_dh`` sums them (no atomics), as
+``fir_conv_bwd.reduce_dh`` does for the Triton kernel. The backward reads x1, v, dy, and x2, dy
+once more (5 reads, 3 writes); the Triton backward reads 6.
 
 Limits (errors, never silent fallbacks): bfloat16 only (a float32 wgmma is tf32); the group
-size D/G must be a multiple of 16 (the wgmma N and, for dh, K granularity of bf16 — Evo 2 1B's
-15 channels per group needs the Triton kernel's aligned layout, not written here); K <= 128.
+size D/G must be a multiple of 16 (the wgmma N, and the K of the dh wgmma) — Evo 2 1B's 15
+channels per group needs the Triton kernel's aligned layout, not written here; K <= 129.
 
 Interpret mode (``interpret=True``: ``plgpu.InterpretGPUParams``, CPU tests) in JAX 0.11.2 has
-three gaps this file works around, so that the same code runs compiled and interpreted:
+gaps this file works around, so that the same code runs compiled and interpreted:
   1. ``pl.program_id`` always returns 0 under a ``pallas_call`` grid (jaxpr_interpret.py:
      "zero is the only valid program id"), and ``pallas_call`` BlockSpecs with index maps fail
      ``assert all(bm.has_trivial_window() ...)``: so the kernels are ``plgpu.kernel`` meshes
@@ -51,14 +54,13 @@ three gaps this file works around, so that the same code runs compiled and inter
      in shared memory and copied out by hand (``copy_smem_to_gmem`` + ``wait_smem_to_gmem``).
   3. ``plgpu.Barrier`` in a kernel's scratch shapes: ``NotImplementedError: nan + barrier``
      (the interpreter tries to NaN-fill it); barriers are allocated with ``pl.run_scoped``.
-Also: ``pl.run_state`` around ``plgpu.wgmma`` discharges to the value-level ``wgmma`` primitive,
-which has no interpret rule (``MLIR translation rule for primitive 'wgmma' not found for
-platform cpu``); accumulators are ``pl.run_scoped(..., plgpu.ACC(...))`` refs instead.
+  4. ``pl.run_state`` around ``plgpu.wgmma`` discharges to the value-level ``wgmma`` primitive,
+     which has no interpret rule (``MLIR translation rule for primitive 'wgmma' not found for
+     platform cpu``); accumulators are ``pl.run_scoped(..., plgpu.ACC(...))`` refs instead.
 Interpret mode NaN-fills every fresh buffer, outputs included, so an element the kernel fails to
-write shows up as NaN in the tests without aliasing poisoned inputs.
-
-Shared-memory and register limits exist only on hardware; ``smem_bytes`` estimates a launch's
-footprint and the public function refuses one over ``SMEM_LIMIT``.
+write shows up as NaN in the tests without aliasing poisoned inputs. It does not model register
+layouts, shared-memory capacity, register pressure or bank conflicts: those exist only on the
+GPU. ``smem_bytes`` estimates a launch's shared memory; launches over ``SMEM_LIMIT`` are refused.
 """
 
 from __future__ import annotations
@@ -73,44 +75,53 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from sh2_jax.kernels._pallas import check_gated_inputs
-from sh2_jax.kernels.fir_layout import filter_table
 
-__all__ = ["MgpuBlockSizes", "gated_fir_conv_mgpu", "mgpu_misfit", "smem_bytes"]
+__all__ = ["MgpuBlockSizes", "default_block_sizes", "gated_fir_conv_mgpu", "mgpu_misfit",
+           "smem_bytes"]
 
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory per block on Hopper
-MAX_TAPS = 128
+MAX_BANDS = 2            # K <= 2c + 1: the MR filters (128 taps) at c = 64
 f32 = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)
 class MgpuBlockSizes:
-  """chunk: tokens per chunk c (64 or 128, >= K; the wgmma M); width: channels per program w
-  (16, 32 or 64; divides the group size; the wgmma N); seg_chunks: chunks per program (upper
-  bound); stages: pipeline depth (``max_concurrent_steps``)."""
+  """chunk: tokens per chunk c (64 or 128; the wgmma M); width: channels per program w (16, 32,
+  64 or 128; divides the group size; the wgmma N); seg_chunks: chunks per program (upper bound);
+  stages: pipeline depth (``max_concurrent_steps``)."""
   chunk: int = 64
-  width: int = 64
+  width: int = 16
   seg_chunks: int = 32
   stages: int = 2
 
 
-def default_block_sizes(group_size: int, taps: int) -> MgpuBlockSizes:
-  """Untuned (no Hopper measurement yet): the smallest chunk that holds the filter, the widest
-  channel tile that divides the group."""
-  chunk = 64 if taps <= 64 else 128
-  width = next(w for w in (64, 32, 16) if group_size % w == 0) if group_size % 16 == 0 else 16
-  return MgpuBlockSizes(chunk=chunk, width=width)
+def bands(taps: int, chunk: int) -> int:
+  """n: the past chunks one output chunk reads (at least 1)."""
+  return max(1, -(-(taps - 1) // chunk))
 
 
-def smem_bytes(bs: MgpuBlockSizes, backward: bool = False) -> int:
+def smem_bytes(bs: MgpuBlockSizes, taps: int, backward: bool = False) -> int:
   """Shared memory of one program (bf16 operands, float32 partials), as allocated below."""
-  c, w, n = bs.chunk, bs.width, bs.stages
+  c, w, s = bs.chunk, bs.width, bs.stages
+  n1 = bands(taps, c) + 1
   tile = c * w * 2
-  if not backward:  # [H1|H0], pipelined x1 v x2, halo x1 v, [U_prev; U], staged y
-    return c * 2 * c * 2 + n * 3 * tile + 2 * tile + 2 * tile + tile
-  # two block pairs, pipelined x1 v x2 dy x2' dy', halo, [U_prev; U], [dz; dz'], staged dx1 dv
-  # dx2, the ddskip partial and the staged dh partial (float32)
-  return (2 * c * 2 * c * 2 + n * 6 * tile + 2 * tile + 2 * tile + 2 * tile + 3 * tile
-          + c * w * 4 + c * 2 * c * 4)
+  band_row = c * n1 * c * 2
+  if not backward:  # band row, pipelined x1 v x2, halo x1 v, u window, staged y
+    return band_row + s * 3 * tile + 2 * tile + n1 * tile + tile
+  # two band rows, dskip rows (f32), pipelined x1 v dy x2' dy', halo (2), u and dz windows,
+  # staged dx1 dv dx2, the ddskip partial (f32) and the staged dh partial (f32)
+  return (2 * band_row + 2 * tile + s * 5 * tile + 2 * tile + 2 * n1 * tile + 3 * tile
+          + 2 * tile + c * n1 * c * 4)
+
+
+def default_block_sizes(group_size: int, taps: int) -> MgpuBlockSizes:
+  """Untuned (no Hopper measurement yet): chunk 64, the widest channel tile that divides the
+  group and fits the backward's shared memory."""
+  for w in (64, 32, 16):
+    bs = MgpuBlockSizes(chunk=64, width=w)
+    if group_size % w == 0 and smem_bytes(bs, taps, backward=True) <= SMEM_LIMIT:
+      return bs
+  return MgpuBlockSizes(chunk=64, width=16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,8 +138,16 @@ class _Geometry:
   stages: int
 
   @property
+  def bands(self):
+    return bands(self.taps, self.chunk)
+
+  @property
   def padded_length(self):
     return self.n_segs * self.seg_chunks * self.chunk
+
+  @property
+  def last(self):
+    return self.padded_length // self.chunk - 1
 
   @property
   def n_tiles(self):
@@ -151,22 +170,18 @@ def mgpu_misfit(x_shape, h_shape, dtype, bs: MgpuBlockSizes | None = None,
     return f"filter groups {groups} do not divide channels {d}"
   gs = d // groups
   bs = bs or default_block_sizes(gs, taps)
-  if taps > MAX_TAPS or taps > bs.chunk:
-    return f"filter length {taps} exceeds the chunk {bs.chunk} (at most {MAX_TAPS} taps)"
   if bs.chunk not in (64, 128):
     return f"chunk {bs.chunk} is not 64 or 128"
+  if bands(taps, bs.chunk) > MAX_BANDS:
+    return (f"filter length {taps} exceeds {MAX_BANDS * bs.chunk + 1} taps (chunk {bs.chunk}, "
+            f"at most {MAX_BANDS} past chunks)")
   if bs.width not in (16, 32, 64, 128) or gs % bs.width:
     return (f"group size {gs} (channels {d} / groups {groups}) is not a multiple of the "
             f"channel tile {bs.width}; the Mosaic GPU kernels need a multiple of 16")
-  if backward and bs.chunk > 64:
-    # [c, 2c] float32 of dh partials in one warpgroup's registers (256 per thread at c = 128)
-    # and two [c, 2c] block pairs in shared memory do not fit: see "Not done" above.
-    return (f"the Mosaic GPU backward needs filters of at most 64 taps (chunk 64), not "
-            f"{taps}; the forward alone runs up to {MAX_TAPS}")
   for bwd in (False, True) if backward else (False,):
-    if smem_bytes(bs, bwd) > SMEM_LIMIT:
-      return (f"block sizes {bs} need {smem_bytes(bs, bwd)} bytes of shared memory "
-              f"({'backward' if bwd else 'forward'}), over {SMEM_LIMIT}")
+    if smem_bytes(bs, taps, bwd) > SMEM_LIMIT:
+      return (f"block sizes {bs} need {smem_bytes(bs, taps, bwd)} bytes of shared memory "
+              f"({'backward' if bwd else 'forward'}) for {taps} taps, over {SMEM_LIMIT}")
   return None
 
 
@@ -179,13 +194,15 @@ def _geometry(x_shape, h_shape, bs: MgpuBlockSizes) -> _Geometry:
   return _Geometry(b, length, d, groups, taps, bs.chunk, bs.width, seg, n_segs, bs.stages)
 
 
-def _toeplitz_pairs(h, c: int):
-  """[G, K] -> forward [H1 | H0] and backward [H0^T | H1^T], each [G, c, 2c] bfloat16."""
-  table = filter_table(h, c)  # [G, 3c]: table[g, c + d] = h[g, d] (zeros off 0..K-1)
+def _band_rows(h, c: int, n: int):
+  """[G, K] -> forward [H_n | … | H_0] and backward [H_0^T | … | H_n^T], each [G, c, (n+1)c]
+  bfloat16, ``H_m[i, i'] = h[i + m c - i']``."""
+  groups, taps = h.shape
+  table = jnp.pad(h.astype(f32), ((0, 0), (c, (n + 2) * c - taps)))  # table[g, c + d] = h[g, d]
   diff = np.arange(c)[:, None] - np.arange(c)[None, :]  # i - i'
-  h0, h1 = table[:, c + diff], table[:, 2 * c + diff]
-  fwd = jnp.concatenate([h1, h0], axis=2)
-  bwd = jnp.concatenate([h0.transpose(0, 2, 1), h1.transpose(0, 2, 1)], axis=2)
+  hm = [table[:, c + m * c + diff] for m in range(n + 1)]
+  fwd = jnp.concatenate(hm[::-1], axis=2)
+  bwd = jnp.concatenate([a.transpose(0, 2, 1) for a in hm], axis=2)
   return fwd.astype(jnp.bfloat16), bwd.astype(jnp.bfloat16)
 
 
@@ -204,6 +221,13 @@ def _pad(a, geo: _Geometry):
   return jnp.pad(a, ((0, 0), (0, geo.padded_length - geo.length), (0, 0)))
 
 
+def _skip_rows(dskip, geo: _Geometry):
+  """dskip [D] -> [c, D] float32: broadcast over a chunk's rows once, in XLA, so that a [c, w]
+  tile of it is read like any other operand."""
+  skip = jnp.zeros((geo.channels,), f32) if dskip is None else dskip.astype(f32)
+  return jnp.broadcast_to(skip[None, :], (geo.chunk, geo.channels))
+
+
 def _matmul(a_ref, b_ref, shape):
   """``a @ b`` by one wgmma into a fresh float32 accumulator, read back to registers."""
   def run(acc_ref):
@@ -218,21 +242,32 @@ def _program(geo: _Geometry):
   return b, t, s * geo.seg_chunks, t // geo.tiles_per_group, pl.ds(t * geo.width, geo.width)
 
 
-
-def _load_halo(geo, x1_gmem, v_gmem, first, b, cols, pair_gmem, pair_smems, g, halo, u_smem,
-               bars):
-  """Block pair(s) of group g into shared memory; u of chunk first-1 (zero at the start) into
-  the upper half of [U_prev; U]."""
-  c = geo.chunk
-  rows = pl.ds(jnp.maximum(first - 1, 0) * c, c)
-  copies = [(x1_gmem.at[b, rows, cols], halo.at[0]), (v_gmem.at[b, rows, cols], halo.at[1])]
-  copies += [(src.at[g], dst) for src, dst in zip(pair_gmem, pair_smems)]
+def _fetch(copies, bars):
+  """TMA copies (src GMEM ref, dst SMEM ref), one barrier each, then wait for all."""
   for i, (src, dst) in enumerate(copies):
     plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
   for i in range(len(copies)):
     plgpu.barrier_wait(bars.at[i])
-  u_prev = halo[0] * halo[1]
-  u_smem[pl.ds(0, c), :] = jnp.where(first > 0, u_prev, jnp.zeros_like(u_prev))
+
+
+def _fill_window(geo, win, row0, chunks, a_gmem, b_gmem, b, cols, halo):
+  """Rows ``row0 + m c`` of the window ``win`` <- ``a * b`` of chunk ``chunks[m]`` (zero for a
+  chunk outside 0..last): the halo of past u (forward) or future dz (backward)."""
+  c = geo.chunk
+  for m, chunk in enumerate(chunks):
+    rows = pl.ds(jnp.clip(chunk, 0, geo.last) * c, c)
+    pl.run_scoped(functools.partial(_fetch, [(a_gmem.at[b, rows, cols], halo.at[0]),
+                                             (b_gmem.at[b, rows, cols], halo.at[1])]),
+                  plgpu.Barrier(num_barriers=2))
+    val = halo[0].astype(f32) * halo[1].astype(f32)
+    live = (chunk >= 0) & (chunk <= geo.last)
+    win[pl.ds(row0 + m * c, c), :] = jnp.where(live, val, 0.0).astype(win.dtype)
+
+
+def _slide(win, geo):
+  """Drop the window's oldest chunk: rows [0, n c) <- rows [c, (n + 1) c)."""
+  c, n = geo.chunk, geo.bands
+  win[pl.ds(0, n * c), :] = win[pl.ds(c, n * c), :]
 
 
 def _store(val, stage_ref, dst_gmem):
@@ -243,47 +278,6 @@ def _store(val, stage_ref, dst_gmem):
   plgpu.copy_smem_to_gmem(stage_ref, dst_gmem)
 
 
-# ----------------------------------------------------------------------------- forward kernel
-
-
-def _fwd_body(geo: _Geometry, has_skip: bool):
-  c, w = geo.chunk, geo.width
-
-  def kernel(pair_gmem, skip_gmem, x1_gmem, v_gmem, x2_gmem, y_gmem,
-             pair_smem, skip_smem, halo, u_smem, y_stage):
-    b, t, first, g, cols = _program(geo)
-
-    def scoped(bars):
-      _load_halo(geo, x1_gmem, v_gmem, first, b, cols, (pair_gmem,), (pair_smem,), g, halo,
-                 u_smem, bars)
-      plgpu.copy_gmem_to_smem(skip_gmem.at[:, cols], skip_smem, bars.at[3])
-      plgpu.barrier_wait(bars.at[3])
-
-    pl.run_scoped(scoped, plgpu.Barrier(num_barriers=4))
-
-    def step(idx, x1_ref, v_ref, x2_ref):
-      (k,) = idx
-      u = x1_ref[...] * v_ref[...]
-      u_smem[pl.ds(c, c), :] = u
-      plgpu.commit_smem()
-      z = _matmul(pair_smem, u_smem, (c, w))
-      if has_skip:
-        z = z + skip_smem[...] * u.astype(f32)
-      rows = pl.ds((first + k) * c, c)
-      _store(x2_ref[...].astype(f32) * z, y_stage, y_gmem.at[b, rows, cols])
-      u_smem[pl.ds(0, c), :] = u  # the next chunk's halo
-      plgpu.commit_smem()
-
-    spec = plgpu.BlockSpec((c, w), lambda k: (first + k, t),
-                           transforms=_swizzled(w))
-    plgpu.emit_pipeline(step, grid=(geo.seg_chunks,), in_specs=[spec] * 3,
-                        max_concurrent_steps=geo.stages)(x1_gmem.at[b], v_gmem.at[b],
-                                                         x2_gmem.at[b])
-    plgpu.wait_smem_to_gmem(0)
-
-  return kernel
-
-
 def _launch(body, geo: _Geometry, out_type, scratch, interpret: bool, name: str):
   return plgpu.kernel(
       body, out_type=out_type, scratch_types=scratch,
@@ -292,24 +286,54 @@ def _launch(body, geo: _Geometry, out_type, scratch, interpret: bool, name: str)
       interpret=plgpu.InterpretGPUParams() if interpret else None)
 
 
-def _skip_rows(dskip, geo: _Geometry):
-  """dskip [D] -> [c, D] float32 (broadcast over the chunk's rows once, in XLA: a [c, w] tile in
-  shared memory is read with the same layout as the accumulator)."""
-  skip = jnp.zeros((geo.channels,), f32) if dskip is None else dskip.astype(f32)
-  return jnp.broadcast_to(skip[None, :], (geo.chunk, geo.channels))
+# ----------------------------------------------------------------------------- forward kernel
+
+
+def _fwd_body(geo: _Geometry, has_skip: bool):
+  c, w, n = geo.chunk, geo.width, geo.bands
+
+  def kernel(band_gmem, skip_gmem, x1_gmem, v_gmem, x2_gmem, y_gmem,
+             band_smem, skip_smem, halo, u_win, y_stage):
+    b, t, first, g, cols = _program(geo)
+    pl.run_scoped(functools.partial(_fetch, [(band_gmem.at[g], band_smem),
+                                             (skip_gmem.at[:, cols], skip_smem)]),
+                  plgpu.Barrier(num_barriers=2))
+    _fill_window(geo, u_win, 0, [first - n + m for m in range(n)], x1_gmem, v_gmem, b, cols,
+                 halo)
+
+    def step(idx, x1_ref, v_ref, x2_ref):
+      (k,) = idx
+      u = x1_ref[...] * v_ref[...]
+      u_win[pl.ds(n * c, c), :] = u
+      plgpu.commit_smem()
+      z = _matmul(band_smem, u_win, (c, w))
+      if has_skip:
+        z = z + skip_smem[...] * u.astype(f32)
+      rows = pl.ds((first + k) * c, c)
+      _store(x2_ref[...].astype(f32) * z, y_stage, y_gmem.at[b, rows, cols])
+      _slide(u_win, geo)
+      plgpu.commit_smem()
+
+    spec = plgpu.BlockSpec((c, w), lambda k: (first + k, t), transforms=_swizzled(w))
+    plgpu.emit_pipeline(step, grid=(geo.seg_chunks,), in_specs=[spec] * 3,
+                        max_concurrent_steps=geo.stages)(x1_gmem.at[b], v_gmem.at[b],
+                                                         x2_gmem.at[b])
+    plgpu.wait_smem_to_gmem(0)
+
+  return kernel
 
 
 def fwd(x1, v, x2, h, dskip, bs: MgpuBlockSizes, interpret: bool = False):
   """The forward launch: y [B, L, D] bfloat16."""
   geo = _geometry(x1.shape, h.shape, bs)
-  c, w = geo.chunk, geo.width
-  pair_f, _ = _toeplitz_pairs(h, c)
+  c, w, n = geo.chunk, geo.width, geo.bands
+  band_f, _ = _band_rows(h, c, n)
   xs = [_pad(a, geo) for a in (x1, v, x2)]
-  scratch = (_smem((c, 2 * c)), plgpu.SMEM((c, w), f32), _smem((2, c, w)), _smem((2 * c, w)),
-             _smem((c, w)))
+  scratch = (_smem((c, (n + 1) * c)), plgpu.SMEM((c, w), f32), _smem((2, c, w)),
+             _smem(((n + 1) * c, w)), _smem((c, w)))
   y = _launch(_fwd_body(geo, dskip is not None), geo,
               jax.ShapeDtypeStruct(xs[0].shape, x1.dtype), scratch, interpret,
-              "gated_fir_fwd_mgpu")(pair_f, _skip_rows(dskip, geo), *xs)
+              "gated_fir_fwd_mgpu")(band_f, _skip_rows(dskip, geo), *xs)
   return y[:, :geo.length]
 
 
@@ -317,65 +341,64 @@ def fwd(x1, v, x2, h, dskip, bs: MgpuBlockSizes, interpret: bool = False):
 
 
 def _bwd_body(geo: _Geometry, has_skip: bool):
-  c, w = geo.chunk, geo.width
-  last = geo.padded_length // c - 1
+  c, w, n = geo.chunk, geo.width, geo.bands
 
-  def kernel(pair_f_gmem, pair_b_gmem, skip_gmem, x1_gmem, v_gmem, x2_gmem, dy_gmem,
+  def kernel(band_f_gmem, band_b_gmem, skip_gmem, x1_gmem, v_gmem, x2_gmem, dy_gmem,
              dx1_gmem, dv_gmem, dx2_gmem, p_gmem, s_gmem,
-             pf_smem, pb_smem, skip_smem, halo, u_smem, dz_smem, stage, s_acc, p_stage):
+             bf_smem, bb_smem, skip_smem, halo, u_win, dz_win, stage, s_acc, p_stage):
     b, t, first, g, cols = _program(geo)
     s_idx = jax.lax.axis_index("seg")
-
-    def scoped(bars):
-      _load_halo(geo, x1_gmem, v_gmem, first, b, cols, (pair_f_gmem, pair_b_gmem),
-                 (pf_smem, pb_smem), g, halo, u_smem, bars)
-      plgpu.copy_gmem_to_smem(skip_gmem.at[:, cols], skip_smem, bars.at[4])
-      plgpu.barrier_wait(bars.at[4])
-
-    pl.run_scoped(scoped, plgpu.Barrier(num_barriers=5))
+    pl.run_scoped(functools.partial(_fetch, [(band_f_gmem.at[g], bf_smem),
+                                             (band_b_gmem.at[g], bb_smem),
+                                             (skip_gmem.at[:, cols], skip_smem)]),
+                  plgpu.Barrier(num_barriers=3))
+    _fill_window(geo, u_win, 0, [first - n + m for m in range(n)], x1_gmem, v_gmem, b, cols,
+                 halo)
+    _fill_window(geo, dz_win, 0, [first + m for m in range(n)], dy_gmem, x2_gmem, b, cols,
+                 halo)
     s_acc[...] = jnp.zeros((c, w), f32)
 
     def run(p_acc):
-      def step(idx, x1_ref, v_ref, x2_ref, dy_ref, x2n_ref, dyn_ref):
+      def step(idx, x1_ref, v_ref, dy_ref, x2n_ref, dyn_ref):
         (k,) = idx
         j = first + k
         x1, v = x1_ref[...], v_ref[...]
         u = x1 * v
-        u_f = u.astype(f32)
-        dy_f = dy_ref[...].astype(f32)
-        dz_f = dy_f * x2_ref[...].astype(f32)
-        dz_n = dyn_ref[...].astype(f32) * x2n_ref[...].astype(f32)
-        u_smem[pl.ds(c, c), :] = u
-        dz_smem[pl.ds(0, c), :] = dz_f.astype(dz_smem.dtype)
-        dz_smem[pl.ds(c, c), :] = jnp.where(j < last, dz_n, 0.0).astype(dz_smem.dtype)
+        dz_n = dyn_ref[...].astype(f32) * x2n_ref[...].astype(f32)  # chunk j + n
+        u_win[pl.ds(n * c, c), :] = u
+        dz_win[pl.ds(n * c, c), :] = jnp.where(j + n <= geo.last, dz_n, 0.0).astype(
+            dz_win.dtype)
         plgpu.commit_smem()
-        z = _matmul(pf_smem, u_smem, (c, w))
-        du = _matmul(pb_smem, dz_smem, (c, w))
-        # dh partial: P += dz_j @ [U_prev; U]^T, accumulated over this program's chunks.
-        plgpu.wgmma(p_acc, dz_smem.at[pl.ds(0, c)], u_smem.transpose((1, 0)))
+        z = _matmul(bf_smem, u_win, (c, w))
+        du = _matmul(bb_smem, dz_win, (c, w))
+        # dh partial: P += dz_j @ [U_{j-n}; …; U_j]^T, over this program's chunks.
+        plgpu.wgmma(p_acc, dz_win.at[pl.ds(0, c)], u_win.transpose((1, 0)))
         plgpu.wgmma_wait(0)
+        u_f = u.astype(f32)
+        dz_f = dz_win[pl.ds(0, c), :].astype(f32)
         if has_skip:
           skip = skip_smem[...]
           z = z + skip * u_f
           du = du + skip * dz_f
         s_acc[...] += dz_f * u_f
         rows = pl.ds(j * c, c)
-        _store(dy_f * z, stage.at[0], dx2_gmem.at[b, rows, cols])
+        _store(dy_ref[...].astype(f32) * z, stage.at[0], dx2_gmem.at[b, rows, cols])
         _store(du * v.astype(f32), stage.at[1], dx1_gmem.at[b, rows, cols])
         _store(du * x1.astype(f32), stage.at[2], dv_gmem.at[b, rows, cols])
-        u_smem[pl.ds(0, c), :] = u  # the next chunk's halo
+        _slide(u_win, geo)
+        _slide(dz_win, geo)
         plgpu.commit_smem()
 
       cur = plgpu.BlockSpec((c, w), lambda k: (first + k, t), transforms=_swizzled(w))
-      nxt = plgpu.BlockSpec((c, w), lambda k: (jnp.minimum(first + k + 1, last), t),
-                            transforms=_swizzled(w))
-      plgpu.emit_pipeline(step, grid=(geo.seg_chunks,), in_specs=[cur] * 4 + [nxt] * 2,
+      ahead = plgpu.BlockSpec((c, w), lambda k: (jnp.minimum(first + k + n, geo.last), t),
+                              transforms=_swizzled(w))
+      plgpu.emit_pipeline(step, grid=(geo.seg_chunks,), in_specs=[cur] * 3 + [ahead] * 2,
                           max_concurrent_steps=geo.stages)(
-                              x1_gmem.at[b], v_gmem.at[b], x2_gmem.at[b], dy_gmem.at[b],
-                              x2_gmem.at[b], dy_gmem.at[b])
+                              x1_gmem.at[b], v_gmem.at[b], dy_gmem.at[b], x2_gmem.at[b],
+                              dy_gmem.at[b])
       return p_acc[...]
 
-    p = pl.run_scoped(run, plgpu.ACC((c, 2 * c), f32))
+    p = pl.run_scoped(run, plgpu.ACC((c, (n + 1) * c), f32))
     plgpu.wait_smem_to_gmem(0)
     p_stage[...] = p
     plgpu.commit_smem()
@@ -387,11 +410,11 @@ def _bwd_body(geo: _Geometry, has_skip: bool):
 
 
 def _reduce_dh(p, geo: _Geometry):
-  """The reduction pass: partials [B, tiles, segs, c, 2c] -> dh [G, K] float32
-  (``dh[g, k] = sum_i P[i, c + i - k]`` over the tiles of group g)."""
-  c = geo.chunk
-  m = p.sum(axis=(0, 2))  # [tiles, c, 2c]
-  lag_col = c + np.arange(c)[:, None] - np.arange(geo.taps)[None, :]  # [i, k] -> column
+  """The reduction pass: partials [B, tiles, segs, c, (n+1)c] -> dh [G, K] float32
+  (``dh[g, k] = sum_i P[i, n c + i - k]`` over the tiles of group g)."""
+  c, n = geo.chunk, geo.bands
+  m = p.sum(axis=(0, 2))  # [tiles, c, (n+1)c]
+  lag_col = n * c + np.arange(c)[:, None] - np.arange(geo.taps)[None, :]  # [i, k] -> column
   diag = jnp.take_along_axis(m, jnp.asarray(lag_col)[None], axis=2).sum(axis=1)  # [tiles, K]
   return diag.reshape(geo.groups, geo.tiles_per_group, geo.taps).sum(axis=1)
 
@@ -399,18 +422,19 @@ def _reduce_dh(p, geo: _Geometry):
 def bwd(x1, v, x2, h, dskip, dy, bs: MgpuBlockSizes, interpret: bool = False):
   """Gradients (dx1, dv, dx2, dh [G, K] float32, ddskip [D] float32) of ``fwd``."""
   geo = _geometry(x1.shape, h.shape, bs)
-  c, w = geo.chunk, geo.width
-  pair_f, pair_b = _toeplitz_pairs(h, c)
+  c, w, n = geo.chunk, geo.width, geo.bands
+  band_f, band_b = _band_rows(h, c, n)
   xs = [_pad(a, geo) for a in (x1, v, x2, dy.astype(x1.dtype))]
   parts = (geo.batch, geo.n_tiles, geo.n_segs)
   out_type = tuple(jax.ShapeDtypeStruct(xs[0].shape, x1.dtype) for _ in range(3)) + (
-      jax.ShapeDtypeStruct(parts + (c, 2 * c), f32), jax.ShapeDtypeStruct(parts + (c, w), f32))
-  scratch = (_smem((c, 2 * c)), _smem((c, 2 * c)), plgpu.SMEM((c, w), f32), _smem((2, c, w)),
-             _smem((2 * c, w)), _smem((2 * c, w)), _smem((3, c, w)), plgpu.SMEM((c, w), f32),
-             plgpu.SMEM((c, 2 * c), f32))
+      jax.ShapeDtypeStruct(parts + (c, (n + 1) * c), f32),
+      jax.ShapeDtypeStruct(parts + (c, w), f32))
+  scratch = (_smem((c, (n + 1) * c)), _smem((c, (n + 1) * c)), plgpu.SMEM((c, w), f32),
+             _smem((2, c, w)), _smem(((n + 1) * c, w)), _smem(((n + 1) * c, w)),
+             _smem((3, c, w)), plgpu.SMEM((c, w), f32), plgpu.SMEM((c, (n + 1) * c), f32))
   dx1, dv, dx2, p, s = _launch(_bwd_body(geo, dskip is not None), geo, out_type, scratch,
                                interpret, "gated_fir_bwd_mgpu")(
-                                   pair_f, pair_b, _skip_rows(dskip, geo), *xs)
+                                   band_f, band_b, _skip_rows(dskip, geo), *xs)
   crop = lambda a: a[:, :geo.length]
   dd = s.sum(axis=(0, 2, 3)).reshape(geo.channels)
   return crop(dx1), crop(dv), crop(dx2), _reduce_dh(p, geo), dd
@@ -447,9 +471,10 @@ def gated_fir_conv_mgpu(x1: jax.Array, v: jax.Array, x2: jax.Array, h: jax.Array
                         block_sizes: MgpuBlockSizes | None = None) -> jax.Array:
   """``x2 * (h * (x1 * v) + dskip * (x1 * v))``, causal, by the Mosaic GPU kernels.
 
-  x1, v, x2: [B, L, D] bfloat16; h: [G, K] (true convolution; D/G a multiple of 16, K <= 128);
+  x1, v, x2: [B, L, D] bfloat16; h: [G, K] (true convolution; D/G a multiple of 16, K <= 129);
   dskip: [D] or None. Returns [B, L, D] bfloat16; differentiable in all arrays. ``interpret``
-  runs the kernels in Mosaic GPU interpret mode on CPU (slow, tests only).
+  runs the kernels in Mosaic GPU interpret mode on CPU (slow, tests only). Block sizes default
+  to ``default_block_sizes``; a geometry they cannot run is a ValueError naming why.
   """
   check_gated_inputs(x1, v, x2)
   if h.ndim != 2:
