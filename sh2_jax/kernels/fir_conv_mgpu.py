@@ -59,7 +59,13 @@ gaps this file works around, so that the same code runs compiled and interpreted
      platform cpu``); accumulators are ``pl.run_scoped(..., plgpu.ACC(...))`` refs instead.
 Interpret mode NaN-fills every fresh buffer, outputs included, so an element the kernel fails to
 write shows up as NaN in the tests without aliasing poisoned inputs. It does not model register
-layouts, shared-memory capacity, register pressure or bank conflicts: those exist only on the
+layouts, wgmma operand rules, shared-memory capacity, register pressure or bank conflicts. The
+first two are checked on CPU too: ``jax.jit(...).trace(...).lower(lowering_platforms=("cuda",))``
+runs the Mosaic GPU lowering and layout inference without a GPU (tests/kernels), and caught two
+things interpret mode accepts: a scalar ``jnp.where`` over a [c, w] array ("Implicit broadcast
+not implemented with warpgroup semantics"; the window fills pick the write with ``lax.cond``)
+and wgmma operands with different swizzles (layout inference fails; every operand here uses the
+channel tile's swizzle). Only the PTX compile, shared-memory capacity and registers need the
 GPU. ``smem_bytes`` estimates a launch's shared memory; launches over ``SMEM_LIMIT`` are refused.
 """
 
@@ -213,8 +219,10 @@ def _swizzled(minor: int, dtype=jnp.bfloat16):
   return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
 
 
-def _smem(shape, dtype=jnp.bfloat16):
-  return plgpu.SMEM(shape, dtype, transforms=_swizzled(shape[-1], dtype))
+def _smem(shape, minor=None, dtype=jnp.bfloat16):
+  """A bf16 shared-memory buffer swizzled for a last dimension of ``minor`` (default its own):
+  the operands of one wgmma must share one swizzle, so the band rows take the channel tile's."""
+  return plgpu.SMEM(shape, dtype, transforms=_swizzled(minor or shape[-1], dtype))
 
 
 def _pad(a, geo: _Geometry):
@@ -259,9 +267,16 @@ def _fill_window(geo, win, row0, chunks, a_gmem, b_gmem, b, cols, halo):
     pl.run_scoped(functools.partial(_fetch, [(a_gmem.at[b, rows, cols], halo.at[0]),
                                              (b_gmem.at[b, rows, cols], halo.at[1])]),
                   plgpu.Barrier(num_barriers=2))
-    val = halo[0].astype(f32) * halo[1].astype(f32)
+    # A scalar where() would be an implicit broadcast, which Mosaic GPU's warpgroup lowering
+    # does not implement: pick the write instead.
     live = (chunk >= 0) & (chunk <= geo.last)
-    win[pl.ds(row0 + m * c, c), :] = jnp.where(live, val, 0.0).astype(win.dtype)
+    dst = win.at[pl.ds(row0 + m * c, c)]
+    jax.lax.cond(live, lambda: _put(dst, halo[0].astype(f32) * halo[1].astype(f32)),
+                 lambda: _put(dst, jnp.zeros((c, geo.width), f32)))
+
+
+def _put(ref, val):
+  ref[...] = val.astype(ref.dtype)
 
 
 def _slide(win, geo):
@@ -329,7 +344,7 @@ def fwd(x1, v, x2, h, dskip, bs: MgpuBlockSizes, interpret: bool = False):
   c, w, n = geo.chunk, geo.width, geo.bands
   band_f, _ = _band_rows(h, c, n)
   xs = [_pad(a, geo) for a in (x1, v, x2)]
-  scratch = (_smem((c, (n + 1) * c)), plgpu.SMEM((c, w), f32), _smem((2, c, w)),
+  scratch = (_smem((c, (n + 1) * c), w), plgpu.SMEM((c, w), f32), _smem((2, c, w)),
              _smem(((n + 1) * c, w)), _smem((c, w)))
   y = _launch(_fwd_body(geo, dskip is not None), geo,
               jax.ShapeDtypeStruct(xs[0].shape, x1.dtype), scratch, interpret,
@@ -366,8 +381,9 @@ def _bwd_body(geo: _Geometry, has_skip: bool):
         u = x1 * v
         dz_n = dyn_ref[...].astype(f32) * x2n_ref[...].astype(f32)  # chunk j + n
         u_win[pl.ds(n * c, c), :] = u
-        dz_win[pl.ds(n * c, c), :] = jnp.where(j + n <= geo.last, dz_n, 0.0).astype(
-            dz_win.dtype)
+        dst = dz_win.at[pl.ds(n * c, c)]
+        jax.lax.cond(j + n <= geo.last, lambda: _put(dst, dz_n),
+                     lambda: _put(dst, jnp.zeros((c, w), f32)))
         plgpu.commit_smem()
         z = _matmul(bf_smem, u_win, (c, w))
         du = _matmul(bb_smem, dz_win, (c, w))
@@ -429,7 +445,7 @@ def bwd(x1, v, x2, h, dskip, dy, bs: MgpuBlockSizes, interpret: bool = False):
   out_type = tuple(jax.ShapeDtypeStruct(xs[0].shape, x1.dtype) for _ in range(3)) + (
       jax.ShapeDtypeStruct(parts + (c, (n + 1) * c), f32),
       jax.ShapeDtypeStruct(parts + (c, w), f32))
-  scratch = (_smem((c, (n + 1) * c)), _smem((c, (n + 1) * c)), plgpu.SMEM((c, w), f32),
+  scratch = (_smem((c, (n + 1) * c), w), _smem((c, (n + 1) * c), w), plgpu.SMEM((c, w), f32),
              _smem((2, c, w)), _smem(((n + 1) * c, w)), _smem(((n + 1) * c, w)),
              _smem((3, c, w)), plgpu.SMEM((c, w), f32), plgpu.SMEM((c, (n + 1) * c), f32))
   dx1, dv, dx2, p, s = _launch(_bwd_body(geo, dskip is not None), geo, out_type, scratch,

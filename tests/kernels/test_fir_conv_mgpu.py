@@ -129,3 +129,19 @@ def test_footprint_fits_hopper_for_the_defaults():
   with pytest.raises(ValueError, match="bytes of shared memory"):
     x = jnp.ones((1, 64, 128), jnp.bfloat16)
     gated_fir_conv_mgpu(x, x, x, jnp.ones((1, 7)), interpret=True, block_sizes=too_big)
+
+
+@pytest.mark.parametrize("groups,taps", [(256, 7), (256, 128), (64, 7), (32, 128)])
+def test_lowers_for_hopper(groups, taps):
+  """The kernels lower to Mosaic GPU for a CUDA device from this (CPU) host: layout inference,
+  wgmma operand swizzles and TMA transfers are checked here, which interpret mode does not do.
+  Only the final PTX compile (and shared-memory / register limits) needs the GPU."""
+  x = jax.ShapeDtypeStruct((1, 4096, 4096), jnp.bfloat16)
+  h = jax.ShapeDtypeStruct((groups, taps), jnp.float32)
+  dskip = jax.ShapeDtypeStruct((4096,), jnp.float32)
+  bs = fir_conv_mgpu.default_block_sizes(4096 // groups, taps)
+  fwd = jax.jit(lambda x1, v, x2, h, d: fir_conv_mgpu.fwd(x1, v, x2, h, d, bs))
+  bwd = jax.jit(lambda x1, v, x2, h, d, dy: fir_conv_mgpu.bwd(x1, v, x2, h, d, dy, bs))
+  for text in (fwd.trace(x, x, x, h, dskip).lower(lowering_platforms=("cuda",)).as_text(),
+               bwd.trace(x, x, x, h, dskip, x).lower(lowering_platforms=("cuda",)).as_text()):
+    assert "mosaic_gpu" in text
