@@ -8,6 +8,7 @@ against the measured copy bandwidth (roofline %).
   python benchmarks/fir_conv.py --mode full --out DIR   # table (markdown) + plot over L
   python benchmarks/fir_conv.py --mode check            # Triton and Mosaic GPU kernels vs XLA
   python benchmarks/fir_conv.py --mode full --only pallas,pallas_mgpu   # the two side by side
+  python benchmarks/fir_conv.py --mode mgpu_sweep       # Mosaic GPU block sizes at L=16K
   python benchmarks/fir_conv.py --mode featurizer       # does fusing the featurizer pay?
   python benchmarks/fir_conv.py --mode all --out DIR    # sweep, then the table with the best
 """
@@ -209,6 +210,27 @@ def ab(length=16384):
       print(f"fwd K={taps:3d} {bs}: {t * 1e3:.3f} ms", flush=True)
 
 
+def mgpu_sweep(length=16384):
+  """Block sizes of the Mosaic GPU kernels at L=16K (untuned so far): pipeline depth and chunks
+  per program; the channel tile is the group (16 at 256 groups)."""
+  from sh2_jax.kernels import fir_conv_mgpu
+  for taps in (7, 128):
+    x1, v, x2, h, dskip, dy = inputs(length, taps)
+    base = fir_conv_mgpu.default_block_sizes(D // G, taps)
+    for stages in (2, 3, 4):
+      for seg in (8, 16, 32, 64):
+        bs = dataclasses.replace(base, stages=stages, seg_chunks=seg)
+        op = functools.partial(fir_conv_mgpu.gated_fir_conv_mgpu, block_sizes=bs)
+        f, fb = fwd_and_fwdbwd(lambda x1, v, x2, h, d, op=op: op(x1, v, x2, h, d))
+        try:
+          tf, tfb = timeit(f, x1, v, x2, h, dskip), timeit(fb, x1, v, x2, h, dskip, dy)
+        except Exception as e:
+          print(f"mgpu K={taps} {bs}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+          continue
+        print(f"mgpu K={taps:3d} {bs}: fwd {tf * 1e3:.3f} ms, fwd+bwd {tfb * 1e3:.3f} ms",
+              flush=True)
+
+
 def grid_fill():
   """Short sequences: segments shortened until the grid has min_programs programs, or not."""
   for length in (2048, 4096, 8192, 16384):
@@ -291,7 +313,8 @@ def plot(series, path):
 if __name__ == "__main__":
   p = argparse.ArgumentParser()
   p.add_argument("--mode", default="full",
-                 choices=["check", "sweep", "featurizer", "full", "all", "ab", "grid"])
+                 choices=["check", "sweep", "featurizer", "full", "all", "ab", "grid",
+                          "mgpu_sweep"])
   p.add_argument("--only", default=None,
                  help="full: time only these kinds, comma list (pallas, pallas_mgpu, xla, fft, li)")
   p.add_argument("--out", default=os.environ.get("OUT", ""))
@@ -304,6 +327,8 @@ if __name__ == "__main__":
     sweep()
   elif a.mode == "all":  # sweep, then the table with the best variants
     full(a.out, sweep())
+  elif a.mode == "mgpu_sweep":
+    mgpu_sweep()
   elif a.mode == "grid":
     grid_fill()
   elif a.mode == "ab":
