@@ -23,7 +23,8 @@ row; the gates are fused so u and h*u never touch HBM.
 
 Backward (dz = dy * x2): ``dx2 = dy * z`` (z recomputed: one wgmma), ``du = [H_0^T | … | H_n^T]
 @ [dz_j; …; dz_{j+n}] + dskip * dz`` (one wgmma on a window of dz that slides ahead: each step
-reads x2, dy of chunk j+n once; dx1 = du * v, dv = du * x1), and for dh one more wgmma per chunk
+reads x2, dy of chunk j+n once, and keeps dz in bf16 for the wgmmas and in float32 for the skip
+term and ddskip; dx1 = du * v, dv = du * x1), and for dh one more wgmma per chunk
 accumulating ``P = dz_j @ [U_{j-n}; …; U_j]^T`` ([c, (n+1)c] float32, in accumulator registers
 across the program's chunks): the token lag of entry (i, r) is n c + i - r, so ``dh[g, k] =
 sum_i P[i, n c + i - k]`` over the programs of group g. Each program writes its P and its [c, w]
@@ -114,9 +115,9 @@ def smem_bytes(bs: MgpuBlockSizes, taps: int, backward: bool = False) -> int:
   band_row = c * n1 * c * 2
   if not backward:  # band row, pipelined x1 v x2, halo x1 v, u window, staged y
     return band_row + s * 3 * tile + 2 * tile + n1 * tile + tile
-  # two band rows, dskip rows (f32), pipelined x1 v dy x2' dy', halo (2), u and dz windows,
-  # staged dx1 dv dx2, the ddskip partial (f32) and the staged dh partial (f32)
-  return (2 * band_row + 2 * tile + s * 5 * tile + 2 * tile + 2 * n1 * tile + 3 * tile
+  # two band rows, dskip rows (f32), pipelined x1 v dy x2' dy', halo (2), u and dz windows
+  # (dz in bf16 and f32), staged dx1 dv dx2, the ddskip partial (f32), the staged dh partial
+  return (2 * band_row + 2 * tile + s * 5 * tile + 2 * tile + 4 * n1 * tile + 3 * tile
           + 2 * tile + c * n1 * c * 4)
 
 
@@ -258,8 +259,8 @@ def _fetch(copies, bars):
     plgpu.barrier_wait(bars.at[i])
 
 
-def _fill_window(geo, win, row0, chunks, a_gmem, b_gmem, b, cols, halo):
-  """Rows ``row0 + m c`` of the window ``win`` <- ``a * b`` of chunk ``chunks[m]`` (zero for a
+def _fill_window(geo, wins, chunks, a_gmem, b_gmem, b, cols, halo):
+  """Rows ``m c`` of each window in ``wins`` <- ``a * b`` of chunk ``chunks[m]`` (zero for a
   chunk outside 0..last): the halo of past u (forward) or future dz (backward)."""
   c = geo.chunk
   for m, chunk in enumerate(chunks):
@@ -270,13 +271,14 @@ def _fill_window(geo, win, row0, chunks, a_gmem, b_gmem, b, cols, halo):
     # A scalar where() would be an implicit broadcast, which Mosaic GPU's warpgroup lowering
     # does not implement: pick the write instead.
     live = (chunk >= 0) & (chunk <= geo.last)
-    dst = win.at[pl.ds(row0 + m * c, c)]
-    jax.lax.cond(live, lambda: _put(dst, halo[0].astype(f32) * halo[1].astype(f32)),
-                 lambda: _put(dst, jnp.zeros((c, geo.width), f32)))
+    dsts = [win.at[pl.ds(m * c, c)] for win in wins]
+    jax.lax.cond(live, lambda: _put(dsts, halo[0].astype(f32) * halo[1].astype(f32)),
+                 lambda: _put(dsts, jnp.zeros((c, geo.width), f32)))
 
 
-def _put(ref, val):
-  ref[...] = val.astype(ref.dtype)
+def _put(refs, val):
+  for ref in refs:
+    ref[...] = val.astype(ref.dtype)
 
 
 def _slide(win, geo):
@@ -313,7 +315,7 @@ def _fwd_body(geo: _Geometry, has_skip: bool):
     pl.run_scoped(functools.partial(_fetch, [(band_gmem.at[g], band_smem),
                                              (skip_gmem.at[:, cols], skip_smem)]),
                   plgpu.Barrier(num_barriers=2))
-    _fill_window(geo, u_win, 0, [first - n + m for m in range(n)], x1_gmem, v_gmem, b, cols,
+    _fill_window(geo, [u_win], [first - n + m for m in range(n)], x1_gmem, v_gmem, b, cols,
                  halo)
 
     def step(idx, x1_ref, v_ref, x2_ref):
@@ -360,17 +362,19 @@ def _bwd_body(geo: _Geometry, has_skip: bool):
 
   def kernel(band_f_gmem, band_b_gmem, skip_gmem, x1_gmem, v_gmem, x2_gmem, dy_gmem,
              dx1_gmem, dv_gmem, dx2_gmem, p_gmem, s_gmem,
-             bf_smem, bb_smem, skip_smem, halo, u_win, dz_win, stage, s_acc, p_stage):
+             bf_smem, bb_smem, skip_smem, halo, u_win, dz_win, dzf_win, stage, s_acc,
+             p_stage):
     b, t, first, g, cols = _program(geo)
     s_idx = jax.lax.axis_index("seg")
     pl.run_scoped(functools.partial(_fetch, [(band_f_gmem.at[g], bf_smem),
                                              (band_b_gmem.at[g], bb_smem),
                                              (skip_gmem.at[:, cols], skip_smem)]),
                   plgpu.Barrier(num_barriers=3))
-    _fill_window(geo, u_win, 0, [first - n + m for m in range(n)], x1_gmem, v_gmem, b, cols,
+    _fill_window(geo, [u_win], [first - n + m for m in range(n)], x1_gmem, v_gmem, b, cols,
                  halo)
-    _fill_window(geo, dz_win, 0, [first + m for m in range(n)], dy_gmem, x2_gmem, b, cols,
-                 halo)
+    # dz twice: bf16 for the wgmmas, float32 for the skip term and ddskip (as the Triton kernel)
+    _fill_window(geo, [dz_win, dzf_win], [first + m for m in range(n)], dy_gmem, x2_gmem, b,
+                 cols, halo)
     s_acc[...] = jnp.zeros((c, w), f32)
 
     def run(p_acc):
@@ -381,9 +385,9 @@ def _bwd_body(geo: _Geometry, has_skip: bool):
         u = x1 * v
         dz_n = dyn_ref[...].astype(f32) * x2n_ref[...].astype(f32)  # chunk j + n
         u_win[pl.ds(n * c, c), :] = u
-        dst = dz_win.at[pl.ds(n * c, c)]
-        jax.lax.cond(j + n <= geo.last, lambda: _put(dst, dz_n),
-                     lambda: _put(dst, jnp.zeros((c, w), f32)))
+        dsts = [dz_win.at[pl.ds(n * c, c)], dzf_win.at[pl.ds(n * c, c)]]
+        jax.lax.cond(j + n <= geo.last, lambda: _put(dsts, dz_n),
+                     lambda: _put(dsts, jnp.zeros((c, w), f32)))
         plgpu.commit_smem()
         z = _matmul(bf_smem, u_win, (c, w))
         du = _matmul(bb_smem, dz_win, (c, w))
@@ -391,7 +395,7 @@ def _bwd_body(geo: _Geometry, has_skip: bool):
         plgpu.wgmma(p_acc, dz_win.at[pl.ds(0, c)], u_win.transpose((1, 0)))
         plgpu.wgmma_wait(0)
         u_f = u.astype(f32)
-        dz_f = dz_win[pl.ds(0, c), :].astype(f32)
+        dz_f = dzf_win[pl.ds(0, c), :]
         if has_skip:
           skip = skip_smem[...]
           z = z + skip * u_f
@@ -403,6 +407,7 @@ def _bwd_body(geo: _Geometry, has_skip: bool):
         _store(du * x1.astype(f32), stage.at[2], dv_gmem.at[b, rows, cols])
         _slide(u_win, geo)
         _slide(dz_win, geo)
+        _slide(dzf_win, geo)
         plgpu.commit_smem()
 
       cur = plgpu.BlockSpec((c, w), lambda k: (first + k, t), transforms=_swizzled(w))
@@ -447,7 +452,7 @@ def bwd(x1, v, x2, h, dskip, dy, bs: MgpuBlockSizes, interpret: bool = False):
       jax.ShapeDtypeStruct(parts + (c, w), f32))
   scratch = (_smem((c, (n + 1) * c), w), _smem((c, (n + 1) * c), w), plgpu.SMEM((c, w), f32),
              _smem((2, c, w)), _smem(((n + 1) * c, w)), _smem(((n + 1) * c, w)),
-             _smem((3, c, w)), plgpu.SMEM((c, w), f32), plgpu.SMEM((c, (n + 1) * c), f32))
+             plgpu.SMEM(((n + 1) * c, w), f32), _smem((3, c, w)), plgpu.SMEM((c, w), f32), plgpu.SMEM((c, (n + 1) * c), f32))
   dx1, dv, dx2, p, s = _launch(_bwd_body(geo, dskip is not None), geo, out_type, scratch,
                                interpret, "gated_fir_bwd_mgpu")(
                                    band_f, band_b, _skip_rows(dskip, geo), *xs)

