@@ -23,14 +23,15 @@ row; the gates are fused so u and h*u never touch HBM.
 
 Backward (dz = dy * x2): ``dx2 = dy * z`` (z recomputed: one wgmma), ``du = [H_0^T | … | H_n^T]
 @ [dz_j; …; dz_{j+n}] + dskip * dz`` (one wgmma on a window of dz that slides ahead: each step
-reads x2, dy of chunk j+n once, and keeps dz in bf16 for the wgmmas and in float32 for the skip
-term and ddskip; dx1 = du * v, dv = du * x1), and for dh one more wgmma per chunk
+reads x2, dy of chunk j+n, and keeps dz in bf16 for the wgmmas and in float32 for the skip term
+and ddskip, and dy for dx2; dx1 = du * v, dv = du * x1), and for dh one more wgmma per chunk
 accumulating ``P = dz_j @ [U_{j-n}; …; U_j]^T`` ([c, (n+1)c] float32, in accumulator registers
 across the program's chunks): the token lag of entry (i, r) is n c + i - r, so ``dh[g, k] =
 sum_i P[i, n c + i - k]`` over the programs of group g. Each program writes its P and its [c, w]
 float32 partial of sum dz * u (ddskip); ``_reduce_dh`` sums them (no atomics), as
-``fir_conv_bwd.reduce_dh`` does for the Triton kernel. The backward reads x1, v, dy, and x2, dy
-once more (5 reads, 3 writes); the Triton backward reads 6.
+``fir_conv_bwd.reduce_dh`` does for the Triton kernel. Like the Triton backward (which carries
+the same chunks in registers) it reads each of x1, v, x2, dy once and writes dx1, dv, dx2 once,
+plus the n chunks of halo per program.
 
 Limits (errors, never silent fallbacks): bfloat16 only (a float32 wgmma is tf32); the group
 size D/G must be a multiple of 16 (the wgmma N, and the K of the dh wgmma) — Evo 2 1B's 15
@@ -115,9 +116,9 @@ def smem_bytes(bs: MgpuBlockSizes, taps: int, backward: bool = False) -> int:
   band_row = c * n1 * c * 2
   if not backward:  # band row, pipelined x1 v x2, halo x1 v, u window, staged y
     return band_row + s * 3 * tile + 2 * tile + n1 * tile + tile
-  # two band rows, dskip rows (f32), pipelined x1 v dy x2' dy', halo (2), u and dz windows
-  # (dz in bf16 and f32), staged dx1 dv dx2, the ddskip partial (f32), the staged dh partial
-  return (2 * band_row + 2 * tile + s * 5 * tile + 2 * tile + 4 * n1 * tile + 3 * tile
+  # two band rows, dskip rows (f32), pipelined x1 v x2' dy', halo (2), windows of u, dz (bf16
+  # and f32) and dy, staged dx1 dv dx2, the ddskip partial (f32), the staged dh partial (f32)
+  return (2 * band_row + 2 * tile + s * 4 * tile + 2 * tile + 5 * n1 * tile + 3 * tile
           + 2 * tile + c * n1 * c * 4)
 
 
@@ -259,9 +260,15 @@ def _fetch(copies, bars):
     plgpu.barrier_wait(bars.at[i])
 
 
-def _fill_window(geo, wins, chunks, a_gmem, b_gmem, b, cols, halo):
-  """Rows ``m c`` of each window in ``wins`` <- ``a * b`` of chunk ``chunks[m]`` (zero for a
-  chunk outside 0..last): the halo of past u (forward) or future dz (backward)."""
+def _product(a, b):
+  return a * b
+
+
+def _fill_window(geo, wins, chunks, a_gmem, b_gmem, b, cols, halo, fns=None):
+  """Rows ``m c`` of each window in ``wins`` <- ``fn(a, b)`` (float32; default ``a * b``) of
+  chunk ``chunks[m]``, zero for a chunk outside 0..last: the halo of past u (forward) or of
+  future dz and dy (backward)."""
+  fns = fns or [_product] * len(wins)
   c = geo.chunk
   for m, chunk in enumerate(chunks):
     rows = pl.ds(jnp.clip(chunk, 0, geo.last) * c, c)
@@ -272,12 +279,15 @@ def _fill_window(geo, wins, chunks, a_gmem, b_gmem, b, cols, halo):
     # does not implement: pick the write instead.
     live = (chunk >= 0) & (chunk <= geo.last)
     dsts = [win.at[pl.ds(m * c, c)] for win in wins]
-    jax.lax.cond(live, lambda: _put(dsts, halo[0].astype(f32) * halo[1].astype(f32)),
-                 lambda: _put(dsts, jnp.zeros((c, geo.width), f32)))
+
+    def fill():
+      a, b_ = halo[0].astype(f32), halo[1].astype(f32)
+      _put(dsts, [fn(a, b_) for fn in fns])
+    jax.lax.cond(live, fill, lambda: _put(dsts, [jnp.zeros((c, geo.width), f32)] * len(dsts)))
 
 
-def _put(refs, val):
-  for ref in refs:
+def _put(refs, vals):
+  for ref, val in zip(refs, vals):
     ref[...] = val.astype(ref.dtype)
 
 
@@ -362,7 +372,7 @@ def _bwd_body(geo: _Geometry, has_skip: bool):
 
   def kernel(band_f_gmem, band_b_gmem, skip_gmem, x1_gmem, v_gmem, x2_gmem, dy_gmem,
              dx1_gmem, dv_gmem, dx2_gmem, p_gmem, s_gmem,
-             bf_smem, bb_smem, skip_smem, halo, u_win, dz_win, dzf_win, stage, s_acc,
+             bf_smem, bb_smem, skip_smem, halo, u_win, dz_win, dzf_win, dy_win, stage, s_acc,
              p_stage):
     b, t, first, g, cols = _program(geo)
     s_idx = jax.lax.axis_index("seg")
@@ -372,22 +382,24 @@ def _bwd_body(geo: _Geometry, has_skip: bool):
                   plgpu.Barrier(num_barriers=3))
     _fill_window(geo, [u_win], [first - n + m for m in range(n)], x1_gmem, v_gmem, b, cols,
                  halo)
-    # dz twice: bf16 for the wgmmas, float32 for the skip term and ddskip (as the Triton kernel)
-    _fill_window(geo, [dz_win, dzf_win], [first + m for m in range(n)], dy_gmem, x2_gmem, b,
-                 cols, halo)
+    # dz twice: bf16 for the wgmmas, float32 for the skip term and ddskip (as the Triton
+    # kernel); dy for dx2 = dy * z
+    _fill_window(geo, [dz_win, dzf_win, dy_win], [first + m for m in range(n)], dy_gmem,
+                 x2_gmem, b, cols, halo, [_product, _product, lambda dy, x2: dy])
     s_acc[...] = jnp.zeros((c, w), f32)
 
     def run(p_acc):
-      def step(idx, x1_ref, v_ref, dy_ref, x2n_ref, dyn_ref):
+      def step(idx, x1_ref, v_ref, x2n_ref, dyn_ref):
         (k,) = idx
         j = first + k
         x1, v = x1_ref[...], v_ref[...]
         u = x1 * v
-        dz_n = dyn_ref[...].astype(f32) * x2n_ref[...].astype(f32)  # chunk j + n
+        dy_n = dyn_ref[...].astype(f32)  # chunk j + n
+        dz_n = dy_n * x2n_ref[...].astype(f32)
         u_win[pl.ds(n * c, c), :] = u
-        dsts = [dz_win.at[pl.ds(n * c, c)], dzf_win.at[pl.ds(n * c, c)]]
-        jax.lax.cond(j + n <= geo.last, lambda: _put(dsts, dz_n),
-                     lambda: _put(dsts, jnp.zeros((c, w), f32)))
+        dsts = [win.at[pl.ds(n * c, c)] for win in (dz_win, dzf_win, dy_win)]
+        jax.lax.cond(j + n <= geo.last, lambda: _put(dsts, [dz_n, dz_n, dy_n]),
+                     lambda: _put(dsts, [jnp.zeros((c, w), f32)] * 3))
         plgpu.commit_smem()
         z = _matmul(bf_smem, u_win, (c, w))
         du = _matmul(bb_smem, dz_win, (c, w))
@@ -402,21 +414,22 @@ def _bwd_body(geo: _Geometry, has_skip: bool):
           du = du + skip * dz_f
         s_acc[...] += dz_f * u_f
         rows = pl.ds(j * c, c)
-        _store(dy_ref[...].astype(f32) * z, stage.at[0], dx2_gmem.at[b, rows, cols])
+        _store(dy_win[pl.ds(0, c), :].astype(f32) * z, stage.at[0],
+               dx2_gmem.at[b, rows, cols])
         _store(du * v.astype(f32), stage.at[1], dx1_gmem.at[b, rows, cols])
         _store(du * x1.astype(f32), stage.at[2], dv_gmem.at[b, rows, cols])
         _slide(u_win, geo)
         _slide(dz_win, geo)
         _slide(dzf_win, geo)
+        _slide(dy_win, geo)
         plgpu.commit_smem()
 
       cur = plgpu.BlockSpec((c, w), lambda k: (first + k, t), transforms=_swizzled(w))
       ahead = plgpu.BlockSpec((c, w), lambda k: (jnp.minimum(first + k + n, geo.last), t),
                               transforms=_swizzled(w))
-      plgpu.emit_pipeline(step, grid=(geo.seg_chunks,), in_specs=[cur] * 3 + [ahead] * 2,
+      plgpu.emit_pipeline(step, grid=(geo.seg_chunks,), in_specs=[cur] * 2 + [ahead] * 2,
                           max_concurrent_steps=geo.stages)(
-                              x1_gmem.at[b], v_gmem.at[b], dy_gmem.at[b], x2_gmem.at[b],
-                              dy_gmem.at[b])
+                              x1_gmem.at[b], v_gmem.at[b], x2_gmem.at[b], dy_gmem.at[b])
       return p_acc[...]
 
     p = pl.run_scoped(run, plgpu.ACC((c, (n + 1) * c), f32))
@@ -452,7 +465,7 @@ def bwd(x1, v, x2, h, dskip, dy, bs: MgpuBlockSizes, interpret: bool = False):
       jax.ShapeDtypeStruct(parts + (c, w), f32))
   scratch = (_smem((c, (n + 1) * c), w), _smem((c, (n + 1) * c), w), plgpu.SMEM((c, w), f32),
              _smem((2, c, w)), _smem(((n + 1) * c, w)), _smem(((n + 1) * c, w)),
-             plgpu.SMEM(((n + 1) * c, w), f32), _smem((3, c, w)), plgpu.SMEM((c, w), f32), plgpu.SMEM((c, (n + 1) * c), f32))
+             plgpu.SMEM(((n + 1) * c, w), f32), _smem(((n + 1) * c, w)), _smem((3, c, w)), plgpu.SMEM((c, w), f32), plgpu.SMEM((c, (n + 1) * c), f32))
   dx1, dv, dx2, p, s = _launch(_bwd_body(geo, dskip is not None), geo, out_type, scratch,
                                interpret, "gated_fir_bwd_mgpu")(
                                    band_f, band_b, _skip_rows(dskip, geo), *xs)
