@@ -38,6 +38,13 @@ Limits (errors, never silent fallbacks): bfloat16 only (a float32 wgmma is tf32)
 size D/G must be a multiple of 16 (the wgmma N, and the K of the dh wgmma) — Evo 2 1B's 15
 channels per group needs the Triton kernel's aligned layout, not written here; K <= 129.
 
+Not yet measured on a GPU; what to look at first when it is: a program serves one channel tile
+of one group (16 channels at Evo 2's 256 groups), so TMA boxes have 32-byte rows and the wgmmas
+N = 16 — several groups per program (one band row each) would widen both; the dh partials are
+[c, (n+1)c] float32 per program (~67 MB SE / ~100 MB MR at L = 16K, D = 4096, 32 chunks per
+program, beside 512 MB of inputs), so longer segments or an in-kernel diagonal sum pay there;
+one warpgroup does everything (no warp specialisation).
+
 Interpret mode (``interpret=True``: ``plgpu.InterpretGPUParams``, CPU tests) in JAX 0.11.2 has
 gaps this file works around, so that the same code runs compiled and interpreted:
   1. ``pl.program_id`` always returns 0 under a ``pallas_call`` grid (jaxpr_interpret.py:
