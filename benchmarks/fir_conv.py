@@ -6,6 +6,9 @@ against the measured copy bandwidth (roofline %).
 
   python benchmarks/fir_conv.py --mode sweep            # tune block sizes at L=16K
   python benchmarks/fir_conv.py --mode full --out DIR   # table (markdown) + plot over L
+  python benchmarks/fir_conv.py --mode check            # Triton and Mosaic GPU kernels vs XLA
+  python benchmarks/fir_conv.py --mode full --only pallas,pallas_mgpu   # the two side by side
+  python benchmarks/fir_conv.py --mode mgpu_sweep       # Mosaic GPU block sizes at L=16K
   python benchmarks/fir_conv.py --mode featurizer       # does fusing the featurizer pay?
   python benchmarks/fir_conv.py --mode all --out DIR    # sweep, then the table with the best
 """
@@ -77,6 +80,7 @@ def ops(taps, bs=None, bs_bwd=None):
   return {
       "pallas": lambda x1, v, x2, h, d: gated_fir_conv(x1, v, x2, h, d, block_sizes=bs,
                                                        bwd_block_sizes=bs_bwd),
+      "pallas_mgpu": lambda x1, v, x2, h, d: dispatch.gated_fir(x1, v, x2, h, d, "pallas_mgpu"),
       "xla": lambda x1, v, x2, h, d: dispatch.gated_fir(x1, v, x2, h, d, "xla"),
       "fft": lambda x1, v, x2, h, d: dispatch.gated_fir(x1, v, x2, h, d, "fft"),
   }
@@ -102,20 +106,21 @@ def rel(a, b):
 
 
 def check(length=16384):
-  """Defaults vs the XLA reference on the benchmark shape (fwd and grads)."""
+  """Defaults of both kernel families vs the XLA reference on the benchmark shape (fwd, grads)."""
   for taps in (7, 128):
     x1, v, x2, h, dskip, dy = inputs(length, taps, key=3)
-    fp, fbp = fwd_and_fwdbwd(ops(taps)["pallas"])
     fr, fbr = fwd_and_fwdbwd(ops(taps)["xla"])
-    try:
-      y, gp = fbp(x1, v, x2, h, dskip, dy)
-    except Exception as e:
-      print(f"check K={taps}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-      continue
     yr, gr = fbr(x1, v, x2, h, dskip, dy)
-    errs = [rel(y, yr)] + [rel(a, b) for a, b in zip(gp, gr)]
-    print(f"check K={taps} L={length}: rel err y,dx1,dv,dx2,dh,ddskip = "
-          + ", ".join(f"{e:.1e}" for e in errs), flush=True)
+    for kind in ("pallas", "pallas_mgpu"):
+      fp, fbp = fwd_and_fwdbwd(ops(taps)[kind])
+      try:
+        y, gp = fbp(x1, v, x2, h, dskip, dy)
+      except Exception as e:
+        print(f"check {kind} K={taps}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+        continue
+      errs = [rel(y, yr)] + [rel(a, b) for a, b in zip(gp, gr)]
+      print(f"check {kind} K={taps} L={length}: rel err y,dx1,dv,dx2,dh,ddskip = "
+            + ", ".join(f"{e:.1e}" for e in errs), flush=True)
 
 
 def sweep(length=16384):
@@ -205,6 +210,27 @@ def ab(length=16384):
       print(f"fwd K={taps:3d} {bs}: {t * 1e3:.3f} ms", flush=True)
 
 
+def mgpu_sweep(length=16384):
+  """Block sizes of the Mosaic GPU kernels at L=16K (untuned so far): pipeline depth and chunks
+  per program; the channel tile is the group (16 at 256 groups)."""
+  from sh2_jax.kernels import fir_conv_mgpu
+  for taps in (7, 128):
+    x1, v, x2, h, dskip, dy = inputs(length, taps)
+    base = fir_conv_mgpu.default_block_sizes(D // G, taps)
+    for stages in (2, 3, 4):
+      for seg in (8, 16, 32, 64):
+        bs = dataclasses.replace(base, stages=stages, seg_chunks=seg)
+        op = functools.partial(fir_conv_mgpu.gated_fir_conv_mgpu, block_sizes=bs)
+        f, fb = fwd_and_fwdbwd(lambda x1, v, x2, h, d, op=op: op(x1, v, x2, h, d))
+        try:
+          tf, tfb = timeit(f, x1, v, x2, h, dskip), timeit(fb, x1, v, x2, h, dskip, dy)
+        except Exception as e:
+          print(f"mgpu K={taps} {bs}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+          continue
+        print(f"mgpu K={taps:3d} {bs}: fwd {tf * 1e3:.3f} ms, fwd+bwd {tfb * 1e3:.3f} ms",
+              flush=True)
+
+
 def grid_fill():
   """Short sequences: segments shortened until the grid has min_programs programs, or not."""
   for length in (2048, 4096, 8192, 16384):
@@ -223,13 +249,14 @@ def full(out_dir, best=None, only=None):
   bw = copy_bandwidth()
   print(f"copy bandwidth {bw / 1e12:.2f} TB/s (bytes read + written)", flush=True)
   rows, series = [], {}
-  names = [("SE pallas", 7, "pallas"), ("MR pallas", 128, "pallas"), ("SE xla", 7, "xla"),
+  names = [("SE pallas", 7, "pallas"), ("MR pallas", 128, "pallas"),
+           ("SE mgpu", 7, "pallas_mgpu"), ("MR mgpu", 128, "pallas_mgpu"), ("SE xla", 7, "xla"),
            ("MR xla", 128, "xla"), ("FFT conv", 128, "fft"), ("LI fft", 128, "li")]
   for length in LENGTHS:
     floor_f = 4 * length * D * 2 / bw
     floor_fb = 11 * length * D * 2 / bw
     for name, taps, kind in names:
-      if only and kind != only:
+      if only and kind not in only.split(","):
         continue
       if kind == "xla" and length > 65536:
         continue  # tens of ms a call; the trend is clear by 64K
@@ -286,8 +313,10 @@ def plot(series, path):
 if __name__ == "__main__":
   p = argparse.ArgumentParser()
   p.add_argument("--mode", default="full",
-                 choices=["check", "sweep", "featurizer", "full", "all", "ab", "grid"])
-  p.add_argument("--only", default=None, help="full: time only this kind (pallas, xla, fft, li)")
+                 choices=["check", "sweep", "featurizer", "full", "all", "ab", "grid",
+                          "mgpu_sweep"])
+  p.add_argument("--only", default=None,
+                 help="full: time only these kinds, comma list (pallas, pallas_mgpu, xla, fft, li)")
   p.add_argument("--out", default=os.environ.get("OUT", ""))
   a = p.parse_args()
   print(jax.devices(), flush=True)
@@ -298,6 +327,8 @@ if __name__ == "__main__":
     sweep()
   elif a.mode == "all":  # sweep, then the table with the best variants
     full(a.out, sweep())
+  elif a.mode == "mgpu_sweep":
+    mgpu_sweep()
   elif a.mode == "grid":
     grid_fill()
   elif a.mode == "ab":

@@ -6,6 +6,8 @@ at L in {2K ... 128K}.
 Cores — what sits between the input and output projections:
   SE           gated 7-tap grouped FIR (256 groups), Pallas two-stage kernel (``dispatch.gated_fir``)
   MR           gated 128-tap grouped FIR + skip, the same kernels
+  SE/MR mgpu   the same cores through the Mosaic GPU kernels (``conv_impl='pallas_mgpu'``,
+               ``sh2_jax.kernels.fir_conv_mgpu``), timed beside the Triton ones in the same run
   LI fft       gated modal long filter (16 poles/channel), float32 FFT of size 2L
   LI scan      the same through the FFT-free chunked modal recurrence (``sh2_jax.kernels.modal_scan``)
   MHA          causal softmax attention, 32 heads x 128, ``jax.nn.dot_product_attention`` (cuDNN)
@@ -45,8 +47,16 @@ from sh2_jax import dispatch  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
 
-CORES = ["SE", "MR", "LI fft", "LI scan", "MHA", "Mamba-2", "GLA"]
-LAYERS = ["SE", "MR", "LI fft", "LI scan", "MHA", "Mamba-2", "GLA"]
+CORES = ["SE", "MR", "SE mgpu", "MR mgpu", "LI fft", "LI scan", "MHA", "Mamba-2", "GLA"]
+LAYERS = ["SE", "MR", "SE mgpu", "MR mgpu", "LI fft", "LI scan", "MHA", "Mamba-2", "GLA"]
+
+
+def _conv_impl(name: str, s: "Setup") -> tuple[str, bool]:
+  """(conv_impl, interpret) of an SE/MR entry: ``... mgpu`` is the Mosaic GPU kernel family (in
+  its interpret mode off GPU: --smoke), the plain names the run's default."""
+  if name.endswith("mgpu"):
+    return "pallas_mgpu", not s.gpu
+  return s.conv_impl, False
 
 
 def _have_jla() -> bool:
@@ -103,16 +113,17 @@ def make_core(name: str, length: int, s: Setup):
   ks = jax.random.split(jax.random.key(length), 8)
   bf = jnp.bfloat16
   d = s.d
-  if name in ("SE", "MR", "LI fft", "LI scan"):
+  if name in ("SE", "MR", "SE mgpu", "MR mgpu", "LI fft", "LI scan"):
     x1, v, x2 = (_rand(k, (1, length, d), bf) for k in ks[:3])
     dskip = _rand(ks[4], (d,), jnp.float32)
-    if name in ("SE", "MR"):
-      taps = 7 if name == "SE" else 128
+    if name.split()[0] in ("SE", "MR"):
+      taps = 7 if name.startswith("SE") else 128
       h = _rand(ks[3], (s.groups, taps), jnp.float32, 1 / math.sqrt(taps))
-      if name == "SE":  # SE has no skip term
-        return (lambda x1, v, x2, h: dispatch.gated_fir(x1, v, x2, h, None, s.conv_impl),
+      impl, interpret = _conv_impl(name, s)
+      if name.startswith("SE"):  # SE has no skip term
+        return (lambda x1, v, x2, h: dispatch.gated_fir(x1, v, x2, h, None, impl, interpret),
                 (x1, v, x2, h))
-      return (lambda x1, v, x2, h, dk: dispatch.gated_fir(x1, v, x2, h, dk, s.conv_impl),
+      return (lambda x1, v, x2, h, dk: dispatch.gated_fir(x1, v, x2, h, dk, impl, interpret),
               (x1, v, x2, h, dskip))
     lam, res = _poles(ks[3], d)
     if name == "LI fft":
@@ -153,7 +164,7 @@ def make_core(name: str, length: int, s: Setup):
 def make_layer(name: str, length: int, s: Setup):
   """(f, args) with args = (params pytree, x [1, L, D] bf16)."""
   x = _rand(jax.random.key(length + 1), (1, length, s.d), jnp.bfloat16)
-  if name in ("SE", "MR", "LI fft", "LI scan", "MHA"):
+  if name in ("SE", "MR", "SE mgpu", "MR mgpu", "LI fft", "LI scan", "MHA"):
     from flax import nnx
     from sh2_jax.config import ModelConfig
     from sh2_jax.blocks import make_block
@@ -163,9 +174,13 @@ def make_layer(name: str, length: int, s: Setup):
       if li_impl is None:
         raise NotImplementedError("the model's dispatch has no FFT-free li_impl yet")
     op = name.split()[0]
+    conv_impl, interpret = _conv_impl(name, s)
+    if interpret:
+      raise NotImplementedError("the Mosaic GPU layer runs only on a GPU (the model has no "
+                                "interpret switch)")
     cfg = ModelConfig(d_model=s.d, num_layers=32, layout=op, num_heads=s.heads, mlp_hidden=128,
                       se_groups=s.groups, mr_groups=s.groups, dtype="bfloat16",
-                      param_dtype="float32", conv_impl=s.conv_impl, li_impl=li_impl,
+                      param_dtype="float32", conv_impl=conv_impl, li_impl=li_impl,
                       attention_impl=s.attn_impl)
     block = make_block(1, op, cfg, nnx.Rngs(0))
     graphdef, state = nnx.split(block)
@@ -319,6 +334,8 @@ def report(rows: list[dict], out_dir: str, info: dict | None = None) -> str:
                    "bandwidth) the SE and MR forward reach:\n\n" + common.markdown_table(
                        ["L", "SE vs Mamba-2", "MR vs Mamba-2", "LI scan vs Mamba-2",
                         "LI fft vs Mamba-2", "SE fwd % floor", "MR fwd % floor"], sp))
+    if kind == "core" and {"SE mgpu", "MR mgpu"} & set(ops):
+      parts.append(_mgpu_table(sel, lengths, d, bw))
   sources = sorted({f"{r['op']}: {r['source']}" if r.get("kind") != "ceiling" else r["source"]
                     for r in rows if r.get("source")})
   if sources:  # rows collected from earlier runs: say where each came from
@@ -336,6 +353,27 @@ def report(rows: list[dict], out_dir: str, info: dict | None = None) -> str:
   return text
 
 
+def _mgpu_table(sel: list[dict], lengths: list[int], d: int, bw: float) -> str:
+  """Mosaic GPU against Triton for the SE and MR cores, same run: the Triton time over the
+  Mosaic GPU time (> 1: Mosaic GPU faster) and each forward's share of the memory floor."""
+  rows = []
+  for length in lengths:
+    get = lambda op: next((r for r in sel if r["op"] == op and r["L"] == length), {})
+    cells = [f"{length // 1024}K" if length >= 1024 else str(length)]
+    floor = 4 * length * d * 2 / bw
+    for op in ("SE", "MR"):
+      tri, mg = get(op), get(f"{op} mgpu")
+      for key in ("fwd_s", "fwdbwd_s"):
+        cells.append(f"{tri[key] / mg[key]:.2f}x" if tri.get(key) and mg.get(key) else "–")
+      cells.append(f"{100 * floor / mg['fwd_s']:.0f}%" if mg.get("fwd_s") else "–")
+    rows.append(cells)
+  return ("Mosaic GPU (`pallas_mgpu`) against Triton (`pallas`) kernels, same run: Triton time "
+          "/ Mosaic GPU time (> 1: Mosaic GPU faster), and the Mosaic GPU forward's share of "
+          "the memory floor:\n\n" + common.markdown_table(
+              ["L", "SE fwd", "SE fwd+bwd", "SE mgpu fwd % floor", "MR fwd", "MR fwd+bwd",
+               "MR mgpu fwd % floor"], rows))
+
+
 def plot(rows: list[dict], path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
@@ -349,7 +387,7 @@ def plot(rows: list[dict], path: str) -> None:
       ax = axes[i, j]
       for op in dict.fromkeys(r["op"] for r in sel):
         pts = sorted((r["L"], r[key]) for r in sel if r["op"] == op)
-        style = "o-" if op in ("SE", "MR", "LI fft", "LI scan") else "s--"
+        style = "o-" if op.split()[0] in ("SE", "MR", "LI") else "s--"
         ax.loglog([p[0] for p in pts], [p[1] * 1e3 for p in pts], style, label=op, base=2)
       ax.set_xlabel("sequence length L (D = 4096, B = 1, bf16)")
       ax.set_ylabel("ms (median)")
@@ -379,8 +417,13 @@ if __name__ == "__main__":
       rows = [json.loads(line) for line in fh if line.strip()]
     report(rows, a.out or os.path.dirname(a.plot))
   else:
-    if a.smoke:  # the modal-scan kernel in the Pallas interpreter is too slow for a smoke run
+    if a.smoke:  # the modal-scan kernel in the Pallas interpreter and the Mosaic GPU FIR in its
+      # interpret mode (~25 s per core at the smoke shape) are too slow for a smoke run; name
+      # them in --cores to include them anyway
       jax.config.update("jax_platforms", "cpu")
-      a.cores = a.cores.replace(",LI scan", "")
-      a.layers = a.layers.replace(",LI scan", "")
+      slow = ("LI scan", "SE mgpu", "MR mgpu")
+      if a.cores == ",".join(CORES):
+        a.cores = ",".join(n for n in CORES if n not in slow)
+      if a.layers == ",".join(LAYERS):
+        a.layers = ",".join(n for n in LAYERS if n not in slow)
     run(a)

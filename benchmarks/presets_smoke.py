@@ -5,6 +5,7 @@ filter lengths, with fewer layers (one of each SE, MR, LI and MHA), default impl
 presets named. Run it whenever a kernel changes.
 
   python benchmarks/presets_smoke.py [--length 8192] [--presets evo2_1b_base,evo2_7b_base]
+  python benchmarks/presets_smoke.py --conv_impl pallas_mgpu   # the Mosaic GPU FIR kernels
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import device_info  # noqa: E402
+from sh2_jax.config import CONV_IMPLS  # noqa: E402
 from sh2_jax.model import StripedHyena  # noqa: E402
 from sh2_jax.presets import PRESETS, evo2_layer_idxs, get_preset  # noqa: E402
 from sh2_jax.train.step import loss_sums  # noqa: E402
@@ -32,11 +34,13 @@ warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecat
                         category=DeprecationWarning)
 
 
-def reduced(name: str, layers: int, length: int):
+def reduced(name: str, layers: int, length: int, conv_impl: str | None = None):
   """The preset with ``layers`` layers (MHA last, SE/MR/LI before it), positions for
-  ``length`` tokens."""
+  ``length`` tokens, and ``conv_impl`` when given."""
   spec = PRESETS[name]
   kw = dict(dtype="bfloat16", num_layers=layers)
+  if conv_impl:
+    kw["conv_impl"] = conv_impl
   if spec.get("max_seqlen", 0) < length and name != "tiny":  # tiny keeps its 256 positions
     kw["max_seqlen"] = length
   if spec.get("layer_idxs") is not None:
@@ -44,8 +48,8 @@ def reduced(name: str, layers: int, length: int):
   return get_preset(name, **kw)
 
 
-def check(name: str, length: int, layers: int) -> dict:
-  cfg = reduced(name, layers, length)
+def check(name: str, length: int, layers: int, conv_impl: str | None = None) -> dict:
+  cfg = reduced(name, layers, length, conv_impl)
   length = min(length, cfg.max_seqlen)
   model = StripedHyena(cfg, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
@@ -87,6 +91,8 @@ def main():
   p.add_argument("--length", type=int, default=8192)
   p.add_argument("--layers", type=int, default=4)
   p.add_argument("--presets", default=",".join(n for n in PRESETS))
+  p.add_argument("--conv_impl", default=None, choices=CONV_IMPLS,
+                 help="override the presets' conv_impl (default: theirs, auto)")
   args = p.parse_args()
   print(device_info())
   failed = []
@@ -95,7 +101,7 @@ def main():
   print("|---|---|---|---|---|---|---|---|")
   for name in args.presets.split(","):
     try:
-      r = check(name, args.length, args.layers)
+      r = check(name, args.length, args.layers, args.conv_impl)
       print(f"| {name} | {r['d_model']} | {r['groups']} | {r['length']} | {r['conv']} | "
             f"{r['fwd_s']:.1f} | "
             f"{r['step_s']:.1f} | {r['loss']:.3f} |", flush=True)

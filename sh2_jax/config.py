@@ -12,7 +12,7 @@ import json
 from typing import Any, Mapping
 
 OPS = ("SE", "MR", "LI", "MHA")
-CONV_IMPLS = ("auto", "pallas", "xla", "fft")
+CONV_IMPLS = ("auto", "pallas", "pallas_mgpu", "xla", "fft")
 LI_IMPLS = ("auto", "modal_scan", "modal_serial", "fft")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -89,7 +89,7 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   fp8_projections: str = "off"  # Hyena input projections: off | checkpoint_scales | current_scaling
-  conv_impl: str = "auto"  # SE/MR inner filters: auto | pallas | xla | fft
+  conv_impl: str = "auto"  # SE/MR inner filters: auto | pallas | pallas_mgpu | xla | fft
   li_impl: str = "auto"  # LI: auto | modal_scan | modal_serial (FFT-free Pallas) | fft (reference)
   attention_impl: str = "auto"
   max_seqlen: int = 8192

@@ -5,8 +5,11 @@ defined in ``config.py``); the modules ask it for callables (``fir_fn``, ``modal
 ``modal_with_state_fn``, ``attention_fn``) and never branch on a name themselves.
 
 ``conv_impl`` (SE, MR): ``xla`` is the direct grouped convolution of ``ops.fir.fir_conv``,
-``fft`` the FFT convolution, ``pallas`` the two-stage blocked kernels of ``kernels/fir_conv.py``;
-``auto`` is Pallas on GPU and XLA elsewhere. ``li_impl`` (LI): ``fft`` (the reference),
+``fft`` the FFT convolution, ``pallas`` the two-stage blocked kernels of ``kernels/fir_conv.py``
+(Pallas Triton lowering), ``pallas_mgpu`` the same algorithm as Mosaic GPU (Hopper) kernels,
+``kernels/fir_conv_mgpu.py`` (bf16, a multiple of 16 channels per group, K <= 129; not yet
+timed on a GPU, so ``auto`` does not pick it); ``auto`` is ``pallas`` on GPU and
+XLA elsewhere. ``li_impl`` (LI): ``fft`` (the reference),
 ``modal_scan`` and ``modal_serial`` (FFT-free Pallas recurrences), ``auto`` (``modal_scan`` on
 GPU, ``fft`` elsewhere). ``attention_impl``: ``xla`` | ``cudnn`` | ``auto``.
 """
@@ -22,16 +25,18 @@ import jax.numpy as jnp
 from sh2_jax.config import ATTENTION_IMPLS, CONV_IMPLS, LI_IMPLS
 from sh2_jax.kernels import cudnn_attention, modal_scan, modal_scan_serial
 from sh2_jax.kernels import fir_conv as fir_kernels
+from sh2_jax.kernels import fir_conv_mgpu
 from sh2_jax.ops import fir, modal
 
 
 def resolve_conv_impl(impl: str, interpret: bool = False) -> str:
-  """``auto`` -> ``pallas`` on GPU, ``xla`` elsewhere; ``pallas`` off GPU is an error unless the
-  caller asks for the Pallas interpreter (``interpret=True``, tests only)."""
+  """``auto`` -> ``pallas`` on GPU, ``xla`` elsewhere; ``pallas`` / ``pallas_mgpu`` off GPU is an
+  error unless the caller asks for the Pallas interpreter (``interpret=True``, tests only: the
+  Triton interpreter, or Mosaic GPU interpret mode for ``pallas_mgpu``)."""
   if impl == "auto":
     return "pallas" if jax.default_backend() == "gpu" else "xla"
-  if impl == "pallas" and jax.default_backend() != "gpu" and not interpret:
-    raise ValueError(f"conv_impl 'pallas' needs a GPU backend, but JAX runs on "
+  if impl in ("pallas", "pallas_mgpu") and jax.default_backend() != "gpu" and not interpret:
+    raise ValueError(f"conv_impl {impl!r} needs a GPU backend, but JAX runs on "
                      f"{jax.default_backend()!r}; use conv_impl 'auto', 'xla' or 'fft'")
   return impl
 
@@ -69,6 +74,12 @@ def gated_fir(x1, v, x2, h, dskip, impl: str, interpret: bool = False):
                        f"'auto' (falls back to 'xla') or 'xla'")
   if impl == "pallas":
     return fir_kernels.gated_fir_conv(x1, v, x2, h, dskip, interpret=interpret)
+  if impl == "pallas_mgpu":
+    reason = fir_conv_mgpu.mgpu_misfit(x1.shape, h.shape, x1.dtype)
+    if reason is not None:
+      raise ValueError(f"conv_impl 'pallas_mgpu' cannot run this layer: {reason}; use conv_impl "
+                       f"'pallas', 'auto' or 'xla'")
+    return fir_conv_mgpu.gated_fir_conv_mgpu(x1, v, x2, h, dskip, interpret=interpret)
   if impl == "xla":
     return fir.gated_conv(x1, v, x2, functools.partial(fir.fir_conv, h=h), dskip)
   if impl == "fft":

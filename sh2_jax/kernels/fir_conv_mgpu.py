@@ -1,0 +1,206 @@
+"""Gated grouped FIR convolution, forward and backward, as Mosaic GPU (Hopper) Pallas kernels.
+
+    y = x2 * (h * u + dskip * u),   u = x1 * v,   causal, per channel
+
+The same operator as ``fir_conv.py`` (the Triton-lowered kernels, whose reference this family
+shares), on the maintained Pallas GPU backend: TMA copies into shared memory, ``wgmma`` on the
+tensor cores (bf16 in, float32 accumulate), ``plgpu.emit_pipeline`` streaming the sequence.
+x1, v, x2: [B, L, D] bfloat16; h: [G, K] grouped filters, true-convolution orientation
+(``h[:, 0]`` multiplies the current token; filter g serves channels g*D/G … (g+1)*D/G - 1);
+dskip: [D] or None.
+
+Algorithm (docs/architecture.md, "The two-stage blocked convolution"): cut L into chunks of c
+tokens (c = 64, one warpgroup's wgmma M). The causal Toeplitz operator is block-banded with
+n + 1 bands, n = ceil((K - 1) / c) (1 for SE, 2 for K = 128): ``Y_j = sum_m H_m U_{j-m}``,
+``H_m[i, i'] = h[i + m c - i']`` (zero outside 0..K-1). All bands are one wgmma of depth (n+1)c:
+``Y_j = [H_n | … | H_1 | H_0] @ [U_{j-n}; …; U_j]`` — the [c, (n+1)c] band row of the program's
+group is the A operand (built once by XLA, a few KiB per group, TMA-copied into shared memory
+once per program), the window of the last n+1 chunks of u the B operand: a shared-memory
+buffer that slides by one chunk per step (the halo of K-1 past tokens, as the Triton kernel
+carries ``u_prev``; a program's first chunk loads the n chunks before it once). A program owns
+``w`` channels of one group (the wgmma N) and ``seg_chunks`` consecutive chunks of one batch
+row; the gates are fused so u and h*u never touch HBM.
+
+Backward (dz = dy * x2): ``dx2 = dy * z`` (z recomputed: one wgmma), ``du = [H_0^T | … | H_n^T]
+@ [dz_j; …; dz_{j+n}] + dskip * dz`` (one wgmma on a window of dz that slides ahead: each step
+reads x2, dy of chunk j+n, and keeps dz in bf16 for the wgmmas and in float32 for the skip term
+and ddskip, and dy for dx2; dx1 = du * v, dv = du * x1), and for dh one more wgmma per chunk
+accumulating ``P = dz_j @ [U_{j-n}; …; U_j]^T`` ([c, (n+1)c] float32, in accumulator registers
+across the program's chunks): the token lag of entry (i, r) is n c + i - r, so ``dh[g, k] =
+sum_i P[i, n c + i - k]`` over the programs of group g. Each program writes its P and its [c, w]
+float32 partial of sum dz * u (ddskip); ``reduce_dh`` sums them (no atomics), as
+``fir_conv_bwd.reduce_dh`` does for the Triton kernel. Like the Triton backward (which carries
+the same chunks in registers) it reads each of x1, v, x2, dy once and writes dx1, dv, dx2 once,
+plus the n chunks of halo per program. The backward lives in ``fir_conv_mgpu_bwd.py``, the
+tiling and the pieces both directions share in ``fir_layout_mgpu.py``.
+
+Limits (errors, never silent fallbacks): bfloat16 only (a float32 wgmma is tf32); the group
+size D/G must be a multiple of 16 (the wgmma N, and the K of the dh wgmma) — Evo 2 1B's 15
+channels per group needs the Triton kernel's aligned layout, not written here; K <= 129.
+
+Not yet measured on a GPU; what to look at first when it is: a program serves one channel tile
+of one group (16 channels at Evo 2's 256 groups), so TMA boxes have 32-byte rows and the wgmmas
+N = 16 — several groups per program (one band row each) would widen both; the dh partials are
+[c, (n+1)c] float32 per program (~67 MB SE / ~100 MB MR at L = 16K, D = 4096, 32 chunks per
+program, beside 512 MB of inputs), so longer segments or an in-kernel diagonal sum pay there;
+one warpgroup does everything (no warp specialisation).
+
+Interpret mode (``interpret=True``: ``plgpu.InterpretGPUParams``, CPU tests) in JAX 0.11.2 has
+gaps this file works around, so that the same code runs compiled and interpreted:
+  1. ``pl.program_id`` always returns 0 under a ``pallas_call`` grid (jaxpr_interpret.py:
+     "zero is the only valid program id"), and ``pallas_call`` BlockSpecs with index maps fail
+     ``assert all(bm.has_trivial_window() ...)``: so the kernels are ``plgpu.kernel`` meshes
+     (``lax.axis_index`` of named grid axes) over GMEM refs. Reproducer::
+       def k(o, s):
+         s[...] = jnp.full((8, 16), pl.program_id(0), jnp.float32); plgpu.commit_smem()
+         plgpu.copy_smem_to_gmem(s, o.at[pl.ds(pl.program_id(0) * 8, 8)])
+         plgpu.wait_smem_to_gmem(0)
+       pl.pallas_call(k, grid=(3,), out_specs=plgpu.BlockSpec(memory_space=plgpu.GMEM),
+                      out_shape=jax.ShapeDtypeStruct((24, 16), jnp.float32),
+                      scratch_shapes=[plgpu.SMEM((8, 16), jnp.float32)],
+                      interpret=plgpu.InterpretGPUParams())()   # rows 8.. stay NaN
+  2. ``emit_pipeline`` out_specs issue predicated SMEM->GMEM copies: ``NotImplementedError:
+     predicate not supported`` (gpu_callbacks.copy_smem_to_gmem). Outputs are therefore staged
+     in shared memory and copied out by hand (``copy_smem_to_gmem`` + ``wait_smem_to_gmem``).
+  3. ``plgpu.Barrier`` in a kernel's scratch shapes: ``NotImplementedError: nan + barrier``
+     (the interpreter tries to NaN-fill it); barriers are allocated with ``pl.run_scoped``.
+  4. ``pl.run_state`` around ``plgpu.wgmma`` discharges to the value-level ``wgmma`` primitive,
+     which has no interpret rule (``MLIR translation rule for primitive 'wgmma' not found for
+     platform cpu``); accumulators are ``pl.run_scoped(..., plgpu.ACC(...))`` refs instead.
+Interpret mode NaN-fills every fresh buffer, outputs included, so an element the kernel fails to
+write shows up as NaN in the tests without aliasing poisoned inputs. It does not model register
+layouts, wgmma operand rules, shared-memory capacity, register pressure or bank conflicts. The
+first two are checked on CPU too: ``jax.jit(...).trace(...).lower(lowering_platforms=("cuda",))``
+runs the Mosaic GPU lowering and layout inference without a GPU (tests/kernels), and caught two
+things interpret mode accepts: a scalar ``jnp.where`` over a [c, w] array ("Implicit broadcast
+not implemented with warpgroup semantics"; the window fills pick the write with ``lax.cond``)
+and wgmma operands with different swizzles (layout inference fails; every operand here uses the
+channel tile's swizzle). Only the PTX compile, shared-memory capacity and registers need the
+GPU. ``smem_bytes`` estimates a launch's shared memory; launches over ``SMEM_LIMIT`` are refused.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from sh2_jax.kernels._pallas import check_gated_inputs
+from sh2_jax.kernels.fir_conv_mgpu_bwd import bwd
+from sh2_jax.kernels.fir_layout_mgpu import (SMEM_LIMIT, Geometry, MgpuBlockSizes, band_rows,
+                                             default_block_sizes, f32, fetch, fill_window,
+                                             geometry, launch, matmul, mgpu_misfit, pad,
+                                             program, skip_rows, slide, smem, smem_bytes, store,
+                                             swizzled)
+
+__all__ = ["SMEM_LIMIT", "MgpuBlockSizes", "bwd", "default_block_sizes", "fwd",
+           "gated_fir_conv_mgpu", "mgpu_misfit", "smem_bytes"]
+
+
+# ----------------------------------------------------------------------------- forward kernel
+
+
+def _fwd_body(geo: Geometry, has_skip: bool):
+  c, w, n = geo.chunk, geo.width, geo.bands
+
+  def kernel(band_gmem, skip_gmem, x1_gmem, v_gmem, x2_gmem, y_gmem,
+             band_smem, skip_smem, halo, u_win, y_stage):
+    b, t, first, g, cols = program(geo)
+    pl.run_scoped(functools.partial(fetch, [(band_gmem.at[g], band_smem),
+                                            (skip_gmem.at[:, cols], skip_smem)]),
+                  plgpu.Barrier(num_barriers=2))
+    fill_window(geo, [u_win], [first - n + m for m in range(n)], x1_gmem, v_gmem, b, cols,
+                 halo)
+
+    def step(idx, x1_ref, v_ref, x2_ref):
+      (k,) = idx
+      u = x1_ref[...] * v_ref[...]
+      u_win[pl.ds(n * c, c), :] = u
+      plgpu.commit_smem()
+      z = matmul(band_smem, u_win, (c, w))
+      if has_skip:
+        z = z + skip_smem[...] * u.astype(f32)
+      rows = pl.ds((first + k) * c, c)
+      store(x2_ref[...].astype(f32) * z, y_stage, y_gmem.at[b, rows, cols])
+      slide(u_win, geo)
+      plgpu.commit_smem()
+
+    spec = plgpu.BlockSpec((c, w), lambda k: (first + k, t), transforms=swizzled(w))
+    plgpu.emit_pipeline(step, grid=(geo.seg_chunks,), in_specs=[spec] * 3,
+                        max_concurrent_steps=geo.stages)(x1_gmem.at[b], v_gmem.at[b],
+                                                         x2_gmem.at[b])
+    plgpu.wait_smem_to_gmem(0)
+
+  return kernel
+
+
+def fwd(x1, v, x2, h, dskip, bs: MgpuBlockSizes, interpret: bool = False):
+  """The forward launch: y [B, L, D] bfloat16."""
+  geo = geometry(x1.shape, h.shape, bs)
+  c, w, n = geo.chunk, geo.width, geo.bands
+  band_f, _ = band_rows(h, c, n)
+  xs = [pad(a, geo) for a in (x1, v, x2)]
+  scratch = (smem((c, (n + 1) * c), w), plgpu.SMEM((c, w), f32), smem((2, c, w)),
+             smem(((n + 1) * c, w)), smem((c, w)))
+  y = launch(_fwd_body(geo, dskip is not None), geo,
+            jax.ShapeDtypeStruct(xs[0].shape, x1.dtype), scratch, interpret,
+            "gated_fir_fwd_mgpu")(band_f, skip_rows(dskip, geo), *xs)
+  return y[:, :geo.length]
+
+
+# ----------------------------------------------------------------------------- public op
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _gated_fir(x1, v, x2, h, dskip, opts):
+  bs, has_skip, interpret = opts
+  return fwd(x1, v, x2, h, dskip if has_skip else None, bs, interpret)
+
+
+def _gated_fir_fwd(x1, v, x2, h, dskip, opts):
+  return _gated_fir(x1, v, x2, h, dskip, opts), (x1, v, x2, h, dskip)
+
+
+def _gated_fir_bwd(opts, res, dy):
+  bs, has_skip, interpret = opts
+  x1, v, x2, h, dskip = res
+  reason = mgpu_misfit(x1.shape, h.shape, x1.dtype, bs)
+  if reason is not None:
+    raise ValueError(f"gated_fir_conv_mgpu cannot differentiate this layer: {reason}")
+  dx1, dv, dx2, dh, dd = bwd(x1, v, x2, h, dskip if has_skip else None, dy, bs, interpret)
+  return dx1, dv, dx2, dh.astype(h.dtype), dd.astype(dskip.dtype)
+
+
+_gated_fir.defvjp(_gated_fir_fwd, _gated_fir_bwd)
+
+
+def gated_fir_conv_mgpu(x1: jax.Array, v: jax.Array, x2: jax.Array, h: jax.Array,
+                        dskip: jax.Array | None = None, *, interpret: bool = False,
+                        block_sizes: MgpuBlockSizes | None = None) -> jax.Array:
+  """``x2 * (h * (x1 * v) + dskip * (x1 * v))``, causal, by the Mosaic GPU kernels.
+
+  x1, v, x2: [B, L, D] bfloat16; h: [G, K] (true convolution; D/G a multiple of 16, K <= 129);
+  dskip: [D] or None. Returns [B, L, D] bfloat16; differentiable in all arrays. ``interpret``
+  runs the kernels in Mosaic GPU interpret mode on CPU (slow, tests only). Block sizes default
+  to ``default_block_sizes``; a geometry they cannot run is a ValueError naming why.
+  """
+  check_gated_inputs(x1, v, x2)
+  if h.ndim != 2:
+    raise ValueError(f"h must be [G, K]; got shape {h.shape}")
+  if dskip is not None and dskip.shape != (x1.shape[2],):
+    raise ValueError(f"dskip must be [D]=[{x1.shape[2]}]; got shape {dskip.shape}")
+  if not interpret and jax.default_backend() != "gpu":
+    raise ValueError(f"gated_fir_conv_mgpu runs Mosaic GPU kernels on a GPU, but JAX runs on "
+                     f"{jax.default_backend()!r}; pass interpret=True (slow, for tests) or use "
+                     f"sh2_jax.ops.fir.gated_conv")
+  bs = block_sizes or default_block_sizes(x1.shape[2] // max(h.shape[0], 1), h.shape[1])
+  reason = mgpu_misfit(x1.shape, h.shape, x1.dtype, bs, backward=False)
+  if reason is not None:
+    raise ValueError(f"gated_fir_conv_mgpu cannot run this layer: {reason}")
+  has_skip = dskip is not None
+  if dskip is None:
+    dskip = jnp.zeros((x1.shape[2],), f32)
+  return _gated_fir(x1, v, x2, h, dskip, (bs, has_skip, interpret))

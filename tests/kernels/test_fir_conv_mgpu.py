@@ -1,0 +1,153 @@
+"""The Mosaic GPU gated FIR kernels against the float64 numpy direct convolution.
+
+On CPU the kernels run in Mosaic GPU interpret mode (``plgpu.InterpretGPUParams``), which
+simulates shared memory, TMA copies, barriers and wgmma; compiled on a GPU. Interpret mode fills
+every fresh buffer with NaN, outputs included (checked below), so an element the kernel fails to
+write fails ``rel_err``; compiled, the outputs start uninitialised (``plgpu.kernel`` has no
+input/output aliasing to poison them), so there only a wrong value fails. The lowering test
+runs Mosaic GPU's lowering and layout inference for a CUDA target on any host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from sh2_jax import dispatch
+from sh2_jax.kernels import fir_conv_mgpu
+from sh2_jax.kernels.fir_conv_mgpu import MgpuBlockSizes, gated_fir_conv_mgpu
+from tests.kernels.test_fir_conv import numpy_gated_fir, rel_err
+
+ON_GPU = jax.default_backend() == "gpu"
+INTERPRET = not ON_GPU
+TOL = 1e-2  # bf16 inputs and outputs (the reference sees the same bf16 inputs exactly)
+
+CASES = [
+    # B, L, D, G, K, skip, seg_chunks (None: default); bf16, chunk 64
+    (2, 150, 32, 2, 7, True, 2),      # 16 channels/group, odd L, two segments (halo)
+    (1, 200, 64, 2, 64, True, 1),     # 32/group: width 32, K = chunk, a segment per chunk
+    (2, 140, 32, 2, 128, True, 1),    # the MR length: two past chunks (three bands)
+    (1, 300, 32, 1, 66, False, 2),    # just over one past chunk, G = 1 over two tiles, no skip
+    (3, 70, 16, 1, 5, True, None),    # L barely over one chunk, batch 3
+]
+
+
+def _inputs(case, seed=None):
+  batch, length, d, groups, taps, has_skip = case[:6]
+  rng = np.random.default_rng(seed if seed is not None else abs(hash(case)) % 2**32)
+  x1, v, x2, dy = (jnp.asarray(rng.standard_normal((batch, length, d)), jnp.bfloat16)
+                   for _ in range(4))
+  h = jnp.asarray(rng.standard_normal((groups, taps)) / np.sqrt(taps), jnp.float32)
+  dskip = jnp.asarray(rng.standard_normal(d), jnp.float32) if has_skip else None
+  return x1, v, x2, dy, h, dskip
+
+
+def _f32(a):
+  return np.asarray(a.astype(jnp.float32))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}L{c[1]}D{c[2]}G{c[3]}K{c[4]}"
+                         f"{'s' if c[5] else ''}seg{c[6]}")
+def test_forward_and_gradients(case):
+  x1, v, x2, dy, h, dskip = _inputs(case)
+  d, groups, taps, seg = case[2], case[3], case[4], case[6]
+  bs = fir_conv_mgpu.default_block_sizes(d // groups, taps)
+  if seg is not None:
+    bs = dataclasses.replace(bs, seg_chunks=seg)
+
+  def op(x1, v, x2, h, dskip):
+    return gated_fir_conv_mgpu(x1, v, x2, h, dskip, interpret=INTERPRET, block_sizes=bs)
+
+  args = (x1, v, x2, h, dskip)
+  y, vjp = jax.vjp(op, *args)
+  grads = vjp(dy)
+  y_ref, grads_ref = numpy_gated_fir(_f32(x1), _f32(v), _f32(x2), h, dskip, _f32(dy))
+  assert y.dtype == jnp.bfloat16 and y.shape == x1.shape
+  assert rel_err(y, y_ref) <= TOL
+  for name, g, g_ref, a in zip(("dx1", "dv", "dx2", "dh", "ddskip"), grads, grads_ref, args):
+    if a is None:
+      assert g is None
+      continue
+    assert g.shape == a.shape and g.dtype == a.dtype, name
+    err = rel_err(g, g_ref)
+    # ddskip sums float32 dz * u (no bf16 rounding of dz, as in the Triton kernel)
+    tol = 1e-3 if name == "ddskip" else TOL
+    assert err <= tol, f"{name}: rel err {err:.2e} > {tol}"
+
+
+@pytest.mark.skipif(ON_GPU, reason="the CPU (interpret-mode) path; compiled outputs start "
+                    "uninitialised, not NaN")
+def test_interpret_mode_poisons_outputs():
+  """What the CPU tests rely on: an interpreted kernel that writes nothing leaves only NaN."""
+  out = plgpu.kernel(lambda o_ref: None, out_type=jax.ShapeDtypeStruct((64, 16), jnp.bfloat16),
+                     grid=(2,), grid_names=("x",), interpret=plgpu.InterpretGPUParams())()
+  assert np.isnan(_f32(out)).all()
+
+
+def test_dispatch_matches_xla():
+  """``conv_impl='pallas_mgpu'`` through the one dispatch point agrees with ``xla``."""
+  x1, v, x2, _, h, dskip = _inputs((1, 100, 32, 2, 7, True), seed=1)
+  y = dispatch.gated_fir(x1, v, x2, h, dskip, "pallas_mgpu", interpret=INTERPRET)
+  y_xla = dispatch.gated_fir(x1, v, x2, h, dskip, "xla")
+  assert rel_err(y, y_xla) <= TOL
+
+
+def test_bad_inputs_raise_clear_errors():
+  x = jnp.ones((1, 64, 32), jnp.bfloat16)
+  with pytest.raises(ValueError, match="take bfloat16 inputs, not float32"):
+    gated_fir_conv_mgpu(*(x.astype(jnp.float32),) * 3, jnp.ones((2, 7)), interpret=True)
+  x30 = jnp.ones((1, 64, 30), jnp.bfloat16)
+  with pytest.raises(ValueError, match="group size 15 .* multiple of 16"):
+    gated_fir_conv_mgpu(x30, x30, x30, jnp.ones((2, 7)), interpret=True)
+  with pytest.raises(ValueError, match="filter length 200 exceeds 129 taps"):
+    gated_fir_conv_mgpu(x, x, x, jnp.ones((2, 200)), interpret=True)
+  with pytest.raises(ValueError, match="filter groups 3 do not divide channels 32"):
+    gated_fir_conv_mgpu(x, x, x, jnp.ones((3, 7)), interpret=True)
+  with pytest.raises(ValueError, match=r"dskip must be \[D\]"):
+    gated_fir_conv_mgpu(x, x, x, jnp.ones((2, 7)), jnp.ones(5), interpret=True)
+  with pytest.raises(ValueError, match="conv_impl 'pallas_mgpu' cannot run this layer: group size"):
+    dispatch.gated_fir(x30, x30, x30, jnp.ones((2, 7)), None, "pallas_mgpu", interpret=True)
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the CPU error path")
+def test_off_gpu_is_a_clear_error():
+  x = jnp.ones((1, 64, 32), jnp.bfloat16)
+  with pytest.raises(ValueError, match="pass interpret=True"):
+    gated_fir_conv_mgpu(x, x, x, jnp.ones((2, 7)))
+  with pytest.raises(ValueError, match="conv_impl 'pallas_mgpu' needs a GPU"):
+    dispatch.gated_fir(x, x, x, jnp.ones((2, 7)), None, "pallas_mgpu")
+  with pytest.raises(ValueError, match="conv_impl 'pallas_mgpu' needs a GPU"):
+    dispatch.fir_fn("pallas_mgpu")
+  assert dispatch.resolve_conv_impl("auto") == "xla"  # auto never picks it (not yet measured)
+
+
+def test_footprint_fits_hopper_for_the_defaults():
+  """The default launches of the model geometries fit Hopper's shared memory (a limit only the
+  GPU compiler enforces), and a launch over it is refused by name."""
+  for d, g, k in ((4096, 256, 7), (4096, 256, 128), (1024, 32, 7), (1024, 32, 128)):
+    assert fir_conv_mgpu.mgpu_misfit((1, 1024, d), (g, k), jnp.bfloat16) is None
+  too_big = MgpuBlockSizes(chunk=128, width=128)
+  with pytest.raises(ValueError, match="bytes of shared memory"):
+    x = jnp.ones((1, 64, 128), jnp.bfloat16)
+    gated_fir_conv_mgpu(x, x, x, jnp.ones((1, 7)), interpret=True, block_sizes=too_big)
+
+
+@pytest.mark.parametrize("groups,taps", [(256, 7), (256, 128), (64, 7), (32, 128)])
+def test_lowers_for_hopper(groups, taps):
+  """The kernels lower to Mosaic GPU for a CUDA device from this (CPU) host: layout inference,
+  wgmma operand swizzles and TMA transfers are checked here, which interpret mode does not do.
+  Only the final PTX compile (and shared-memory / register limits) needs the GPU."""
+  x = jax.ShapeDtypeStruct((1, 4096, 4096), jnp.bfloat16)
+  h = jax.ShapeDtypeStruct((groups, taps), jnp.float32)
+  dskip = jax.ShapeDtypeStruct((4096,), jnp.float32)
+  bs = fir_conv_mgpu.default_block_sizes(4096 // groups, taps)
+  fwd = jax.jit(lambda x1, v, x2, h, d: fir_conv_mgpu.fwd(x1, v, x2, h, d, bs))
+  bwd = jax.jit(lambda x1, v, x2, h, d, dy: fir_conv_mgpu.bwd(x1, v, x2, h, d, dy, bs))
+  for text in (fwd.trace(x, x, x, h, dskip).lower(lowering_platforms=("cuda",)).as_text(),
+               bwd.trace(x, x, x, h, dskip, x).lower(lowering_platforms=("cuda",)).as_text()):
+    assert "mosaic_gpu" in text
