@@ -8,6 +8,7 @@ workdir (its latest complete step).
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import jax
@@ -17,6 +18,52 @@ from flax import nnx
 
 from sh2_jax.config import ModelConfig
 from sh2_jax.model import StripedHyena
+
+
+def _orbax_cancels_leftover_reads() -> None:
+  """Work around an Orbax bug (0.12.8) that prints dozens of ``RuntimeError: Event loop is
+  closed`` tracebacks whenever a restore fails (a damaged checkpoint, even one we then fall
+  back from correctly). Orbax runs each restore on a fresh asyncio loop
+  (``asyncio_utils._run_sync_via_new_loop``: ``run_until_complete`` + ``close``, not
+  ``asyncio.run``); when one array's read fails, ``asyncio.gather`` raises at once and the loop
+  is closed while the other arrays' TensorStore reads are still in flight. As each finishes,
+  TensorStore's completion callback calls ``loop.call_soon_threadsafe`` on the closed loop and
+  reports the error through ``sys.unraisablehook``: one traceback per leftover read.
+
+  Here the leftover tasks are cancelled and awaited, as ``asyncio.run`` does; and a loop that
+  had leftovers is not closed but left to the garbage collector: a TensorStore read finishing
+  on another thread at the moment of cancelling may still deliver its result later, which an
+  open loop accepts silently (each pending callback keeps the loop alive until it ran). Applied
+  once, on import of this module, which every checkpoint read and write of the package goes
+  through."""
+  from orbax.checkpoint._src import asyncio_utils
+  original = getattr(asyncio_utils, "_run_sync_via_new_loop", None)
+  if original is None or getattr(original, "cancels_leftovers", False):
+    return  # another Orbax layout (tests/train/test_robustness.py shows if the bug remains)
+
+  def run_sync_via_new_loop(coro):
+    loop = asyncio.new_event_loop()
+    leftover = set()
+    try:
+      asyncio.set_event_loop(loop)
+      return loop.run_until_complete(coro)
+    finally:
+      try:
+        leftover = asyncio.all_tasks(loop)
+        for task in leftover:
+          task.cancel()
+        if leftover:
+          loop.run_until_complete(asyncio.gather(*leftover, return_exceptions=True))
+      finally:
+        asyncio.set_event_loop(None)
+        if not leftover:
+          loop.close()
+
+  run_sync_via_new_loop.cancels_leftovers = True
+  asyncio_utils._run_sync_via_new_loop = run_sync_via_new_loop
+
+
+_orbax_cancels_leftover_reads()
 
 
 def save_model(directory: str, model: StripedHyena) -> None:

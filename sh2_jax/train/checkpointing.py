@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import grain
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
-from absl import logging
 import numpy as np
 from jax.experimental import multihost_utils
 
+from sh2_jax import checkpoint as _checkpoint  # noqa: F401 - its Orbax workaround: quiet fallbacks
 from sh2_jax import config as config_lib
 
 ITEMS = ("params", "config", "opt_state", "state", "data", "train_config", "checksums")
@@ -180,12 +181,9 @@ def restore_latest(mngr: ocp.CheckpointManager, *, abstract_params, abstract_opt
       _verify(mngr, step, out["params"], out["opt_state"])
     except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
       msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-      logging.error("checkpoint step %d in %s is damaged and was not used (%s: %s); "
-                    "falling back to the previous checkpoint", step, mngr.directory,
-                    type(e).__name__, msg)
-      print(f"WARNING: checkpoint step {step} in {mngr.directory} is damaged "
+      print(f"warning: checkpoint step {step} in {mngr.directory} is damaged "
             f"({type(e).__name__}: {msg}); renamed to {step}.damaged, trying the previous one",
-            flush=True)
+            file=sys.stderr, flush=True)
       _set_damaged(mngr, step)
       continue
     return step, out["params"], out["opt_state"], out["state"]

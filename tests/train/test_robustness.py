@@ -93,8 +93,9 @@ def _ckpt_listing(work):
 
 def test_other_model_is_an_input_error_and_bit_flips_are_damage(tmp_path):
   """A config for another model on a good workdir: exit 2 naming the fields, checkpoints left
-  as they are. Flipped bits in a parameter file: the step fails its checksum, is renamed
-  ``.damaged`` and the run resumes from the previous step."""
+  as they are. Flipped bits in a parameter file: the step fails to restore (TensorStore's
+  CRC of the file) or its checksum, is renamed ``.damaged`` with one warning line, and the run
+  resumes from the previous step."""
   base = ["--config.num_steps=4", "--config.checkpoint_every=2", "--config.log_every=2",
           "--config.eval_every=0", "--config.async_checkpointing=false"]
   r, work = _train(tmp_path, *base)
@@ -117,7 +118,11 @@ def test_other_model_is_an_input_error_and_bit_flips_are_damage(tmp_path):
   open(target, "wb").write(bytes(blob))
   r, _ = _train(tmp_path, *base[1:], "--config.num_steps=6")
   assert r.returncode == 0, r.stderr[-2000:]
-  assert "checkpoint step 4" in r.stdout and "damaged" in r.stdout, r.stdout[-2000:]
+  # the fallback is one warning line: no Orbax "Event loop is closed" tracebacks, no log line
+  warnings = [ln for ln in r.stderr.splitlines() if "damaged" in ln]
+  assert len(warnings) == 1 and warnings[0].startswith("warning: checkpoint step 4 in "), \
+      r.stderr[-2000:]
+  assert "Traceback" not in r.stderr and "Event loop is closed" not in r.stderr, r.stderr[-2000:]
   assert "resuming from checkpoint step 2" in r.stdout
   assert "4.damaged" in _ckpt_listing(work)
 
