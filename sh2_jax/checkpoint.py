@@ -167,10 +167,12 @@ def verify_checksums(step_dir: str, tree) -> None:
                      f"{' …' if len(bad) > 3 else ''}): the files were altered")
 
 
-def _check_stored_shapes(step_dir: str, target: dict) -> None:
+def check_stored_params(directory: str, target: dict) -> None:
   """The stored parameters' names and shapes (Orbax's metadata: no array data is read) must be
-  those of ``target``; otherwise a ValueError naming the parameters that differ."""
+  those of ``target`` (a pure dict of arrays or ``ShapeDtypeStruct``); otherwise a ValueError
+  naming the checkpoint and the parameters that differ. ``directory`` as for ``load_model``."""
   from etils import epath
+  step_dir = _find_step_dir(os.path.abspath(directory))
   try:
     stored = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir) / "params")
   except Exception as e:  # noqa: BLE001
@@ -197,7 +199,7 @@ def restore_params(directory: str, target: dict) -> dict:
   so a model larger than one device restores straight into its FSDP layout). Parameters that
   do not fit ``target`` or cannot be read: a ValueError naming the checkpoint."""
   step_dir = _find_step_dir(os.path.abspath(directory))
-  _check_stored_shapes(step_dir, target)
+  check_stored_params(step_dir, target)
   try:
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
       return ckptr.restore(step_dir, ocp.args.Composite(

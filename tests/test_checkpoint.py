@@ -112,19 +112,21 @@ def _run(args):
 
 
 def test_commands_report_a_damaged_checkpoint_in_one_line(saved, tmp_path):
-  """Eval of a checkpoint overwritten with random bytes, and generation from it: exit 2, the same
-  one line naming the checkpoint, nothing written."""
+  """Eval of a checkpoint overwritten with random bytes, generation from it and fine-tuning from
+  it: exit 2, the same one line naming the checkpoint, nothing written."""
   path = str(tmp_path / "ckpt")
   shutil.copytree(saved, path)
   _random_bytes(path)
   before = sorted(os.listdir(tmp_path))
   commands = [["train.py", "--config=tiny", f"--workdir={path}", "--mode=eval"],
-              ["generate.py", f"--model={path}", "--prompt=ACGT"]]
-  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+              ["generate.py", f"--model={path}", "--prompt=ACGT"],
+              ["train.py", "--config=tiny", f"--workdir={tmp_path / 'run'}",
+               f"--config.init_from={path}"]]
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:
     results = list(pool.map(_run, commands))
-  for args, r in zip(commands, results):
+  for (args, r), prefix in zip(zip(commands, results), ["", "", "init_from: "]):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "eval:" not in ln]
     assert r.returncode == 2, (args, r.stderr[-2000:])
-    assert len(lines) == 1 and lines[0].startswith(f"error: checkpoint '{path}': its parameters "
-                                                   "cannot be read"), (args, lines[-5:])
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error: {prefix}checkpoint '{path}': its parameters cannot be read"), (args, lines[-5:])
   assert sorted(os.listdir(tmp_path)) == before
