@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from sh2_jax import checks
 from sh2_jax.config import ModelConfig
 from sh2_jax.model import StripedHyena
 
@@ -225,6 +226,7 @@ def load_model(directory: str, dtype=None, **overrides) -> StripedHyena:
   if dtype is not None:
     overrides["dtype"] = jnp.dtype(dtype).name
   cfg = ModelConfig.from_dict({**cfg_dict, **overrides})
+  checks.model(cfg, hint=checks.LOAD_HINT)  # runs on this backend, fits one device: before any read
   abstract = nnx.eval_shape(lambda: StripedHyena(cfg, rngs=nnx.Rngs(0)))
   params = restore_params(step_dir, nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
   try:

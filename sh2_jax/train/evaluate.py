@@ -15,7 +15,9 @@ import os
 import jax
 from flax import nnx
 
-from sh2_jax.checkpoint import load_model
+from sh2_jax.checkpoint import load_model, read_config
+from sh2_jax.config import ModelConfig
+from sh2_jax.train import check
 from sh2_jax.train import mesh as mesh_lib
 from sh2_jax.train.step import eval_step
 from sh2_jax.train.trainer import place, prepare, run_eval
@@ -32,6 +34,13 @@ def prepare_eval(config, checkpoint: str):
                      "whole dataset) or give more data")
   if not os.path.exists(checkpoint):
     raise ValueError(f"checkpoint path {checkpoint!r} does not exist")
+  saved = read_config(checkpoint)  # the model evaluated is the checkpoint's: check it on the mesh
+  try:
+    model_cfg = ModelConfig.from_dict({**saved, "dtype": config.model.dtype})
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"checkpoint {checkpoint!r}: its stored model config is not valid ({e})"
+                     ) from None
+  check.check_model(config, model_cfg, dict(mesh.shape), training=False)
   model = load_model(checkpoint, dtype=config.model.dtype)
   return mesh, eval_src, model
 

@@ -47,7 +47,7 @@ def _train(tmp_path, *overrides, timeout=300):
 @pytest.mark.parametrize("override,message", [
     ("--config.model.vocab_size=100", "model.vocab_size 100 is below the 256 byte tokens"),
     ("--config.optimizer.grad_clip=-1.0", "optimizer.grad_clip -1.0 is not valid"),
-    ("--config.seq_len=300", "seq_len 300 exceeds model.max_seqlen 256"),
+    ("--config.seq_len=300", "seq_len 300 is more than the model's max_seqlen 256"),
     ("--config.optimizer.learning_rate=inf", "optimizer.learning_rate inf must be a finite"),
     ("--config.max_nonfinite_logs=-1", "max_nonfinite_logs -1 is not valid"),
     ("--config.model.conv_impl=pallas", "conv_impl 'pallas' needs a GPU backend"),
