@@ -58,12 +58,9 @@ def token_ids(rows: Sequence[np.ndarray], names: Sequence[str], vocab_size: int)
     row = np.asarray(row)
     if row.size and (row.min() < 0 or row.max() >= vocab_size):
       bad = int(row.max() if row.max() >= vocab_size else row.min())
-      raise ValueError(f"{name} has token id {bad} ({_as_char(bad)}) outside the vocabulary "
+      char = f" ({chr(bad)!r})" if 32 < bad < 127 else ""
+      raise ValueError(f"{name} has token id {bad}{char} outside the vocabulary "
                        f"0..{vocab_size - 1}")
-
-
-def _as_char(token: int) -> str:
-  return repr(chr(token)) if 32 < token < 127 else f"byte {token}"
 
 
 def abstract_params(cfg: ModelConfig) -> tuple[dict, dict]:
