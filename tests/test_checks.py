@@ -99,7 +99,7 @@ def _one_error_line(r, args):
 def test_every_command_gives_the_same_line(tmp_path):
   """A checkpoint whose conv_impl cannot run here: eval, generate, score and embed refuse it
   with the same line; a byte outside a small model's vocabulary, the same line from score and
-  embed; an FSDP size that does not divide a parameter and a model too large for the machine:
+  embed; float16 compute on CPU, the same line from train and generate; an FSDP size that does not divide a parameter and a model too large for the machine:
   one line from training before its workdir exists."""
   pallas, small = str(tmp_path / "pallas"), str(tmp_path / "small")
   save_model(pallas, sh2_jax.StripedHyena(get_preset("tiny", conv_impl="pallas"),
@@ -119,15 +119,19 @@ def test_every_command_gives_the_same_line(tmp_path):
       ["-m", "sh2_jax.cli.score", f"--model={small}", f"--fasta={fasta}", f"--out={out}.tsv"],
       ["-m", "sh2_jax.cli.embed", f"--model={small}", f"--fasta={fasta}", "--layers=norm",
        f"--out={out}.npz"]]
+  same_dtype = [["train.py", "--config=tiny", f"--workdir={work}", "--config.model.dtype=float16"],
+                ["generate.py", "--model=random:tiny", "--prompt=ACGT", "--dtype=float16"]]
   train = [["train.py", "--config=tiny", f"--workdir={work}", "--config.model.d_model=1048576"],
            ["train.py", "--config=tiny", f"--workdir={work}", "--config.mesh.fsdp=3",
             "--config.batch_size=6"]]
-  commands = same_impl + same_vocab + train
+  commands = same_impl + same_vocab + same_dtype + train
   envs = [{}] * (len(commands) - 1) + [{"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}]
   with concurrent.futures.ThreadPoolExecutor(3) as pool:
     results = list(pool.map(lambda a_e: _run(a_e[0], **a_e[1]), zip(commands, envs)))
   lines = [_one_error_line(r, args) for args, r in zip(commands, results)]
-  impl, vocab, (memory, fsdp) = lines[:4], lines[4:6], lines[6:]
+  impl, vocab, dtype, (memory, fsdp) = lines[:4], lines[4:6], lines[6:8], lines[8:]
+  assert set(dtype) == {"error: dtype 'float16' needs a GPU backend, but JAX runs on 'cpu'; use "
+                        "float32 or bfloat16"}, dtype
   assert set(impl) == {"error: conv_impl 'pallas' needs a GPU backend, but JAX runs on 'cpu'; "
                        "use conv_impl 'auto', 'xla' or 'fft'"}, impl
   assert set(vocab) == {"error: --fasta record 'b' has token id 122 ('z') outside the "
@@ -138,3 +142,19 @@ def test_every_command_gives_the_same_line(tmp_path):
                          "sharded over mesh.fsdp 3"), fsdp
   assert not work.exists() and not os.path.exists(f"{out}.tsv") and not os.path.exists(
       f"{out}.npz")
+
+
+def test_eval_checks_the_checkpoints_model_against_the_data(tmp_path):
+  """Eval runs the checkpoint's model, not config.model: its max_seqlen and vocabulary must fit
+  the windows."""
+  from sh2_jax.configs.base import make_config
+  from sh2_jax.train.evaluate import prepare_eval
+  for name, kw, message in [
+      ("short", dict(max_seqlen=64), "^seq_len 128 is more than the model's max_seqlen 64; "
+                                     "shorten seq_len$"),
+      ("small", dict(vocab_size=100), "^the checkpoint's model.vocab_size 100 is below the 256 "
+                                      "byte tokens")]:
+    path = str(tmp_path / name)
+    save_model(path, sh2_jax.StripedHyena(get_preset("tiny", **kw), rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=message):
+      prepare_eval(make_config("tiny"), path)

@@ -1,4 +1,4 @@
-"""What the sh2-score and sh2-embed commands share (besides ``launch.py``): the checks of input
+"""What sh2-generate, sh2-score and sh2-embed share (besides ``launch.py``): the checks of input
 and output paths that run before a model is loaded, and writing the output all at once at the
 end.
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-DTYPES = ("float32", "bfloat16")
+from sh2_jax.config import DTYPES  # the one list; float16 needs a GPU (sh2_jax.checks.backend)
 
 
 def check_input_file(flag: str, path: str | None) -> None:

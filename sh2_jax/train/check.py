@@ -81,11 +81,7 @@ def validate(config, mode: str = "train") -> ModelConfig:
   if not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip >= 0):
     raise ValueError(f"optimizer.grad_clip {clip!r} is not valid; expected a finite number >= 0 "
                      "(0 turns clipping off)")
-  if model_cfg.vocab_size < BYTE_TOKENS:
-    raise ValueError(f"model.vocab_size {model_cfg.vocab_size} is below the {BYTE_TOKENS} byte "
-                     f"tokens the data pipeline produces; expected >= {BYTE_TOKENS}")
-  checks.length(f"seq_len {config.seq_len}", config.seq_len, model_cfg.max_seqlen,
-                  "; raise model.max_seqlen or shorten seq_len")
+  check_data_fits(config, model_cfg)
   if config.batch_size % config.optimizer.grad_accum_steps:
     raise ValueError(f"batch_size {config.batch_size} is not divisible by "
                      f"optimizer.grad_accum_steps {config.optimizer.grad_accum_steps}")
@@ -111,6 +107,17 @@ def check_against_mesh(config, mesh_shape: dict, process_count: int) -> None:
     why = " (zig-zag: 2 chunks per rank)" if n > 1 else ""
     raise ValueError(f"seq_len {config.seq_len} cannot be split over mesh.context {n}: it must "
                      f"be a multiple of {chunks}{why}")
+
+
+def check_data_fits(config, model_cfg: ModelConfig, what: str = "model") -> None:
+  """The windows of ``config.seq_len`` byte tokens fit the model (its vocabulary, its
+  max_seqlen); ``what`` names the model in the messages."""
+  if model_cfg.vocab_size < BYTE_TOKENS:
+    raise ValueError(f"{what}.vocab_size {model_cfg.vocab_size} is below the {BYTE_TOKENS} byte "
+                     f"tokens the data pipeline produces; expected >= {BYTE_TOKENS}")
+  checks.length(f"seq_len {config.seq_len}", config.seq_len, model_cfg.max_seqlen,
+                "; raise model.max_seqlen or shorten seq_len" if what == "model" else
+                "; shorten seq_len")
 
 
 MEMORY_HINT = ("; shard the parameters over more devices (config.mesh.fsdp), shrink the model, "

@@ -40,6 +40,7 @@ def prepare_eval(config, checkpoint: str):
   except (ValueError, TypeError) as e:
     raise ValueError(f"checkpoint {checkpoint!r}: its stored model config is not valid ({e})"
                      ) from None
+  check.check_data_fits(config, model_cfg, "the checkpoint's model")
   check.check_model(config, model_cfg, dict(mesh.shape), training=False)
   model = load_model(checkpoint, dtype=config.model.dtype)
   return mesh, eval_src, model
