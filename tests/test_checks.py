@@ -158,3 +158,15 @@ def test_eval_checks_the_checkpoints_model_against_the_data(tmp_path):
     save_model(path, sh2_jax.StripedHyena(get_preset("tiny", **kw), rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match=message):
       prepare_eval(make_config("tiny"), path)
+
+
+def test_a_workdir_under_a_file_is_an_input_error(tmp_path):
+  from sh2_jax.configs.base import make_config
+  from sh2_jax.train.trainer import prepare_train
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  with pytest.raises(ValueError, match=f"^--workdir '{blocker}/w': '{blocker}' is a file, not a "
+                                       "directory$"):
+    prepare_train(make_config("tiny"), str(blocker / "w"))
+  with pytest.raises(ValueError, match=f"^--workdir '{blocker}' is a file, not a directory$"):
+    prepare_train(make_config("tiny"), str(blocker))

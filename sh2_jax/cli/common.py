@@ -35,6 +35,23 @@ def check_output_file(flag: str, path: str | None, suffix: str | None = None) ->
     raise ValueError(f"--{flag} {path!r} must end in {suffix}")
 
 
+def check_new_dir(flag: str, path: str | None) -> None:
+  """A directory the command creates: it must not exist yet, and the nearest existing folder
+  above it must be a directory it can write to (checked up front, so a conversion never ends
+  in an unwritable path)."""
+  if not path:
+    raise ValueError(f"--{flag} is required")
+  if os.path.exists(path):
+    raise ValueError(f"--{flag} {path!r} already exists; choose a new directory")
+  above = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(above):
+    above = os.path.dirname(above)
+  if not os.path.isdir(above):
+    raise ValueError(f"--{flag} {path!r}: {above!r} is a file, not a directory")
+  if not os.access(above, os.W_OK):
+    raise ValueError(f"--{flag} {path!r}: the directory {above!r} is not writable")
+
+
 def check_positive(flag: str, value: int | None, allow_none: bool = True) -> None:
   if value is None and allow_none:
     return

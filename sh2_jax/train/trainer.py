@@ -95,8 +95,12 @@ def prepare_train(config, workdir: str | None = None):
   model_cfg, mesh, (train_src, eval_src) = prepare(config, "train")
   resumed = None  # the model config of the workdir's newest checkpoint, if there is one
   if workdir is not None:
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-      raise ValueError(f"--workdir {workdir!r} is a file, not a directory")
+    above = os.path.abspath(workdir)
+    while not os.path.exists(above):  # the folder it will be created in
+      above = os.path.dirname(above)
+    if not os.path.isdir(above):
+      where = "" if above == os.path.abspath(workdir) else f": {above!r}"
+      raise ValueError(f"--workdir {workdir!r}{where} is a file, not a directory")
     checkpointing.check_compatible(workdir, model_cfg.to_dict(), config)
     resumed = checkpointing.latest_model_config(workdir)
   model_cfg, init_from = finetune.resolve_init(config, model_cfg, resumed)

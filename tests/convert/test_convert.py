@@ -199,3 +199,18 @@ def test_cli_wrong_model_name_is_one_line(tmp_path):
            and "runpy" not in ln]
   assert len(lines) == 1 and lines[0].startswith("error: checkpoint does not match the config: ")
   assert not (tmp_path / "out").exists()
+
+
+def test_cli_output_under_a_file_is_one_line_before_converting(tmp_path):
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  r = subprocess.run([sys.executable, "-m", "sh2_jax.cli.convert", "--checkpoint", PT,
+                      "--config", YML, "--output", str(blocker / "out")], capture_output=True,
+                     text=True, cwd=root, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert r.returncode == 2, r.stderr[-2000:]
+  lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+  assert lines == [f"error: --output '{blocker / 'out'}': '{blocker}' is a file, not a "
+                   "directory"], lines
