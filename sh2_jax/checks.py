@@ -1,8 +1,8 @@
 """Checks of a model against the inputs and the machine, shared by every command (sh2-train's
-train, eval and ``--dry_run``; sh2-generate, sh2-score, sh2-embed; the loaders behind them), so
-one bad value gets one message wherever it comes in. Each raises a ValueError naming the value
-and what would be valid; none allocates, compiles or writes (shapes come from the abstract
-model).
+train, eval and ``--dry_run``; sh2-generate, sh2-score, sh2-embed, sh2-convert; the loaders
+behind them), so one bad value gets one message wherever it comes in. Each raises a ValueError
+naming the value and what would be valid; none allocates, compiles or writes (shapes come from
+the abstract model).
 
   backend(cfg)                     the implementations and compute dtype run on this backend
   length(what, n, max_seqlen)      a sequence fits the model's max_seqlen

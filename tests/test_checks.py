@@ -99,8 +99,9 @@ def _one_error_line(r, args):
 def test_every_command_gives_the_same_line(tmp_path):
   """A checkpoint whose conv_impl cannot run here: eval, generate, score and embed refuse it
   with the same line; a byte outside a small model's vocabulary, the same line from score and
-  embed; float16 compute on CPU, the same line from train and generate; an FSDP size that does not divide a parameter and a model too large for the machine:
-  one line from training before its workdir exists."""
+  embed; float16 compute on CPU, the same line from train and generate; an FSDP size that does
+  not divide a parameter and a model too large for the machine: one line from training before
+  its workdir exists."""
   pallas, small = str(tmp_path / "pallas"), str(tmp_path / "small")
   save_model(pallas, sh2_jax.StripedHyena(get_preset("tiny", conv_impl="pallas"),
                                           rngs=nnx.Rngs(0)))
