@@ -209,13 +209,10 @@ def restore_params(directory: str, target: dict) -> dict:
     raise _unreadable(step_dir, "its parameters", e) from None
 
 
-def load_model(directory: str, dtype=None, **overrides) -> StripedHyena:
-  """Build the model described by the checkpoint and load its parameters.
-
-  ``dtype`` sets the compute dtype (parameters keep their stored float32); ``overrides`` are
-  extra ModelConfig fields (e.g. ``conv_impl='xla'``). A damaged checkpoint (unreadable files,
-  an invalid stored config, parameters that do not fit it) is a ValueError naming it.
-  """
+def model_config(directory: str, dtype=None, **overrides) -> ModelConfig:
+  """The ModelConfig stored with a checkpoint (``directory`` as for ``load_model``) with
+  ``overrides`` (``dtype``: the compute dtype); a stored config that is not valid is a
+  ValueError naming the checkpoint."""
   step_dir = _find_step_dir(os.path.abspath(directory))
   cfg_dict = read_config(step_dir)
   try:
@@ -225,7 +222,18 @@ def load_model(directory: str, dtype=None, **overrides) -> StripedHyena:
                      ) from None
   if dtype is not None:
     overrides["dtype"] = jnp.dtype(dtype).name
-  cfg = ModelConfig.from_dict({**cfg_dict, **overrides})
+  return ModelConfig.from_dict({**cfg_dict, **overrides})
+
+
+def load_model(directory: str, dtype=None, **overrides) -> StripedHyena:
+  """Build the model described by the checkpoint and load its parameters.
+
+  ``dtype`` sets the compute dtype (parameters keep their stored float32); ``overrides`` are
+  extra ModelConfig fields (e.g. ``conv_impl='xla'``). A damaged checkpoint (unreadable files,
+  an invalid stored config, parameters that do not fit it) is a ValueError naming it.
+  """
+  step_dir = _find_step_dir(os.path.abspath(directory))
+  cfg = model_config(step_dir, dtype, **overrides)
   checks.model(cfg, hint=checks.LOAD_HINT)  # runs on this backend, fits one device: before any read
   abstract = nnx.eval_shape(lambda: StripedHyena(cfg, rngs=nnx.Rngs(0)))
   params = restore_params(step_dir, nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))

@@ -15,8 +15,7 @@ import os
 import jax
 from flax import nnx
 
-from sh2_jax.checkpoint import load_model, read_config
-from sh2_jax.config import ModelConfig
+from sh2_jax.checkpoint import load_model, model_config
 from sh2_jax.train import check
 from sh2_jax.train import mesh as mesh_lib
 from sh2_jax.train.step import eval_step
@@ -34,12 +33,7 @@ def prepare_eval(config, checkpoint: str):
                      "whole dataset) or give more data")
   if not os.path.exists(checkpoint):
     raise ValueError(f"checkpoint path {checkpoint!r} does not exist")
-  saved = read_config(checkpoint)  # the model evaluated is the checkpoint's: check it on the mesh
-  try:
-    model_cfg = ModelConfig.from_dict({**saved, "dtype": config.model.dtype})
-  except (ValueError, TypeError) as e:
-    raise ValueError(f"checkpoint {checkpoint!r}: its stored model config is not valid ({e})"
-                     ) from None
+  model_cfg = model_config(checkpoint, config.model.dtype)  # the checkpoint's model is evaluated
   check.check_data_fits(config, model_cfg, "the checkpoint's model")
   check.check_model(config, model_cfg, dict(mesh.shape), training=False)
   model = load_model(checkpoint, dtype=config.model.dtype)
