@@ -170,9 +170,7 @@ def memory_report(config, model_cfg: ModelConfig, mesh, device_memory: float | N
 
 
 def format_memory_report(rep: dict) -> str:
-  def gib(b):
-    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
-
+  gib = checks.gib
   lines = [f"train step memory per device (XLA's analysis of the compiled step; mesh "
            f"{rep['mesh']}, {rep['devices']} device(s)):",
            f"  arguments    {gib(rep['arguments'])}  (parameters, optimizer state, batch)",
