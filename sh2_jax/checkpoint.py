@@ -106,9 +106,14 @@ def _reason(error: Exception, step_dir: str) -> str:
   return msg if len(msg) <= 300 else f"{msg[:120]} ... {msg[-170:]}"
 
 
-def _unreadable(step_dir: str, what: str, error: Exception) -> ValueError:
-  return ValueError(f"checkpoint {step_dir!r}: {what} cannot be read ({_reason(error, step_dir)});"
-                    " the files are damaged, incomplete or not an sh2_jax checkpoint")
+class DamagedCheckpoint(ValueError):
+  """A checkpoint's files cannot be read, do not fit its config, or fail their checksums."""
+
+
+def _unreadable(step_dir: str, what: str, error: Exception) -> DamagedCheckpoint:
+  return DamagedCheckpoint(f"checkpoint {step_dir!r}: {what} cannot be read "
+                           f"({_reason(error, step_dir)}); the files are damaged, incomplete or "
+                           "not an sh2_jax checkpoint")
 
 
 def read_config(directory: str) -> dict:
@@ -121,8 +126,8 @@ def read_config(directory: str) -> dict:
   except Exception as e:  # noqa: BLE001 - whatever the reader raises, the files are at fault
     raise _unreadable(step_dir, "its model config", e) from None
   if not isinstance(saved, dict):
-    raise ValueError(f"checkpoint {step_dir!r}: its model config is a {type(saved).__name__}, "
-                     "not a dict of ModelConfig fields")
+    raise DamagedCheckpoint(f"checkpoint {step_dir!r}: its model config is a "
+                            f"{type(saved).__name__}, not a dict of ModelConfig fields")
   return saved
 
 
@@ -151,7 +156,7 @@ def checksums(tree) -> dict[str, list[int]]:
 
 def verify_checksums(step_dir: str, tree) -> None:
   """Compare the arrays of ``tree`` (keyed as at save: ``{"params": ...}``, optionally
-  ``"opt_state"``) with the checksums saved in ``step_dir``; a mismatch is a ValueError.
+  ``"opt_state"``) with the checksums saved in ``step_dir``; a mismatch is a ``DamagedCheckpoint``.
   Checkpoints without checksums (converted ones, steps saved before checksums existed) are
   trusted."""
   path = os.path.join(step_dir, "checksums", "metadata")
@@ -164,14 +169,15 @@ def verify_checksums(step_dir: str, tree) -> None:
   got = checksums(tree)
   bad = sorted(k for k in got if want.get(k) != got[k])
   if bad:
-    raise ValueError(f"checksum mismatch in {len(bad)} arrays ({', '.join(bad[:3])}"
-                     f"{' …' if len(bad) > 3 else ''}): the files were altered")
+    raise DamagedCheckpoint(f"checksum mismatch in {len(bad)} arrays ({', '.join(bad[:3])}"
+                            f"{' …' if len(bad) > 3 else ''}): the files were altered")
 
 
 def check_stored_params(directory: str, target: dict) -> None:
   """The stored parameters' names and shapes (Orbax's metadata: no array data is read) must be
-  those of ``target`` (a pure dict of arrays or ``ShapeDtypeStruct``); otherwise a ValueError
-  naming the checkpoint and the parameters that differ. ``directory`` as for ``load_model``."""
+  those of ``target`` (a pure dict of arrays or ``ShapeDtypeStruct``); otherwise a
+  ``DamagedCheckpoint`` naming the checkpoint and the parameters that differ. ``directory`` as
+  for ``load_model``."""
   from etils import epath
   step_dir = _find_step_dir(os.path.abspath(directory))
   try:
@@ -188,25 +194,31 @@ def check_stored_params(directory: str, target: dict) -> None:
            [f"{n} has shape {have[n]}, the model {want[n]}" for n in sorted(set(want) & set(have))
             if have[n] != want[n]])
   if diffs:
-    raise ValueError(f"checkpoint {step_dir!r}: its parameters do not fit the model its config "
-                     f"describes ({len(diffs)} differ: {'; '.join(diffs[:3])}"
-                     f"{'; ...' if len(diffs) > 3 else ''}); the checkpoint is damaged or was "
-                     "written by other code")
+    raise DamagedCheckpoint(f"checkpoint {step_dir!r}: its parameters do not fit the model its "
+                            f"config describes ({len(diffs)} differ: {'; '.join(diffs[:3])}"
+                            f"{'; ...' if len(diffs) > 3 else ''}); the checkpoint is damaged "
+                            "or was written by other code")
 
 
 def restore_params(directory: str, target: dict) -> dict:
   """The stored parameters (``directory`` as for ``load_model``) restored into ``target``, a
   pure dict of arrays or ``jax.ShapeDtypeStruct`` (with shardings: each device reads its shard,
   so a model larger than one device restores straight into its FSDP layout). Parameters that
-  do not fit ``target`` or cannot be read: a ValueError naming the checkpoint."""
+  do not fit ``target``, cannot be read or fail the checksums saved with them (training
+  checkpoints): a ``DamagedCheckpoint`` naming the checkpoint."""
   step_dir = _find_step_dir(os.path.abspath(directory))
   check_stored_params(step_dir, target)
   try:
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-      return ckptr.restore(step_dir, ocp.args.Composite(
+      params = ckptr.restore(step_dir, ocp.args.Composite(
           params=ocp.args.StandardRestore(target)))["params"]
   except Exception as e:  # noqa: BLE001 - whatever the reader raises, the files are at fault
     raise _unreadable(step_dir, "its parameters", e) from None
+  try:
+    verify_checksums(step_dir, {"params": params})
+  except DamagedCheckpoint as e:
+    raise DamagedCheckpoint(f"checkpoint {step_dir!r}: {e}") from None
+  return params
 
 
 def model_config(directory: str, dtype=None, **overrides) -> ModelConfig:
@@ -218,8 +230,8 @@ def model_config(directory: str, dtype=None, **overrides) -> ModelConfig:
   try:
     ModelConfig.from_dict(cfg_dict)
   except (ValueError, TypeError) as e:
-    raise ValueError(f"checkpoint {step_dir!r}: its stored model config is not valid ({e})"
-                     ) from None
+    raise DamagedCheckpoint(f"checkpoint {step_dir!r}: its stored model config is not valid "
+                            f"({e})") from None
   if dtype is not None:
     overrides["dtype"] = jnp.dtype(dtype).name
   return ModelConfig.from_dict({**cfg_dict, **overrides})
@@ -230,17 +242,14 @@ def load_model(directory: str, dtype=None, **overrides) -> StripedHyena:
 
   ``dtype`` sets the compute dtype (parameters keep their stored float32); ``overrides`` are
   extra ModelConfig fields (e.g. ``conv_impl='xla'``). A damaged checkpoint (unreadable files,
-  an invalid stored config, parameters that do not fit it) is a ValueError naming it.
+  an invalid stored config, parameters that do not fit it or their checksums) is a ValueError
+  naming it.
   """
   step_dir = _find_step_dir(os.path.abspath(directory))
   cfg = model_config(step_dir, dtype, **overrides)
   checks.model(cfg, hint=checks.LOAD_HINT)  # runs on this backend, fits one device: before any read
   abstract = nnx.eval_shape(lambda: StripedHyena(cfg, rngs=nnx.Rngs(0)))
   params = restore_params(step_dir, nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
-  try:
-    verify_checksums(step_dir, {"params": params})
-  except ValueError as e:
-    raise ValueError(f"checkpoint {step_dir!r}: {e}") from None
   graphdef, state = nnx.split(abstract)  # no random init: the weights come from disk
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
   return nnx.merge(graphdef, state)

@@ -130,3 +130,18 @@ def test_commands_report_a_damaged_checkpoint_in_one_line(saved, tmp_path):
     assert len(lines) == 1 and lines[0].startswith(
         f"error: {prefix}checkpoint '{path}': its parameters cannot be read"), (args, lines[-5:])
   assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_fine_tuning_from_altered_arrays_is_one_error(saved, tmp_path):
+  """init_from a checkpoint whose arrays fail their checksums (found when they are read, once
+  training has started): one ``error:`` line, exit 2."""
+  path = str(tmp_path / "ckpt")
+  shutil.copytree(saved, path)
+  _altered_checksum(path)
+  args = ["train.py", "--config=tiny", f"--workdir={tmp_path / 'run'}",
+          f"--config.init_from={path}", "--config.num_steps=1"]
+  r = _run(args)
+  lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert len(lines) == 1 and lines[0].startswith(
+      f"error: init_from: checkpoint '{path}': checksum mismatch in 1 arrays"), lines[-5:]

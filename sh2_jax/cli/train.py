@@ -215,11 +215,14 @@ def run(argv: list[str]) -> None:
   except ValueError as e:  # bad input: one clear line, no traceback
     fail(str(e))
   if FLAGS.mode == "train":
+    from sh2_jax.checkpoint import DamagedCheckpoint
     try:
       trainer.train(config, FLAGS.workdir, prepared)
     except trainer.Diverged as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(1)
+    except DamagedCheckpoint as e:  # init_from's arrays, read once training starts
+      fail(f"init_from: {e}")
   else:
     evaluate.evaluate(config, FLAGS.workdir, prepared)
 
