@@ -11,7 +11,9 @@ defined in ``config.py``); the modules ask it for callables (``fir_fn``, ``modal
 timed on a GPU, so ``auto`` does not pick it); ``auto`` is ``pallas`` on GPU and
 XLA elsewhere. ``li_impl`` (LI): ``fft`` (the reference),
 ``modal_scan`` and ``modal_serial`` (FFT-free Pallas recurrences), ``auto`` (``modal_scan`` on
-GPU, ``fft`` elsewhere). ``attention_impl``: ``xla`` | ``cudnn`` | ``auto``.
+GPU, ``fft`` elsewhere). ``attention_impl``: ``xla`` | ``cudnn`` | ``auto``. The compute dtype
+float16 needs a GPU (``check_compute_dtype``). ``sh2_jax.checks.backend`` asks all of these
+up front, before a model is built.
 """
 
 from __future__ import annotations
@@ -39,6 +41,14 @@ def resolve_conv_impl(impl: str, interpret: bool = False) -> str:
     raise ValueError(f"conv_impl {impl!r} needs a GPU backend, but JAX runs on "
                      f"{jax.default_backend()!r}; use conv_impl 'auto', 'xla' or 'fft'")
   return impl
+
+
+def check_compute_dtype(dtype) -> None:
+  """float16 compute off GPU is an error: the model accumulates its matmuls in float32, and
+  XLA's CPU dot has no float16 x float16 -> float32 ('F16_F16_F32' is not supported)."""
+  if jnp.dtype(dtype) == jnp.float16 and jax.default_backend() == "cpu":
+    raise ValueError("dtype 'float16' needs a GPU backend, but JAX runs on 'cpu'; use float32 "
+                     "or bfloat16")
 
 
 def pallas_fir_misfit(x_shape, h_shape, dtype) -> str | None:

@@ -35,6 +35,13 @@ def is_spec(x) -> bool:
   return isinstance(x, P)
 
 
+def param_specs(abstract_model: nnx.Module) -> dict:
+  """Pure dict (same tree as ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``) of
+  PartitionSpecs from the parameters' sharding annotations, 'fsdp' -> ``FSDP_AXES``."""
+  specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(abstract_model, nnx.Param)))
+  return jax.tree.map(fsdp_spec, specs, is_leaf=is_spec)
+
+
 def fsdp_specs(state, mesh: Mesh) -> nnx.State:
   """PartitionSpecs of a module state from its annotations: 'fsdp' -> the FSDP_AXES of
   ``mesh``. A leaf whose annotated dimension their size does not divide stays whole (the

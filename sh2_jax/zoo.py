@@ -24,6 +24,7 @@ import sys
 
 from absl import logging
 
+from sh2_jax import checks
 from sh2_jax.config import ModelConfig
 from sh2_jax.flops import param_count
 from sh2_jax.inference.cache import cache_bytes
@@ -72,6 +73,7 @@ def _random_model(name: str, dtype, seed: int, **overrides):
   if dtype is not None:
     overrides["dtype"] = jnp.dtype(dtype).name
   cfg = get_preset(name, **overrides)
+  checks.model(cfg, hint=checks.LOAD_HINT)  # before building it
   logging.warning("preset %r: building it with RANDOM weights (seed %d). Pass a checkpoint "
                   "directory or a released model's name (%s) for trained weights.", name, seed,
                   ", ".join(RELEASES))

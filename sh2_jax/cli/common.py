@@ -1,4 +1,4 @@
-"""What the sh2-score and sh2-embed commands share (besides ``launch.py``): the checks of input
+"""What sh2-generate, sh2-score and sh2-embed share (besides ``launch.py``): the checks of input
 and output paths that run before a model is loaded, and writing the output all at once at the
 end.
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-DTYPES = ("float32", "bfloat16")
+from sh2_jax.config import DTYPES  # the one list; float16 needs a GPU (sh2_jax.checks.backend)
 
 
 def check_input_file(flag: str, path: str | None) -> None:
@@ -33,6 +33,23 @@ def check_output_file(flag: str, path: str | None, suffix: str | None = None) ->
     raise ValueError(f"--{flag} {path!r}: the directory {folder!r} does not exist")
   if suffix is not None and not path.endswith(suffix):
     raise ValueError(f"--{flag} {path!r} must end in {suffix}")
+
+
+def check_new_dir(flag: str, path: str | None) -> None:
+  """A directory the command creates: it must not exist yet, and the nearest existing folder
+  above it must be a directory it can write to (checked up front, so a conversion never ends
+  in an unwritable path)."""
+  if not path:
+    raise ValueError(f"--{flag} is required")
+  if os.path.exists(path):
+    raise ValueError(f"--{flag} {path!r} already exists; choose a new directory")
+  above = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(above):
+    above = os.path.dirname(above)
+  if not os.path.isdir(above):
+    raise ValueError(f"--{flag} {path!r}: {above!r} is a file, not a directory")
+  if not os.access(above, os.W_OK):
+    raise ValueError(f"--{flag} {path!r}: the directory {above!r} is not writable")
 
 
 def check_positive(flag: str, value: int | None, allow_none: bool = True) -> None:

@@ -11,13 +11,12 @@ checkpoint converts; Orbax writes DIR atomically.
 
 from __future__ import annotations
 
-import os
-
 import jax
 from absl import flags
 from flax import nnx
 
 from sh2_jax.checkpoint import save_model
+from sh2_jax.cli import common
 from sh2_jax.cli.launch import fail, launch
 from sh2_jax.convert.vortex import from_vortex
 
@@ -32,9 +31,8 @@ def run(argv: list[str]) -> None:
   if len(argv) > 1:
     fail(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  if os.path.exists(f.output):
-    fail(f"output {f.output!r} already exists; choose a new directory")
   try:
+    common.check_new_dir("output", f.output)
     model = from_vortex(f.checkpoint, f.config)
   except (ValueError, FileNotFoundError) as e:
     fail(str(e))

@@ -73,10 +73,11 @@ def _run(argv) -> None:
     names = common.record_names(records)
     model = sh2_jax.load(f.model, dtype=f.dtype)
     check_layer_names(model, f.layers)
-    long = [(n, len(s)) for n, (_, s) in zip(names, records) if len(s) > model.cfg.max_seqlen]
-    if long:
-      raise ValueError(f"--fasta record {long[0][0]!r} has {long[0][1]} bases, more than the "
-                       f"model's max_seqlen {model.cfg.max_seqlen}")
+    from sh2_jax import checks, tokenizer
+    labels = [f"--fasta record {n!r}" for n in names]
+    for label, (_, seq) in zip(labels, records):
+      checks.length(f"{label} of {len(seq)} tokens", len(seq), model.cfg.max_seqlen)
+    checks.token_ids([tokenizer.encode(s) for _, s in records], labels, model.cfg.vocab_size)
   except (ValueError, OSError) as e:
     fail(str(e))
   try:

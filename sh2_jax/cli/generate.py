@@ -28,6 +28,7 @@ import sys
 import numpy as np
 from absl import flags
 
+from sh2_jax.cli import common
 from sh2_jax.cli.launch import fail, launch
 
 FLAGS = flags.FLAGS
@@ -45,7 +46,6 @@ flags.DEFINE_string("dtype", None, "compute dtype, e.g. bfloat16 (default: the c
 flags.DEFINE_integer("line_width", 80, "FASTA sequence line width; 0 writes one line")
 flags.DEFINE_string("logprobs", None, "also write each generated token's log-probability to "
                     "this TSV file (record, step, token, logprob)")
-DTYPES = ("float32", "bfloat16")
 # Bytes a FASTA sequence line can hold: printable ASCII without the space and without the
 # header ('>') and comment (';') markers, so that no wrapped line can start a new record.
 FASTA_BYTES = frozenset(range(0x21, 0x7f)) - {ord(">"), ord(";")}
@@ -82,8 +82,7 @@ def check_flags() -> None:
     raise ValueError(f"--top_k {f.top_k} is not valid; expected >= 1")
   if f.top_p is not None and not 0 < f.top_p <= 1:
     raise ValueError(f"--top_p {f.top_p} is not valid; expected 0 < top_p <= 1")
-  if f.dtype is not None and f.dtype not in DTYPES:
-    raise ValueError(f"--dtype {f.dtype!r} is not valid; expected one of {', '.join(DTYPES)}")
+  common.check_dtype(f.dtype)
   if f.line_width < 0:
     raise ValueError(f"--line_width {f.line_width} is not valid; expected >= 0 (0: one line)")
   if f.logprobs is not None:
@@ -118,7 +117,7 @@ def run(argv: list[str]) -> None:
   if len(argv) > 1:
     fail(f"unexpected arguments: {argv[1:]}")
   import sh2_jax
-  from sh2_jax import tokenizer
+  from sh2_jax import checks, tokenizer
   from sh2_jax.data.readers import read_fasta
   try:  # every check of the inputs runs here, before any generation
     check_flags()
@@ -126,11 +125,12 @@ def run(argv: list[str]) -> None:
     stops = stop_ids(FLAGS.stop)
     model = sh2_jax.load(FLAGS.model, dtype=FLAGS.dtype)
     prompts = [tokenizer.encode(seq) for _, seq in records]
+    names = (["--prompt"] if FLAGS.prompt is not None else
+             [f"--fasta record {n!r}" for n in common.record_names(records)])
+    checks.token_ids([*prompts, stops], [*names, "--stop"], model.cfg.vocab_size)
     longest = max(len(p) for p in prompts)
-    if longest + FLAGS.max_new_tokens > model.cfg.max_seqlen:
-      raise ValueError(f"a prompt of {longest} tokens plus --max_new_tokens "
-                       f"{FLAGS.max_new_tokens} exceeds the model's max_seqlen "
-                       f"{model.cfg.max_seqlen}")
+    checks.length(f"a prompt of {longest} tokens plus --max_new_tokens {FLAGS.max_new_tokens}",
+                  longest + FLAGS.max_new_tokens, model.cfg.max_seqlen)
   except (ValueError, OSError) as e:
     fail(str(e))
   want_lp = FLAGS.logprobs is not None

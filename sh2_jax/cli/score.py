@@ -134,13 +134,14 @@ def _run(argv) -> None:
       var.check_reference(variants, reference)
     model = sh2_jax.load(FLAGS.model, dtype=FLAGS.dtype)
     if FLAGS.fasta is not None:
-      long = [(n, len(s)) for n, s in zip(common.record_names(records), (s for _, s in records))
-              if not 2 <= len(s) <= model.cfg.max_seqlen]
-      if long:
-        raise ValueError(f"--fasta record {long[0][0]!r} has {long[0][1]} bases; the model "
-                         f"scores 2..{model.cfg.max_seqlen} (its max_seqlen)")
+      from sh2_jax import checks, tokenizer
+      names = [f"--fasta record {n!r}" for n in common.record_names(records)]
+      for name, (_, seq) in zip(names, records):
+        if len(seq) < 2:
+          raise ValueError(f"{name} has {len(seq)} token(s); scoring needs at least 2")
+        checks.length(f"{name} of {len(seq)} tokens", len(seq), model.cfg.max_seqlen)
+      checks.token_ids([tokenizer.encode(s) for _, s in records], names, model.cfg.vocab_size)
       if FLAGS.rc:
-        from sh2_jax import tokenizer
         from sh2_jax.inference.scoring import reverse_complement
         for name, (_, seq) in zip(common.record_names(records), records):
           reverse_complement(tokenizer.encode(seq), f"--fasta record {name!r}")

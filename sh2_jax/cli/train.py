@@ -126,14 +126,52 @@ def _parse_flags(argv: list[str]) -> list[str]:
     fail(_override_error(argv, e))
 
 
+def _check_without_data(config, mode: str, memory: bool = True):
+  """What ``--dry_run`` and ``--memory`` check (everything but the data and the workdir): the
+  config, the mesh and the model on it (``memory``: against the device's memory too).
+  Returns (model_cfg, mesh shape)."""
+  from sh2_jax import checks
+  from sh2_jax.train import check
+  from sh2_jax.train import mesh as mesh_lib
+  import jax
+  model_cfg = check.validate(config, mode)
+  shape = dict(zip(mesh_lib.AXES, mesh_lib.mesh_shape(config.mesh, jax.device_count())))
+  check.check_against_mesh(config, shape, jax.process_count())
+  if memory:
+    check.check_model(config, model_cfg, shape, training=mode == "train")
+  else:
+    checks.fsdp(*checks.abstract_params(model_cfg), shape)
+  return model_cfg, shape
+
+
+def _dry_run(config) -> None:
+  """The summary of the config's model, then whether its parameters (and optimizer state, in
+  train mode) fit one device: a model that cannot is refused here as it would be by a run."""
+  from sh2_jax import checks
+  from sh2_jax.summary import print_summary
+  from sh2_jax.train import check
+  try:
+    model_cfg, shape = _check_without_data(config, FLAGS.mode, memory=False)
+  except ValueError as e:
+    fail(str(e))
+  print_summary(config)
+  try:
+    need = check.check_model(config, model_cfg, shape, training=FLAGS.mode == "train")
+  except ValueError as e:
+    fail(str(e))
+  limit, where = checks.device_memory()
+  what = "parameters + optimizer state" if FLAGS.mode == "train" else "parameters"
+  print(f"{what} per device on mesh {shape}: {checks.gib(need)}"
+        + (f" of {checks.gib(limit)} ({where})" if limit else ""))
+
+
 def _memory_report(config) -> None:
-  from sh2_jax.train import check, trainer
+  from sh2_jax.train import trainer
   from sh2_jax.train import mesh as mesh_lib
   import jax
   try:
-    model_cfg = check.validate(config, "train")
+    model_cfg, _ = _check_without_data(config, "train", memory=False)  # reported, not refused
     mesh = mesh_lib.make_mesh(config.mesh)
-    check.check_against_mesh(config, dict(mesh.shape), jax.process_count())
     if FLAGS.device_memory_gb is not None and not FLAGS.device_memory_gb > 0:
       raise ValueError(f"--device_memory_gb {FLAGS.device_memory_gb} must be > 0")
   except ValueError as e:
@@ -157,13 +195,7 @@ def run(argv: list[str]) -> None:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     fail(f"cannot load the --config file: {lines[-1] if lines else type(e).__name__}")
   if FLAGS.dry_run:
-    from sh2_jax.summary import print_summary
-    from sh2_jax.train import check
-    try:
-      check.validate(config, FLAGS.mode)
-    except ValueError as e:
-      fail(str(e))
-    print_summary(config)
+    _dry_run(config)
     return
   if FLAGS.memory:
     _memory_report(config)
@@ -183,11 +215,14 @@ def run(argv: list[str]) -> None:
   except ValueError as e:  # bad input: one clear line, no traceback
     fail(str(e))
   if FLAGS.mode == "train":
+    from sh2_jax.checkpoint import DamagedCheckpoint
     try:
       trainer.train(config, FLAGS.workdir, prepared)
     except trainer.Diverged as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(1)
+    except DamagedCheckpoint as e:  # init_from's arrays, read once training starts
+      fail(f"init_from: {e}")
   else:
     evaluate.evaluate(config, FLAGS.workdir, prepared)
 

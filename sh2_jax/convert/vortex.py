@@ -27,7 +27,7 @@ import numpy as np
 import yaml
 from flax import nnx
 
-from sh2_jax import fp8, presets
+from sh2_jax import checks, fp8, presets
 from sh2_jax.config import ModelConfig
 from sh2_jax.convert.torch_pickle import BytesBlob, load_state_dict, read_extra_state
 from sh2_jax.model import StripedHyena
@@ -280,8 +280,10 @@ def from_vortex(pt_path: str, config: str, dtype=jnp.float32, **overrides) -> St
   else:
     raise ValueError(f"config {config!r} is neither a YAML file nor a model name; names: "
                      f"{', '.join(presets.PRESETS)}")
+  shapes = make(**{**overrides, "fp8_projections": "off"})
+  checks.memory(*checks.abstract_params(shapes), hint="; convert on a machine with more memory")
   sd = load_state_dict(pt_path)
-  check_state_dict(sd, make(**{**overrides, "fp8_projections": "off"}))  # shapes first
+  check_state_dict(sd, shapes)  # shapes first
   overrides.setdefault("fp8_projections", fp8_mode_for(trained_fp8, sd))
   cfg = make(dtype=jnp.dtype(dtype).name, **overrides)
   return build_model(cfg, params_from_state_dict(sd, cfg))

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from sh2_jax import checks
 from sh2_jax.inference.decode import decode_step
 from sh2_jax.inference.prefill import prefill
 from sh2_jax.inference.sampling import check_sampling, sample
@@ -51,10 +52,7 @@ def as_token_rows(tokens, vocab_size: int,
       raise ValueError(f"{what} {i} must be a non-empty 1-D sequence of ids; got shape {r.shape}")
     if not np.issubdtype(r.dtype, np.integer):
       raise ValueError(f"{what} {i} has dtype {r.dtype}; token ids must be integers")
-    if r.min() < 0 or r.max() >= vocab_size:
-      bad = int(r.max() if r.max() >= vocab_size else r.min())
-      raise ValueError(f"{what} {i} has token id {bad} outside the vocabulary "
-                       f"0..{vocab_size - 1}")
+  checks.token_ids(rows, [f"{what} {i}" for i in range(len(rows))], vocab_size)
   return [r.astype(np.int32) for r in rows], single
 
 

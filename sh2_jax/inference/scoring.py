@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sh2_jax import tokenizer
+from sh2_jax import checks, tokenizer
 from sh2_jax.inference.generation import PROMPT_BUCKET, as_token_rows, length_batches
 from sh2_jax.ops.loss import token_loglik
 
@@ -69,10 +69,8 @@ def _as_rows(model, sequences) -> tuple[list[np.ndarray], str]:
   short = [i for i, r in enumerate(rows) if len(r) < 2]
   if short:
     raise ValueError(f"sequence(s) {short} have fewer than 2 tokens; nothing to score")
-  long = [i for i, r in enumerate(rows) if len(r) > model.cfg.max_seqlen]
-  if long:
-    raise ValueError(f"sequence {long[0]} has {len(rows[long[0]])} tokens, more than the "
-                     f"model's max_seqlen {model.cfg.max_seqlen}")
+  for i, r in enumerate(rows):
+    checks.length(f"sequence {i} of {len(r)} tokens", len(r), model.cfg.max_seqlen)
   return rows, form
 
 

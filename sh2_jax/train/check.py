@@ -1,5 +1,12 @@
 """Validate a training/eval config before anything is written: every bad value raises one
-ValueError that names it and what would be valid."""
+ValueError that names it and what would be valid.
+
+  validate(config, mode)                       keys and values of the config alone
+  check_against_mesh(config, mesh_shape, n)    batch and sequence split over the mesh
+  check_model(config, model_cfg, mesh_shape)   the model on the mesh: FSDP divisibility and
+                                               parameters + optimizer state per device against
+                                               the device's memory (``sh2_jax.checks``)
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ import math
 
 import ml_collections
 
+from sh2_jax import checks
 from sh2_jax.config import REMAT_MODES as REMAT, ModelConfig
 
 MODES = ("train", "eval")
@@ -65,9 +73,7 @@ def validate(config, mode: str = "train") -> ModelConfig:
   except ValueError as e:
     raise ValueError(f"{e} (config.context_parallel)") from None
   _positive_int("max_nonfinite_logs", config.max_nonfinite_logs, allow_zero=True)
-  from sh2_jax import dispatch  # the implementations must run on this backend
-  dispatch.resolve_conv_impl(model_cfg.conv_impl)
-  dispatch.resolve_li_impl(model_cfg.li_impl)
+  checks.backend(model_cfg)  # the implementations and dtype must run on this backend
   lr = config.optimizer.learning_rate
   if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
     raise ValueError(f"optimizer.learning_rate {lr!r} must be a finite number > 0")
@@ -75,12 +81,7 @@ def validate(config, mode: str = "train") -> ModelConfig:
   if not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip >= 0):
     raise ValueError(f"optimizer.grad_clip {clip!r} is not valid; expected a finite number >= 0 "
                      "(0 turns clipping off)")
-  if model_cfg.vocab_size < BYTE_TOKENS:
-    raise ValueError(f"model.vocab_size {model_cfg.vocab_size} is below the {BYTE_TOKENS} byte "
-                     f"tokens the data pipeline produces; expected >= {BYTE_TOKENS}")
-  if config.seq_len > model_cfg.max_seqlen:
-    raise ValueError(f"seq_len {config.seq_len} exceeds model.max_seqlen "
-                     f"{model_cfg.max_seqlen}; raise model.max_seqlen or shorten seq_len")
+  check_data_fits(config, model_cfg)
   if config.batch_size % config.optimizer.grad_accum_steps:
     raise ValueError(f"batch_size {config.batch_size} is not divisible by "
                      f"optimizer.grad_accum_steps {config.optimizer.grad_accum_steps}")
@@ -106,3 +107,31 @@ def check_against_mesh(config, mesh_shape: dict, process_count: int) -> None:
     why = " (zig-zag: 2 chunks per rank)" if n > 1 else ""
     raise ValueError(f"seq_len {config.seq_len} cannot be split over mesh.context {n}: it must "
                      f"be a multiple of {chunks}{why}")
+
+
+def check_data_fits(config, model_cfg: ModelConfig, what: str = "model") -> None:
+  """The windows of ``config.seq_len`` byte tokens fit the model (its vocabulary, its
+  max_seqlen); ``what`` names the model in the messages."""
+  if model_cfg.vocab_size < BYTE_TOKENS:
+    raise ValueError(f"{what}.vocab_size {model_cfg.vocab_size} is below the {BYTE_TOKENS} byte "
+                     f"tokens the data pipeline produces; expected >= {BYTE_TOKENS}")
+  checks.length(f"seq_len {config.seq_len}", config.seq_len, model_cfg.max_seqlen,
+                "; raise model.max_seqlen or shorten seq_len" if what == "model" else
+                "; shorten seq_len")
+
+
+MEMORY_HINT = ("; shard the parameters over more devices (config.mesh.fsdp), shrink the model, "
+               "or see the whole train step's memory with --memory")
+
+
+def check_model(config, model_cfg: ModelConfig, mesh_shape: dict, training: bool = True) -> int:
+  """The model of ``model_cfg`` on a mesh of ``mesh_shape``: every FSDP-sharded dimension
+  divides by the FSDP size, and its parameters (with ``training``, plus the optimizer's state)
+  fit one device. From the abstract model: nothing is allocated or compiled. Returns those
+  bytes per device."""
+  optimizer_state_of = None
+  if training:
+    from sh2_jax.train.optim import freeze_prefixes, make_optimizer
+    optimizer_state_of = make_optimizer(config.optimizer, config.num_steps,
+                                        freeze_prefixes(config.freeze)).init
+  return checks.model(model_cfg, mesh_shape, optimizer_state_of, hint=MEMORY_HINT)

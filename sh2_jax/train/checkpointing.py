@@ -7,7 +7,8 @@ Each step directory holds the items
   state         ``step`` and the RNG key data
   data          the Grain iterator state (one file per process)
   train_config  the whole ml_collections config as JSON (for the record)
-  checksums     two uint32 checksums per parameter and optimizer array (``fingerprint``)
+  checksums     two uint32 checksums per parameter and optimizer array
+                (``sh2_jax.checkpoint.checksums``; ``load_model`` verifies them too)
 Saves are asynchronous and atomic (Orbax writes a temporary directory and renames it when
 complete), so a killed run leaves at worst an unfinished temporary directory, which is ignored
 and cleaned up. The checksums are verified after restoring, so flipped bits are caught. Restoring tries the
@@ -21,15 +22,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import grain
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
-from absl import logging
-import numpy as np
 from jax.experimental import multihost_utils
 
+from sh2_jax import checkpoint  # also its Orbax workaround: quiet fallbacks
 from sh2_jax import config as config_lib
 
 ITEMS = ("params", "config", "opt_state", "state", "data", "train_config", "checksums")
@@ -60,7 +60,8 @@ def save(mngr: ocp.CheckpointManager, step: int, *, params, opt_state, state, da
       state=ocp.args.StandardSave(state),
       data=grain.checkpoint.CheckpointSave(data_iter),
       config=ocp.args.JsonSave(model_cfg),
-      checksums=ocp.args.JsonSave(_checksums(params, opt_state)),
+      checksums=ocp.args.JsonSave(checkpoint.checksums({"params": params,
+                                                        "opt_state": opt_state})),
       train_config=ocp.args.JsonSave(json.loads(json.dumps(train_cfg, default=str)))))
 
 
@@ -117,39 +118,10 @@ def check_compatible(workdir: str, model_cfg: dict, train_cfg) -> None:
                      "untouched")
 
 
-def fingerprint(tree) -> dict:
-  """Per-array checksums (uint32): the wrapped sum of the array's 32-bit words, and the same
-  weighted by position, so any flipped bit and any swap of elements changes them."""
-  def one(x):
-    x = jnp.asarray(x)
-    if x.dtype.itemsize == 4:
-      w = jax.lax.bitcast_convert_type(x, jnp.uint32)
-    else:
-      w = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
-    w = w.reshape(-1)
-    pos = jnp.arange(1, w.size + 1, dtype=jnp.uint32)
-    return jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * pos, dtype=jnp.uint32)])
-  return jax.tree.map(one, tree)
-
-
-def _checksums(params, opt_state) -> dict[str, list[int]]:
-  sums = jax.device_get(fingerprint({"params": params, "opt_state": opt_state}))
-  return {jax.tree_util.keystr(k): [int(v) for v in np.asarray(s)]
-          for k, s in jax.tree_util.tree_leaves_with_path(sums)}
-
-
 def _verify(mngr: ocp.CheckpointManager, step: int, params, opt_state) -> None:
-  """Compare the restored arrays with the checksums saved beside them (steps saved before
-  checksums existed have none, and are trusted as before)."""
-  path = os.path.join(str(mngr.directory), str(step), "checksums", "metadata")
-  if not os.path.exists(path):
-    return
-  want = json.load(open(path))
-  got = _checksums(params, opt_state)
-  bad = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
-  if bad:
-    raise ValueError(f"checksum mismatch in {len(bad)} arrays ({', '.join(bad[:3])}"
-                     f"{' …' if len(bad) > 3 else ''}): the files were altered")
+  """The restored arrays against the checksums saved beside them."""
+  checkpoint.verify_checksums(os.path.join(str(mngr.directory), str(step)),
+                              {"params": params, "opt_state": opt_state})
 
 
 def _set_damaged(mngr: ocp.CheckpointManager, step: int) -> None:
@@ -180,12 +152,9 @@ def restore_latest(mngr: ocp.CheckpointManager, *, abstract_params, abstract_opt
       _verify(mngr, step, out["params"], out["opt_state"])
     except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
       msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-      logging.error("checkpoint step %d in %s is damaged and was not used (%s: %s); "
-                    "falling back to the previous checkpoint", step, mngr.directory,
-                    type(e).__name__, msg)
-      print(f"WARNING: checkpoint step {step} in {mngr.directory} is damaged "
+      print(f"warning: checkpoint step {step} in {mngr.directory} is damaged "
             f"({type(e).__name__}: {msg}); renamed to {step}.damaged, trying the previous one",
-            flush=True)
+            file=sys.stderr, flush=True)
       _set_damaged(mngr, step)
       continue
     return step, out["params"], out["opt_state"], out["state"]

@@ -15,7 +15,8 @@ import os
 import jax
 from flax import nnx
 
-from sh2_jax.checkpoint import load_model
+from sh2_jax.checkpoint import load_model, model_config
+from sh2_jax.train import check
 from sh2_jax.train import mesh as mesh_lib
 from sh2_jax.train.step import eval_step
 from sh2_jax.train.trainer import place, prepare, run_eval
@@ -32,6 +33,9 @@ def prepare_eval(config, checkpoint: str):
                      "whole dataset) or give more data")
   if not os.path.exists(checkpoint):
     raise ValueError(f"checkpoint path {checkpoint!r} does not exist")
+  model_cfg = model_config(checkpoint, config.model.dtype)  # the checkpoint's model is evaluated
+  check.check_data_fits(config, model_cfg, "the checkpoint's model")
+  check.check_model(config, model_cfg, dict(mesh.shape), training=False)
   model = load_model(checkpoint, dtype=config.model.dtype)
   return mesh, eval_src, model
 

@@ -20,7 +20,7 @@ import os
 import jax
 from flax import nnx
 
-from sh2_jax.checkpoint import read_config, restore_params
+from sh2_jax.checkpoint import check_stored_params, read_config, restore_params
 from sh2_jax.config import ModelConfig, shape_diffs
 from sh2_jax.model import StripedHyena
 from sh2_jax.presets import matching_presets
@@ -67,6 +67,11 @@ def resolve_init(config, model_cfg: ModelConfig, resumed: dict | None):
                      f"only: {', '.join(extra[:4]) or '-'}; config only: "
                      f"{', '.join(missing[:4]) or '-'}); model.fp8_projections is "
                      f"{saved.get('fp8_projections')!r} there, {model_cfg.fp8_projections!r} here")
+  abstract = nnx.eval_shape(lambda: StripedHyena(model_cfg, rngs=nnx.Rngs(0)))
+  try:  # the stored arrays' metadata: damage shows here, before the workdir is created
+    check_stored_params(src, nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+  except ValueError as e:
+    raise ValueError(f"init_from: {e}") from None
   return model_cfg, src
 
 

@@ -12,10 +12,10 @@ import math
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from sh2_jax.sharding import AXES, BATCH_AXES, FSDP_AXES, axis_size, fsdp_spec
+from sh2_jax import checks
+from sh2_jax.sharding import AXES, BATCH_AXES, FSDP_AXES, param_specs
 
 __all__ = ["AXES", "BATCH_AXES", "FSDP_AXES", "batch_sharding", "global_batch", "make_mesh",
            "mesh_shape", "param_shardings", "param_specs", "replicated"]
@@ -57,26 +57,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def param_specs(abstract_model: nnx.Module) -> dict:
-  """Pure dict (same tree as ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``) of
-  PartitionSpecs from the parameters' sharding annotations, 'fsdp' -> ``FSDP_AXES``."""
-  specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(abstract_model, nnx.Param)))
-  return jax.tree.map(fsdp_spec, specs, is_leaf=lambda s: isinstance(s, P))
-
-
 def param_shardings(mesh: Mesh, abstract_params: dict, specs: dict) -> dict:
   """NamedShardings for a pure param dict; an annotated dimension that the mesh axis does not
-  divide is an error naming the parameter (no silent replication)."""
-  def one(path, x, spec):
-    for dim, axis in zip(x.shape, spec):
-      if axis is not None and dim % axis_size(mesh, axis):
-        name = ".".join(str(getattr(k, "key", k)) for k in path)
-        names = " x ".join(f"mesh.{a}" for a in (axis if isinstance(axis, tuple) else (axis,)))
-        raise ValueError(f"parameter {name} of shape {tuple(x.shape)} cannot be sharded over "
-                         f"mesh axes {axis!r} of size {axis_size(mesh, axis)}: {dim} is not "
-                         f"divisible; choose {names} dividing it")
-    return NamedSharding(mesh, spec)
-  return jax.tree_util.tree_map_with_path(one, abstract_params, specs)
+  divide is an error naming the parameter (``checks.fsdp``: no silent replication)."""
+  checks.fsdp(abstract_params, specs, dict(mesh.shape))
+  return jax.tree.map(lambda _, spec: NamedSharding(mesh, spec), abstract_params, specs)
 
 
 def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:

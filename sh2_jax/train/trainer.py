@@ -21,6 +21,7 @@ from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
+from sh2_jax import checks
 from sh2_jax.config import ModelConfig
 from sh2_jax.data import pipeline
 from sh2_jax.flops import flops_per_token
@@ -88,17 +89,23 @@ def run_eval(eval_fn, params, mesh, source, batch_size: int, max_batches: int,
 def prepare_train(config, workdir: str | None = None):
   """``prepare`` plus the training iterator (an empty training split is an input error), the
   frozen groups and, given ``workdir``, the check that its checkpoints were written for this
-  model, and the fine-tuning checkpoint (``config.init_from``; resuming wins). Returns
+  model, and the fine-tuning checkpoint (``config.init_from``; resuming wins); the model on the
+  mesh (FSDP sizes, memory: ``check.check_model``). Returns
   (model_cfg, mesh, data_iter, eval_src, init_from checkpoint or None)."""
   model_cfg, mesh, (train_src, eval_src) = prepare(config, "train")
   resumed = None  # the model config of the workdir's newest checkpoint, if there is one
   if workdir is not None:
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-      raise ValueError(f"--workdir {workdir!r} is a file, not a directory")
+    above = os.path.abspath(workdir)
+    while not os.path.exists(above):  # the folder it will be created in
+      above = os.path.dirname(above)
+    if not os.path.isdir(above):
+      where = "" if above == os.path.abspath(workdir) else f": {above!r}"
+      raise ValueError(f"--workdir {workdir!r}{where} is a file, not a directory")
     checkpointing.check_compatible(workdir, model_cfg.to_dict(), config)
     resumed = checkpointing.latest_model_config(workdir)
   model_cfg, init_from = finetune.resolve_init(config, model_cfg, resumed)
   check_freeze(config.freeze, nnx.to_pure_dict(nnx.state(abstract_model(model_cfg), nnx.Param)))
+  check.check_model(config, model_cfg, dict(mesh.shape))
   data_iter = pipeline.train_iterator(train_src, config.batch_size, config.seed,
                                       jax.process_index(), jax.process_count())
   return model_cfg, mesh, data_iter, eval_src, init_from
@@ -156,17 +163,14 @@ def memory_report(config, model_cfg: ModelConfig, mesh, device_memory: float | N
   args, out = ma.argument_size_in_bytes, ma.output_size_in_bytes
   temp, alias = ma.temp_size_in_bytes, ma.alias_size_in_bytes
   if device_memory is None:
-    stats = jax.local_devices()[0].memory_stats() or {}
-    device_memory = stats.get("bytes_limit")
+    device_memory = checks.device_memory()[0]  # on CPU: the host's memory shared by its devices
   return {"arguments": args, "temporaries": temp, "output": out, "aliased": alias,
           "total": args + temp + out - alias, "device_memory": device_memory,
           "devices": mesh.size, "mesh": dict(mesh.shape)}
 
 
 def format_memory_report(rep: dict) -> str:
-  def gib(b):
-    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
-
+  gib = checks.gib
   lines = [f"train step memory per device (XLA's analysis of the compiled step; mesh "
            f"{rep['mesh']}, {rep['devices']} device(s)):",
            f"  arguments    {gib(rep['arguments'])}  (parameters, optimizer state, batch)",

@@ -91,8 +91,8 @@ def test_bad_inputs(files):
       ([f"--model={files / 'ckpt'}", fa, "--layers=norm", f"--out={files / 'x.txt'}"],
        "must end in .npz"),
       ([*base, fa, "--layers=norm", "--pool=max"], "--pool"),
-      ([*base, f"--fasta={long}", "--layers=norm"], "record 'big' has 65 bases, more than the "
-                                                    "model's max_seqlen 64"),
+      ([*base, f"--fasta={long}", "--layers=norm"], "record 'big' of 65 tokens is more than "
+                                                    "the model's max_seqlen 64"),
   ]
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
     results = list(pool.map(_embed_cli, [args for args, _ in cases]))

@@ -131,6 +131,20 @@ def test_bad_yaml_is_one_error(tmp_path, edit, message):
     config_from_yaml(read_yaml(str(path)))
 
 
+def test_a_model_too_large_for_the_machine_is_refused_before_reading(tmp_path):
+  """A width of 1M: the abstract parameters (128 TiB) are weighed against the device's memory
+  before the checkpoint is opened."""
+  path = tmp_path / "huge.yml"
+  text = open(YML).read()
+  for key in ("hidden_size", "num_filters", "hcl_filter_groups"):
+    text = "\n".join(f"{key}: 1048576" if ln.startswith(f"{key}:") else ln
+                     for ln in text.splitlines())
+  path.write_text(text)
+  with pytest.raises(ValueError, match=r"^the model's parameters need 128\.0 TiB on one device, "
+                                       r"more than .*; convert on a machine with more memory"):
+    from_vortex(str(tmp_path / "never_read.pt"), str(path))
+
+
 def _fake_state_dict(preset: str) -> dict:
   """Every tensor of ``preset``'s reference checkpoint as a zero-stride view: the names and
   shapes of a 7B checkpoint without its 26 GB."""
@@ -185,3 +199,18 @@ def test_cli_wrong_model_name_is_one_line(tmp_path):
            and "runpy" not in ln]
   assert len(lines) == 1 and lines[0].startswith("error: checkpoint does not match the config: ")
   assert not (tmp_path / "out").exists()
+
+
+def test_cli_output_under_a_file_is_one_line_before_converting(tmp_path):
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  r = subprocess.run([sys.executable, "-m", "sh2_jax.cli.convert", "--checkpoint", PT,
+                      "--config", YML, "--output", str(blocker / "out")], capture_output=True,
+                     text=True, cwd=root, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert r.returncode == 2, r.stderr[-2000:]
+  lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+  assert lines == [f"error: --output '{blocker / 'out'}': '{blocker}' is a file, not a "
+                   "directory"], lines

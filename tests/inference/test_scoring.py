@@ -76,8 +76,8 @@ def test_bad_arguments(model):
     score(model, SEQS, reduce="max")
   with pytest.raises(ValueError, match="batch_size 0 must be None or a positive integer"):
     score(model, SEQS, batch_size=0)
-  with pytest.raises(ValueError, match="sequence 1 has 300 tokens, more than the model's "
-                                       "max_seqlen 256"):
+  with pytest.raises(ValueError, match="sequence 1 of 300 tokens is more than the "
+                                       "model's max_seqlen 256"):
     score(model, ["ACGT", "A" * 300])
   with pytest.raises(ValueError, match=r"sequence\(s\) \[0\] have fewer than 2 tokens"):
     score(model, ["A", "ACGT"])

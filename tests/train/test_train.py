@@ -240,9 +240,9 @@ def test_param_sharding_over_fsdp_and_context_names_the_bad_dimension():
   assert jax.sharding.PartitionSpec(("fsdp", "context"), None) in jax.tree.leaves(
       specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
   mesh = jax.sharding.AbstractMesh((1, 1, 3), mesh_lib.AXES)
-  with pytest.raises(ValueError, match=r"cannot be sharded over mesh axes \('fsdp', 'context'\) "
-                                       r"of size 3: \d+ is not divisible; choose mesh.fsdp x "
-                                       r"mesh.context dividing it"):
+  with pytest.raises(ValueError, match=r"cannot be sharded over mesh.fsdp 1 x mesh.context 3 "
+                                       r"\(= 3 devices\): (\d+) is not divisible by 3; choose "
+                                       r"mesh.fsdp x mesh.context dividing \1$"):
     mesh_lib.param_shardings(mesh, params, specs)
   ok = jax.sharding.AbstractMesh((1, 2, 2), mesh_lib.AXES)
   shardings = mesh_lib.param_shardings(ok, params, specs)
