@@ -146,23 +146,32 @@ def _check_without_data(config, mode: str, memory: bool = True):
 
 def _dry_run(config) -> None:
   """The summary of the config's model, then whether its parameters (and optimizer state, in
-  train mode) fit one device: a model that cannot is refused here as it would be by a run."""
+  train mode) fit one device of this machine: a verdict line, not a refusal (a dry run plans;
+  a run on a device too small is refused before it starts)."""
+  import jax
+
   from sh2_jax import checks
   from sh2_jax.summary import print_summary
-  from sh2_jax.train import check
   try:
     model_cfg, shape = _check_without_data(config, FLAGS.mode, memory=False)
+    checks.backend(model_cfg)
   except ValueError as e:
     fail(str(e))
   print_summary(config)
-  try:
-    need = check.check_model(config, model_cfg, shape, training=FLAGS.mode == "train")
-  except ValueError as e:
-    fail(str(e))
+  params, specs = checks.abstract_params(model_cfg)
+  opt = None
+  if FLAGS.mode == "train":
+    from sh2_jax.train.optim import freeze_prefixes, make_optimizer
+    tx = make_optimizer(config.optimizer, config.num_steps, freeze_prefixes(config.freeze))
+    opt = jax.eval_shape(tx.init, params)
+  need = checks.memory(params, specs, shape, opt, limit=2**62)  # measured, never refused here
   limit, where = checks.device_memory()
   what = "parameters + optimizer state" if FLAGS.mode == "train" else "parameters"
-  print(f"{what} per device on mesh {shape}: {checks.gib(need)}"
-        + (f" of {checks.gib(limit)} ({where})" if limit else ""))
+  verdict = ""
+  if limit:
+    verdict = (f" of {checks.gib(limit)} ({where}): "
+               + ("fits" if need <= limit else "does not fit (a run here is refused)"))
+  print(f"{what} per device on mesh {shape}: {checks.gib(need)}{verdict}")
 
 
 def _memory_report(config) -> None:
