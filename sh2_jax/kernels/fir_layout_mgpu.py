@@ -16,7 +16,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-SMEM_LIMIT = 227 * 1024  # bytes of shared memory per block on Hopper
+from sh2_jax.kernels.fir_layout import SMEM_LIMIT  # Hopper's per-block limit, one definition
+
 MAX_BANDS = 2            # K <= 2c + 1: the MR filters (128 taps) at c = 64
 f32 = jnp.float32
 
