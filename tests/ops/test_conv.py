@@ -104,3 +104,16 @@ def test_bad_impls():
     dispatch.gated_modal(x, x, x, -jnp.ones((4, 2)), jnp.ones((4, 2)), None, "scan")
   with pytest.raises(ValueError, match="filter groups 3 do not divide channels 4"):
     fir.fir_conv(x, jnp.ones((3, 2)))
+
+
+@pytest.mark.parametrize("shape,groups,dtype,hopper,want", [
+    ((1, 8192, 4096), 256, jnp.bfloat16, True, "pallas_mgpu"),   # Evo 2 7B/40B: 16 per group
+    ((1, 8192, 1920), 128, jnp.bfloat16, True, "pallas"),        # Evo 2 1B: 15 per group
+    ((1, 8192, 4096), 256, jnp.float32, True, "pallas"),         # float32: Triton only
+    ((1, 8192, 4096), 256, jnp.bfloat16, False, "pallas"),       # pre-Hopper
+])
+def test_auto_fir_choice(shape, groups, dtype, hopper, want):
+  """``conv_impl='auto'`` on a GPU: Mosaic GPU on Hopper where it fits, else Triton."""
+  impl, reason = dispatch.fir_choice(shape, (groups, 128), dtype, hopper=hopper)
+  assert (impl, reason) == (want, None)
+  assert dispatch.fir_choice(shape, (groups, 7), dtype, hopper=hopper)[0] == want
