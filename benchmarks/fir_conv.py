@@ -9,6 +9,7 @@ against the measured copy bandwidth (roofline %).
   python benchmarks/fir_conv.py --mode check            # Triton and Mosaic GPU kernels vs XLA
   python benchmarks/fir_conv.py --mode full --only pallas,pallas_mgpu   # the two side by side
   python benchmarks/fir_conv.py --mode mgpu_sweep       # Mosaic GPU block sizes at L=16K
+  python benchmarks/fir_conv.py --mode mgpu_variants    # Mosaic GPU kernel variants at L=16K
   python benchmarks/fir_conv.py --mode featurizer       # does fusing the featurizer pay?
   python benchmarks/fir_conv.py --mode all --out DIR    # sweep, then the table with the best
 """
@@ -231,6 +232,82 @@ def mgpu_sweep(length=16384):
               flush=True)
 
 
+def mgpu_variant_list(taps):
+  """(name, MgpuBlockSizes) of the Mosaic GPU variants timed by ``--mode mgpu_variants``: the
+  current default first, then each switch alone, then combinations."""
+  from sh2_jax.kernels import fir_conv_mgpu
+  base = fir_conv_mgpu.default_block_sizes(D // G, taps)
+  r = functools.partial(dataclasses.replace, base)
+  fast = r(ring=True, store_slots=2)
+  return [
+      ("default", base),
+      ("ring", r(ring=True)),
+      ("slots2", r(store_slots=2)),
+      ("ring+slots2", fast),
+      ("tiles2", r(tiles=2, bwd_tiles=2)),
+      ("tiles4", r(tiles=4, bwd_tiles=2)),
+      ("r+s2+t2", dataclasses.replace(fast, tiles=2, bwd_tiles=2)),
+      ("r+s2+t4/2", dataclasses.replace(fast, tiles=4, bwd_tiles=2)),
+      ("r+s2+t2 st3", dataclasses.replace(fast, tiles=2, bwd_tiles=2, stages=3)),
+      ("r+s2 seg64", dataclasses.replace(fast, seg_chunks=64)),
+      ("r+s2+t2 seg64", dataclasses.replace(fast, tiles=2, bwd_tiles=2, seg_chunks=64)),
+  ]
+
+
+def mgpu_variants(length=16384):
+  """Each Mosaic GPU variant (MgpuBlockSizes switches) on the GPU: forward and all gradients
+  against XLA (relative errors), then forward and forward+backward medians at L=16K for SE and
+  MR, as % of the floors at the copy rate measured here (forward: read x1, v, x2, write y;
+  backward: read x1, v, x2, dy, write dx1, dv, dx2). One table; a variant that does not build
+  prints one line and the run goes on."""
+  from sh2_jax.kernels import fir_conv_mgpu
+  bw = copy_bandwidth()
+  floor_f, floor_b = 4 * length * D * 2 / bw, 7 * length * D * 2 / bw
+  print(f"copy {bw / 1e12:.2f} TB/s; floors at L={length}: fwd {floor_f * 1e3:.3f} ms, bwd "
+        f"{floor_b * 1e3:.3f} ms, fwd+bwd {(floor_f + floor_b) * 1e3:.3f} ms", flush=True)
+  rows = []
+  for taps in (7, 128):
+    args = inputs(length, taps, key=3)
+    _, fbr = fwd_and_fwdbwd(ops(taps)["xla"])
+    yr, gr = fbr(*args)
+    ref = [yr, *gr]
+    del fbr
+    for name, bs in mgpu_variant_list(taps):
+      op = functools.partial(fir_conv_mgpu.gated_fir_conv_mgpu, block_sizes=bs)
+      f, fb = fwd_and_fwdbwd(lambda x1, v, x2, h, d, op=op: op(x1, v, x2, h, d))
+      kb = [fir_conv_mgpu.smem_bytes(bs, taps, bwd) // 1024 for bwd in (False, True)]
+      try:
+        y, g = fb(*args)
+        errs = [rel(a, b) for a, b in zip([y, *g], ref)]
+        tf = timeit(f, *args[:5], target_s=0.02, samples=15)
+        tfb = timeit(fb, *args, target_s=0.02, samples=15)
+      except Exception as e:  # a variant that does not build (smem, registers, PTX)
+        msg = " ".join(str(e).split())[:160]
+        print(f"K={taps:3d} {name:14s}: FAILED {type(e).__name__}: {msg}", flush=True)
+        continue
+      tb = tfb - tf
+      ok = "ok" if max(errs) < 2e-2 else "WRONG"
+      rows.append((taps, name, tf, tfb, tb, errs, ok, kb))
+      print(f"K={taps:3d} {name:14s}: fwd {tf * 1e3:.3f} ms ({100 * floor_f / tf:3.0f}%), "
+            f"fwd+bwd {tfb * 1e3:.3f} ms, bwd {tb * 1e3:.3f} ms ({100 * floor_b / tb:3.0f}%), "
+            f"max rel err {max(errs):.1e} {ok}", flush=True)
+    del args, ref, yr, gr
+  lines = [f"copy {bw / 1e12:.2f} TB/s, L={length}, D={D}, G={G}, bf16; floors fwd "
+           f"{floor_f * 1e3:.3f} ms (4 arrays), bwd {floor_b * 1e3:.3f} ms (7 arrays)", "",
+           "| K | variant | fwd ms | fwd % floor | fwd+bwd ms | bwd ms | bwd % floor | "
+           "fwd+bwd % floor | rel err y, dx1, dv, dx2, dh, ddskip | smem KiB fwd/bwd |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for taps, name, tf, tfb, tb, errs, ok, kb in rows:
+    lines.append(f"| {taps} | {name} | {tf * 1e3:.3f} | {100 * floor_f / tf:.0f}% | "
+                 f"{tfb * 1e3:.3f} | {tb * 1e3:.3f} | {100 * floor_b / tb:.0f}% | "
+                 f"{100 * (floor_f + floor_b) / tfb:.0f}% | "
+                 + ", ".join(f"{e:.1e}" for e in errs) + f" {ok} | {kb[0]}/{kb[1]} |")
+  for taps in (7, 128):
+    for name, bs in mgpu_variant_list(taps):
+      lines.append(f"K={taps} {name}: {bs}")
+  print("\n".join(lines), flush=True)
+
+
 def grid_fill():
   """Short sequences: segments shortened until the grid has min_programs programs, or not."""
   for length in (2048, 4096, 8192, 16384):
@@ -314,7 +391,7 @@ if __name__ == "__main__":
   p = argparse.ArgumentParser()
   p.add_argument("--mode", default="full",
                  choices=["check", "sweep", "featurizer", "full", "all", "ab", "grid",
-                          "mgpu_sweep"])
+                          "mgpu_sweep", "mgpu_variants"])
   p.add_argument("--only", default=None,
                  help="full: time only these kinds, comma list (pallas, pallas_mgpu, xla, fft, li)")
   p.add_argument("--out", default=os.environ.get("OUT", ""))
@@ -329,6 +406,8 @@ if __name__ == "__main__":
     full(a.out, sweep())
   elif a.mode == "mgpu_sweep":
     mgpu_sweep()
+  elif a.mode == "mgpu_variants":
+    mgpu_variants()
   elif a.mode == "grid":
     grid_fill()
   elif a.mode == "ab":
