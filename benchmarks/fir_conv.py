@@ -232,6 +232,13 @@ def mgpu_sweep(length=16384):
               flush=True)
 
 
+@jax.jit
+def rel_dev(xs, refs):
+  """Relative L2 errors, on the device (the arrays are 128 MB each at 16K)."""
+  f = lambda a: a.astype(jnp.float32)
+  return [jnp.linalg.norm(f(a) - f(b)) / jnp.linalg.norm(f(b)) for a, b in zip(xs, refs)]
+
+
 def mgpu_variant_list(taps):
   """(name, MgpuBlockSizes) of the Mosaic GPU variants timed by ``--mode mgpu_variants``: the
   current default first, then each switch alone, then combinations."""
@@ -239,18 +246,23 @@ def mgpu_variant_list(taps):
   base = fir_conv_mgpu.default_block_sizes(D // G, taps)
   r = functools.partial(dataclasses.replace, base)
   fast = r(ring=True, store_slots=2)
+  f = functools.partial(dataclasses.replace, fast)
   return [
       ("default", base),
       ("ring", r(ring=True)),
       ("slots2", r(store_slots=2)),
       ("ring+slots2", fast),
-      ("tiles2", r(tiles=2, bwd_tiles=2)),
-      ("tiles4", r(tiles=4, bwd_tiles=2)),
-      ("r+s2+t2", dataclasses.replace(fast, tiles=2, bwd_tiles=2)),
-      ("r+s2+t4/2", dataclasses.replace(fast, tiles=4, bwd_tiles=2)),
-      ("r+s2+t2 st3", dataclasses.replace(fast, tiles=2, bwd_tiles=2, stages=3)),
-      ("r+s2 seg64", dataclasses.replace(fast, seg_chunks=64)),
-      ("r+s2+t2 seg64", dataclasses.replace(fast, tiles=2, bwd_tiles=2, seg_chunks=64)),
+      ("r+s2 wide", f(wide=True)),
+      ("r+s2 st3", f(stages=3)),
+      ("r+s2 st4", f(stages=4)),
+      ("r+s2 seg64", f(seg_chunks=64)),
+      ("r+s2 seg128", f(seg_chunks=128)),
+      ("r+s2+t2", f(tiles=2, bwd_tiles=2)),
+      ("r+s2+t2 wide", f(tiles=2, bwd_tiles=2, wide=True)),
+      ("r+s2+t2 w st3", f(tiles=2, bwd_tiles=2, wide=True, stages=3)),
+      ("r+s2+t2 w seg64", f(tiles=2, bwd_tiles=2, wide=True, seg_chunks=64)),
+      ("r+s2+t4/1 wide", f(tiles=4, bwd_tiles=1, wide=True)),
+      ("r+s2+t4/2 wide", f(tiles=4, bwd_tiles=2, wide=True)),
   ]
 
 
@@ -278,7 +290,7 @@ def mgpu_variants(length=16384):
       kb = [fir_conv_mgpu.smem_bytes(bs, taps, bwd) // 1024 for bwd in (False, True)]
       try:
         y, g = fb(*args)
-        errs = [rel(a, b) for a, b in zip([y, *g], ref)]
+        errs = [float(e) for e in rel_dev([y, *g], ref)]
         tf = timeit(f, *args[:5], target_s=0.02, samples=15)
         tfb = timeit(fb, *args, target_s=0.02, samples=15)
       except Exception as e:  # a variant that does not build (smem, registers, PTX)
@@ -295,13 +307,14 @@ def mgpu_variants(length=16384):
   lines = [f"copy {bw / 1e12:.2f} TB/s, L={length}, D={D}, G={G}, bf16; floors fwd "
            f"{floor_f * 1e3:.3f} ms (4 arrays), bwd {floor_b * 1e3:.3f} ms (7 arrays)", "",
            "| K | variant | fwd ms | fwd % floor | fwd+bwd ms | bwd ms | bwd % floor | "
-           "fwd+bwd % floor | rel err y, dx1, dv, dx2, dh, ddskip | smem KiB fwd/bwd |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "fwd+bwd % floor | rel err y, dx1, dv, dx2, dh, ddskip | smem KiB fwd/bwd "
+           "(programs/SM) |", "|---|---|---|---|---|---|---|---|---|---|"]
   for taps, name, tf, tfb, tb, errs, ok, kb in rows:
     lines.append(f"| {taps} | {name} | {tf * 1e3:.3f} | {100 * floor_f / tf:.0f}% | "
                  f"{tfb * 1e3:.3f} | {tb * 1e3:.3f} | {100 * floor_b / tb:.0f}% | "
                  f"{100 * (floor_f + floor_b) / tfb:.0f}% | "
-                 + ", ".join(f"{e:.1e}" for e in errs) + f" {ok} | {kb[0]}/{kb[1]} |")
+                 + ", ".join(f"{e:.1e}" for e in errs) + f" {ok} | {kb[0]}/{kb[1]} "
+                 f"({228 // (kb[0] + 1)}/{228 // (kb[1] + 1)}) |")
   for taps in (7, 128):
     for name, bs in mgpu_variant_list(taps):
       lines.append(f"K={taps} {name}: {bs}")

@@ -16,8 +16,9 @@ n + 1 bands, n = ceil((K - 1) / c) (1 for SE, 2 for K = 128): ``Y_j = sum_m H_m 
 one float32 accumulator, the [c, c] blocks H_m of the program's group the A operands (built once
 by XLA, [G, n+1, c, c], a few KiB per group, TMA-copied into shared memory once per program),
 the window of the last n+1 chunks of u the B operands: a [n+1, c, w] shared-memory buffer
-(the halo of K-1 past tokens, as the Triton kernel carries ``u_prev``; a program's first chunk
-loads the n chunks before it once) that either slides by one chunk per step or, with
+(the halo of K-1 past tokens, as the Triton kernel carries ``u_prev``: a program loads the n
+chunks before its first once, in its prologue, one batch of TMA copies with one wait for the
+band blocks, dskip rows and halo) that either slides by one chunk per step or, with
 ``ring``, keeps chunk q in slot q mod (n+1) so nothing moves. A program owns ``tiles`` channel
 tiles of ``w`` channels (each within one group: the wgmma N) and ``seg_chunks`` consecutive
 chunks of one batch row; the gates are fused so u and h*u never touch HBM. u is the float32
@@ -27,9 +28,9 @@ out by TMA, one fence per step.
 
 Backward (dz = dy * x2): ``dx2 = dy * z`` (z recomputed: n + 1 wgmmas), ``du = sum_m H_m^T
 dz_{j+m} + dskip * dz`` (the same blocks read transposed — wgmma transposes a 16-bit A in
-hardware — on a window of dz ahead of the step: each step reads x2, dy of chunk j+n, and keeps
-dz in bf16 for the wgmmas and in float32 for the skip term and ddskip, and dy for dx2;
-dx1 = du * v, dv = du * x1), and for dh n + 1 more wgmmas per chunk accumulating
+hardware — on a window of dz ahead of the step: each step reads x2, dy of chunk j+n and keeps
+windows of dz in bf16 for the wgmmas and of x2 and dy: dz = dy * x2 in float32 for the skip
+term and ddskip (exact for bf16 factors), dx2 = dy * z; dx1 = du * v, dv = du * x1), and for dh n + 1 more wgmmas per chunk accumulating
 ``P_m = sum_j dz_j @ U_{j-m}^T`` ([c, c] float32 each, in accumulator registers across the
 program's chunks; the tile's P is [P_n | … | P_0], [c, (n+1)c]): the token lag of entry (i, r)
 is n c + i - r, so ``dh[g, k] = sum_i P[i, n c + i - k]`` over the programs of group g. The
@@ -103,10 +104,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from sh2_jax.kernels._pallas import check_gated_inputs
 from sh2_jax.kernels.fir_conv_mgpu_bwd import bwd
 from sh2_jax.kernels.fir_layout_mgpu import (SMEM_LIMIT, Geometry, MgpuBlockSizes, band_rows,
-                                             default_block_sizes, f32, fetch_all, fill_window,
-                                             geometry, launch, mgpu_misfit, pad, program, put,
-                                             skip_rows, slide, slot, smem, smem_bytes, store,
-                                             swizzled)
+                                             default_block_sizes, f32, geometry, launch,
+                                             mgpu_misfit, pad, product, program, prologue, put,
+                                             skip_rows, slide, slot, smem, smem_bytes,
+                                             split_streams, stage_buffer, store, stream_specs)
 
 __all__ = ["SMEM_LIMIT", "MgpuBlockSizes", "bwd", "default_block_sizes", "fwd",
            "gated_fir_conv_mgpu", "mgpu_misfit", "smem_bytes"]
@@ -119,19 +120,17 @@ def _fwd_body(geo: Geometry, has_skip: bool):
   c, w, n, nt = geo.chunk, geo.width, geo.bands, geo.tiles
 
   def kernel(band_gmem, skip_gmem, x1_gmem, v_gmem, x2_gmem, y_gmem,
-             band_smem, skip_smem, u_win, y_stage):
+             band_smem, u_win, y_stage):
     b, first, tiles = program(geo)
-    fetch_all([(band_gmem.at[g, m], band_smem.at[i, m]) for i, (_, g, _) in enumerate(tiles)
-               for m in range(n + 1)]
-              + [(skip_gmem.at[:, cols], skip_smem.at[i]) for i, (_, _, cols) in enumerate(tiles)])
-    for i, (_, _, cols) in enumerate(tiles):
-      fill_window(geo, [u_win.at[i]], [slot(geo, first, m - n) for m in range(n)],
-                  [first - n + m for m in range(n)], x1_gmem, v_gmem, b, cols)
+    skips = prologue(geo, b, tiles, band_gmem, band_smem, skip_gmem if has_skip else None,
+                     [(x1_gmem, v_gmem, cols, first - n + m,
+                       [u_win.at[i, slot(geo, first, m - n)]], [product])
+                      for i, (_, _, cols) in enumerate(tiles) for m in range(n)])
 
     def step(idx, *refs):
       (k,) = idx
       j = first + k
-      x1s, vs, x2s = refs[:nt], refs[nt:2 * nt], refs[2 * nt:]
+      x1s, vs, x2s = split_streams(geo, refs, 3)
       # u in float32 from the bf16 loads (the skip term uses it exactly); bf16 only as the
       # wgmma operand
       us = [x1[...].astype(f32) * v[...].astype(f32) for x1, v in zip(x1s, vs)]
@@ -146,17 +145,15 @@ def _fwd_body(geo: Geometry, has_skip: bool):
       zs = pl.run_scoped(mm, *[plgpu.ACC((c, w), f32)] * nt)
       ys = []
       for i in range(nt):
-        z = zs[i] + skip_smem[i] * us[i] if has_skip else zs[i]
+        z = zs[i] + skips[i] * us[i] if has_skip else zs[i]
         ys.append(x2s[i][...].astype(f32) * z)
-      rows = pl.ds(j * c, c)
-      store(ys, y_stage, [y_gmem.at[b, rows, cols] for _, _, cols in tiles], k, geo)
+      store([ys], y_stage, [y_gmem], b, pl.ds(j * c, c), tiles, k, geo)
       slide([u_win.at[i] for i in range(nt)], geo)
 
-    specs = [plgpu.BlockSpec((c, w), lambda k, t=t: (first + k, t), transforms=swizzled(w))
-             for t, _, _ in tiles]
+    specs = stream_specs(geo, tiles, lambda k: first + k)
     plgpu.emit_pipeline(step, grid=(geo.seg_chunks,), in_specs=specs * 3,
                         max_concurrent_steps=geo.stages)(
-                            *[a.at[b] for a in (x1_gmem, v_gmem, x2_gmem) for _ in tiles])
+                            *[a.at[b] for a in (x1_gmem, v_gmem, x2_gmem) for _ in specs])
     plgpu.wait_smem_to_gmem(0)
 
   return kernel
@@ -167,8 +164,7 @@ def fwd(x1, v, x2, h, dskip, bs: MgpuBlockSizes, interpret: bool = False):
   geo = geometry(x1.shape, h.shape, bs)
   c, w, n, nt = geo.chunk, geo.width, geo.bands, geo.tiles
   xs = [pad(a, geo) for a in (x1, v, x2)]
-  scratch = (smem((nt, n + 1, c, c), w), plgpu.SMEM((nt, c, w), f32), smem((nt, n + 1, c, w)),
-             smem((geo.store_slots, nt, c, w)))
+  scratch = (smem((nt, n + 1, c, c), w), smem((nt, n + 1, c, w)), stage_buffer(geo, 1))
   y = launch(_fwd_body(geo, dskip is not None), geo,
              jax.ShapeDtypeStruct(xs[0].shape, x1.dtype), scratch, interpret,
              "gated_fir_fwd_mgpu")(band_rows(h, c, n), skip_rows(dskip, geo), *xs)

@@ -11,9 +11,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from sh2_jax.kernels.fir_layout_mgpu import (Geometry, MgpuBlockSizes, band_rows, f32,
-                                             fetch_all, fill_window, geometry, launch, pad,
-                                             product, program, put, skip_rows, slide, slot,
-                                             smem, store, swizzled)
+                                             first_arg, geometry, launch, pad, product,
+                                             second_arg,
+                                             program, prologue, put, skip_rows, slide, slot,
+                                             smem, split_streams, stage_buffer, store,
+                                             stream_specs)
 
 
 def _bwd_body(geo: Geometry, has_skip: bool):
@@ -21,42 +23,41 @@ def _bwd_body(geo: Geometry, has_skip: bool):
 
   def kernel(band_gmem, skip_gmem, x1_gmem, v_gmem, x2_gmem, dy_gmem,
              dx1_gmem, dv_gmem, dx2_gmem, p_gmem, s_gmem,
-             band_smem, skip_smem, u_win, dz_win, dzf_win, dy_win, stage):
+             band_smem, u_win, dz_win, x2_win, dy_win, stage):
     b, first, tiles = program(geo)
     s_idx = jax.lax.axis_index("seg")
-    fetch_all([(band_gmem.at[g, m], band_smem.at[i, m]) for i, (_, g, _) in enumerate(tiles)
-               for m in range(n + 1)]
-              + [(skip_gmem.at[:, cols], skip_smem.at[i]) for i, (_, _, cols) in enumerate(tiles)])
-    for i, (_, _, cols) in enumerate(tiles):
-      fill_window(geo, [u_win.at[i]], [slot(geo, first, m - n) for m in range(n)],
-                  [first - n + m for m in range(n)], x1_gmem, v_gmem, b, cols)
-      # dz twice: bf16 for the wgmmas, float32 for the skip term and ddskip (as the Triton
-      # kernel); dy for dx2 = dy * z
-      fill_window(geo, [dz_win.at[i], dzf_win.at[i], dy_win.at[i]],
-                  [slot(geo, first, m, ahead=True) for m in range(n)],
-                  [first + m for m in range(n)], dy_gmem, x2_gmem, b, cols,
-                  [product, product, lambda dy, x2: dy])
+    # the halo: past u, and future dz (bf16, for the wgmmas), x2 and dy (dx2 = dy * z; the skip
+    # term and ddskip take dz = dy * x2 in float32, exact for bf16 factors, as the Triton kernel)
+    fills = [(x1_gmem, v_gmem, cols, first - n + m, [u_win.at[i, slot(geo, first, m - n)]],
+              [product]) for i, (_, _, cols) in enumerate(tiles) for m in range(n)]
+    fills += [(dy_gmem, x2_gmem, cols, first + m,
+               [win.at[i, slot(geo, first, m, True)] for win in (dz_win, x2_win, dy_win)],
+               [product, second_arg, first_arg]) for i, (_, _, cols) in enumerate(tiles)
+              for m in range(n)]
+    skips = prologue(geo, b, tiles, band_gmem, band_smem, skip_gmem if has_skip else None,
+                     fills)
 
     def run(*p_accs):  # p_accs[i * (n+1) + m]: the dh partial of tile i, lag m
       def step(idx, *refs):
         (k,), s_carry = idx, refs[-1]
         j = first + k
-        x1s, vs, x2ns, dyns = (refs[q * nt:(q + 1) * nt] for q in range(4))
+        x1s, vs, x2ns, dyns = split_streams(geo, refs[:-1], 4)
         x1s, vs = [r[...] for r in x1s], [r[...] for r in vs]
         us = [x1.astype(f32) * v.astype(f32) for x1, v in zip(x1s, vs)]
         put([u_win.at[i, slot(geo, j, 0)] for i in range(nt)], us)
         ahead = slot(geo, j, n, ahead=True)
         for i in range(nt):
-          dy_n = dyns[i][...].astype(f32)  # chunk j + n
-          dz_n = dy_n * x2ns[i][...].astype(f32)
-          dsts = [win.at[i, ahead] for win in (dz_win, dzf_win, dy_win)]
-          jax.lax.cond(j + n <= geo.last, lambda: put(dsts, [dz_n, dz_n, dy_n]),
+          dy_n, x2_n = dyns[i][...], x2ns[i][...]  # chunk j + n
+          dz_n = dy_n.astype(f32) * x2_n.astype(f32)
+          dsts = [win.at[i, ahead] for win in (dz_win, x2_win, dy_win)]
+          jax.lax.cond(j + n <= geo.last, lambda: put(dsts, [dz_n, x2_n, dy_n]),
                        lambda: put(dsts, [jnp.zeros((c, w), f32)] * 3))
         plgpu.commit_smem()
 
+        cur = slot(geo, j, 0, ahead=True)
+
         def mm(*accs):  # z and du of every tile, and the dh partials; reading waits for all
           for i in range(nt):
-            cur = slot(geo, j, 0, ahead=True)
             for m in range(n + 1):
               past = u_win.at[i, slot(geo, j, -m)]
               band = band_smem.at[i, m]  # H_m
@@ -67,33 +68,30 @@ def _bwd_body(geo: Geometry, has_skip: bool):
               plgpu.wgmma(p_accs[i * (n + 1) + m], dz_win.at[i, cur], past.transpose((1, 0)))
           return [acc[...] for acc in accs]
         zdu = pl.run_scoped(mm, *[plgpu.ACC((c, w), f32)] * (2 * nt))
-        outs, s_next = [], []
-        cur = slot(geo, j, 0, ahead=True)
+        outs, s_next = [[], [], []], []  # dx2, dx1, dv per tile
         for i in range(nt):
           z, du, u_f = zdu[i], zdu[nt + i], us[i]
-          dz_f = dzf_win[i, cur]
+          dy_f = dy_win[i, cur].astype(f32)
+          dz_f = dy_f * x2_win[i, cur].astype(f32)
           if has_skip:
-            skip = skip_smem[i]
+            skip = skips[i]
             z = z + skip * u_f
             du = du + skip * dz_f
           s_next.append(s_carry[i] + dz_f * u_f)
-          outs += [dy_win[i, cur].astype(f32) * z, du * vs[i].astype(f32),
-                   du * x1s[i].astype(f32)]
-        rows = pl.ds(j * c, c)
-        store(outs, stage, [o.at[b, rows, cols] for _, _, cols in tiles
-                            for o in (dx2_gmem, dx1_gmem, dv_gmem)], k, geo)
-        slide([win.at[i] for win in (u_win, dz_win, dzf_win, dy_win) for i in range(nt)], geo)
+          for out, val in zip(outs, (dy_f * z, du * vs[i].astype(f32),
+                                     du * x1s[i].astype(f32))):
+            out.append(val)
+        store(outs, stage, [dx2_gmem, dx1_gmem, dv_gmem], b, pl.ds(j * c, c), tiles, k, geo)
+        slide([win.at[i] for win in (u_win, dz_win, x2_win, dy_win) for i in range(nt)], geo)
         return tuple(s_next)
 
-      cur = [plgpu.BlockSpec((c, w), lambda k, t=t: (first + k, t), transforms=swizzled(w))
-             for t, _, _ in tiles]
-      ahead = [plgpu.BlockSpec((c, w), lambda k, t=t: (jnp.minimum(first + k + n, geo.last), t),
-                               transforms=swizzled(w)) for t, _, _ in tiles]
+      cur = stream_specs(geo, tiles, lambda k: first + k)
+      ahead = stream_specs(geo, tiles, lambda k: jnp.minimum(first + k + n, geo.last))
       s_acc = plgpu.emit_pipeline(
           step, grid=(geo.seg_chunks,), in_specs=cur * 2 + ahead * 2,
           max_concurrent_steps=geo.stages,
           init_carry=tuple(jnp.zeros((c, w), f32) for _ in range(nt)))(
-              *[a.at[b] for a in (x1_gmem, v_gmem, x2_gmem, dy_gmem) for _ in tiles])
+              *[a.at[b] for a in (x1_gmem, v_gmem, x2_gmem, dy_gmem) for _ in cur])
       return [acc[...] for acc in p_accs], list(s_acc)
 
     ps, ss = pl.run_scoped(run, *[plgpu.ACC((c, c), f32)] * (nt * (n + 1)))
@@ -136,9 +134,8 @@ def bwd(x1, v, x2, h, dskip, dy, bs: MgpuBlockSizes, interpret: bool = False):
       jax.ShapeDtypeStruct(parts + (c, w), f32))
   win = (nt, n + 1, c, w)
   scratch = (smem((nt, n + 1, c, c), w),                               # band rows
-             plgpu.SMEM((nt, c, w), f32),                             # dskip rows
-             smem(win), smem(win), plgpu.SMEM(win, f32), smem(win),   # u, dz, dz (f32), dy
-             smem((geo.store_slots, 3 * nt, c, w)))                   # staged dx2 dx1 dv
+             smem(win), smem(win), smem(win), smem(win),              # u, dz, x2, dy
+             stage_buffer(geo, 3))                                    # staged dx2 dx1 dv
   dx1, dv, dx2, p, s = launch(_bwd_body(geo, dskip is not None), geo, out_type, scratch,
                               interpret, "gated_fir_bwd_mgpu")(
                                   band_rows(h, c, n), skip_rows(dskip, geo), *xs)

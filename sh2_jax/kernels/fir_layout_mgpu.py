@@ -1,8 +1,9 @@
 """The tiling and shared building blocks of the Mosaic GPU gated FIR kernels
 (``fir_conv_mgpu.py`` forward and public op, ``fir_conv_mgpu_bwd.py`` backward; the algorithm and
 the interpret-mode notes are in ``fir_conv_mgpu.py``): block sizes, the launch geometry and what
-it cannot run, the shared-memory estimate, the Toeplitz band rows, and the in-kernel pieces both
-directions use (TMA fetches, sliding windows, staged stores, the launch).
+it cannot run, the shared-memory estimate, the Toeplitz band blocks, and the in-kernel pieces
+both directions use (the prologue's TMA batch, window slots and slides, the streamed BlockSpecs,
+staged stores, the launch).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class MgpuBlockSizes:
   lag m reads its slot) instead of sliding by one chunk in shared memory after every step.
   store_slots: staged output buffers per output (1: a step waits for the previous step's copies
   out before writing its own; 2: double-buffered, it waits only for those of two steps back).
+  wide: each streamed array moves as one [c, tiles * w] TMA box per step (rows of 2 tiles w
+  bytes, unswizzled shared memory; each tile reads its column slice) instead of one swizzled
+  [c, w] box per tile (32-byte rows at w = 16); the staged outputs likewise.
   """
   chunk: int = 64
   width: int = 16
@@ -47,6 +51,7 @@ class MgpuBlockSizes:
   bwd_tiles: int = 1
   ring: bool = False
   store_slots: int = 1
+  wide: bool = False
 
 
 def bands(taps: int, chunk: int) -> int:
@@ -61,16 +66,16 @@ def smem_bytes(bs: MgpuBlockSizes, taps: int, backward: bool = False) -> int:
   c, w, s = bs.chunk, bs.width, bs.stages
   n1 = bands(taps, c) + 1
   t = bs.bwd_tiles if backward else bs.tiles
-  tile = c * w * 2
+  tile = c * w * 2  # the wide layout has the same bytes, in one buffer per array
   band = t * n1 * c * c * 2
   skip = t * c * w * 4
-  halo = 2 * tile
-  if not backward:  # band rows, dskip rows, u windows, staged y; halo or pipelined x1 v x2
-    return band + skip + t * n1 * tile + bs.store_slots * t * tile + max(halo, s * 3 * t * tile)
-  # band rows, dskip rows, windows of u, dz (bf16 and f32) and dy, staged dx2 dx1 dv; halo, or
+  halo = (2 if backward else 1) * t * (n1 - 1) * 2 * tile  # the prologue's: x1 v (and dy x2)
+  if not backward:  # band rows, u windows, staged y; dskip rows and halo, or pipelined x1 v x2
+    return band + t * n1 * tile + bs.store_slots * t * tile + max(skip + halo, s * 3 * t * tile)
+  # band rows, windows of u, dz, x2 and dy, staged dx2 dx1 dv; dskip rows and halo, or
   # pipelined x1 v x2' dy', or a [c, c] block of the dh partial and the ddskip partial (f32)
-  return (band + skip + 5 * t * n1 * tile + bs.store_slots * 3 * t * tile
-          + max(halo, s * 4 * t * tile, c * c * 4 + c * w * 4))
+  return (band + 4 * t * n1 * tile + bs.store_slots * 3 * t * tile
+          + max(skip + halo, s * 4 * t * tile, c * c * 4 + c * w * 4))
 
 
 def default_block_sizes(group_size: int, taps: int) -> MgpuBlockSizes:
@@ -98,6 +103,7 @@ class Geometry:
   tiles: int        # channel tiles per program
   ring: bool
   store_slots: int
+  wide: bool
 
   @property
   def bands(self):
@@ -152,6 +158,9 @@ def mgpu_misfit(x_shape, h_shape, dtype, bs: MgpuBlockSizes | None = None,
               f"{bs.width} (channels {d})")
   if bs.store_slots not in (1, 2):
     return f"store_slots {bs.store_slots} is not 1 or 2"
+  if bs.wide and max(bs.tiles, bs.bwd_tiles if backward else 1) * bs.width > 256:
+    return (f"wide boxes of {max(bs.tiles, bs.bwd_tiles)} tiles x {bs.width} channels exceed "
+            f"TMA's 256 elements a box row")
   for bwd in (False, True) if backward else (False,):
     if smem_bytes(bs, taps, bwd) > SMEM_LIMIT:
       return (f"block sizes {bs} need {smem_bytes(bs, taps, bwd)} bytes of shared memory "
@@ -166,7 +175,7 @@ def geometry(x_shape, h_shape, bs: MgpuBlockSizes, backward: bool = False) -> Ge
   n_segs = -(-chunks // bs.seg_chunks)
   seg = -(-chunks // n_segs)  # balanced: padding below one chunk per segment
   return Geometry(b, length, d, groups, taps, bs.chunk, bs.width, seg, n_segs, bs.stages,
-                  bs.bwd_tiles if backward else bs.tiles, bs.ring, bs.store_slots)
+                  bs.bwd_tiles if backward else bs.tiles, bs.ring, bs.store_slots, bs.wide)
 
 
 def band_rows(h, c: int, n: int):
@@ -238,30 +247,48 @@ def product(a, b):
   return a * b
 
 
-def fill_window(geo, wins, slots, chunks, a_gmem, b_gmem, b, cols, fns=None):
-  """Slot ``slots[m]`` of each window in ``wins`` ([n+1, c, w]) <- ``fn(a, b)`` (float32;
-  default ``a * b``) of chunk ``chunks[m]``, zero for a chunk outside 0..last: the halo of past
-  u (forward) or of future dz and dy (backward). Its staging buffer is scoped, so the input
-  pipeline reuses that shared memory."""
-  fns = fns or [product] * len(wins)
-  c = geo.chunk
+def first_arg(a, b):
+  del b
+  return a
 
-  def run(halo):
-    for chunk, s in zip(chunks, slots):
+
+def second_arg(a, b):
+  del a
+  return b
+
+
+def prologue(geo: Geometry, b, tiles, band_gmem, band_smem, skip_gmem, fills):
+  """A program's start, as one batch of TMA copies and one wait (not a round trip each): the
+  band blocks of its tiles' groups into ``band_smem``, the dskip rows of its tiles (unless
+  ``skip_gmem`` is None), and the halo: each fill ``(a_gmem, b_gmem, cols, chunk, dsts, fns)``
+  writes ``fn(a, b)`` (float32) of chunk ``chunk`` into each window slot of ``dsts``, zero for a
+  chunk outside 0..last (the n chunks of past u before the first; in the backward also the n
+  chunks of future dz and dy). Returns each tile's dskip rows [c, w] float32 as register values
+  for the whole program, or None. Its staging buffers are scoped, so the input pipeline reuses
+  that shared memory."""
+  c, w, n = geo.chunk, geo.width, geo.bands
+
+  def run(skip_buf, halo):
+    copies = [(band_gmem.at[g, m], band_smem.at[i, m]) for i, (_, g, _) in enumerate(tiles)
+              for m in range(n + 1)]
+    if skip_gmem is not None:
+      copies += [(skip_gmem.at[:, cols], skip_buf.at[i]) for i, (_, _, cols) in enumerate(tiles)]
+    for q, (a_gmem, b_gmem, cols, chunk, _, _) in enumerate(fills):
       rows = pl.ds(jnp.clip(chunk, 0, geo.last) * c, c)
-      fetch_all([(a_gmem.at[b, rows, cols], halo.at[0]),
-                 (b_gmem.at[b, rows, cols], halo.at[1])])
+      copies += [(a_gmem.at[b, rows, cols], halo.at[q, 0]),
+                 (b_gmem.at[b, rows, cols], halo.at[q, 1])]
+    fetch_all(copies)
+    for q, (_, _, _, chunk, dsts, fns) in enumerate(fills):
       # A scalar where() would be an implicit broadcast, which Mosaic GPU's warpgroup lowering
       # does not implement: pick the write instead.
-      live = (chunk >= 0) & (chunk <= geo.last)
-      dsts = [win.at[s] for win in wins]
-
-      def fill():
-        a, b_ = halo[0].astype(f32), halo[1].astype(f32)
+      def fill(q=q, dsts=dsts, fns=fns):
+        a, b_ = halo[q, 0].astype(f32), halo[q, 1].astype(f32)
         put(dsts, [fn(a, b_) for fn in fns])
-      jax.lax.cond(live, fill,
-                   lambda: put(dsts, [jnp.zeros((c, geo.width), f32)] * len(dsts)))
-  pl.run_scoped(run, smem((2, c, geo.width)))
+      jax.lax.cond((chunk >= 0) & (chunk <= geo.last), fill,
+                   lambda dsts=dsts: put(dsts, [jnp.zeros((c, w), f32)] * len(dsts)))
+    return None if skip_gmem is None else [skip_buf[i] for i in range(len(tiles))]
+  return pl.run_scoped(run, plgpu.SMEM((len(tiles), c, w), f32),
+                       smem((max(len(fills), 1), 2, c, w)))
 
 
 def put(refs, vals):
@@ -279,18 +306,59 @@ def slide(wins, geo):
   plgpu.commit_smem()
 
 
-def store(vals, stage, dsts, k, geo: Geometry):
+def stream_specs(geo: Geometry, tiles, block_row):
+  """BlockSpecs of one streamed array (chunk ``block_row(k)`` at pipeline step k): one wide
+  [c, tiles * w] box, or one swizzled [c, w] box per tile."""
+  c, w = geo.chunk, geo.width
+  if geo.wide:
+    p = tiles[0][0] // geo.tiles
+    return [plgpu.BlockSpec((c, geo.tiles * w), lambda k: (block_row(k), p))]
+  return [plgpu.BlockSpec((c, w), lambda k, t=t: (block_row(k), t), transforms=swizzled(w))
+          for t, _, _ in tiles]
+
+
+def tile_refs(geo: Geometry, refs):
+  """The per-tile [c, w] views of one streamed array's pipeline refs (``stream_specs``)."""
+  if geo.wide:
+    return [refs[0].at[:, pl.ds(i * geo.width, geo.width)] for i in range(geo.tiles)]
+  return list(refs)
+
+
+def split_streams(geo: Geometry, refs, count: int):
+  """A pipeline step's refs of ``count`` streamed arrays -> per array, its per-tile views."""
+  per = 1 if geo.wide else geo.tiles
+  return [tile_refs(geo, refs[q * per:(q + 1) * per]) for q in range(count)]
+
+
+def stage_buffer(geo: Geometry, n_out: int):
+  """Staged outputs: [slots, n_out, c, tiles * w] unswizzled (wide) or [slots, n_out, tiles, c,
+  w] swizzled."""
+  c, w, t = geo.chunk, geo.width, geo.tiles
+  if geo.wide:
+    return plgpu.SMEM((geo.store_slots, n_out, c, t * w), jnp.bfloat16)
+  return smem((geo.store_slots, n_out, t, c, w))
+
+
+def store(outs, stage, gmems, b, rows, tiles, k, geo: Geometry):
   """Registers -> staged shared memory -> HBM, by hand (emit_pipeline's out_specs do not run in
-  interpret mode: gap 2 in ``fir_conv_mgpu.py``): the step's outputs ``vals`` go to slot
-  ``k mod store_slots`` of ``stage`` ([slots, len(vals), c, w]) once the copies out of that slot
-  (issued ``store_slots`` steps ago) have read it, one fence, then one TMA copy each."""
-  slots = geo.store_slots
-  plgpu.wait_smem_to_gmem((slots - 1) * len(vals), wait_read_only=True)
+  interpret mode: gap 2 in ``fir_conv_mgpu.py``): output o's per-tile values ``outs[o]`` go to
+  slot ``k mod store_slots`` of ``stage`` (``stage_buffer``) once the copies out of that slot
+  (issued ``store_slots`` steps ago) have read it, one fence, then the TMA copies to rows
+  ``rows`` of ``gmems[o]`` (one per output if wide, else one per tile)."""
+  slots, w = geo.store_slots, geo.width
+  copies = len(outs) * (1 if geo.wide else geo.tiles)
+  plgpu.wait_smem_to_gmem((slots - 1) * copies, wait_read_only=True)
   at = stage.at[jax.lax.rem(k, slots) if slots > 1 else 0]
-  put([at.at[i] for i in range(len(vals))], vals)
+  for o, vals in enumerate(outs):
+    put([at.at[o, :, pl.ds(i * w, w)] if geo.wide else at.at[o, i] for i in range(len(vals))],
+        vals)
   plgpu.commit_smem()
-  for i, dst in enumerate(dsts):
-    plgpu.copy_smem_to_gmem(at.at[i], dst)
+  for o, gmem in enumerate(gmems):
+    if geo.wide:
+      plgpu.copy_smem_to_gmem(at.at[o], gmem.at[b, rows, pl.ds(tiles[0][0] * w, geo.tiles * w)])
+    else:
+      for i, (_, _, cols) in enumerate(tiles):
+        plgpu.copy_smem_to_gmem(at.at[o, i], gmem.at[b, rows, cols])
 
 
 def launch(body, geo: Geometry, out_type, scratch, interpret: bool, name: str):

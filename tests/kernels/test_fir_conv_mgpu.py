@@ -59,10 +59,12 @@ VARIANTS = {
     "ring": dict(ring=True),
     "slots2": dict(store_slots=2),
     "tiles2": dict(tiles=2, bwd_tiles=2),
-    "all": dict(ring=True, store_slots=2, tiles=2, bwd_tiles=2),
+    "wide": dict(wide=True, tiles=2, bwd_tiles=2),
+    "narrow": dict(ring=True, store_slots=2, tiles=2, bwd_tiles=2),
+    "all": dict(ring=True, store_slots=2, tiles=2, bwd_tiles=2, wide=True),
 }
 VARIANT_CASES = ([(c, v) for c in CASES for v in ("default", "all")]
-                 + [(c, v) for c in CASES[:3] for v in ("ring", "slots2", "tiles2")])
+                 + [(c, v) for c in CASES[:3] for v in ("ring", "slots2", "tiles2", "wide")])
 
 
 def _case_id(c):
@@ -172,7 +174,8 @@ def test_footprint_fits_hopper_for_the_defaults():
 
 LOWERING = [(256, 7, "default"), (256, 128, "default"), (64, 7, "default"),
             (32, 128, "default")] + [(g, k, v) for g, k in ((256, 7), (256, 128))
-                                     for v in ("ring", "slots2", "tiles2", "all")]
+                                     for v in ("ring", "slots2", "tiles2", "wide", "narrow",
+                                               "all")]
 
 
 def _lower(fn, *args):
@@ -207,10 +210,11 @@ def test_smem_estimate_matches_the_lowering(taps, monkeypatch):
   x = jax.ShapeDtypeStruct((1, 1024, 4096), jnp.bfloat16)
   h = jax.ShapeDtypeStruct((256, taps), jnp.float32)
   dskip = jax.ShapeDtypeStruct((4096,), jnp.float32)
-  for variant in ("default", "all"):
+  for variant in ("default", "all", "narrow"):
     bs = _block_sizes(4096, 256, taps, None, variant)
     for backward, fn, args in (
-        (False, lambda x1, v, x2, h, d: fir_conv_mgpu.fwd(x1, v, x2, h, d, bs), (x, x, x, h, dskip)),
+        (False, lambda x1, v, x2, h, d: fir_conv_mgpu.fwd(x1, v, x2, h, d, bs),
+         (x, x, x, h, dskip)),
         (True, lambda x1, v, x2, h, d, dy: fir_conv_mgpu.bwd(x1, v, x2, h, d, dy, bs),
          (x, x, x, h, dskip, x))):
       with pytest.raises(ValueError, match="exceeds available shared memory") as err:
