@@ -8,6 +8,14 @@ x1, v, x2, log_poles, residues, dskip) medians; bytes moved against the measured
   python benchmarks/modal_scan.py --mode all              # checks, sweeps at 16K, table 16K/64K
   python benchmarks/modal_scan.py --mode sweep            # checks + block-size sweeps at 16K
   python benchmarks/modal_scan.py --mode table --out DIR  # the table with default block sizes
+  python benchmarks/modal_scan.py --mode variants         # the fast kernels' variants (below)
+
+``--mode variants`` times the fast token-serial kernels (``sh2_jax/kernels/modal_fast.py``,
+``li_impl = modal_fast``) per block-size variant: each is first checked against the FFT path
+(forward and all six gradients; the max relative error is printed), then its forward and
+forward+backward are timed at 16K, width 4096, B = 1, bf16, against the floor of 4 (forward) and
+4 + 7 (forward+backward) [L, D] arrays at the copy rate measured in the same run. A variant that
+fails to compile prints its error line and the run goes on; ``--budget`` bounds the wall clock.
 
 Both Pallas forms are measured: the chunked kernels (``modal_scan``, the li_impl default) and the
 token-serial kernels (``modal_serial``, ``sh2_jax/kernels/modal_scan_serial.py``).
@@ -30,6 +38,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import copy_bandwidth, short_error, timeit  # noqa: E402
+from sh2_jax.kernels import modal_fast as mf  # noqa: E402
 from sh2_jax.kernels import modal_scan as ms  # noqa: E402
 from sh2_jax.kernels import modal_scan_serial as mss  # noqa: E402
 from sh2_jax import dispatch  # noqa: E402
@@ -251,9 +260,109 @@ def table(lengths, bs_fwd, bs_bwd, bs_serial, bandwidth):
   return rows
 
 
+# ----------------------------------------------------------------------------- fast variants
+
+FB = mf.FastBlocks
+VARIANTS = [  # the default first; each differs from it in one or two knobs
+    FB(),
+    FB(tile=256),
+    FB(tile=512),
+    FB(tile=256, num_warps=8),
+    FB(tile=128, num_warps=2),
+    FB(segment=256),
+    FB(segment=1024),
+    FB(segment=2048),
+    FB(chunk=4),
+    FB(chunk=16),
+    FB(prefetch=False),
+    FB(fuse_adjoint=False),
+    FB(tile=64, num_warps=2),
+    FB(tile=256, segment=256),
+    FB(tile=256, chunk=4, segment=1024),
+]
+
+
+def fast_core(*args, block_sizes=None, poison=False):
+  return mf.gated_modal_fast(*args, block_sizes=block_sizes, poison=poison)
+
+
+def max_rel(out, ref):
+  """Max relative error over y and the six gradients (nan when any element is non-finite)."""
+  pairs = [(out[0], ref[0])] + list(zip(out[1], ref[1]))
+  return max(rel(a, b) for a, b in pairs)
+
+
+CHECK_SHAPE = dict(length=3001, width=200, batch=2)   # odd: no multiple of any block size
+VARIANT_S = 12.0  # about what one variant costs (compiles, check, timing): the budget's margin
+
+
+def variants(budget_s: float, lengths, bandwidth):
+  """Check and time every variant at lengths[0] within the budget, then the two fastest
+  (forward+backward) at the other lengths."""
+  t_start = time.perf_counter()
+  left = lambda: budget_s - (time.perf_counter() - t_start)
+  # exactness in float32 on an odd shape (L, D not multiples of the blocks, B = 2): default and
+  # the unfused backward, whose kernels differ
+  shape = CHECK_SHAPE
+  for bs in (VARIANTS[0], FB(fuse_adjoint=False)):
+    args = inputs(shape["length"], key=3, dtype=jnp.float32, batch=shape["batch"],
+                  width=shape["width"])
+    try:
+      ref = fwd_bwd_fn(impls()["fft"])(*args)
+      out = fwd_bwd_fn(functools.partial(fast_core, block_sizes=bs, poison=True))(*args)
+      print(f"check f32 B={shape['batch']} L={shape['length']} D={shape['width']} {bs.label()}: "
+            f"max rel err {max_rel(out, ref):.1e}", flush=True)
+    except Exception as err:  # noqa: BLE001
+      print(f"check f32 {bs.label()} failed: {short_error(err, 400)}", flush=True)
+  rows = []
+  refs = {}
+  for length in lengths:
+    if length != lengths[0]:
+      ok = sorted((r for r in rows if np.isfinite(r["fwd_bwd_ms"])),
+                  key=lambda r: r["fwd_bwd_ms"])
+      todo = [r["bs"] for r in ok[:2]]
+    else:
+      todo = VARIANTS
+    args = inputs(length)
+    floor_f = 4 * length * D * 2 / bandwidth
+    floor_fb = 11 * length * D * 2 / bandwidth
+    for bs in todo:
+      if left() < VARIANT_S:
+        print(f"L={length} {bs.label()}: skipped (budget spent)", flush=True)
+        continue
+      f = functools.partial(fast_core, block_sizes=bs)
+      row = dict(length=length, variant=bs.label(), bs=bs, err=float("nan"),
+                 fwd_ms=float("nan"), fwd_bwd_ms=float("nan"))
+      try:
+        if length not in refs:
+          refs[length] = jax.block_until_ready(fwd_bwd_fn(impls()["fft"])(*args))
+        fb = fwd_bwd_fn(f)
+        row["err"] = max_rel(jax.block_until_ready(fb(*args)), refs[length])
+        row["fwd_bwd_ms"] = timeit(fb, *args, samples=9) * 1e3
+        row["fwd_ms"] = timeit(fwd_fn(f), *args, samples=9) * 1e3
+      except Exception as err:  # noqa: BLE001 — report and carry on with the other variants
+        print(f"L={length} {bs.label()}: failed: {short_error(err, 300)}", flush=True)
+      rows.append(row)
+      print(f"L={length} {bs.label()}: err {row['err']:.1e}  fwd {row['fwd_ms']:.3f} ms "
+            f"({floor_f * 1e3 / row['fwd_ms']:.0%} of floor)  fwd+bwd {row['fwd_bwd_ms']:.3f} ms "
+            f"({floor_fb * 1e3 / row['fwd_bwd_ms']:.0%} of floor)  [{left():.0f} s left]",
+            flush=True)
+  print(f"\ncopy rate {bandwidth / 1e12:.2f} TB/s; floor = 4 (fwd) / 11 (fwd+bwd) [L, D] bf16 "
+        "arrays at that rate\n")
+  print("| L | variant (tile/chunk/segment/warps) | max rel err | fwd ms | fwd % floor | "
+        "fwd+bwd ms | fwd+bwd % floor |")
+  print("|---|---|---|---|---|---|---|")
+  for r in rows:
+    ff = 4 * r["length"] * D * 2 / bandwidth * 1e3
+    fbf = 11 * r["length"] * D * 2 / bandwidth * 1e3
+    print(f"| {r['length']} | {r['variant']} | {r['err']:.1e} | {r['fwd_ms']:.3f} | "
+          f"{ff / r['fwd_ms']:.0%} | {r['fwd_bwd_ms']:.3f} | {fbf / r['fwd_bwd_ms']:.0%} |")
+  return [{k: (dataclasses.asdict(v) if k == "bs" else v) for k, v in r.items()} for r in rows]
+
+
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--mode", choices=["sweep", "table", "all"], default="all",
+  ap.add_argument("--mode", choices=["sweep", "table", "all", "variants"], default="all",
                   help="sweep: block sizes at 16K; table: defaults at --lengths; all: both, the "
                        "table with the sweep's best block sizes")
   ap.add_argument("--lengths", default="16384,65536")
@@ -266,6 +375,15 @@ def main():
   print(f"device: {dev.device_kind}, jax {jax.__version__}, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
   result = {"device": dev.device_kind, "jax": jax.__version__}
+  if args.mode == "variants":
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    result.update(copy_bandwidth=bw, variants=variants(args.budget, lengths, bw))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "modal_scan_variants.json"), "w") as fh:
+      json.dump(result, fh, indent=1, default=str)
+    return
   for name, kw in (("check_f32", {}), ("check_bf16", dict(dtype=jnp.bfloat16, length=1500,
                                                              width=96, batch=1))):
     try:
