@@ -39,6 +39,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import copy_bandwidth, short_error, timeit  # noqa: E402
 from sh2_jax.kernels import modal_fast as mf  # noqa: E402
+from sh2_jax.kernels import modal_fast_bwd as mfb  # noqa: E402
+from sh2_jax.kernels import modal_fast_layout as mfl  # noqa: E402
 from sh2_jax.kernels import modal_scan as ms  # noqa: E402
 from sh2_jax.kernels import modal_scan_serial as mss  # noqa: E402
 from sh2_jax import dispatch  # noqa: E402
@@ -263,22 +265,22 @@ def table(lengths, bs_fwd, bs_bwd, bs_serial, bandwidth):
 # ----------------------------------------------------------------------------- fast variants
 
 FB = mf.FastBlocks
-VARIANTS = [  # the default first; each differs from it in one or two knobs
-    FB(),
-    FB(tile=256),
-    FB(tile=512),
-    FB(tile=256, num_warps=8),
-    FB(tile=128, num_warps=2),
-    FB(segment=256),
-    FB(segment=1024),
-    FB(segment=2048),
-    FB(chunk=4),
-    FB(chunk=16),
-    FB(prefetch=False),
-    FB(fuse_adjoint=False),
-    FB(tile=64, num_warps=2),
-    FB(tile=256, segment=256),
-    FB(tile=256, chunk=4, segment=1024),
+VARIANTS = [  # the default first; each differs from it in one or two knobs (--variants picks)
+    FB(),                                          # 0: t128 c8 seg512 w4, fused backward
+    FB(tile=256, bwd_tile=128),                    # 1: 2 channels per lane forward
+    FB(segment=256),                               # 2: 2x the programs (fewer per wave tail)
+    FB(segment=1024),                              # 3
+    FB(fuse_adjoint=False),                        # 4: the backward's third pass
+    FB(chunk=16),                                  # 5: deeper prefetch
+    FB(chunk=4),                                   # 6
+    FB(prefetch=False),                            # 7
+    FB(tile=64, num_warps=2),                      # 8
+    FB(tile=128, num_warps=2, bwd_warps=4),        # 9: 2 channels per lane forward
+    FB(tile=512, bwd_tile=128),                    # 10: 4 channels per lane forward
+    FB(tile=256, num_warps=8),                     # 11
+    FB(tile=256, segment=256, bwd_tile=128),       # 12
+    FB(segment=2048),                              # 13
+    FB(tile=64, num_warps=2, segment=256),         # 14
 ]
 
 
@@ -296,9 +298,58 @@ CHECK_SHAPE = dict(length=3001, width=200, batch=2)   # odd: no multiple of any 
 VARIANT_S = 12.0  # about what one variant costs (compiles, check, timing): the budget's margin
 
 
-def variants(budget_s: float, lengths, bandwidth):
-  """Check and time every variant at lengths[0] within the budget, then the two fastest
-  (forward+backward) at the other lengths."""
+def stages(bs, length, bandwidth, left):
+  """Each launch of the fast kernels alone, jitted on inputs of the right shapes: ms and % of
+  the launch's own floor (the [L, D] bf16 arrays it moves, at the copy rate)."""
+  x1, v, x2, lam, res, dsk, dy = inputs(length)
+  rows = []
+  for blocks in (bs, bs.backward()):
+    geo = mfl.make_geometry(x1.shape, lam.shape, blocks)
+    lam_t, res_t, skip = mfl.pad_params(geo, lam, res, dsk)
+    shape = (1, geo.num_segments, N, geo.padded_channels)
+    seg = jnp.zeros(shape, jnp.float32)
+    ends = jnp.zeros((1, geo.num_segments - 1) + shape[2:], jnp.float32)
+    s0 = jnp.zeros((1,) + shape[2:], jnp.float32)
+    if blocks is bs:
+      todo = [("ends (x1, v)", 2, lambda *a: mf.launch_ends(geo, *a, False), (lam_t, x1, v)),
+              ("ends + p (x1, v)", 2, lambda *a: mf.launch_ends(geo, *a, True), (lam_t, x1, v)),
+              ("scan", 0, lambda *a: mfl.scan_segments(geo, *a, None, False, False),
+               (lam_t, s0, ends)),
+              ("scan + p", 0, lambda *a: mfl.scan_segments(geo, *a, False, False),
+               (lam_t, s0, ends, ends)),
+              ("fwd (x1, v, x2 -> y)", 4, functools.partial(mf.launch_fwd, geo),
+               (lam_t, res_t, skip, seg, x1, v, x2))]
+    else:
+      todo = [("grads (x1, v, x2, dy -> dx2)", 5,
+               lambda *a: mfb.launch_grads(geo, *a, bs.fuse_adjoint),
+               (lam_t, res_t, skip, seg, seg, s0, x1, v, x2, dy)),
+              ("adjoint ends (x2, dy)", 2, functools.partial(mfb.launch_adjoint_ends, geo),
+               (lam_t, res_t, x2, dy)),
+              ("scan adjoint", 0, lambda *a: mfl.scan_adjoint(geo, *a, False, False),
+               (lam_t, s0, ends)),
+              ("adjoint (x1, v, x2, dy -> dx1, dv)", 6,
+               functools.partial(mfb.launch_adjoint, geo),
+               (lam_t, res_t, skip, seg, x1, v, x2, dy))]
+    for name, arrays, fn, args in todo:
+      if left() < VARIANT_S / 2:
+        print(f"  stage {name}: skipped (budget spent)", flush=True)
+        continue
+      try:
+        t = timeit(jax.jit(fn), *args, samples=9)
+      except Exception as err:  # noqa: BLE001
+        print(f"  stage {name}: failed: {short_error(err, 300)}", flush=True)
+        continue
+      floor = arrays * length * D * 2 / bandwidth
+      rows.append(dict(stage=name, ms=t * 1e3, floor_ms=floor * 1e3))
+      print(f"  stage {blocks.label()} {name}: {t * 1e3:.3f} ms"
+            + (f" ({floor / t:.0%} of its {arrays}-array floor)" if arrays else ""), flush=True)
+  return rows
+
+
+def variants(budget_s: float, lengths, bandwidth, picks=None):
+  """Check and time every variant (or those at the indices ``picks``) at lengths[0] within the
+  budget, each launch of the fastest alone, then the two fastest (forward+backward) at the
+  other lengths."""
   t_start = time.perf_counter()
   left = lambda: budget_s - (time.perf_counter() - t_start)
   # exactness in float32 on an odd shape (L, D not multiples of the blocks, B = 2): default and
@@ -316,13 +367,17 @@ def variants(budget_s: float, lengths, bandwidth):
       print(f"check f32 {bs.label()} failed: {short_error(err, 400)}", flush=True)
   rows = []
   refs = {}
+  stage_rows = []
   for length in lengths:
     if length != lengths[0]:
       ok = sorted((r for r in rows if np.isfinite(r["fwd_bwd_ms"])),
                   key=lambda r: r["fwd_bwd_ms"])
+      if ok and not stage_rows:
+        print(f"launches of the fastest at L={lengths[0]}, {ok[0]['variant']}:", flush=True)
+        stage_rows = stages(ok[0]["bs"], lengths[0], bandwidth, left)
       todo = [r["bs"] for r in ok[:2]]
     else:
-      todo = VARIANTS
+      todo = VARIANTS if picks is None else [VARIANTS[i] for i in picks]
     args = inputs(length)
     floor_f = 4 * length * D * 2 / bandwidth
     floor_fb = 11 * length * D * 2 / bandwidth
@@ -357,7 +412,8 @@ def variants(budget_s: float, lengths, bandwidth):
     fbf = 11 * r["length"] * D * 2 / bandwidth * 1e3
     print(f"| {r['length']} | {r['variant']} | {r['err']:.1e} | {r['fwd_ms']:.3f} | "
           f"{ff / r['fwd_ms']:.0%} | {r['fwd_bwd_ms']:.3f} | {fbf / r['fwd_bwd_ms']:.0%} |")
-  return [{k: (dataclasses.asdict(v) if k == "bs" else v) for k, v in r.items()} for r in rows]
+  return dict(stages=stage_rows, rows=[{k: (dataclasses.asdict(v) if k == "bs" else v)
+                                        for k, v in r.items()} for r in rows])
 
 
 def main():
@@ -367,6 +423,8 @@ def main():
                        "table with the sweep's best block sizes")
   ap.add_argument("--lengths", default="16384,65536")
   ap.add_argument("--budget", type=float, default=150.0, help="sweep wall-clock budget (s)")
+  ap.add_argument("--variants", default="",
+                  help="--mode variants: indices into VARIANTS to run (default: all, in order)")
   ap.add_argument("--sweep_forms", default="chunked,serial",
                   help="which kernel forms to sweep (the others keep their default block sizes)")
   ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -379,7 +437,8 @@ def main():
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     lengths = [int(x) for x in args.lengths.split(",")]
-    result.update(copy_bandwidth=bw, variants=variants(args.budget, lengths, bw))
+    picks = [int(x) for x in args.variants.split(",")] if args.variants else None
+    result.update(copy_bandwidth=bw, variants=variants(args.budget, lengths, bw, picks))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "modal_scan_variants.json"), "w") as fh:
       json.dump(result, fh, indent=1, default=str)

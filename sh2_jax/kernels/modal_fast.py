@@ -102,6 +102,25 @@ def _fwd_kernel(lam_ref, res_ref, skip_ref, sin_ref, x1_ref, v_ref, x2_ref, y_re
 # ----------------------------------------------------------------------------- launches
 
 
+def launch_ends(geo: Geometry, lam, x1, v, with_p: bool, interpret=False, poison=False):
+  """The first pass: from-zero end states of segments 0..S-2, [B, S-1, N, Dp] (and with
+  ``with_p`` their lambda-derivatives) from the padded x1, v and lambda rows [N, Dp]."""
+  seg = jax.ShapeDtypeStruct((geo.batch, geo.num_segments - 1, geo.states,
+                              geo.padded_channels), F32)
+  grid = (geo.batch, geo.padded_channels // geo.bs.tile, geo.num_segments - 1)
+  return call_pallas(functools.partial(_ends_kernel, geo=geo), (seg, seg) if with_p else (seg,),
+                     grid, geo.bs, interpret, "modal_fast_ends", poison, lam, x1, v)
+
+
+def launch_fwd(geo: Geometry, lam, res, skip, s_in, x1, v, x2, interpret=False, poison=False):
+  """The main pass: (y [B, Lp, Dp], final state rows [B, N, Dp]) from every segment's incoming
+  state s_in [B, S, N, Dp]."""
+  rows = jax.ShapeDtypeStruct((geo.batch, geo.states, geo.padded_channels), F32)
+  return call_pallas(functools.partial(_fwd_kernel, geo=geo),
+                     (jax.ShapeDtypeStruct(x1.shape, x1.dtype), rows), geo.grid, geo.bs,
+                     interpret, "modal_fast_fwd", poison, lam, res, skip, s_in, x1, v, x2)
+
+
 def fwd(x1, v, x2, log_poles, residues, dskip, state, bs: FastBlocks, interpret: bool = False,
         poison: bool = False, with_p: bool = False):
   """(y, final_state, (s_in, p_in)): the forward launches; with_p also returns each segment's
@@ -110,24 +129,15 @@ def fwd(x1, v, x2, log_poles, residues, dskip, state, bs: FastBlocks, interpret:
   lam, res, skip = pad_params(geo, log_poles, residues, dskip)
   xs = pad_inputs(geo, x1, v, x2)
   s0 = pad_state(geo, state)
-  ns = geo.num_segments
-  rows = (geo.batch, geo.states, geo.padded_channels)
-  if ns == 1:
+  if geo.num_segments == 1:
     s_in = s0[:, None]
     p_in = jnp.zeros_like(s_in) if with_p else None
   else:
-    seg = jax.ShapeDtypeStruct((geo.batch, ns - 1) + rows[1:], F32)
-    grid = (geo.batch, geo.padded_channels // geo.bs.tile, ns - 1)
-    ends = call_pallas(functools.partial(_ends_kernel, geo=geo), (seg, seg) if with_p else (seg,),
-                       grid, geo.bs, interpret, "modal_fast_ends", poison, lam, *xs[:2])
+    ends = launch_ends(geo, lam, *xs[:2], with_p, interpret, poison)
     scanned = scan_segments(geo, lam, s0, ends[0], ends[1] if with_p else None, interpret,
                             poison)
     s_in, p_in = scanned if with_p else (scanned[0], None)
-  y, s_out = call_pallas(functools.partial(_fwd_kernel, geo=geo),
-                         (jax.ShapeDtypeStruct(xs[0].shape, x1.dtype),
-                          jax.ShapeDtypeStruct(rows, F32)),
-                         geo.grid, geo.bs, interpret, "modal_fast_fwd", poison, lam, res, skip,
-                         s_in, *xs)
+  y, s_out = launch_fwd(geo, lam, res, skip, s_in, *xs, interpret, poison)
   return y[:, :geo.length, :geo.channels], unpad_state(geo, s_out), (s_in, p_in)
 
 

@@ -134,42 +134,69 @@ def _adjoint_kernel(lam_ref, res_ref, skip_ref, win_ref, x1_ref, v_ref, x2_ref, 
     store_rows(ds0_ref, (b, cols), w)
 
 
+def _shapes(geo: Geometry, x):
+  rows = (geo.states, geo.padded_channels)
+  return (jax.ShapeDtypeStruct(x.shape, x.dtype),
+          jax.ShapeDtypeStruct((geo.batch, geo.num_segments) + rows, F32),
+          jax.ShapeDtypeStruct((geo.batch, geo.num_segments - 1) + rows, F32),
+          jax.ShapeDtypeStruct((geo.batch,) + rows, F32))
+
+
+def launch_grads(geo: Geometry, lam, res, skip, s_in, p_in, dsT, x1, v, x2, dy, fuse: bool,
+                 interpret=False, poison=False):
+  """The forward-in-time pass: (dx2, dlambda, dR per segment [B, S, N, Dp], ddskip per segment
+  [B, S, Dp][, ew [B, S-1, N, Dp] with ``fuse``]) from the padded arrays."""
+  big, segs, ends, _ = _shapes(geo, x1)
+  out_shape = (big, segs, segs, jax.ShapeDtypeStruct(segs.shape[:2] + segs.shape[3:], F32))
+  return call_pallas(functools.partial(_grads_kernel, geo=geo),
+                     out_shape + ((ends,) if fuse else ()), geo.grid, geo.bs, interpret,
+                     "modal_fast_grads", poison, lam, res, skip, s_in, p_in, dsT, x1, v, x2, dy)
+
+
+def launch_adjoint_ends(geo: Geometry, lam, res, x2, dy, interpret=False, poison=False):
+  """The unfused backward's extra pass: ew [B, S-1, N, Dp] (segments 1..S-1)."""
+  return call_pallas(functools.partial(_adjoint_ends_kernel, geo=geo), (_shapes(geo, x2)[2],),
+                     (geo.batch, geo.padded_channels // geo.bs.tile, geo.num_segments - 1),
+                     geo.bs, interpret, "modal_fast_adjoint_ends", poison, lam, res, x2, dy)[0]
+
+
+def launch_adjoint(geo: Geometry, lam, res, skip, w_in, x1, v, x2, dy, interpret=False,
+                   poison=False):
+  """The backward-in-time pass: (dx1, dv, ds0 rows [B, N, Dp]) from W entering every
+  segment's end, w_in [B, S, N, Dp]."""
+  big, _, _, state = _shapes(geo, x1)
+  return call_pallas(functools.partial(_adjoint_kernel, geo=geo), (big, big, state), geo.grid,
+                     geo.bs, interpret, "modal_fast_adjoint", poison, lam, res, skip, w_in, x1, v,
+                     x2, dy)
+
+
+def _match_channels(geo: Geometry, rows):
+  """Segment-state rows from a forward launch with another tile: re-pad the channel axis."""
+  if rows.shape[-1] == geo.padded_channels:
+    return rows
+  rows = rows[..., :geo.channels]
+  return jnp.pad(rows, [(0, 0)] * (rows.ndim - 1) + [(0, geo.padded_channels - geo.channels)])
+
+
 def bwd(x1, v, x2, log_poles, residues, dskip, seg_states, dy, ds_out, bs: FastBlocks,
         interpret: bool = False, poison: bool = False):
   """(dx1, dv, dx2, dlog_poles [D, N], dresidues [D, N], ddskip [D], dstate [B, D, N]) from the
-  forward's segment states (s_in, p_in) [B, S, N, Dp]."""
-  geo = make_geometry(x1.shape, log_poles.shape, bs)
+  forward's segment states (s_in, p_in) [B, S, N, Dp]; runs on ``bs.backward()``."""
+  geo = make_geometry(x1.shape, log_poles.shape, bs.backward())
   lam, res, skip = pad_params(geo, log_poles, residues, dskip)
   x1p, vp, x2p, dyp = pad_inputs(geo, x1, v, x2, dy)
   dsT = pad_state(geo, ds_out)
-  s_in, p_in = seg_states
-  ns = geo.num_segments
-  rows = (geo.states, geo.padded_channels)
-  fuse = bs.fuse_adjoint and ns > 1
-  big = jax.ShapeDtypeStruct(x1p.shape, x1.dtype)
-  segs = jax.ShapeDtypeStruct((geo.batch, ns) + rows, F32)
-  ends = jax.ShapeDtypeStruct((geo.batch, ns - 1) + rows, F32)
-  out_shape = [big, segs, segs, jax.ShapeDtypeStruct((geo.batch, ns, geo.padded_channels), F32)]
-  if fuse:
-    out_shape.append(ends)
-  outs = call_pallas(functools.partial(_grads_kernel, geo=geo), tuple(out_shape), geo.grid,
-                     geo.bs, interpret, "modal_fast_grads", poison, lam, res, skip, s_in, p_in,
-                     dsT, x1p, vp, x2p, dyp)
+  s_in, p_in = (_match_channels(geo, r) for r in seg_states)
+  fuse = bs.fuse_adjoint and geo.num_segments > 1
+  outs = launch_grads(geo, lam, res, skip, s_in, p_in, dsT, x1p, vp, x2p, dyp, fuse, interpret,
+                      poison)
   dx2, dlam, dres, dskip_p = outs[:4]
-  if ns == 1:
+  if geo.num_segments == 1:
     w_in = dsT[:, None]
   else:
-    if fuse:
-      ew = outs[4]
-    else:
-      (ew,) = call_pallas(functools.partial(_adjoint_ends_kernel, geo=geo), (ends,),
-                          (geo.batch, geo.padded_channels // geo.bs.tile, ns - 1), geo.bs,
-                          interpret, "modal_fast_adjoint_ends", poison, lam, res, x2p, dyp)
+    ew = outs[4] if fuse else launch_adjoint_ends(geo, lam, res, x2p, dyp, interpret, poison)
     w_in = scan_adjoint(geo, lam, dsT, ew, interpret, poison)
-  state = jax.ShapeDtypeStruct((geo.batch,) + rows, F32)
-  dx1, dv, ds0 = call_pallas(functools.partial(_adjoint_kernel, geo=geo), (big, big, state),
-                             geo.grid, geo.bs, interpret, "modal_fast_adjoint", poison, lam, res,
-                             skip, w_in, x1p, vp, x2p, dyp)
+  dx1, dv, ds0 = launch_adjoint(geo, lam, res, skip, w_in, x1p, vp, x2p, dyp, interpret, poison)
   ln, d = geo.length, geo.channels
   return (dx1[:, :ln, :d], dv[:, :ln, :d], dx2[:, :ln, :d], unpad_state(geo, dlam.sum((0, 1))),
           unpad_state(geo, dres.sum((0, 1))), dskip_p.sum((0, 1))[:d], unpad_state(geo, ds0))

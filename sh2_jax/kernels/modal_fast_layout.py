@@ -31,18 +31,31 @@ class FastBlocks:
   load the next chunk's inputs one loop iteration ahead of this chunk's arithmetic;
   fuse_adjoint: the backward's forward-in-time pass also sums each segment's adjoint end state
   (two more multiply-adds per state and token, saving a pass over x2 and dy); num_warps,
-  num_stages: Triton's."""
+  num_stages: Triton's; bwd_tile, bwd_warps: the backward kernels' tile and warps (0: the
+  forward's) — they carry up to 7N states per channel against the forward's N, so fewer
+  channels per lane keep them out of local memory."""
   tile: int = 128
   chunk: int = 8
   segment: int = 512
   num_warps: int = 4
   prefetch: bool = True
   fuse_adjoint: bool = True
+  bwd_tile: int = 0
+  bwd_warps: int = 0
   num_stages: int = 1
 
+  def backward(self) -> "FastBlocks":
+    """The block sizes of the backward kernels."""
+    return dataclasses.replace(self, tile=self.bwd_tile or self.tile,
+                               num_warps=self.bwd_warps or self.num_warps, bwd_tile=0,
+                               bwd_warps=0)
+
   def label(self) -> str:
+    bwd = self.backward()
     return (f"t{self.tile}/c{self.chunk}/seg{self.segment}/w{self.num_warps}"
-            f"{'' if self.prefetch else '/nopf'}{'' if self.fuse_adjoint else '/adjpass'}")
+            + (f"/bwd t{bwd.tile} w{bwd.num_warps}" if (bwd.tile, bwd.num_warps) !=
+               (self.tile, self.num_warps) else "")
+            + ("" if self.prefetch else "/nopf") + ("" if self.fuse_adjoint else "/adjpass"))
 
 
 @dataclasses.dataclass(frozen=True)
