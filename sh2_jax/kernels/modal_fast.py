@@ -48,28 +48,28 @@ def gate_input(x1, v):
 # ----------------------------------------------------------------------------- kernels
 
 
-def _ends_kernel(lam_ref, x1_ref, v_ref, e_ref, *ep_ref, geo: Geometry):
-  """Segment si's end state from zero (and with ``ep_ref`` its lambda-derivative p,
-  p <- a (p + s)); segments 0..S-2 only, all full."""
+def _ends_kernel(lam_ref, x1_ref, v_ref, e_ref, *em_ref, geo: Geometry):
+  """Segment si's end state from zero and, with ``em_ref``, m = p + s there, where p = ds/dlambda
+  (p <- a (p + s), so m <- a m + s: one multiply-add); segments 0..S-2 only, all full."""
   b, cols, si = ids(geo)
   n = geo.states
   a = decays(lam_ref, cols, n)
 
   def step(k, carry, cur, masked):
-    s, p = carry
+    s, m = carry
     for x1, v in cur:
       u = gate_input(x1, v)
-      if ep_ref:
-        p = tuple(ak * (pk + sk) for ak, pk, sk in zip(a, p, s))
       s = tuple(ak * sk + u for ak, sk in zip(a, s))
-    return s, p
+      if em_ref:
+        m = tuple(ak * mk + sk for ak, mk, sk in zip(a, m, s))
+    return s, m
 
   zeros = tuple(jnp.zeros((geo.bs.tile,), F32) for _ in range(n))
-  s, p = walk(geo, si, token_rows(geo, (x1_ref, v_ref), b, cols), step, (zeros, zeros),
-              full=True)
+  s, m = walk(geo, si, token_rows(geo, (x1_ref, v_ref), b, cols), step,
+              (zeros, zeros if em_ref else ()), full=True)
   store_rows(e_ref, (b, si, cols), s)
-  if ep_ref:
-    store_rows(ep_ref[0], (b, si, cols), p)
+  if em_ref:
+    store_rows(em_ref[0], (b, si, cols), m)
 
 
 def _fwd_kernel(lam_ref, res_ref, skip_ref, sin_ref, x1_ref, v_ref, x2_ref, y_ref, sT_ref, *,
@@ -104,7 +104,7 @@ def _fwd_kernel(lam_ref, res_ref, skip_ref, sin_ref, x1_ref, v_ref, x2_ref, y_re
 
 def launch_ends(geo: Geometry, lam, x1, v, with_p: bool, interpret=False, poison=False):
   """The first pass: from-zero end states of segments 0..S-2, [B, S-1, N, Dp] (and with
-  ``with_p`` their lambda-derivatives) from the padded x1, v and lambda rows [N, Dp]."""
+  ``with_p`` their m = ds/dlambda + s) from the padded x1, v and lambda rows [N, Dp]."""
   seg = jax.ShapeDtypeStruct((geo.batch, geo.num_segments - 1, geo.states,
                               geo.padded_channels), F32)
   grid = (geo.batch, geo.padded_channels // geo.bs.tile, geo.num_segments - 1)
@@ -123,22 +123,22 @@ def launch_fwd(geo: Geometry, lam, res, skip, s_in, x1, v, x2, interpret=False, 
 
 def fwd(x1, v, x2, log_poles, residues, dskip, state, bs: FastBlocks, interpret: bool = False,
         poison: bool = False, with_p: bool = False):
-  """(y, final_state, (s_in, p_in)): the forward launches; with_p also returns each segment's
-  incoming ds/dlambda (the backward's), else p_in is None."""
+  """(y, final_state, (s_in, m_in)): the forward launches; with_p also returns each segment's
+  incoming m = ds/dlambda + s (the backward's), else m_in is None."""
   geo = make_geometry(x1.shape, log_poles.shape, bs)
   lam, res, skip = pad_params(geo, log_poles, residues, dskip)
   xs = pad_inputs(geo, x1, v, x2)
   s0 = pad_state(geo, state)
   if geo.num_segments == 1:
     s_in = s0[:, None]
-    p_in = jnp.zeros_like(s_in) if with_p else None
+    m_in = s_in if with_p else None  # ds0/dlambda = 0
   else:
     ends = launch_ends(geo, lam, *xs[:2], with_p, interpret, poison)
     scanned = scan_segments(geo, lam, s0, ends[0], ends[1] if with_p else None, interpret,
                             poison)
-    s_in, p_in = scanned if with_p else (scanned[0], None)
+    s_in, m_in = scanned if with_p else (scanned[0], None)
   y, s_out = launch_fwd(geo, lam, res, skip, s_in, *xs, interpret, poison)
-  return y[:, :geo.length, :geo.channels], unpad_state(geo, s_out), (s_in, p_in)
+  return y[:, :geo.length, :geo.channels], unpad_state(geo, s_out), (s_in, m_in)
 
 
 # ----------------------------------------------------------------------------- public op

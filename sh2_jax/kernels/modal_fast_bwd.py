@@ -2,9 +2,10 @@
 
 With g = dy * x2 the cotangent of z, s_t = a s_{t-1} + u_t and z_t = sum_n R s_t + dskip u_t:
 
-  * forward in time ("grads"), from each segment's incoming (s, p = ds/dlambda): recomputes
-    p <- a (p + s), s <- a s + u, z (dx2 = dy z, no saved residual) and sums dR += g s,
-    dlambda += R g p (+ ds_final p at t = L - 1), ddskip += g u. With ``fuse_adjoint`` it also
+  * forward in time ("grads"), from each segment's incoming (s, m = p + s, p = ds/dlambda):
+    recomputes s <- a s + u, z (dx2 = dy z, no saved residual) and m <- a m + s (p_t =
+    a m_{t-1}, so p <- a (p + s) costs one multiply-add), summing dR += g s, ddskip += g u and
+    dlambda = R a sum_t g_t m_{t-1} (+ ds_final p at t = L - 1). With ``fuse_adjoint`` it also
     sums the segment's own adjoint start state ew = R sum_t a^(t - t0 + 1) g_t (P <- a P), so the
     reverse pass needs no pass of its own over x2 and dy to find where each segment starts.
   * backward in time ("adjoint"): W <- a (R g + W) carries the cotangent of the state;
@@ -34,7 +35,7 @@ def _gate(x1, v):
   return (x1 * v).astype(F32)
 
 
-def _grads_kernel(lam_ref, res_ref, skip_ref, sin_ref, pin_ref, dsT_ref, x1_ref, v_ref, x2_ref,
+def _grads_kernel(lam_ref, res_ref, skip_ref, sin_ref, min_ref, dsT_ref, x1_ref, v_ref, x2_ref,
                   dy_ref, dx2_ref, dlam_ref, dres_ref, dskip_ref, *ew_ref, geo: Geometry):
   b, cols, si = ids(geo)
   n, c = geo.states, geo.bs.chunk
@@ -42,41 +43,47 @@ def _grads_kernel(lam_ref, res_ref, skip_ref, sin_ref, pin_ref, dsT_ref, x1_ref,
   r = load_rows(res_ref, (cols,), n)
   skip = skip_ref[cols]
   fuse = bool(ew_ref)
+  i_last = (geo.length - 1) % c  # t = L - 1 in the sequence's last chunk
 
+  # No masks: tokens past L have u = g = dy = 0, so they add nothing to any sum, and the states
+  # this pass ends with are not kept (p at t = L - 1 is taken on the way, at i_last).
   def step(k, carry, cur, masked):
-    s, p, d_res, d_lam, d_skip, e, pw = carry
+    s, m, d_res, d_lam, d_skip, e, pw = carry
+    p_end = None
     for i, (x1, v, x2, dy) in enumerate(cur):
       t = k * c + i
-      ok = t < geo.length
       u = _gate(x1, v)
       dyf = dy.astype(F32)
       g = dyf * x2.astype(F32)
-      p = keep(masked, ok, tuple(ak * (pk + sk) for ak, pk, sk in zip(a, p, s)), p)
-      s = keep(masked, ok, tuple(ak * sk + u for ak, sk in zip(a, s)), s)
+      d_lam = tuple(dk + g * mk for dk, mk in zip(d_lam, m))    # g_t m_{t-1} = g_t p_t / a
+      if masked and i == i_last:
+        p_end = tuple(ak * mk for ak, mk in zip(a, m))
+      s = tuple(ak * sk + u for ak, sk in zip(a, s))
+      m = tuple(ak * mk + sk for ak, mk, sk in zip(a, m, s))
       z = skip * u
       for rk, sk in zip(r, s):
         z = z + rk * sk
       dx2_ref[b, t, cols] = (dyf * z).astype(dx2_ref.dtype)
       d_res = tuple(dk + g * sk for dk, sk in zip(d_res, s))
-      d_lam = tuple(dk + g * pk for dk, pk in zip(d_lam, p))
       d_skip = d_skip + g * u
-      if fuse:  # tokens past L have g = 0: no mask needed
+      if fuse:
         e = tuple(ek + pk * g for ek, pk in zip(e, pw))
         pw = tuple(pk * ak for pk, ak in zip(pw, a))
-    return s, p, d_res, d_lam, d_skip, e, pw
+    carry = s, m, d_res, d_lam, d_skip, e, pw
+    return (carry, p_end) if masked else carry
 
   zeros = tuple(jnp.zeros((geo.bs.tile,), F32) for _ in range(n))
-  carry = (load_rows(sin_ref, (b, si, cols), n), load_rows(pin_ref, (b, si, cols), n), zeros,
+  carry = (load_rows(sin_ref, (b, si, cols), n), load_rows(min_ref, (b, si, cols), n), zeros,
            zeros, jnp.zeros((geo.bs.tile,), F32), zeros if fuse else (), a if fuse else ())
   loads = token_rows(geo, (x1_ref, v_ref, x2_ref, dy_ref), b, cols)
-  s, p, d_res, d_lam, d_skip, e, _ = walk(geo, si, loads, step, carry)
+  (_, _, d_res, d_lam, d_skip, e, _), p_end = walk(geo, si, loads, step, carry, split_last=True)
   # the final-state cotangent meets p at t = L - 1: only the last segment ends there
   last = si == geo.num_segments - 1
   ds_end = load_rows(dsT_ref, (b, cols), n)
   store_rows(dres_ref, (b, si, cols), d_res)
   store_rows(dlam_ref, (b, si, cols),
-             tuple(rk * dk + jnp.where(last, ek, 0.0) * pk
-                   for rk, dk, ek, pk in zip(r, d_lam, ds_end, p)))
+             tuple(rk * ak * dk + jnp.where(last, ek, 0.0) * pk
+                   for rk, ak, dk, ek, pk in zip(r, a, d_lam, ds_end, p_end)))
   dskip_ref[b, si, cols] = d_skip
   if fuse:
     @pl.when(si > 0)  # segment 0's start state is never needed: ew holds segments 1..S-1
@@ -142,7 +149,7 @@ def _shapes(geo: Geometry, x):
           jax.ShapeDtypeStruct((geo.batch,) + rows, F32))
 
 
-def launch_grads(geo: Geometry, lam, res, skip, s_in, p_in, dsT, x1, v, x2, dy, fuse: bool,
+def launch_grads(geo: Geometry, lam, res, skip, s_in, m_in, dsT, x1, v, x2, dy, fuse: bool,
                  interpret=False, poison=False):
   """The forward-in-time pass: (dx2, dlambda, dR per segment [B, S, N, Dp], ddskip per segment
   [B, S, Dp][, ew [B, S-1, N, Dp] with ``fuse``]) from the padded arrays."""
@@ -150,7 +157,7 @@ def launch_grads(geo: Geometry, lam, res, skip, s_in, p_in, dsT, x1, v, x2, dy, 
   out_shape = (big, segs, segs, jax.ShapeDtypeStruct(segs.shape[:2] + segs.shape[3:], F32))
   return call_pallas(functools.partial(_grads_kernel, geo=geo),
                      out_shape + ((ends,) if fuse else ()), geo.grid, geo.bs, interpret,
-                     "modal_fast_grads", poison, lam, res, skip, s_in, p_in, dsT, x1, v, x2, dy)
+                     "modal_fast_grads", poison, lam, res, skip, s_in, m_in, dsT, x1, v, x2, dy)
 
 
 def launch_adjoint_ends(geo: Geometry, lam, res, x2, dy, interpret=False, poison=False):
@@ -181,14 +188,14 @@ def _match_channels(geo: Geometry, rows):
 def bwd(x1, v, x2, log_poles, residues, dskip, seg_states, dy, ds_out, bs: FastBlocks,
         interpret: bool = False, poison: bool = False):
   """(dx1, dv, dx2, dlog_poles [D, N], dresidues [D, N], ddskip [D], dstate [B, D, N]) from the
-  forward's segment states (s_in, p_in) [B, S, N, Dp]; runs on ``bs.backward()``."""
+  forward's segment states (s_in, m_in) [B, S, N, Dp]; runs on ``bs.backward()``."""
   geo = make_geometry(x1.shape, log_poles.shape, bs.backward())
   lam, res, skip = pad_params(geo, log_poles, residues, dskip)
   x1p, vp, x2p, dyp = pad_inputs(geo, x1, v, x2, dy)
   dsT = pad_state(geo, ds_out)
-  s_in, p_in = (_match_channels(geo, r) for r in seg_states)
+  s_in, m_in = (_match_channels(geo, r) for r in seg_states)
   fuse = bs.fuse_adjoint and geo.num_segments > 1
-  outs = launch_grads(geo, lam, res, skip, s_in, p_in, dsT, x1p, vp, x2p, dyp, fuse, interpret,
+  outs = launch_grads(geo, lam, res, skip, s_in, m_in, dsT, x1p, vp, x2p, dyp, fuse, interpret,
                       poison)
   dx2, dlam, dres, dskip_p = outs[:4]
   if geo.num_segments == 1:

@@ -164,11 +164,14 @@ def keep(masked: bool, ok, new, old):
   return tuple(jnp.where(ok, a, b) for a, b in zip(new, old))
 
 
-def walk(geo: Geometry, si, load, step, carry, reverse: bool = False, full: bool = False):
+def walk(geo: Geometry, si, load, step, carry, reverse: bool = False, full: bool = False,
+         split_last: bool = False):
   """carry = step(k, carry, load(k), masked) over the chunks k of segment si, forward or in
   reverse. The last segment may hold fewer chunks (a dynamic trip count) and the sequence's last
   chunk is masked (``masked``: its tokens t >= L must leave the state alone) when L is not a
-  multiple of chunk; ``full`` says the segment is known to be full and unmasked (first passes).
+  multiple of chunk; ``full`` says the segment is known to be full and unmasked (first passes);
+  ``split_last`` (forward only) always steps the segment's last chunk outside the loop, with
+  ``masked``, so that step may return more than the carry (the last token's values).
   With ``prefetch`` each iteration issues the next chunk's loads before this chunk's math."""
   sc = geo.seg_chunks
   first = si * sc
@@ -176,7 +179,7 @@ def walk(geo: Geometry, si, load, step, carry, reverse: bool = False, full: bool
     count = sc
   else:
     count = jnp.minimum(sc, geo.num_chunks - first)
-  tail = (not full) and geo.padded_length != geo.length
+  tail = split_last or ((not full) and geo.padded_length != geo.length)
   last = first + count - 1
   if tail and reverse:
     carry = step(last, carry, load(last), True)
@@ -217,27 +220,28 @@ SCAN_GROUP = 8     # segments whose loads are issued together (latency of one ro
 
 
 def _scan_fwd_kernel(dec_ref, s0_ref, e_ref, *rest, num: int, seg_len: float, with_p: bool):
-  """s_in[0] = s0, s_in[k+1] = A s_in[k] + e[k] (A = a^Ls); with_p: p_in[0] = 0,
-  p_in[k+1] = A (p_in[k] + Ls s_in[k]) + ep[k] (p = ds/dlambda)."""
+  """s_in[0] = s0, s_in[k+1] = A s_in[k] + e[k] (A = a^Ls); with_p, for m = p + s with
+  p = ds/dlambda: m_in[0] = s0, m_in[k+1] = A (m_in[k] + Ls s_in[k]) + em[k] (from
+  p_in[k+1] = A (p_in[k] + Ls s_in[k]) + ep[k]; no difference of the two is ever formed)."""
   if with_p:
-    ep_ref, sin_ref, pin_ref = rest
+    em_ref, sin_ref, min_ref = rest
   else:
     sin_ref, = rest
   b, j = pl.program_id(0), pl.program_id(1)
   cols = pl.ds(pl.multiple_of(j * SCAN_BLOCK, SCAN_BLOCK), SCAN_BLOCK)
   dec = dec_ref[cols]
   s = s0_ref[b, cols]
-  p = jnp.zeros_like(s)
+  m = s
   for g0 in range(0, num, SCAN_GROUP):
     ks = range(g0, min(num, g0 + SCAN_GROUP))
     es = [e_ref[b, k - 1, cols] if k else None for k in ks]
-    eps = [ep_ref[b, k - 1, cols] if k and with_p else None for k in ks]
-    for k, e, ep in zip(ks, es, eps):
+    ems = [em_ref[b, k - 1, cols] if k and with_p else None for k in ks]
+    for k, e, em in zip(ks, es, ems):
       if k:
-        s, p = dec * s + e, (dec * (p + seg_len * s) + ep) if with_p else p
+        s, m = dec * s + e, (dec * (m + seg_len * s) + em) if with_p else m
       sin_ref[b, k, cols] = s
       if with_p:
-        pin_ref[b, k, cols] = p
+        min_ref[b, k, cols] = m
 
 
 def _scan_bwd_kernel(dec_ref, dec_last_ref, wT_ref, ew_ref, win_ref, *, num: int):
@@ -271,8 +275,9 @@ def _unflat(geo, x):
 
 
 def scan_segments(geo: Geometry, lam, s0, ends, dends, interpret, poison):
-  """Incoming (s_in[, p_in]) [B, S, N, Dp] of every segment from s0 [B, N, Dp] and the from-zero
-  end states of segments 0..S-2 (``ends``, and ``dends`` = their lambda-derivatives or None)."""
+  """Incoming (s_in[, m_in]) [B, S, N, Dp] of every segment from s0 [B, N, Dp] and the
+  from-zero end states of segments 0..S-2 (``ends``, and ``dends`` = their m = ds/dlambda + s,
+  or None)."""
   num = geo.num_segments
   dec = _flat(geo, jnp.exp(lam * float(geo.segment_length))[None, None])[0, 0]
   args = [dec, _flat(geo, s0[:, None])[:, 0], _flat(geo, ends)]

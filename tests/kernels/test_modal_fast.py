@@ -69,8 +69,9 @@ GRAD_CASES = [
     # 157 tokens: 40 chunks of 4 (a masked tail), segments of 6 chunks (the 7th has 4); D = 20
     # on tiles of 16
     (1, 2, 157, 20, 3, FastBlocks(tile=16, chunk=4, segment=24), True, True),
-    # unfused backward (its own adjoint-states pass), no prefetch, no dskip, no s0
-    (2, 1, 45, 9, 3, FastBlocks(tile=16, chunk=2, segment=8, prefetch=False, fuse_adjoint=False),
+    # L a multiple of the chunk (no masked tail) but not of the segment (the 6th segment has 2
+    # of 4 chunks); unfused backward (its own adjoint-states pass), no prefetch, no dskip, no s0
+    (2, 1, 44, 9, 3, FastBlocks(tile=16, chunk=2, segment=8, prefetch=False, fuse_adjoint=False),
      False, False),
     # one segment (no first pass, no scans); the backward on narrower tiles than the forward
     # (D = 33: 64 padded channels forward, 48 backward)
