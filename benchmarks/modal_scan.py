@@ -267,20 +267,21 @@ def table(lengths, bs_fwd, bs_bwd, bs_serial, bandwidth):
 FB = mf.FastBlocks
 VARIANTS = [  # the default first; each differs from it in one or two knobs (--variants picks)
     FB(),                                          # 0: t128 c8 seg512 w4, fused backward
-    FB(tile=256, bwd_tile=128),                    # 1: 2 channels per lane forward
-    FB(segment=256),                               # 2: 2x the programs (fewer per wave tail)
-    FB(segment=1024),                              # 3
-    FB(fuse_adjoint=False),                        # 4: the backward's third pass
-    FB(chunk=16),                                  # 5: deeper prefetch
-    FB(chunk=4),                                   # 6
-    FB(prefetch=False),                            # 7
-    FB(tile=64, num_warps=2),                      # 8
-    FB(tile=128, num_warps=2, bwd_warps=4),        # 9: 2 channels per lane forward
-    FB(tile=512, bwd_tile=128),                    # 10: 4 channels per lane forward
-    FB(tile=256, num_warps=8),                     # 11
-    FB(tile=256, segment=256, bwd_tile=128),       # 12
-    FB(segment=2048),                              # 13
-    FB(tile=64, num_warps=2, segment=256),         # 14
+    FB(horner=True),                               # 1: adjoint start states by chunks
+    FB(tile=256, bwd_tile=128),                    # 2: 2 channels per lane forward
+    FB(segment=256),                               # 3: 2x the programs (less wave tail)
+    FB(segment=1024),                              # 4
+    FB(fuse_adjoint=False),                        # 5: the backward's third pass
+    FB(chunk=16),                                  # 6: deeper prefetch
+    FB(chunk=4),                                   # 7
+    FB(prefetch=False),                            # 8
+    FB(tile=64, num_warps=2),                      # 9
+    FB(tile=128, num_warps=2, bwd_warps=4),        # 10: 2 channels per lane forward
+    FB(tile=512, bwd_tile=128),                    # 11: 4 channels per lane forward
+    FB(tile=256, num_warps=8),                     # 12
+    FB(tile=256, segment=256, bwd_tile=128),       # 13
+    FB(segment=2048),                              # 14
+    FB(tile=64, num_warps=2, segment=256),         # 15
 ]
 
 

@@ -43,18 +43,24 @@ def _grads_kernel(lam_ref, res_ref, skip_ref, sin_ref, min_ref, dsT_ref, x1_ref,
   r = load_rows(res_ref, (cols,), n)
   skip = skip_ref[cols]
   fuse = bool(ew_ref)
+  horner = fuse and geo.bs.horner
   i_last = (geo.length - 1) % c  # t = L - 1 in the sequence's last chunk
+  a_c = a
+  for _ in range(c.bit_length() - 1):  # a^c by squaring (c is a power of two)
+    a_c = tuple(x * x for x in a_c)
 
   # No masks: tokens past L have u = g = dy = 0, so they add nothing to any sum, and the states
   # this pass ends with are not kept (p at t = L - 1 is taken on the way, at i_last).
   def step(k, carry, cur, masked):
     s, m, d_res, d_lam, d_skip, e, pw = carry
     p_end = None
+    gs = []
     for i, (x1, v, x2, dy) in enumerate(cur):
       t = k * c + i
       u = _gate(x1, v)
       dyf = dy.astype(F32)
       g = dyf * x2.astype(F32)
+      gs.append(g)
       d_lam = tuple(dk + g * mk for dk, mk in zip(d_lam, m))    # g_t m_{t-1} = g_t p_t / a
       if masked and i == i_last:
         p_end = tuple(ak * mk for ak, mk in zip(a, m))
@@ -66,9 +72,15 @@ def _grads_kernel(lam_ref, res_ref, skip_ref, sin_ref, min_ref, dsT_ref, x1_ref,
       dx2_ref[b, t, cols] = (dyf * z).astype(dx2_ref.dtype)
       d_res = tuple(dk + g * sk for dk, sk in zip(d_res, s))
       d_skip = d_skip + g * u
-      if fuse:
+      if fuse and not horner:  # e += a^(tau + 1) g, pw = a^(tau + 1)
         e = tuple(ek + pk * g for ek, pk in zip(e, pw))
         pw = tuple(pk * ak for pk, ak in zip(pw, a))
+    if horner:  # e += a^(tau0 + 1) sum_i a^i g_i, pw = a^(tau0 + 1) for the chunk at tau0
+      h = tuple(gs[-1] for _ in range(n))
+      for gi in gs[-2::-1]:
+        h = tuple(ak * hk + gi for ak, hk in zip(a, h))
+      e = tuple(ek + pk * hk for ek, pk, hk in zip(e, pw, h))
+      pw = tuple(pk * ak for pk, ak in zip(pw, a_c))
     carry = s, m, d_res, d_lam, d_skip, e, pw
     return (carry, p_end) if masked else carry
 

@@ -30,7 +30,9 @@ class FastBlocks:
   down to a multiple of chunk; segments run in parallel, joined by the segment scan); prefetch:
   load the next chunk's inputs one loop iteration ahead of this chunk's arithmetic;
   fuse_adjoint: the backward's forward-in-time pass also sums each segment's adjoint end state
-  (two more multiply-adds per state and token, saving a pass over x2 and dy); num_warps,
+  (two more multiply-adds per state and token, saving a pass over x2 and dy); horner: that sum
+  by chunks, sum_i a^i g_i in Horner form (c + 1 operations per state and chunk instead of 2c,
+  N more registers for a^c); num_warps,
   num_stages: Triton's; bwd_tile, bwd_warps: the backward kernels' tile and warps (0: the
   forward's) — they carry up to 7N states per channel against the forward's N, so fewer
   channels per lane keep them out of local memory."""
@@ -40,6 +42,7 @@ class FastBlocks:
   num_warps: int = 4
   prefetch: bool = True
   fuse_adjoint: bool = True
+  horner: bool = False
   bwd_tile: int = 0
   bwd_warps: int = 0
   num_stages: int = 1
@@ -55,7 +58,8 @@ class FastBlocks:
     return (f"t{self.tile}/c{self.chunk}/seg{self.segment}/w{self.num_warps}"
             + (f"/bwd t{bwd.tile} w{bwd.num_warps}" if (bwd.tile, bwd.num_warps) !=
                (self.tile, self.num_warps) else "")
-            + ("" if self.prefetch else "/nopf") + ("" if self.fuse_adjoint else "/adjpass"))
+            + ("" if self.prefetch else "/nopf") + ("" if self.fuse_adjoint else "/adjpass")
+            + ("/horner" if self.horner and self.fuse_adjoint else ""))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -67,8 +67,8 @@ def fast(*args, bs):
 GRAD_CASES = [
     # seed, B, L, D, N, block sizes, with dskip, with s0
     # 157 tokens: 40 chunks of 4 (a masked tail), segments of 6 chunks (the 7th has 4); D = 20
-    # on tiles of 16
-    (1, 2, 157, 20, 3, FastBlocks(tile=16, chunk=4, segment=24), True, True),
+    # on tiles of 16; the adjoint start states summed by chunks (Horner)
+    (1, 2, 157, 20, 3, FastBlocks(tile=16, chunk=4, segment=24, horner=True), True, True),
     # L a multiple of the chunk (no masked tail) but not of the segment (the 6th segment has 2
     # of 4 chunks); unfused backward (its own adjoint-states pass), no prefetch, no dskip, no s0
     (2, 1, 44, 9, 3, FastBlocks(tile=16, chunk=2, segment=8, prefetch=False, fuse_adjoint=False),
