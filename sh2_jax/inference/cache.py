@@ -2,12 +2,13 @@
 
 Each mixer owns its cache's shape (``init_cache`` of ``FirFilter``, ``ModalFilter``,
 ``Attention``); per layer type (B batch, D width, K filter taps, N LI state, H heads x d):
-  SE / MR  HyenaCache(z_hist [B, 2, 3D], state [B, K-1, D])  last inputs of featurizer / filter
-  LI       HyenaCache(z_hist [B, 2, 3D], state [B, D, N] float32)  modal state
+  SE / MR  HyenaCache(z_hist [B, 3, 3D], state [B, K, D])  last inputs of featurizer / filter
+  LI       HyenaCache(z_hist [B, 3, 3D], state [B, D, N] float32)  modal state
   MHA      KVCache(k [B, max_len, H, d], v [B, max_len, H, d])
 ``Cache.lengths`` [B] int32 counts the tokens each row has consumed, i.e. the position of its
 next token; rows of one batch may be at different positions. History before a sequence's
-start is zeros, as in the parallel forward's causal padding.
+start is zeros, as in the parallel forward's causal padding. The featurizer and SE/MR histories
+are rings (``modes.to_ring``: position p in slot p mod K), written one slot per decoding step.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from flax import nnx
 
 from sh2_jax import ModelConfig, StripedHyena
 from sh2_jax.inference import decode_step, generate, prefill
-from sh2_jax.modes import Segment
+from sh2_jax.modes import KVCache, Segment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "decode_golden", "outputs.npz")
@@ -87,3 +87,57 @@ if __name__ == "__main__":
   os.makedirs(os.path.dirname(FIXTURE), exist_ok=True)
   np.savez_compressed(FIXTURE, **golden_outputs())
   print("wrote", FIXTURE)
+
+
+def test_ring_round_trip_and_write():
+  """``to_ring`` / ``from_ring`` invert each other for per-row and scalar ends; ``ring_write``
+  puts position p in slot p mod K, which ``from_ring`` then reads as the window's newest."""
+  from sh2_jax.modes import from_ring, ring_write, to_ring
+  x = jnp.arange(2 * 5 * 3, dtype=jnp.float32).reshape(2, 5, 3)
+  for end in (jnp.asarray([0, 7], jnp.int32), jnp.int32(13)):
+    ring = to_ring(x, end)
+    np.testing.assert_array_equal(from_ring(ring, end), x)
+    ends = np.broadcast_to(np.asarray(end), (2,))
+    for b in range(2):  # position end-5+i at slot (end-5+i) mod 5
+      for i in range(5):
+        np.testing.assert_array_equal(ring[b, (ends[b] - 5 + i) % 5], x[b, i])
+  pos = jnp.asarray([3, 9], jnp.int32)
+  new = jnp.full((2, 3), -1.0)
+  ring = ring_write(to_ring(x, pos), pos, new)
+  window = from_ring(ring, pos + 1)
+  np.testing.assert_array_equal(window[:, -1], new)
+  np.testing.assert_array_equal(window[:, :-1], x[:, 1:])
+
+
+def test_decode_loop_carries_the_caches_without_copies():
+  """The compiled decoding loop updates the FIR rings and the KV caches in place: its body
+  copies none of them (a shifted FIR window made XLA copy every history every step). The LI
+  modal state is left out: XLA CPU keeps its einsum as a dot and recomputes the state update
+  into the dot's operand, so the old state is read twice (on GPU the einsum becomes a reduce)."""
+  import re
+  from sh2_jax.inference.cache import init_cache
+  model = golden_model("float32")
+  graphdef, state = nnx.split(model)
+  cache = init_cache(model.cfg, 2, 16)
+
+  def loop(state, cache, tok):
+    m = nnx.merge(graphdef, state)
+
+    def body(_, carry):
+      logits, c = decode_step(m, *carry)
+      return c, jnp.argmax(logits, -1).astype(jnp.int32)
+
+    return jax.lax.fori_loop(0, 3, body, (cache, tok))
+
+  text = jax.jit(loop, donate_argnums=(1,)).lower(state, cache, jnp.zeros((2,), jnp.int32)
+                                                   ).compile().as_text()
+  leaves = [x for layer in cache.layers for x in
+            (layer if isinstance(layer, KVCache) else (layer.z_hist,) + (
+                (layer.state,) if layer.state.dtype == model.cfg.dtype and
+                layer.state.shape[1] != model.cfg.d_model else ()))]
+  shapes = {f"{jnp.dtype(x.dtype).name.replace('float', 'f')}[{','.join(map(str, x.shape))}]"
+            for x in leaves}  # e.g. f32[2,20,24]
+  assert len(shapes) >= 4
+  copies = [line for line in text.splitlines() if re.search(r"= \S+ copy\(", line)
+            and any(s in line.split("copy(")[0] for s in shapes)]
+  assert not copies, copies[:3]
