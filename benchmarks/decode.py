@@ -105,9 +105,10 @@ def random_like(tree, seed: int):
 
 
 def hlo_kernels(hlo_text: str) -> collections.Counter:
-  """Launch-worthy instructions of the outermost while loop's body (a decode step), by opcode,
-  from an optimized HLO module's text; computations the body calls (command buffers, nested
-  loops) are counted in. Fusions and custom calls (GEMMs, cuDNN) are one kernel each on GPU."""
+  """Launch-worthy instructions of the outermost while loop's body (a decode step), by opcode
+  (fusions by kind, custom calls by target), from an optimized HLO module's text; computations
+  the body calls (command buffers, nested loops) are counted in. Fusions and custom calls
+  (GEMMs, cuDNN) are one kernel each on GPU."""
   comps: dict[str, list[str]] = {}
   cur = entry = None
   for line in hlo_text.splitlines():
@@ -137,8 +138,11 @@ def hlo_kernels(hlo_text: str) -> collections.Counter:
       for callee in re.findall(r"(?:to_apply|body|branch_computations=\{)=?%?([\w.\-]+)", line):
         if op in ("call", "while", "conditional") and depth < 8:
           walk(callee, depth + 1)
-      if op not in NOT_KERNELS:
-        counts[op] += 1
+      if op in NOT_KERNELS:
+        continue
+      kind = re.search(r"kind=(\w+)", line) if op == "fusion" else None
+      target = re.search(r'custom_call_target="([^"]+)"', line) if op == "custom-call" else None
+      counts[op + (f":{kind.group(1)}" if kind else f":{target.group(1)}" if target else "")] += 1
 
   if body is not None:
     walk(body)
@@ -353,7 +357,7 @@ def main(argv):
     rows.append(row)
     print(f"batch {batch}: prefill compile+run {compile_prefill or 0:.1f}s, decode compile+"
           f"warm-up {compile_decode:.1f}s; step times {[round(1e3 * t / steps, 3) for t in times]}"
-          f" ms; kernels per step (compiled HLO) {row['kernels']}: {dict(kernels.most_common(8))}",
+          f" ms; kernels per step (compiled HLO) {row['kernels']}: {dict(kernels.most_common())}",
           flush=True)
     if profile:
       print("\n" + profile + "\n", flush=True)
