@@ -30,12 +30,10 @@ same shape with every layer MHA (shapes only).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import json
 import os
-import re
 import shlex
 import statistics
 import subprocess
@@ -75,10 +73,6 @@ flags.DEFINE_integer("child_timeout_s", 300, "with --xla_flag_sets: seconds each
 flags.DEFINE_bool("json_rows", False, "also print each batch's row as one 'DECODE_JSON {...}' line")
 FLAGS = flags.FLAGS
 
-NOT_KERNELS = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "call", "while",
-               "conditional", "after-all", "partition-id", "replica-id", "opt-barrier"}
-
-
 def sync(tree):
   jax.block_until_ready(tree)
   return tree
@@ -102,51 +96,6 @@ def random_like(tree, seed: int):
                                             ).astype(dtype), static_argnums=(1, 2))
   keys = jax.random.split(jax.random.key(seed), len(leaves))
   return jax.tree.unflatten(treedef, [fill(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
-
-
-def hlo_kernels(hlo_text: str) -> collections.Counter:
-  """Launch-worthy instructions of the outermost while loop's body (a decode step), by opcode
-  (fusions by kind, custom calls by target), from an optimized HLO module's text; computations
-  the body calls (command buffers, nested loops) are counted in. Fusions and custom calls
-  (GEMMs, cuDNN) are one kernel each on GPU."""
-  comps: dict[str, list[str]] = {}
-  cur = entry = None
-  for line in hlo_text.splitlines():
-    m = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{$", line)
-    if m and not line.startswith(" "):
-      cur = m.group(2)
-      comps[cur] = []
-      entry = cur if m.group(1) else entry
-      continue
-    if line.strip() == "}":
-      cur = None
-    elif cur is not None:
-      comps[cur].append(line)
-  body = None
-  for line in comps.get(entry, []):
-    m = re.search(r" while\(.*body=%?([\w.\-]+)", line)
-    if m:
-      body = m.group(1)
-  counts: collections.Counter = collections.Counter()
-
-  def walk(name, depth=0):
-    for line in comps.get(name, []):
-      m = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = .*? ([a-z][a-z\-]*)\(", line)
-      if not m:
-        continue
-      op = m.group(1)
-      for callee in re.findall(r"(?:to_apply|body|branch_computations=\{)=?%?([\w.\-]+)", line):
-        if op in ("call", "while", "conditional") and depth < 8:
-          walk(callee, depth + 1)
-      if op in NOT_KERNELS:
-        continue
-      kind = re.search(r"kind=(\w+)", line) if op == "fusion" else None
-      target = re.search(r'custom_call_target="([^"]+)"', line) if op == "custom-call" else None
-      counts[op + (f":{kind.group(1)}" if kind else f":{target.group(1)}" if target else "")] += 1
-
-  if body is not None:
-    walk(body)
-  return counts
 
 
 def parse_flag_sets(text: str) -> list[str]:
@@ -320,7 +269,7 @@ def main(argv):
     assert hybrid_cache == cache_bytes(cfg, batch, max_len)
     t0 = time.perf_counter()
     compiled = run_decode.lower(graphdef, state, cache, tok).compile()
-    kernels = hlo_kernels(compiled.as_text())
+    kernels = profiling.hlo_kernels(compiled.as_text())
     cache, tok = sync(compiled(state, cache, tok))
     compile_decode = time.perf_counter() - t0
     times = []
@@ -352,7 +301,7 @@ def main(argv):
                read_gb={k: v / 1e9 for k, v in need.items()},
                cache_gib=hybrid_cache / 2**30,
                mha_cache_gib=cache_bytes(mha_cfg, batch, max_len) / 2**30,
-               kernels=sum(kernels.values()), kernel_ops=dict(kernels.most_common()),
+               kernels=profiling.kernel_total(kernels), kernel_ops=dict(kernels.most_common()),
                compile_s=(compile_prefill or 0) + compile_decode, copy_gbs=copy_Bps / 1e9)
     rows.append(row)
     print(f"batch {batch}: prefill compile+run {compile_prefill or 0:.1f}s, decode compile+"

@@ -1,4 +1,5 @@
-"""Reading a ``jax.profiler`` trace: device time and kernel counts per kernel class.
+"""Reading a ``jax.profiler`` trace (device time and kernel counts per kernel class) and a
+compiled loop's optimized HLO (the kernels one iteration launches).
 
 The one trace parser of the benchmarks (``train_step.py --profile_len``, ``decode.py
 --profile``). It needs nothing beyond jax: ``jax.profiler.ProfileData`` reads the
@@ -15,6 +16,7 @@ an untraced one; the kernel counts are the same either way.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import glob
 import os
@@ -118,3 +120,58 @@ def profile_summary(trace_dir: str, steps: int, label: str, top: int = 15) -> st
     for name, t in sorted(kt.ops.items(), key=lambda kv: -kv[1])[:top]:
       lines.append(f"- {t / steps * 1e3:8.3f} ms/step  {name[:110]}")
   return "\n".join(lines)
+
+
+NOT_KERNELS = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "call", "while",
+               "conditional", "after-all", "partition-id", "replica-id", "opt-barrier"}
+
+
+def hlo_kernels(hlo_text: str) -> collections.Counter:
+  """Launch-worthy instructions of a compiled loop's body (one step), by opcode
+  (fusions by kind, custom calls by target), from an optimized HLO module's text; computations
+  the body calls (command buffers, nested loops) are counted in. Fusions and custom calls
+  (GEMMs, cuDNN) are one kernel each on GPU. ``(command buffers)`` counts the body's calls of
+  XLA GPU's command-buffer (CUDA graph) regions, not kernels: ``kernel_total`` leaves it out."""
+  comps: dict[str, list[str]] = {}
+  cur = None
+  for line in hlo_text.splitlines():
+    m = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if m and not line.startswith(" "):
+      cur = m.group(2)
+      comps[cur] = []
+      continue
+    if line.strip() == "}":
+      cur = None
+    elif cur is not None:
+      comps[cur].append(line)
+  # The loop may sit inside a command buffer of its own (a WHILE command): the while whose
+  # body is largest, wherever it is.
+  bodies = [m.group(1) for lines in comps.values() for line in lines
+            for m in [re.search(r" while\(.*body=%?([\w.\-]+)", line)] if m]
+  body = max(bodies, key=lambda b: len(comps.get(b, [])), default=None)
+  counts: collections.Counter = collections.Counter()
+
+  def walk(name, depth=0):
+    for line in comps.get(name, []):
+      m = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = .*? ([a-z][a-z\-]*)\(", line)
+      if not m:
+        continue
+      op = m.group(1)
+      for callee in re.findall(r"(?:to_apply|body|branch_computations=\{)=?%?([\w.\-]+)", line):
+        if op in ("call", "while", "conditional") and depth < 8:
+          if "command_buffer" in callee:  # XLA GPU's outlined CUDA-graph regions
+            counts["(command buffers)"] += 1
+          walk(callee, depth + 1)
+      if op in NOT_KERNELS:
+        continue
+      kind = re.search(r"kind=(\w+)", line) if op == "fusion" else None
+      target = re.search(r'custom_call_target="([^"]+)"', line) if op == "custom-call" else None
+      counts[op + (f":{kind.group(1)}" if kind else f":{target.group(1)}" if target else "")] += 1
+
+  if body is not None:
+    walk(body)
+  return counts
+
+
+def kernel_total(counts: collections.Counter) -> int:
+  return sum(n for op, n in counts.items() if not op.startswith("("))

@@ -58,3 +58,53 @@ def test_decode_bad_input(tmp_path, argv, needle):
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
   assert not prof.exists()
+
+
+def test_hlo_kernels_counts_the_loop_body_through_command_buffers():
+  """A GPU-shaped module: the loop sits in a command buffer of its own, its body in another;
+  fusions count by kind, custom calls by target, the command-buffer calls separately."""
+  sys.path.insert(0, ROOT)
+  from benchmarks.profiling import hlo_kernels, kernel_total
+  hlo = """HloModule m
+
+%fused_a (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %n = f32[4]{0} negate(%p)
+}
+
+%command_buffer.2 (p0: f32[4]) -> f32[4] {
+  %p0 = f32[4]{0} parameter(0)
+  %f1 = f32[4]{0} fusion(%p0), kind=kLoop, calls=%fused_a
+  %g = (f32[4]{0}, s8[64]{0}) custom-call(%f1), custom_call_target="__cublas$gemm"
+  %g0 = f32[4]{0} get-tuple-element(%g), index=0
+  ROOT %f2 = f32[4]{0} fusion(%g0), kind=kInput, calls=%fused_a
+}
+
+%body (t: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %t = (s32[], f32[4]{0}) parameter(0)
+  %x = f32[4]{0} get-tuple-element(%t), index=1
+  %c = f32[4]{0} call(%x), to_apply=%command_buffer.2
+  %cp = f32[4]{0} copy(%c)
+  %i = s32[] get-tuple-element(%t), index=0
+  ROOT %r = (s32[], f32[4]{0}) tuple(%i, %cp)
+}
+
+%cond (t: (s32[], f32[4])) -> pred[] {
+  %t = (s32[], f32[4]{0}) parameter(0)
+  ROOT %k = pred[] constant(true)
+}
+
+%command_buffer (a: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %a = (s32[], f32[4]{0}) parameter(0)
+  ROOT %w = (s32[], f32[4]{0}) while(%a), condition=%cond, body=%body
+}
+
+ENTRY %main (a: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %a = (s32[], f32[4]{0}) parameter(0)
+  ROOT %c = (s32[], f32[4]{0}) call(%a), to_apply=%command_buffer
+}
+"""
+  counts = hlo_kernels(hlo)
+  assert counts == {"fusion:kLoop": 1, "fusion:kInput": 1, "custom-call:__cublas$gemm": 1,
+                    "copy": 1, "(command buffers)": 1}, counts
+  assert kernel_total(counts) == 4
