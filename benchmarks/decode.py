@@ -7,7 +7,8 @@ all-attention; the kernels a step launches; XLA flag sets compared in one call.
   PYTHONPATH=. python benchmarks/decode.py --batches 1 --noprefill \\
       --xla_flag_sets ';--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL'
 
-Random weights (bf16 parameters and compute) at the preset's shape. For each batch size:
+Random weights (bf16 parameters and compute; ``--param_dtype float32`` stores them as float32,
+the trainer's and checkpoints' dtype) at the preset's shape. For each batch size:
 prefill a prompt of --prompt_len tokens (timed once after a warm-up compile; ``--noprefill``
 fills the cache with random values at that position instead: the same step, no prefill
 compile), then time compiled loops of --steps greedy decode steps (the cache is donated, so it
@@ -48,6 +49,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common, profiling  # noqa: E402
+from sh2_jax.cli.launch import parse_flags  # noqa: E402
 from sh2_jax.config import ModelConfig  # noqa: E402
 from sh2_jax.inference import decode_step, prefill  # noqa: E402
 from sh2_jax.inference.cache import cache_bytes, decode_read_bytes, init_cache  # noqa: E402
@@ -64,6 +66,8 @@ flags.DEFINE_bool("prefill", True, "prefill the prompt (--noprefill: a random ca
                   "--prompt_len, same decode step, no prefill compile)")
 flags.DEFINE_integer("prefill_rows", 4, "rows per prefill call (the 8K prefill's activations "
                      "at 16 rows exceed one H100)")
+flags.DEFINE_enum("param_dtype", "bfloat16", ["bfloat16", "float32"], "stored parameter dtype "
+                  "(compute is bf16): float32 shows whether the loop re-reads f32 weights")
 flags.DEFINE_string("conv_impl", "xla", "SE/MR implementation of the prefill (decode needs none)")
 flags.DEFINE_string("profile", "", "trace one timed loop per batch size into this folder and "
                     "print device time and kernels per step by kernel class")
@@ -196,7 +200,7 @@ def main(argv):
     sys.exit(2)
   if FLAGS.xla_flag_sets is not None:
     return sweep()
-  overrides = dict(dtype="bfloat16", param_dtype="bfloat16", conv_impl=FLAGS.conv_impl)
+  overrides = dict(dtype="bfloat16", param_dtype=FLAGS.param_dtype, conv_impl=FLAGS.conv_impl)
   if FLAGS.small:
     overrides.update(d_model=256, num_layers=8, num_heads=2, mlp_hidden=512, se_groups=16,
                      mr_groups=16, layer_idxs=evo2_layer_idxs(8, (3, 7)))
@@ -334,4 +338,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)  # absl's flag errors as one ``error:`` line, exit 2

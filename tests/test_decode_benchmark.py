@@ -50,6 +50,8 @@ def test_decode_flag_sets_one_child_each():
     (["--batches", "x"], "'x'"),
     (["--steps", "0"], "--steps 0"),
     (["--xla_flag_sets", "--xla_ok=1;--bogus"], "'--bogus'"),
+    (["--param_dtype", "float16"], "float16"),
+    (["--reps", "many"], "many"),
 ])
 def test_decode_bad_input(tmp_path, argv, needle):
   prof = tmp_path / "prof"
