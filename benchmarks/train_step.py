@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import glob
 import json
 import os
 import re
@@ -46,6 +45,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
+from benchmarks.profiling import profile_summary  # noqa: E402
 from benchmarks.transformer import evo2_7b_layout, transformer_like  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
@@ -178,57 +178,6 @@ class Point:
 
 
 # ----------------------------------------------------------------------------- profile
-
-KERNEL_CLASSES = [  # (class, regex over kernel names), first match wins
-    ("attention (cuDNN)", r"cudnn|fmha|flash|sdpa|_attn"),
-    ("GEMM", r"gemm|xmma|cutlass|nvjet|cublas|matmul|_mma|wgmma|sm90_"),
-    ("FFT", r"fft"),
-    ("Pallas FIR", r"fir|gated_fir|toeplitz|blocked"),
-    ("Pallas modal scan", r"modal"),
-    ("collectives", r"nccl|all_gather|all-gather|reduce_scatter|all_to_all|collective|permute"),
-    ("reductions", r"reduce|reduction"),
-    ("copies/transposes", r"copy|transpose|memcpy|memset|concatenate|slice|pad"),
-    ("elementwise fusions", r"fusion|loop|input_|convert|multiply|add"),
-]
-
-
-def profile_summary(trace_dir: str, steps: int, label: str) -> str:
-  from jax.profiler import ProfileData
-  files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
-  if not files:
-    return f"{label}: no trace written"
-  data = ProfileData.from_file(sorted(files)[-1])
-  totals: dict[str, float] = {}
-  ops: dict[str, float] = {}
-  for plane in data.planes:
-    if not plane.name.startswith("/device:GPU:0"):
-      continue
-    for line in plane.lines:
-      target = ops if line.name == "XLA Ops" else totals if "Stream" in line.name else None
-      if target is None:
-        continue
-      for ev in line.events:
-        target[ev.name] = target.get(ev.name, 0.0) + ev.duration_ns * 1e-9
-  if not totals:
-    return f"{label}: no GPU kernel events in the trace"
-  busy = sum(totals.values())
-  classes: dict[str, float] = {}
-  for name, t in totals.items():
-    cls = next((c for c, rx in KERNEL_CLASSES if re.search(rx, name, re.I)), "other")
-    classes[cls] = classes.get(cls, 0.0) + t
-  lines = [f"### profile: {label} ({steps} steps traced; GPU kernel time {busy / steps * 1e3:.1f} "
-           "ms/step)", "", "| kernel class | ms/step | share |", "|---|---|---|"]
-  for cls, t in sorted(classes.items(), key=lambda kv: -kv[1]):
-    lines.append(f"| {cls} | {t / steps * 1e3:.1f} | {100 * t / busy:.1f}% |")
-  lines += ["", "top kernels:", ""]
-  for name, t in sorted(totals.items(), key=lambda kv: -kv[1])[:15]:
-    lines.append(f"- {t / steps * 1e3:8.2f} ms/step {100 * t / busy:5.1f}%  {name[:110]}")
-  if ops:
-    lines += ["", "top XLA ops:", ""]
-    for name, t in sorted(ops.items(), key=lambda kv: -kv[1])[:15]:
-      lines.append(f"- {t / steps * 1e3:8.2f} ms/step  {name[:110]}")
-  return "\n".join(lines)
-
 
 def profile(point: Point, label: str) -> str:
   point.run(1)

@@ -27,7 +27,7 @@ from sh2_jax import capture, dispatch
 from sh2_jax.config import ModelConfig
 from sh2_jax.layers import param
 from sh2_jax.modes import (FULL, ContextParallel, Decode, HyenaCache, Prefill, Segment,
-                           last_steps, right_align, with_history)
+                           from_ring, last_steps, right_align, ring_write, to_ring, with_history)
 from sh2_jax.ops import fir, modal
 from sh2_jax.parallel import a2a, halo, li_state_passing, p2p_fft
 
@@ -54,20 +54,20 @@ class _HyenaFilter(nnx.Module):
   def _featurize(self, z, mode, cache):
     """z [B, L, 3D] -> ((x2, x1, v) each [B, L, D], the featurizer history for the cache)."""
     taps = self.featurizer_taps()
-    k0 = self.cfg.featurizer_len - 1
+    k = self.cfg.featurizer_len
     hist = None
     if isinstance(mode, Decode):
-      window = jnp.concatenate([cache.z_hist, z], axis=1)       # [B, k0 + 1, 3D]
-      zc, hist = fir.fir_step(window, taps)[:, None], window[:, 1:]
+      hist = ring_write(cache.z_hist, mode.positions, z[:, 0])  # [B, k, 3D], in place
+      zc = fir.fir_step(from_ring(hist, mode.positions + 1), taps)[:, None]
     elif isinstance(mode, Segment):
-      ext = with_history(cache.z_hist, z)
-      zc = fir.featurizer_conv(ext, taps)[:, k0:]
-      hist = ext[:, -k0:] if k0 else cache.z_hist
+      ext = with_history(from_ring(cache.z_hist, mode.offset)[:, 1:], z)
+      zc = fir.featurizer_conv(ext, taps)[:, k - 1:]
+      hist = to_ring(ext[:, -k:], mode.offset + z.shape[1])
     elif isinstance(mode, ContextParallel):
       zc = halo.halo_featurizer(z, taps, mode.axis_name, mode.size)
     else:
       if isinstance(mode, Prefill):
-        hist = last_steps(z, mode.lengths, k0)
+        hist = to_ring(last_steps(z, mode.lengths, k), mode.lengths)
       return fir.featurize(z, taps), hist
     return fir.interleaved_split(zc), hist
 
@@ -86,7 +86,7 @@ class _HyenaFilter(nnx.Module):
     """The empty cache of this layer (history before position 0 is zeros)."""
     del max_len
     d, dt = self.cfg.d_model, jnp.dtype(self.cfg.dtype)
-    return HyenaCache(jnp.zeros((batch, self.cfg.featurizer_len - 1, 3 * d), dt),
+    return HyenaCache(jnp.zeros((batch, self.cfg.featurizer_len, 3 * d), dt),
                       self._init_state(batch))
 
 
@@ -132,34 +132,40 @@ class FirFilter(_HyenaFilter):
     return h
 
   def _init_state(self, batch: int) -> jax.Array:
-    return jnp.zeros((batch, self.taps - 1, self.cfg.d_model), jnp.dtype(self.cfg.dtype))
+    return jnp.zeros((batch, self.taps, self.cfg.d_model), jnp.dtype(self.cfg.dtype))
 
   def _inner_flops(self, seq_len: int) -> float:
     return 2 * self.taps * self.cfg.d_model
 
   def _inner(self, x1, v, x2, mode, state):
-    """The gated FIR core in ``mode``: (y [B, L, D], the last K-1 inputs u for the cache)."""
+    """The gated FIR core in ``mode``: (y [B, L, D], the last K inputs u as a ring for the
+    cache)."""
     h, dskip = self.fir_taps(), self.dskip()
     core = dispatch.fir_fn(self.cfg.conv_impl)
+    taps = h.shape[1]
     if isinstance(mode, Decode):
-      window = jnp.concatenate([state, x1 * v], axis=1)          # [B, K, D]
+      # Write u into its slot first, then read the window from the written ring: the write is
+      # the old ring's only use, so it happens in place (no shift, no copy of the window).
+      ring = ring_write(state, mode.positions, (x1 * v)[:, 0])  # [B, K, D]
+      window = from_ring(ring, mode.positions + 1)
       y = fir.gated_conv(x1, v, x2, lambda u: fir.fir_step(window, h)[:, None], dskip)
-      return y, window[:, 1:]
+      return y, ring
     if isinstance(mode, Segment):
       # [u_hist; u] through the gate with x1 := [u_hist; x1], v := [1; v], x2 := [0; x2], so
       # the configured kernel runs unchanged; the history rows are dropped.
-      ones, zeros = jnp.ones_like(state, v.dtype), jnp.zeros_like(state, x2.dtype)
-      y = core(with_history(state, x1), with_history(ones, v), with_history(zeros, x2), h,
-               dskip)[:, state.shape[1]:]
+      hist = from_ring(state, mode.offset)[:, 1:]                # [B, K-1, D]
+      ones, zeros = jnp.ones_like(hist, v.dtype), jnp.zeros_like(hist, x2.dtype)
+      y = core(with_history(hist, x1), with_history(ones, v), with_history(zeros, x2), h,
+               dskip)[:, taps - 1:]
       u = x1 * v
-      return y, (with_history(state, u)[:, -state.shape[1]:] if state.shape[1] else state)
+      return y, to_ring(with_history(hist, u)[:, -taps:], mode.offset + u.shape[1])
     if isinstance(mode, ContextParallel):
       if self.context_all_to_all and mode.mr_mode == "a2a":
         return a2a.a2a_gated_fir(x1, v, x2, h, dskip, core, mode.axis_name, mode.size), None
       return halo.halo_gated_fir(x1, v, x2, h, dskip, core, mode.axis_name, mode.size), None
     y = core(x1, v, x2, h, dskip)
     if isinstance(mode, Prefill):
-      return y, last_steps(x1 * v, mode.lengths, h.shape[1] - 1)
+      return y, to_ring(last_steps(x1 * v, mode.lengths, taps), mode.lengths)
     return y, None
 
 

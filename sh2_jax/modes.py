@@ -31,8 +31,12 @@ CONTEXT_AXIS = "context"
 
 
 class HyenaCache(NamedTuple):
-  z_hist: jax.Array  # [B, featurizer_len - 1, 3D], compute dtype
-  state: jax.Array   # SE/MR: [B, K-1, D] compute dtype; LI: [B, D, N] float32
+  """The FIR histories are rings (``to_ring``): the input at position p sits in slot p mod K,
+  so a decoding step writes one slot in place instead of shifting the whole window."""
+
+  z_hist: jax.Array  # [B, featurizer_len, 3D] compute dtype: the last featurizer inputs, a ring
+  state: jax.Array   # SE/MR: [B, K, D] compute dtype, the last inner-filter inputs, a ring;
+                     # LI: [B, D, N] float32, the modal state
 
 
 class KVCache(NamedTuple):
@@ -135,3 +139,31 @@ def right_align(x: jax.Array, lengths: jax.Array) -> jax.Array:
 def with_history(hist: jax.Array, x: jax.Array) -> jax.Array:
   """[hist; x] along the sequence axis, in x's dtype."""
   return jnp.concatenate([hist.astype(x.dtype), x], axis=1)
+
+
+def _ring_index(end, size: int, batch: int) -> jax.Array:
+  """[B, K]: ``(j - end[b]) mod K`` for slot j (``end`` [B] or a scalar)."""
+  end = jnp.broadcast_to(jnp.asarray(end, jnp.int32), (batch,))
+  return (jnp.arange(size, dtype=jnp.int32)[None, :] - end[:, None]) % size
+
+
+def to_ring(window: jax.Array, end) -> jax.Array:
+  """A window of the K steps before ``end`` (x [B, K, C], oldest first: positions end-K ..
+  end-1; ``end`` [B] or a scalar) as a ring: position p in slot p mod K."""
+  b, k = window.shape[:2]
+  idx = _ring_index(end, k, b)  # slot j holds window[(j - end) mod K]
+  return jnp.take_along_axis(window, idx[..., None], axis=1)
+
+
+def from_ring(ring: jax.Array, end) -> jax.Array:
+  """``to_ring``'s inverse: the ring [B, K, C] as the window of positions end-K .. end-1."""
+  b, k = ring.shape[:2]
+  idx = _ring_index(-jnp.asarray(end, jnp.int32), k, b)  # window[i] = ring[(end + i) mod K]
+  return jnp.take_along_axis(ring, idx[..., None], axis=1)
+
+
+def ring_write(ring: jax.Array, positions: jax.Array, x: jax.Array) -> jax.Array:
+  """Row b's ``x[b]`` ([B, C]) into slot ``positions[b] mod K`` of the ring [B, K, C]: one slot
+  per row, in place when the ring is not read before (read the written ring, not the old)."""
+  rows = jnp.arange(ring.shape[0])
+  return ring.at[rows, positions % ring.shape[1]].set(x.astype(ring.dtype))
