@@ -239,6 +239,11 @@ def rel_dev(xs, refs):
   return [jnp.linalg.norm(f(a) - f(b)) / jnp.linalg.norm(f(b)) for a, b in zip(xs, refs)]
 
 
+def per_sm(smem_bytes):
+  """Programs one H100/H200 SM holds by shared memory (228 KiB, 1 KiB reserved per block)."""
+  return 228 * 1024 // (smem_bytes + 1024)
+
+
 def mgpu_variant_list(taps):
   """(name, MgpuBlockSizes) of the Mosaic GPU variants timed by ``--mode mgpu_variants``: the
   current default first, then each switch alone, then combinations."""
@@ -252,16 +257,16 @@ def mgpu_variant_list(taps):
       ("ring", r(ring=True)),
       ("slots2", r(store_slots=2)),
       ("ring+slots2", fast),
-      ("r+s2 wide", f(wide=True)),
-      ("r+s2 st3", f(stages=3)),
-      ("r+s2 st4", f(stages=4)),
-      ("r+s2 seg64", f(seg_chunks=64)),
+      ("ring seg64", r(ring=True, seg_chunks=64)),
+      ("ring seg128", r(ring=True, seg_chunks=128)),
       ("r+s2 seg128", f(seg_chunks=128)),
+      ("r+s2 st3", f(stages=3)),
+      ("r+s2+t2", f(tiles=2, bwd_tiles=2)),
       ("r+s2+t2 wide", f(tiles=2, bwd_tiles=2, wide=True)),
-      ("r+s2+t2 w st3", f(tiles=2, bwd_tiles=2, wide=True, stages=3)),
       ("r+s2+t2 w seg64", f(tiles=2, bwd_tiles=2, wide=True, seg_chunks=64)),
       ("r+s2+t4/1 wide", f(tiles=4, bwd_tiles=1, wide=True)),
       ("r+s2+t4/2 wide", f(tiles=4, bwd_tiles=2, wide=True)),
+      ("ring t2/1 w seg64", r(ring=True, tiles=2, wide=True, seg_chunks=64)),
   ]
 
 
@@ -294,7 +299,7 @@ def mgpu_variants(length=16384, only=None):
         continue
       op = functools.partial(fir_conv_mgpu.gated_fir_conv_mgpu, block_sizes=bs)
       f, fb = fwd_and_fwdbwd(lambda x1, v, x2, h, d, op=op: op(x1, v, x2, h, d))
-      kb = [fir_conv_mgpu.smem_bytes(bs, taps, bwd) // 1024 for bwd in (False, True)]
+      sb = [fir_conv_mgpu.smem_bytes(bs, taps, bwd) for bwd in (False, True)]
       try:
         y, g = fb(*args)
         errs = [float(e) for e in rel_dev([y, *g], ref)]
@@ -306,7 +311,7 @@ def mgpu_variants(length=16384, only=None):
         continue
       tb = max(tfb - tf, 1e-9)  # the backward alone (timing noise can make it tiny)
       ok = "ok" if max(errs) < 2e-2 else "WRONG"
-      rows.append((taps, name, tf, tfb, tb, errs, ok, kb))
+      rows.append((taps, name, tf, tfb, tb, errs, ok, sb))
       print(f"K={taps:3d} {name:14s}: fwd {tf * 1e3:.3f} ms ({100 * floor_f / tf:3.0f}%), "
             f"fwd+bwd {tfb * 1e3:.3f} ms, bwd {tb * 1e3:.3f} ms ({100 * floor_b / tb:3.0f}%), "
             f"max rel err {max(errs):.1e} {ok}", flush=True)
@@ -316,12 +321,12 @@ def mgpu_variants(length=16384, only=None):
            "| K | variant | fwd ms | fwd % floor | fwd+bwd ms | bwd ms | bwd % floor | "
            "fwd+bwd % floor | rel err y, dx1, dv, dx2, dh, ddskip | smem KiB fwd/bwd "
            "(programs/SM) |", "|---|---|---|---|---|---|---|---|---|---|"]
-  for taps, name, tf, tfb, tb, errs, ok, kb in rows:
+  for taps, name, tf, tfb, tb, errs, ok, sb in rows:
     lines.append(f"| {taps} | {name} | {tf * 1e3:.3f} | {100 * floor_f / tf:.0f}% | "
                  f"{tfb * 1e3:.3f} | {tb * 1e3:.3f} | {100 * floor_b / tb:.0f}% | "
                  f"{100 * (floor_f + floor_b) / tfb:.0f}% | "
-                 + ", ".join(f"{e:.1e}" for e in errs) + f" {ok} | {kb[0]}/{kb[1]} "
-                 f"({228 // (kb[0] + 1)}/{228 // (kb[1] + 1)}) |")
+                 + ", ".join(f"{e:.1e}" for e in errs) + f" {ok} | {sb[0] // 1024}/"
+                 f"{sb[1] // 1024} ({per_sm(sb[0])}/{per_sm(sb[1])}) |")
   for taps in (7, 128):
     for name, bs in mgpu_variant_list(taps):
       lines.append(f"K={taps} {name}: {bs}")

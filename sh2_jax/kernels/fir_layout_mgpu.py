@@ -73,14 +73,15 @@ def smem_bytes(bs: MgpuBlockSizes, taps: int, backward: bool = False) -> int:
   if not backward:  # band rows, u windows, staged y; dskip rows and halo, or pipelined x1 v x2
     return band + t * n1 * tile + bs.store_slots * t * tile + max(skip + halo, s * 3 * t * tile)
   # band rows, windows of u, dz, x2 and dy, staged dx2 dx1 dv; dskip rows and halo, or
-  # pipelined x1 v x2' dy', or a [c, c] block of the dh partial and the ddskip partial (f32)
+  # pipelined x1 v x2' dy', or a [c, c/2] piece of the dh partial and the ddskip partial (f32)
   return (band + 4 * t * n1 * tile + bs.store_slots * 3 * t * tile
-          + max(skip + halo, s * 4 * t * tile, c * c * 4 + c * w * 4))
+          + max(skip + halo, s * 4 * t * tile, c * c // 2 * 4 + c * w * 4))
 
 
 def default_block_sizes(group_size: int, taps: int) -> MgpuBlockSizes:
-  """Untuned (no Hopper measurement yet): chunk 64, the widest channel tile that divides the
-  group and fits the backward's shared memory."""
+  """Chunk 64, the widest channel tile that divides the group and fits the backward's shared
+  memory, the first-measured variant switches (one tile per program, sliding windows, one store
+  slot) until ``benchmarks/fir_conv.py --mode mgpu_variants`` has picked others."""
   for w in (64, 32, 16):
     bs = MgpuBlockSizes(chunk=64, width=w)
     if group_size % w == 0 and smem_bytes(bs, taps, backward=True) <= SMEM_LIMIT:
