@@ -255,7 +255,6 @@ def mgpu_variant_list(taps):
   return [
       ("default", base),
       ("ring", r(ring=True)),
-      ("slots2", r(store_slots=2)),
       ("ring+slots2", fast),
       ("ring seg64", r(ring=True, seg_chunks=64)),
       ("ring seg128", r(ring=True, seg_chunks=128)),
@@ -265,7 +264,6 @@ def mgpu_variant_list(taps):
       ("r+s2+t2 wide", f(tiles=2, bwd_tiles=2, wide=True)),
       ("r+s2+t2 w seg64", f(tiles=2, bwd_tiles=2, wide=True, seg_chunks=64)),
       ("r+s2+t4/1 wide", f(tiles=4, bwd_tiles=1, wide=True)),
-      ("r+s2+t4/2 wide", f(tiles=4, bwd_tiles=2, wide=True)),
       ("ring t2/1 w seg64", r(ring=True, tiles=2, wide=True, seg_chunks=64)),
   ]
 
