@@ -246,7 +246,8 @@ def per_sm(smem_bytes):
 
 def mgpu_variant_list(taps):
   """(name, MgpuBlockSizes) of the Mosaic GPU variants timed by ``--mode mgpu_variants``: the
-  current default first, then each switch alone, then combinations."""
+  default first, then ring windows, double-buffered stores (s2), segment length, pipeline
+  stages, channel tiles per program (t<fwd>/<bwd>) and wide boxes, alone and combined."""
   from sh2_jax.kernels import fir_conv_mgpu
   base = fir_conv_mgpu.default_block_sizes(D // G, taps)
   r = functools.partial(dataclasses.replace, base)
