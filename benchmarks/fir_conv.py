@@ -278,6 +278,9 @@ def mgpu_variants(length=16384, only=None):
   from sh2_jax.kernels import fir_conv_mgpu
   names = [name for name, _ in mgpu_variant_list(7)]
   unknown = [name for name in (only or "").split(",") if name and name not in names]
+  if length < 1:
+    print(f"error: --length {length} is not a positive sequence length", file=sys.stderr)
+    sys.exit(2)
   if unknown:
     print(f"error: --only {','.join(unknown)!r} names no variant; expected some of "
           f"{', '.join(names)}", file=sys.stderr)
@@ -420,6 +423,8 @@ if __name__ == "__main__":
                  help="full: time only these kinds, comma list (pallas, pallas_mgpu, xla, fft, "
                  "li); mgpu_variants: only these variants (names as printed)")
   p.add_argument("--out", default=os.environ.get("OUT", ""))
+  p.add_argument("--length", type=int, default=16384,
+                 help="mgpu_variants: the sequence length (the targets: 16K, 64K, 128K)")
   a = p.parse_args()
   print(jax.devices(), flush=True)
   if a.mode == "check":
@@ -432,7 +437,7 @@ if __name__ == "__main__":
   elif a.mode == "mgpu_sweep":
     mgpu_sweep()
   elif a.mode == "mgpu_variants":
-    mgpu_variants(only=a.only)
+    mgpu_variants(a.length, only=a.only)
   elif a.mode == "grid":
     grid_fill()
   elif a.mode == "ab":

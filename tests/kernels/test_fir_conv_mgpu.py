@@ -11,7 +11,10 @@ runs Mosaic GPU's lowering and layout inference for a CUDA target on any host.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -222,3 +225,16 @@ def test_smem_estimate_matches_the_lowering(taps, monkeypatch):
       lowered = int(re.search(r"smem_bytes=(\d+)", str(err.value)).group(1))
       estimate = fir_conv_mgpu.smem_bytes(bs, taps, backward)
       assert estimate <= lowered <= estimate + 1024, (variant, backward, estimate, lowered)
+
+
+def test_variants_benchmark_refuses_unknown_names():
+  """``benchmarks/fir_conv.py --mode mgpu_variants --only`` with a name it does not know: one
+  error line naming it and the valid ones, exit code 2, before any timing."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "fir_conv.py"),
+                         "--mode", "mgpu_variants", "--only", "default,fastest"],
+                        capture_output=True, text=True, timeout=300, cwd=root)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+  assert proc.stderr.startswith("error: --only 'fastest' names no variant; expected some of "
+                                "default, ring,")
