@@ -257,15 +257,16 @@ def mgpu_variant_list(taps):
       ("default", base),
       ("ring", r(ring=True)),
       ("ring+slots2", fast),
-      ("ring seg64", r(ring=True, seg_chunks=64)),
+      ("ring st3", r(ring=True, stages=3)),
+      ("ring st4", r(ring=True, stages=4)),
       ("ring seg128", r(ring=True, seg_chunks=128)),
-      ("r+s2 seg128", f(seg_chunks=128)),
+      ("ring st3 seg128", r(ring=True, stages=3, seg_chunks=128)),
       ("r+s2 st3", f(stages=3)),
       ("r+s2+t2", f(tiles=2, bwd_tiles=2)),
       ("r+s2+t2 wide", f(tiles=2, bwd_tiles=2, wide=True)),
-      ("r+s2+t2 w seg64", f(tiles=2, bwd_tiles=2, wide=True, seg_chunks=64)),
       ("r+s2+t4/1 wide", f(tiles=4, bwd_tiles=1, wide=True)),
       ("ring t2/1 w seg64", r(ring=True, tiles=2, wide=True, seg_chunks=64)),
+      ("ring t2/1 w st3 seg128", r(ring=True, tiles=2, wide=True, stages=3, seg_chunks=128)),
   ]
 
 
