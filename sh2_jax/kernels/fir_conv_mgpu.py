@@ -30,10 +30,11 @@ Backward (dz = dy * x2): ``dx2 = dy * z`` (z recomputed: n + 1 wgmmas), ``du = s
 dz_{j+m} + dskip * dz`` (the same blocks read transposed — wgmma transposes a 16-bit A in
 hardware — on a window of dz ahead of the step: each step reads x2, dy of chunk j+n and keeps
 windows of dz in bf16 for the wgmmas and of x2 and dy: dz = dy * x2 in float32 for the skip
-term and ddskip (exact for bf16 factors), dx2 = dy * z; dx1 = du * v, dv = du * x1), and for dh n + 1 more wgmmas per chunk accumulating
-``P_m = sum_j dz_j @ U_{j-m}^T`` ([c, c] float32 each, in accumulator registers across the
-program's chunks; the tile's P is [P_n | … | P_0], [c, (n+1)c]): the token lag of entry (i, r)
-is n c + i - r, so ``dh[g, k] = sum_i P[i, n c + i - k]`` over the programs of group g. The
+term and ddskip (exact for bf16 factors), dx2 = dy * z; dx1 = du * v, dv = du * x1), and for
+dh n + 1 more wgmmas per chunk accumulating ``P_m = sum_j dz_j @ U_{j-m}^T`` ([c, c] float32
+each, as two [c, c/2] halves, in accumulator registers across the program's chunks; the tile's
+P is [P_n | … | P_0], [c, (n+1)c], staged out half a block at a time): the token lag of entry
+(i, r) is n c + i - r, so ``dh[g, k] = sum_i P[i, n c + i - k]`` over the programs of group g. The
 ddskip partial sum dz * u is a register carry of the pipeline. Each program writes its P and
 its [c, w] float32 ddskip partial; ``reduce_dh`` sums them (no atomics), as
 ``fir_conv_bwd.reduce_dh`` does for the Triton kernel. Like the Triton backward (which carries
@@ -49,11 +50,17 @@ Measured (one H200, 2026-12-01, width 4096, 256 groups, L = 16K, the first compi
 the variants): forward 0.225 ms SE / 0.231 ms MR against a floor of 0.162 ms, forward+backward
 1.04 / 1.31 ms; the backward alone is ~3x its floor (0.284 ms) — latency-bound: each step
 waited for its previous TMA store before each of its three stores, slid four windows through
-registers and read back a shared-memory ddskip accumulator. The variants in ``MgpuBlockSizes``
-(``tiles``, ``ring``, ``store_slots``) attack those per-step latencies; ``benchmarks/fir_conv.py
---mode mgpu_variants`` times them. Still one warpgroup per program (no warp specialisation); the
-dh partials are [c, (n+1)c] float32 per program (~67 MB SE / ~100 MB MR at L = 16K, D = 4096,
-32 chunks per program, beside 512 MB of inputs).
+registers and read back a shared-memory ddskip accumulator, and its shared memory (86 KiB SE)
+allowed 2 programs per SM. Now one wait per step covers all its stores, the ddskip partial is a
+register carry, and the footprint is smaller (one set of band blocks, an x2 window instead of
+float32 dz, dskip rows in registers, scoped prologue / dh staging: SE 54 KiB, 4 programs per
+SM); the
+variants in ``MgpuBlockSizes`` (``tiles``, ``ring``, ``store_slots``, ``wide``, ``stages``,
+``seg_chunks``) attack the rest; ``benchmarks/fir_conv.py --mode mgpu_variants`` times them
+against the floor. Still one warpgroup per program (no warp specialisation: the TMA loads are
+already asynchronous, and concurrency comes from programs per SM); the dh partials are
+[c, (n+1)c] float32 per program (~67 MB SE / ~100 MB MR at L = 16K, D = 4096, 32 chunks per
+program, beside 512 MB of inputs; longer segments divide them).
 
 Interpret mode (``interpret=True``: ``plgpu.InterpretGPUParams``, CPU tests) in JAX 0.11.2 has
 gaps this file works around, so that the same code runs compiled and interpreted:

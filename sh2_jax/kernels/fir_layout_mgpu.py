@@ -31,10 +31,10 @@ class MgpuBlockSizes:
 
   The variants (``benchmarks/fir_conv.py --mode mgpu_variants`` times them):
   tiles / bwd_tiles: channel tiles per program in the forward / backward (several groups per
-  program: one band row and one window per tile, their wgmmas issued back to back, so a step's
+  program: band blocks and windows per tile, their wgmmas issued back to back, so a step's
   fixed latencies — barrier wait, wgmma wait, store wait — are paid once for ``tiles`` tiles and
-  the grid is ``tiles`` times smaller; the backward holds ``bwd_tiles * (n+1)`` dh accumulators
-  of [c, c] float32 in registers, so it stays small).
+  the grid is ``tiles`` times smaller; the backward holds ``bwd_tiles * (n+1)`` [c, c] float32
+  dh accumulators in registers, and shared memory grows with the tiles: programs per SM fall).
   ring: the windows are rings of n + 1 chunk slots (chunk q in slot q mod (n+1), the wgmma of
   lag m reads its slot) instead of sliding by one chunk in shared memory after every step.
   store_slots: staged output buffers per output (1: a step waits for the previous step's copies
@@ -159,9 +159,10 @@ def mgpu_misfit(x_shape, h_shape, dtype, bs: MgpuBlockSizes | None = None,
               f"{bs.width} (channels {d})")
   if bs.store_slots not in (1, 2):
     return f"store_slots {bs.store_slots} is not 1 or 2"
-  if bs.wide and max(bs.tiles, bs.bwd_tiles if backward else 1) * bs.width > 256:
-    return (f"wide boxes of {max(bs.tiles, bs.bwd_tiles)} tiles x {bs.width} channels exceed "
-            f"TMA's 256 elements a box row")
+  widest = max(bs.tiles, bs.bwd_tiles if backward else 1)
+  if bs.wide and widest * bs.width > 256:
+    return (f"wide boxes of {widest} tiles x {bs.width} channels exceed TMA's 256 elements a "
+            f"box row")
   for bwd in (False, True) if backward else (False,):
     if smem_bytes(bs, taps, bwd) > SMEM_LIMIT:
       return (f"block sizes {bs} need {smem_bytes(bs, taps, bwd)} bytes of shared memory "
@@ -213,7 +214,8 @@ def skip_rows(dskip, geo: Geometry):
 
 
 def program(geo: Geometry):
-  """(batch row, first chunk, [(group, column slice)] of each channel tile) of this program."""
+  """(batch row, first chunk, [(tile, group, column slice)] of each channel tile) of this
+  program; its tiles are consecutive."""
   b, p, s = (jax.lax.axis_index(n) for n in ("batch", "tile", "seg"))
   tiles = []
   for i in range(geo.tiles):
