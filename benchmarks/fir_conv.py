@@ -245,29 +245,32 @@ def per_sm(smem_bytes):
 
 
 def mgpu_variant_list(taps):
-  """(name, MgpuBlockSizes) of the Mosaic GPU variants timed by ``--mode mgpu_variants``: the
-  default first, then ring windows, double-buffered stores (s2), segment length, pipeline
-  stages, channel tiles per program (t<fwd>/<bwd>) and wide boxes, alone and combined."""
+  """(name, forward MgpuBlockSizes, backward MgpuBlockSizes) of the Mosaic GPU variants timed
+  by ``--mode mgpu_variants``: the default first, then ring windows, double-buffered stores
+  (s2), segment length, pipeline stages (st), channel tiles per program (t<fwd>/<bwd>) and
+  wide boxes, alone and combined."""
   from sh2_jax.kernels import fir_conv_mgpu
   base = fir_conv_mgpu.default_block_sizes(D // G, taps)
   r = functools.partial(dataclasses.replace, base)
   fast = r(ring=True, store_slots=2)
   f = functools.partial(dataclasses.replace, fast)
-  return [
-      ("default", base),
-      ("ring", r(ring=True)),
-      ("ring+slots2", fast),
-      ("ring st3", r(ring=True, stages=3)),
-      ("ring st4", r(ring=True, stages=4)),
-      ("ring seg128", r(ring=True, seg_chunks=128)),
-      ("ring st3 seg128", r(ring=True, stages=3, seg_chunks=128)),
-      ("r+s2 st3", f(stages=3)),
-      ("r+s2+t2", f(tiles=2, bwd_tiles=2)),
-      ("r+s2+t2 wide", f(tiles=2, bwd_tiles=2, wide=True)),
-      ("r+s2+t4/1 wide", f(tiles=4, bwd_tiles=1, wide=True)),
-      ("ring t2/1 w seg64", r(ring=True, tiles=2, wide=True, seg_chunks=64)),
-      ("ring t2/1 w st3 seg128", r(ring=True, tiles=2, wide=True, stages=3, seg_chunks=128)),
-  ]
+  return [(name, bs, bwd or bs) for name, bs, bwd in (
+      ("default", base, None),
+      ("ring", r(ring=True), None),
+      ("ring+slots2", fast, None),
+      ("ring st3", r(ring=True, stages=3), None),
+      ("ring st4", r(ring=True, stages=4), None),
+      ("ring seg128", r(ring=True, seg_chunks=128), None),
+      ("ring st3 seg128", r(ring=True, stages=3, seg_chunks=128), None),
+      ("r+s2 st3", f(stages=3), None),
+      ("r+s2+t2", f(tiles=2), None),
+      ("r+s2+t2 wide", f(tiles=2, wide=True), None),
+      ("r+s2+t4/1 wide", f(tiles=4, wide=True), fast),
+      ("ring t2/1 w seg64", r(ring=True, tiles=2, wide=True, seg_chunks=64),
+       r(ring=True, seg_chunks=64)),
+      ("ring t2/1 w st3 seg128", r(ring=True, tiles=2, wide=True, stages=3, seg_chunks=128),
+       r(ring=True, stages=3, seg_chunks=128)),
+  )]
 
 
 def mgpu_variants(length=16384, only=None):
@@ -277,7 +280,7 @@ def mgpu_variants(length=16384, only=None):
   backward: read x1, v, x2, dy, write dx1, dv, dx2). One table; a variant that does not build
   prints one line and the run goes on. ``only``: a comma list of variant names."""
   from sh2_jax.kernels import fir_conv_mgpu
-  names = [name for name, _ in mgpu_variant_list(7)]
+  names = [name for name, _, _ in mgpu_variant_list(7)]
   unknown = [name for name in (only or "").split(",") if name and name not in names]
   if length < 1:
     print(f"error: --length {length} is not a positive sequence length", file=sys.stderr)
@@ -297,12 +300,13 @@ def mgpu_variants(length=16384, only=None):
     yr, gr = fbr(*args)
     ref = [yr, *gr]
     del fbr
-    for name, bs in mgpu_variant_list(taps):
+    for name, bs, bs_b in mgpu_variant_list(taps):
       if only and name not in only.split(","):
         continue
-      op = functools.partial(fir_conv_mgpu.gated_fir_conv_mgpu, block_sizes=bs)
+      op = functools.partial(fir_conv_mgpu.gated_fir_conv_mgpu, block_sizes=bs,
+                             bwd_block_sizes=bs_b)
       f, fb = fwd_and_fwdbwd(lambda x1, v, x2, h, d, op=op: op(x1, v, x2, h, d))
-      sb = [fir_conv_mgpu.smem_bytes(bs, taps, bwd) for bwd in (False, True)]
+      sb = [fir_conv_mgpu.smem_bytes(bs, taps), fir_conv_mgpu.smem_bytes(bs_b, taps, True)]
       try:
         y, g = fb(*args)
         errs = [float(e) for e in rel_dev([y, *g], ref)]
@@ -331,8 +335,8 @@ def mgpu_variants(length=16384, only=None):
                  + ", ".join(f"{e:.1e}" for e in errs) + f" {ok} | {sb[0] // 1024}/"
                  f"{sb[1] // 1024} ({per_sm(sb[0])}/{per_sm(sb[1])}) |")
   for taps in (7, 128):
-    for name, bs in mgpu_variant_list(taps):
-      lines.append(f"K={taps} {name}: {bs}")
+    for name, bs, bs_b in mgpu_variant_list(taps):
+      lines.append(f"K={taps} {name}: forward {bs}" + ("" if bs_b == bs else f", backward {bs_b}"))
   print("\n".join(lines), flush=True)
 
 

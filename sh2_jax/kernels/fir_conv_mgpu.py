@@ -183,7 +183,7 @@ def fwd(x1, v, x2, h, dskip, bs: MgpuBlockSizes, interpret: bool = False):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _gated_fir(x1, v, x2, h, dskip, opts):
-  bs, has_skip, interpret = opts
+  bs, _, has_skip, interpret = opts
   return fwd(x1, v, x2, h, dskip if has_skip else None, bs, interpret)
 
 
@@ -192,12 +192,12 @@ def _gated_fir_fwd(x1, v, x2, h, dskip, opts):
 
 
 def _gated_fir_bwd(opts, res, dy):
-  bs, has_skip, interpret = opts
+  bs, bs_b, has_skip, interpret = opts
   x1, v, x2, h, dskip = res
-  reason = mgpu_misfit(x1.shape, h.shape, x1.dtype, bs)
+  reason = mgpu_misfit(x1.shape, h.shape, x1.dtype, bs, bwd_bs=bs_b)
   if reason is not None:
     raise ValueError(f"gated_fir_conv_mgpu cannot differentiate this layer: {reason}")
-  dx1, dv, dx2, dh, dd = bwd(x1, v, x2, h, dskip if has_skip else None, dy, bs, interpret)
+  dx1, dv, dx2, dh, dd = bwd(x1, v, x2, h, dskip if has_skip else None, dy, bs_b, interpret)
   return dx1, dv, dx2, dh.astype(h.dtype), dd.astype(dskip.dtype)
 
 
@@ -206,13 +206,15 @@ _gated_fir.defvjp(_gated_fir_fwd, _gated_fir_bwd)
 
 def gated_fir_conv_mgpu(x1: jax.Array, v: jax.Array, x2: jax.Array, h: jax.Array,
                         dskip: jax.Array | None = None, *, interpret: bool = False,
-                        block_sizes: MgpuBlockSizes | None = None) -> jax.Array:
+                        block_sizes: MgpuBlockSizes | None = None,
+                        bwd_block_sizes: MgpuBlockSizes | None = None) -> jax.Array:
   """``x2 * (h * (x1 * v) + dskip * (x1 * v))``, causal, by the Mosaic GPU kernels.
 
   x1, v, x2: [B, L, D] bfloat16; h: [G, K] (true convolution; D/G a multiple of 16, K <= 129);
   dskip: [D] or None. Returns [B, L, D] bfloat16; differentiable in all arrays. ``interpret``
-  runs the kernels in Mosaic GPU interpret mode on CPU (slow, tests only). Block sizes default
-  to ``default_block_sizes``; a geometry they cannot run is a ValueError naming why.
+  runs the kernels in Mosaic GPU interpret mode on CPU (slow, tests only). Block sizes (the
+  backward's default to the forward's) default to ``default_block_sizes``; a geometry they
+  cannot run is a ValueError naming why.
   """
   check_gated_inputs(x1, v, x2)
   if h.ndim != 2:
@@ -230,4 +232,4 @@ def gated_fir_conv_mgpu(x1: jax.Array, v: jax.Array, x2: jax.Array, h: jax.Array
   has_skip = dskip is not None
   if dskip is None:
     dskip = jnp.zeros((x1.shape[2],), f32)
-  return _gated_fir(x1, v, x2, h, dskip, (bs, has_skip, interpret))
+  return _gated_fir(x1, v, x2, h, dskip, (bs, bwd_block_sizes or bs, has_skip, interpret))

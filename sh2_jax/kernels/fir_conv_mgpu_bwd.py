@@ -133,7 +133,7 @@ def reduce_dh(p, geo: Geometry):
 
 def bwd(x1, v, x2, h, dskip, dy, bs: MgpuBlockSizes, interpret: bool = False):
   """Gradients (dx1, dv, dx2, dh [G, K] float32, ddskip [D] float32) of ``fwd``."""
-  geo = geometry(x1.shape, h.shape, bs, backward=True)
+  geo = geometry(x1.shape, h.shape, bs)
   c, w, n, nt = geo.chunk, geo.width, geo.bands, geo.tiles
   xs = [pad(a, geo) for a in (x1, v, x2, dy.astype(x1.dtype))]
   parts = (geo.batch, geo.n_tiles, geo.n_segs)
