@@ -239,30 +239,38 @@ def rel_dev(xs, refs):
   return [jnp.linalg.norm(f(a) - f(b)) / jnp.linalg.norm(f(b)) for a, b in zip(xs, refs)]
 
 
+def per_sm(smem_bytes):
+  """Programs one H100/H200 SM holds by shared memory (228 KiB, 1 KiB reserved per block)."""
+  return 228 * 1024 // (smem_bytes + 1024)
+
+
 def mgpu_variant_list(taps):
-  """(name, MgpuBlockSizes) of the Mosaic GPU variants timed by ``--mode mgpu_variants``: the
-  current default first, then each switch alone, then combinations."""
+  """(name, forward MgpuBlockSizes, backward MgpuBlockSizes) of the Mosaic GPU variants timed
+  by ``--mode mgpu_variants``: the default first, then ring windows, double-buffered stores
+  (s2), segment length, pipeline stages (st), channel tiles per program (t<fwd>/<bwd>) and
+  wide boxes, alone and combined."""
   from sh2_jax.kernels import fir_conv_mgpu
   base = fir_conv_mgpu.default_block_sizes(D // G, taps)
   r = functools.partial(dataclasses.replace, base)
   fast = r(ring=True, store_slots=2)
   f = functools.partial(dataclasses.replace, fast)
-  return [
-      ("default", base),
-      ("ring", r(ring=True)),
-      ("slots2", r(store_slots=2)),
-      ("ring+slots2", fast),
-      ("r+s2 wide", f(wide=True)),
-      ("r+s2 st3", f(stages=3)),
-      ("r+s2 st4", f(stages=4)),
-      ("r+s2 seg64", f(seg_chunks=64)),
-      ("r+s2 seg128", f(seg_chunks=128)),
-      ("r+s2+t2 wide", f(tiles=2, bwd_tiles=2, wide=True)),
-      ("r+s2+t2 w st3", f(tiles=2, bwd_tiles=2, wide=True, stages=3)),
-      ("r+s2+t2 w seg64", f(tiles=2, bwd_tiles=2, wide=True, seg_chunks=64)),
-      ("r+s2+t4/1 wide", f(tiles=4, bwd_tiles=1, wide=True)),
-      ("r+s2+t4/2 wide", f(tiles=4, bwd_tiles=2, wide=True)),
-  ]
+  return [(name, bs, bwd or bs) for name, bs, bwd in (
+      ("default", base, None),
+      ("ring", r(ring=True), None),
+      ("ring+slots2", fast, None),
+      ("ring st3", r(ring=True, stages=3), None),
+      ("ring st4", r(ring=True, stages=4), None),
+      ("ring seg128", r(ring=True, seg_chunks=128), None),
+      ("ring st3 seg128", r(ring=True, stages=3, seg_chunks=128), None),
+      ("r+s2 st3", f(stages=3), None),
+      ("r+s2+t2", f(tiles=2), None),
+      ("r+s2+t2 wide", f(tiles=2, wide=True), None),
+      ("r+s2+t4/1 wide", f(tiles=4, wide=True), fast),
+      ("ring t2/1 w seg64", r(ring=True, tiles=2, wide=True, seg_chunks=64),
+       r(ring=True, seg_chunks=64)),
+      ("ring t2/1 w st3 seg128", r(ring=True, tiles=2, wide=True, stages=3, seg_chunks=128),
+       r(ring=True, stages=3, seg_chunks=128)),
+  )]
 
 
 def mgpu_variants(length=16384, only=None):
@@ -272,8 +280,11 @@ def mgpu_variants(length=16384, only=None):
   backward: read x1, v, x2, dy, write dx1, dv, dx2). One table; a variant that does not build
   prints one line and the run goes on. ``only``: a comma list of variant names."""
   from sh2_jax.kernels import fir_conv_mgpu
-  names = [name for name, _ in mgpu_variant_list(7)]
+  names = [name for name, _, _ in mgpu_variant_list(7)]
   unknown = [name for name in (only or "").split(",") if name and name not in names]
+  if length < 1:
+    print(f"error: --length {length} is not a positive sequence length", file=sys.stderr)
+    sys.exit(2)
   if unknown:
     print(f"error: --only {','.join(unknown)!r} names no variant; expected some of "
           f"{', '.join(names)}", file=sys.stderr)
@@ -289,12 +300,13 @@ def mgpu_variants(length=16384, only=None):
     yr, gr = fbr(*args)
     ref = [yr, *gr]
     del fbr
-    for name, bs in mgpu_variant_list(taps):
+    for name, bs, bs_b in mgpu_variant_list(taps):
       if only and name not in only.split(","):
         continue
-      op = functools.partial(fir_conv_mgpu.gated_fir_conv_mgpu, block_sizes=bs)
+      op = functools.partial(fir_conv_mgpu.gated_fir_conv_mgpu, block_sizes=bs,
+                             bwd_block_sizes=bs_b)
       f, fb = fwd_and_fwdbwd(lambda x1, v, x2, h, d, op=op: op(x1, v, x2, h, d))
-      kb = [fir_conv_mgpu.smem_bytes(bs, taps, bwd) // 1024 for bwd in (False, True)]
+      sb = [fir_conv_mgpu.smem_bytes(bs, taps), fir_conv_mgpu.smem_bytes(bs_b, taps, True)]
       try:
         y, g = fb(*args)
         errs = [float(e) for e in rel_dev([y, *g], ref)]
@@ -306,7 +318,7 @@ def mgpu_variants(length=16384, only=None):
         continue
       tb = max(tfb - tf, 1e-9)  # the backward alone (timing noise can make it tiny)
       ok = "ok" if max(errs) < 2e-2 else "WRONG"
-      rows.append((taps, name, tf, tfb, tb, errs, ok, kb))
+      rows.append((taps, name, tf, tfb, tb, errs, ok, sb))
       print(f"K={taps:3d} {name:14s}: fwd {tf * 1e3:.3f} ms ({100 * floor_f / tf:3.0f}%), "
             f"fwd+bwd {tfb * 1e3:.3f} ms, bwd {tb * 1e3:.3f} ms ({100 * floor_b / tb:3.0f}%), "
             f"max rel err {max(errs):.1e} {ok}", flush=True)
@@ -316,15 +328,15 @@ def mgpu_variants(length=16384, only=None):
            "| K | variant | fwd ms | fwd % floor | fwd+bwd ms | bwd ms | bwd % floor | "
            "fwd+bwd % floor | rel err y, dx1, dv, dx2, dh, ddskip | smem KiB fwd/bwd "
            "(programs/SM) |", "|---|---|---|---|---|---|---|---|---|---|"]
-  for taps, name, tf, tfb, tb, errs, ok, kb in rows:
+  for taps, name, tf, tfb, tb, errs, ok, sb in rows:
     lines.append(f"| {taps} | {name} | {tf * 1e3:.3f} | {100 * floor_f / tf:.0f}% | "
                  f"{tfb * 1e3:.3f} | {tb * 1e3:.3f} | {100 * floor_b / tb:.0f}% | "
                  f"{100 * (floor_f + floor_b) / tfb:.0f}% | "
-                 + ", ".join(f"{e:.1e}" for e in errs) + f" {ok} | {kb[0]}/{kb[1]} "
-                 f"({228 // (kb[0] + 1)}/{228 // (kb[1] + 1)}) |")
+                 + ", ".join(f"{e:.1e}" for e in errs) + f" {ok} | {sb[0] // 1024}/"
+                 f"{sb[1] // 1024} ({per_sm(sb[0])}/{per_sm(sb[1])}) |")
   for taps in (7, 128):
-    for name, bs in mgpu_variant_list(taps):
-      lines.append(f"K={taps} {name}: {bs}")
+    for name, bs, bs_b in mgpu_variant_list(taps):
+      lines.append(f"K={taps} {name}: forward {bs}" + ("" if bs_b == bs else f", backward {bs_b}"))
   print("\n".join(lines), flush=True)
 
 
@@ -416,6 +428,8 @@ if __name__ == "__main__":
                  help="full: time only these kinds, comma list (pallas, pallas_mgpu, xla, fft, "
                  "li); mgpu_variants: only these variants (names as printed)")
   p.add_argument("--out", default=os.environ.get("OUT", ""))
+  p.add_argument("--length", type=int, default=16384,
+                 help="mgpu_variants: the sequence length (the targets: 16K, 64K, 128K)")
   a = p.parse_args()
   print(jax.devices(), flush=True)
   if a.mode == "check":
@@ -428,7 +442,7 @@ if __name__ == "__main__":
   elif a.mode == "mgpu_sweep":
     mgpu_sweep()
   elif a.mode == "mgpu_variants":
-    mgpu_variants(only=a.only)
+    mgpu_variants(a.length, only=a.only)
   elif a.mode == "grid":
     grid_fill()
   elif a.mode == "ab":

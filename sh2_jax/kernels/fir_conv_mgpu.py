@@ -30,10 +30,11 @@ Backward (dz = dy * x2): ``dx2 = dy * z`` (z recomputed: n + 1 wgmmas), ``du = s
 dz_{j+m} + dskip * dz`` (the same blocks read transposed — wgmma transposes a 16-bit A in
 hardware — on a window of dz ahead of the step: each step reads x2, dy of chunk j+n and keeps
 windows of dz in bf16 for the wgmmas and of x2 and dy: dz = dy * x2 in float32 for the skip
-term and ddskip (exact for bf16 factors), dx2 = dy * z; dx1 = du * v, dv = du * x1), and for dh n + 1 more wgmmas per chunk accumulating
-``P_m = sum_j dz_j @ U_{j-m}^T`` ([c, c] float32 each, in accumulator registers across the
-program's chunks; the tile's P is [P_n | … | P_0], [c, (n+1)c]): the token lag of entry (i, r)
-is n c + i - r, so ``dh[g, k] = sum_i P[i, n c + i - k]`` over the programs of group g. The
+term and ddskip (exact for bf16 factors), dx2 = dy * z; dx1 = du * v, dv = du * x1), and for
+dh n + 1 more wgmmas per chunk accumulating ``P_m = sum_j dz_j @ U_{j-m}^T`` ([c, c] float32
+each, as two [c, c/2] halves, in accumulator registers across the program's chunks; the tile's
+P is [P_n | … | P_0], [c, (n+1)c], staged out half a block at a time): the token lag of entry
+(i, r) is n c + i - r, so ``dh[g, k] = sum_i P[i, n c + i - k]`` over the programs of group g. The
 ddskip partial sum dz * u is a register carry of the pipeline. Each program writes its P and
 its [c, w] float32 ddskip partial; ``reduce_dh`` sums them (no atomics), as
 ``fir_conv_bwd.reduce_dh`` does for the Triton kernel. Like the Triton backward (which carries
@@ -49,11 +50,17 @@ Measured (one H200, 2026-12-01, width 4096, 256 groups, L = 16K, the first compi
 the variants): forward 0.225 ms SE / 0.231 ms MR against a floor of 0.162 ms, forward+backward
 1.04 / 1.31 ms; the backward alone is ~3x its floor (0.284 ms) — latency-bound: each step
 waited for its previous TMA store before each of its three stores, slid four windows through
-registers and read back a shared-memory ddskip accumulator. The variants in ``MgpuBlockSizes``
-(``tiles``, ``ring``, ``store_slots``) attack those per-step latencies; ``benchmarks/fir_conv.py
---mode mgpu_variants`` times them. Still one warpgroup per program (no warp specialisation); the
-dh partials are [c, (n+1)c] float32 per program (~67 MB SE / ~100 MB MR at L = 16K, D = 4096,
-32 chunks per program, beside 512 MB of inputs).
+registers and read back a shared-memory ddskip accumulator, and its shared memory (86 KiB SE)
+allowed 2 programs per SM. Now one wait per step covers all its stores, the ddskip partial is a
+register carry, and the footprint is smaller (one set of band blocks, an x2 window instead of
+float32 dz, dskip rows in registers, scoped prologue / dh staging: SE 54 KiB, 4 programs per
+SM); the
+variants in ``MgpuBlockSizes`` (``tiles``, ``ring``, ``store_slots``, ``wide``, ``stages``,
+``seg_chunks``) attack the rest; ``benchmarks/fir_conv.py --mode mgpu_variants`` times them
+against the floor. Still one warpgroup per program (no warp specialisation: the TMA loads are
+already asynchronous, and concurrency comes from programs per SM); the dh partials are
+[c, (n+1)c] float32 per program (~67 MB SE / ~100 MB MR at L = 16K, D = 4096, 32 chunks per
+program, beside 512 MB of inputs; longer segments divide them).
 
 Interpret mode (``interpret=True``: ``plgpu.InterpretGPUParams``, CPU tests) in JAX 0.11.2 has
 gaps this file works around, so that the same code runs compiled and interpreted:
@@ -176,7 +183,7 @@ def fwd(x1, v, x2, h, dskip, bs: MgpuBlockSizes, interpret: bool = False):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _gated_fir(x1, v, x2, h, dskip, opts):
-  bs, has_skip, interpret = opts
+  bs, _, has_skip, interpret = opts
   return fwd(x1, v, x2, h, dskip if has_skip else None, bs, interpret)
 
 
@@ -185,12 +192,12 @@ def _gated_fir_fwd(x1, v, x2, h, dskip, opts):
 
 
 def _gated_fir_bwd(opts, res, dy):
-  bs, has_skip, interpret = opts
+  bs, bs_b, has_skip, interpret = opts
   x1, v, x2, h, dskip = res
-  reason = mgpu_misfit(x1.shape, h.shape, x1.dtype, bs)
+  reason = mgpu_misfit(x1.shape, h.shape, x1.dtype, bs, bwd_bs=bs_b)
   if reason is not None:
     raise ValueError(f"gated_fir_conv_mgpu cannot differentiate this layer: {reason}")
-  dx1, dv, dx2, dh, dd = bwd(x1, v, x2, h, dskip if has_skip else None, dy, bs, interpret)
+  dx1, dv, dx2, dh, dd = bwd(x1, v, x2, h, dskip if has_skip else None, dy, bs_b, interpret)
   return dx1, dv, dx2, dh.astype(h.dtype), dd.astype(dskip.dtype)
 
 
@@ -199,13 +206,15 @@ _gated_fir.defvjp(_gated_fir_fwd, _gated_fir_bwd)
 
 def gated_fir_conv_mgpu(x1: jax.Array, v: jax.Array, x2: jax.Array, h: jax.Array,
                         dskip: jax.Array | None = None, *, interpret: bool = False,
-                        block_sizes: MgpuBlockSizes | None = None) -> jax.Array:
+                        block_sizes: MgpuBlockSizes | None = None,
+                        bwd_block_sizes: MgpuBlockSizes | None = None) -> jax.Array:
   """``x2 * (h * (x1 * v) + dskip * (x1 * v))``, causal, by the Mosaic GPU kernels.
 
   x1, v, x2: [B, L, D] bfloat16; h: [G, K] (true convolution; D/G a multiple of 16, K <= 129);
   dskip: [D] or None. Returns [B, L, D] bfloat16; differentiable in all arrays. ``interpret``
-  runs the kernels in Mosaic GPU interpret mode on CPU (slow, tests only). Block sizes default
-  to ``default_block_sizes``; a geometry they cannot run is a ValueError naming why.
+  runs the kernels in Mosaic GPU interpret mode on CPU (slow, tests only). Block sizes (the
+  backward's default to the forward's) default to ``default_block_sizes``; a geometry they
+  cannot run is a ValueError naming why.
   """
   check_gated_inputs(x1, v, x2)
   if h.ndim != 2:
@@ -223,4 +232,4 @@ def gated_fir_conv_mgpu(x1: jax.Array, v: jax.Array, x2: jax.Array, h: jax.Array
   has_skip = dskip is not None
   if dskip is None:
     dskip = jnp.zeros((x1.shape[2],), f32)
-  return _gated_fir(x1, v, x2, h, dskip, (bs, has_skip, interpret))
+  return _gated_fir(x1, v, x2, h, dskip, (bs, bwd_block_sizes or bs, has_skip, interpret))

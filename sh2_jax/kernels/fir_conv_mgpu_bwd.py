@@ -20,6 +20,8 @@ from sh2_jax.kernels.fir_layout_mgpu import (Geometry, MgpuBlockSizes, band_rows
 
 def _bwd_body(geo: Geometry, has_skip: bool):
   c, w, n, nt = geo.chunk, geo.width, geo.bands, geo.tiles
+  half = c // 2
+  piece = lambda i, m, h: (i * (n + 1) + m) * 2 + h
 
   def kernel(band_gmem, skip_gmem, x1_gmem, v_gmem, x2_gmem, dy_gmem,
              dx1_gmem, dv_gmem, dx2_gmem, p_gmem, s_gmem,
@@ -37,7 +39,7 @@ def _bwd_body(geo: Geometry, has_skip: bool):
     skips = prologue(geo, b, tiles, band_gmem, band_smem, skip_gmem if has_skip else None,
                      fills)
 
-    def run(*p_accs):  # p_accs[i * (n+1) + m]: the dh partial of tile i, lag m
+    def run(*p_accs):  # p_accs[piece(i, m, h)]: the dh partial of tile i, lag m, half h
       def step(idx, *refs):
         (k,), s_carry = idx, refs[-1]
         j = first + k
@@ -64,8 +66,11 @@ def _bwd_body(geo: Geometry, has_skip: bool):
               plgpu.wgmma(accs[i], band, past)
               plgpu.wgmma(accs[nt + i], band.transpose((1, 0)),  # H_m^T: du
                           dz_win.at[i, slot(geo, j, m, True)])
-              # P_m += dz_j @ U_{j-m}^T, over this program's chunks
-              plgpu.wgmma(p_accs[i * (n + 1) + m], dz_win.at[i, cur], past.transpose((1, 0)))
+              # P_m += dz_j @ U_{j-m}^T over this program's chunks, in two column halves (half
+              # the staging buffer at the end: a smaller shared-memory footprint)
+              for h in range(2):
+                plgpu.wgmma(p_accs[piece(i, m, h)], dz_win.at[i, cur],
+                            past.at[pl.ds(h * half, half)].transpose((1, 0)))
           return [acc[...] for acc in accs]
         zdu = pl.run_scoped(mm, *[plgpu.ACC((c, w), f32)] * (2 * nt))
         outs, s_next = [[], [], []], []  # dx2, dx1, dv per tile
@@ -94,19 +99,22 @@ def _bwd_body(geo: Geometry, has_skip: bool):
               *[a.at[b] for a in (x1_gmem, v_gmem, x2_gmem, dy_gmem) for _ in cur])
       return [acc[...] for acc in p_accs], list(s_acc)
 
-    ps, ss = pl.run_scoped(run, *[plgpu.ACC((c, c), f32)] * (nt * (n + 1)))
+    ps, ss = pl.run_scoped(run, *[plgpu.ACC((c, half), f32)] * (nt * (n + 1) * 2))
 
     def write_partials(p_stage, s_stage):  # scoped: reuses the input pipeline's shared memory
-      for i, (t, _, _) in enumerate(tiles):  # one [c, c] block at a time
+      for i, (t, _, _) in enumerate(tiles):  # one [c, c/2] piece at a time
         for m in range(n + 1):
-          plgpu.wait_smem_to_gmem(0)  # the steps' copies, or the previous block's
-          put([p_stage] + ([s_stage] if m == 0 else []), [ps[i * (n + 1) + m], ss[i]])
-          plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(p_stage, p_gmem.at[b, t, s_idx, pl.ds((n - m) * c, c)])
-          if m == 0:
-            plgpu.copy_smem_to_gmem(s_stage, s_gmem.at[b, t, s_idx])
+          for h in range(2):
+            plgpu.wait_smem_to_gmem(0)  # the steps' copies, or the previous piece's
+            first_piece = m == 0 and h == 0
+            put([p_stage] + ([s_stage] if first_piece else []), [ps[piece(i, m, h)], ss[i]])
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(p_stage, p_gmem.at[b, t, s_idx, pl.ds((n - m) * c, c),
+                                                        pl.ds(h * half, half)])
+            if first_piece:
+              plgpu.copy_smem_to_gmem(s_stage, s_gmem.at[b, t, s_idx])
       plgpu.wait_smem_to_gmem(0)
-    pl.run_scoped(write_partials, plgpu.SMEM((c, c), f32), plgpu.SMEM((c, w), f32))
+    pl.run_scoped(write_partials, plgpu.SMEM((c, half), f32), plgpu.SMEM((c, w), f32))
 
   return kernel
 
@@ -125,7 +133,7 @@ def reduce_dh(p, geo: Geometry):
 
 def bwd(x1, v, x2, h, dskip, dy, bs: MgpuBlockSizes, interpret: bool = False):
   """Gradients (dx1, dv, dx2, dh [G, K] float32, ddskip [D] float32) of ``fwd``."""
-  geo = geometry(x1.shape, h.shape, bs, backward=True)
+  geo = geometry(x1.shape, h.shape, bs)
   c, w, n, nt = geo.chunk, geo.width, geo.bands, geo.tiles
   xs = [pad(a, geo) for a in (x1, v, x2, dy.astype(x1.dtype))]
   parts = (geo.batch, geo.n_tiles, geo.n_segs)

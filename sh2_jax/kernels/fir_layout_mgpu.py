@@ -30,11 +30,11 @@ class MgpuBlockSizes:
   bound); stages: input pipeline depth (``max_concurrent_steps``).
 
   The variants (``benchmarks/fir_conv.py --mode mgpu_variants`` times them):
-  tiles / bwd_tiles: channel tiles per program in the forward / backward (several groups per
-  program: one band row and one window per tile, their wgmmas issued back to back, so a step's
-  fixed latencies — barrier wait, wgmma wait, store wait — are paid once for ``tiles`` tiles and
-  the grid is ``tiles`` times smaller; the backward holds ``bwd_tiles * (n+1)`` dh accumulators
-  of [c, c] float32 in registers, so it stays small).
+  tiles: channel tiles per program (several groups per program: band blocks and windows per
+  tile, their wgmmas issued back to back, so a step's fixed latencies — barrier wait, wgmma
+  wait, store wait — are paid once for ``tiles`` tiles and the grid is ``tiles`` times smaller;
+  the backward holds ``tiles * (n+1)`` [c, c] float32 dh accumulators in registers, and shared
+  memory grows with the tiles: programs per SM fall).
   ring: the windows are rings of n + 1 chunk slots (chunk q in slot q mod (n+1), the wgmma of
   lag m reads its slot) instead of sliding by one chunk in shared memory after every step.
   store_slots: staged output buffers per output (1: a step waits for the previous step's copies
@@ -48,7 +48,6 @@ class MgpuBlockSizes:
   seg_chunks: int = 32
   stages: int = 2
   tiles: int = 1
-  bwd_tiles: int = 1
   ring: bool = False
   store_slots: int = 1
   wide: bool = False
@@ -65,7 +64,7 @@ def smem_bytes(bs: MgpuBlockSizes, taps: int, backward: bool = False) -> int:
   the input pipeline, the backward's staged partials at the end), which share one region."""
   c, w, s = bs.chunk, bs.width, bs.stages
   n1 = bands(taps, c) + 1
-  t = bs.bwd_tiles if backward else bs.tiles
+  t = bs.tiles
   tile = c * w * 2  # the wide layout has the same bytes, in one buffer per array
   band = t * n1 * c * c * 2
   skip = t * c * w * 4
@@ -73,14 +72,15 @@ def smem_bytes(bs: MgpuBlockSizes, taps: int, backward: bool = False) -> int:
   if not backward:  # band rows, u windows, staged y; dskip rows and halo, or pipelined x1 v x2
     return band + t * n1 * tile + bs.store_slots * t * tile + max(skip + halo, s * 3 * t * tile)
   # band rows, windows of u, dz, x2 and dy, staged dx2 dx1 dv; dskip rows and halo, or
-  # pipelined x1 v x2' dy', or a [c, c] block of the dh partial and the ddskip partial (f32)
+  # pipelined x1 v x2' dy', or a [c, c/2] piece of the dh partial and the ddskip partial (f32)
   return (band + 4 * t * n1 * tile + bs.store_slots * 3 * t * tile
-          + max(skip + halo, s * 4 * t * tile, c * c * 4 + c * w * 4))
+          + max(skip + halo, s * 4 * t * tile, c * c // 2 * 4 + c * w * 4))
 
 
 def default_block_sizes(group_size: int, taps: int) -> MgpuBlockSizes:
-  """Untuned (no Hopper measurement yet): chunk 64, the widest channel tile that divides the
-  group and fits the backward's shared memory."""
+  """Chunk 64, the widest channel tile that divides the group and fits the backward's shared
+  memory, the first-measured variant switches (one tile per program, sliding windows, one store
+  slot) until ``benchmarks/fir_conv.py --mode mgpu_variants`` has picked others."""
   for w in (64, 32, 16):
     bs = MgpuBlockSizes(chunk=64, width=w)
     if group_size % w == 0 and smem_bytes(bs, taps, backward=True) <= SMEM_LIMIT:
@@ -132,9 +132,9 @@ class Geometry:
 
 
 def mgpu_misfit(x_shape, h_shape, dtype, bs: MgpuBlockSizes | None = None,
-                backward: bool = True) -> str | None:
-  """Why these kernels (the forward, and with ``backward`` its gradient too) cannot run this
-  geometry, or None when they can."""
+                backward: bool = True, bwd_bs: MgpuBlockSizes | None = None) -> str | None:
+  """Why these kernels (the forward with ``bs``, and with ``backward`` its gradient too, with
+  ``bwd_bs``, default ``bs``) cannot run this geometry, or None when they can."""
   _, _, d = x_shape
   groups, taps = h_shape
   if jnp.dtype(dtype) != jnp.bfloat16:
@@ -143,39 +143,37 @@ def mgpu_misfit(x_shape, h_shape, dtype, bs: MgpuBlockSizes | None = None,
     return f"filter groups {groups} do not divide channels {d}"
   gs = d // groups
   bs = bs or default_block_sizes(gs, taps)
-  if bs.chunk not in (64, 128):
-    return f"chunk {bs.chunk} is not 64 or 128"
-  if bands(taps, bs.chunk) > MAX_BANDS:
-    return (f"filter length {taps} exceeds {MAX_BANDS * bs.chunk + 1} taps (chunk {bs.chunk}, "
-            f"at most {MAX_BANDS} past chunks)")
-  if bs.width not in (16, 32, 64, 128) or gs % bs.width:
-    return (f"group size {gs} (channels {d} / groups {groups}) is not a multiple of the "
-            f"channel tile {bs.width}; the Mosaic GPU kernels need a multiple of 16")
-  for field in ("tiles", "bwd_tiles") if backward else ("tiles",):
-    t = getattr(bs, field)
-    if t < 1 or (d // bs.width) % t:
-      return (f"{field}={t} does not divide the {d // bs.width} channel tiles of width "
-              f"{bs.width} (channels {d})")
-  if bs.store_slots not in (1, 2):
-    return f"store_slots {bs.store_slots} is not 1 or 2"
-  if bs.wide and max(bs.tiles, bs.bwd_tiles if backward else 1) * bs.width > 256:
-    return (f"wide boxes of {max(bs.tiles, bs.bwd_tiles)} tiles x {bs.width} channels exceed "
-            f"TMA's 256 elements a box row")
-  for bwd in (False, True) if backward else (False,):
-    if smem_bytes(bs, taps, bwd) > SMEM_LIMIT:
-      return (f"block sizes {bs} need {smem_bytes(bs, taps, bwd)} bytes of shared memory "
+  for b, bwd in [(bs, False)] + ([(bwd_bs or bs, True)] if backward else []):
+    if b.chunk not in (64, 128):
+      return f"chunk {b.chunk} is not 64 or 128"
+    if bands(taps, b.chunk) > MAX_BANDS:
+      return (f"filter length {taps} exceeds {MAX_BANDS * b.chunk + 1} taps (chunk {b.chunk}, "
+              f"at most {MAX_BANDS} past chunks)")
+    if b.width not in (16, 32, 64, 128) or gs % b.width:
+      return (f"group size {gs} (channels {d} / groups {groups}) is not a multiple of the "
+              f"channel tile {b.width}; the Mosaic GPU kernels need a multiple of 16")
+    if b.tiles < 1 or (d // b.width) % b.tiles:
+      return (f"tiles={b.tiles} does not divide the {d // b.width} channel tiles of width "
+              f"{b.width} (channels {d})")
+    if b.store_slots not in (1, 2):
+      return f"store_slots {b.store_slots} is not 1 or 2"
+    if b.wide and b.tiles * b.width > 256:
+      return (f"wide boxes of {b.tiles} tiles x {b.width} channels exceed TMA's 256 elements a "
+              f"box row")
+    if smem_bytes(b, taps, bwd) > SMEM_LIMIT:
+      return (f"block sizes {b} need {smem_bytes(b, taps, bwd)} bytes of shared memory "
               f"({'backward' if bwd else 'forward'}) for {taps} taps, over {SMEM_LIMIT}")
   return None
 
 
-def geometry(x_shape, h_shape, bs: MgpuBlockSizes, backward: bool = False) -> Geometry:
+def geometry(x_shape, h_shape, bs: MgpuBlockSizes) -> Geometry:
   b, length, d = x_shape
   groups, taps = h_shape
   chunks = -(-length // bs.chunk)
   n_segs = -(-chunks // bs.seg_chunks)
   seg = -(-chunks // n_segs)  # balanced: padding below one chunk per segment
   return Geometry(b, length, d, groups, taps, bs.chunk, bs.width, seg, n_segs, bs.stages,
-                  bs.bwd_tiles if backward else bs.tiles, bs.ring, bs.store_slots, bs.wide)
+                  bs.tiles, bs.ring, bs.store_slots, bs.wide)
 
 
 def band_rows(h, c: int, n: int):
@@ -212,7 +210,8 @@ def skip_rows(dskip, geo: Geometry):
 
 
 def program(geo: Geometry):
-  """(batch row, first chunk, [(group, column slice)] of each channel tile) of this program."""
+  """(batch row, first chunk, [(tile, group, column slice)] of each channel tile) of this
+  program; its tiles are consecutive."""
   b, p, s = (jax.lax.axis_index(n) for n in ("batch", "tile", "seg"))
   tiles = []
   for i in range(geo.tiles):

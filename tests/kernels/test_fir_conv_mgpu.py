@@ -11,7 +11,10 @@ runs Mosaic GPU's lowering and layout inference for a CUDA target on any host.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -58,10 +61,10 @@ VARIANTS = {
     "default": {},
     "ring": dict(ring=True),
     "slots2": dict(store_slots=2),
-    "tiles2": dict(tiles=2, bwd_tiles=2),
-    "wide": dict(wide=True, tiles=2, bwd_tiles=2),
-    "narrow": dict(ring=True, store_slots=2, tiles=2, bwd_tiles=2),
-    "all": dict(ring=True, store_slots=2, tiles=2, bwd_tiles=2, wide=True),
+    "tiles2": dict(tiles=2),
+    "wide": dict(wide=True, tiles=2),
+    "narrow": dict(ring=True, store_slots=2, tiles=2),
+    "all": dict(ring=True, store_slots=2, tiles=2, wide=True),
 }
 VARIANT_CASES = ([(c, v) for c in CASES for v in ("default", "all")]
                  + [(c, v) for c in CASES[:3] for v in ("ring", "slots2", "tiles2", "wide")])
@@ -72,14 +75,20 @@ def _case_id(c):
 
 
 def _block_sizes(d, groups, taps, seg, variant):
+  """(forward, backward) block sizes of a variant; one tile per program in a direction where
+  two do not divide the channel tiles (D = 16) or do not fit shared memory."""
   bs = fir_conv_mgpu.default_block_sizes(d // groups, taps)
   if seg is not None:
     bs = dataclasses.replace(bs, seg_chunks=seg)
   bs = dataclasses.replace(bs, **VARIANTS[variant])
-  for field in ("bwd_tiles", "tiles"):  # one tile where two do not divide D or do not fit
-    if fir_conv_mgpu.mgpu_misfit((1, 64, d), (groups, taps), jnp.bfloat16, bs):
-      bs = dataclasses.replace(bs, **{field: 1})
-  return bs
+  x, h = (1, 64, d), (groups, taps)
+  bs_f = bs
+  if fir_conv_mgpu.mgpu_misfit(x, h, jnp.bfloat16, bs_f, backward=False):
+    bs_f = dataclasses.replace(bs, tiles=1)
+  bs_b = bs
+  if fir_conv_mgpu.mgpu_misfit(x, h, jnp.bfloat16, bs_f, bwd_bs=bs_b):
+    bs_b = dataclasses.replace(bs, tiles=1)
+  return bs_f, bs_b
 
 
 @pytest.mark.parametrize("case,variant", VARIANT_CASES,
@@ -87,10 +96,11 @@ def _block_sizes(d, groups, taps, seg, variant):
 def test_forward_and_gradients(case, variant):
   x1, v, x2, dy, h, dskip = _inputs(case)
   d, groups, taps, seg = case[2], case[3], case[4], case[6]
-  bs = _block_sizes(d, groups, taps, seg, variant)
+  bs_f, bs_b = _block_sizes(d, groups, taps, seg, variant)
 
   def op(x1, v, x2, h, dskip):
-    return gated_fir_conv_mgpu(x1, v, x2, h, dskip, interpret=INTERPRET, block_sizes=bs)
+    return gated_fir_conv_mgpu(x1, v, x2, h, dskip, interpret=INTERPRET, block_sizes=bs_f,
+                               bwd_block_sizes=bs_b)
 
   args = (x1, v, x2, h, dskip)
   y, vjp = jax.vjp(op, *args)
@@ -191,11 +201,11 @@ def test_lowers_for_hopper(groups, taps, variant):
   x = jax.ShapeDtypeStruct((1, 4096, 4096), jnp.bfloat16)
   h = jax.ShapeDtypeStruct((groups, taps), jnp.float32)
   dskip = jax.ShapeDtypeStruct((4096,), jnp.float32)
-  bs = _block_sizes(4096, groups, taps, None, variant)
-  assert fir_conv_mgpu.mgpu_misfit(x.shape, h.shape, x.dtype, bs) is None
-  for text in (_lower(lambda x1, v, x2, h, d: fir_conv_mgpu.fwd(x1, v, x2, h, d, bs),
+  bs_f, bs_b = _block_sizes(4096, groups, taps, None, variant)
+  assert fir_conv_mgpu.mgpu_misfit(x.shape, h.shape, x.dtype, bs_f, bwd_bs=bs_b) is None
+  for text in (_lower(lambda x1, v, x2, h, d: fir_conv_mgpu.fwd(x1, v, x2, h, d, bs_f),
                       x, x, x, h, dskip),
-               _lower(lambda x1, v, x2, h, d, dy: fir_conv_mgpu.bwd(x1, v, x2, h, d, dy, bs),
+               _lower(lambda x1, v, x2, h, d, dy: fir_conv_mgpu.bwd(x1, v, x2, h, d, dy, bs_b),
                       x, x, x, h, dskip, x)):
     assert "mosaic_gpu" in text
 
@@ -211,14 +221,27 @@ def test_smem_estimate_matches_the_lowering(taps, monkeypatch):
   h = jax.ShapeDtypeStruct((256, taps), jnp.float32)
   dskip = jax.ShapeDtypeStruct((4096,), jnp.float32)
   for variant in ("default", "all", "narrow"):
-    bs = _block_sizes(4096, 256, taps, None, variant)
-    for backward, fn, args in (
-        (False, lambda x1, v, x2, h, d: fir_conv_mgpu.fwd(x1, v, x2, h, d, bs),
+    bs_f, bs_b = _block_sizes(4096, 256, taps, None, variant)
+    for backward, bs, fn, args in (
+        (False, bs_f, lambda x1, v, x2, h, d: fir_conv_mgpu.fwd(x1, v, x2, h, d, bs_f),
          (x, x, x, h, dskip)),
-        (True, lambda x1, v, x2, h, d, dy: fir_conv_mgpu.bwd(x1, v, x2, h, d, dy, bs),
+        (True, bs_b, lambda x1, v, x2, h, d, dy: fir_conv_mgpu.bwd(x1, v, x2, h, d, dy, bs_b),
          (x, x, x, h, dskip, x))):
       with pytest.raises(ValueError, match="exceeds available shared memory") as err:
         _lower(fn, *args)
       lowered = int(re.search(r"smem_bytes=(\d+)", str(err.value)).group(1))
       estimate = fir_conv_mgpu.smem_bytes(bs, taps, backward)
       assert estimate <= lowered <= estimate + 1024, (variant, backward, estimate, lowered)
+
+
+def test_variants_benchmark_refuses_unknown_names():
+  """``benchmarks/fir_conv.py --mode mgpu_variants --only`` with a name it does not know: one
+  error line naming it and the valid ones, exit code 2, before any timing."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "fir_conv.py"),
+                         "--mode", "mgpu_variants", "--only", "default,fastest"],
+                        capture_output=True, text=True, timeout=300, cwd=root)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+  assert proc.stderr.startswith("error: --only 'fastest' names no variant; expected some of "
+                                "default, ring,")
