@@ -35,7 +35,9 @@ class FastBlocks:
   N more registers for a^c); num_warps,
   num_stages: Triton's; bwd_tile, bwd_warps: the backward kernels' tile and warps (0: the
   forward's) — they carry up to 7N states per channel against the forward's N, so fewer
-  channels per lane keep them out of local memory."""
+  channels per lane keep them out of local memory; min_programs: short sequences get shorter
+  segments (halved, down to 8 chunks) until the grid has at least this many programs (0: the
+  segment as given)."""
   tile: int = 128
   chunk: int = 8
   segment: int = 512
@@ -45,6 +47,7 @@ class FastBlocks:
   horner: bool = False
   bwd_tile: int = 0
   bwd_warps: int = 0
+  min_programs: int = 1024
   num_stages: int = 1
 
   def backward(self) -> "FastBlocks":
@@ -109,6 +112,9 @@ def make_geometry(x_shape, poles_shape, bs: FastBlocks) -> Geometry:
   bs = dataclasses.replace(bs, tile=tile)
   num_chunks = -(-length // bs.chunk)
   seg_chunks = min(bs.segment // bs.chunk, num_chunks)
+  tiles = batch * -(-channels // tile)
+  while seg_chunks > 8 and tiles * -(-num_chunks // seg_chunks) < bs.min_programs:
+    seg_chunks = max(8, seg_chunks // 2)
   return Geometry(bs, batch, length, channels, poles_shape[1], num_chunks * bs.chunk,
                   -(-channels // tile) * tile, seg_chunks)
 
@@ -219,8 +225,8 @@ def token_rows(geo: Geometry, refs, b, cols):
 
 # ----------------------------------------------------------------------------- segment scan
 
-SCAN_BLOCK = 512   # state elements per program of the segment scan
-SCAN_GROUP = 8     # segments whose loads are issued together (latency of one round trip each)
+SCAN_BLOCK = 256   # state elements per program of the segment scan
+SCAN_GROUP = 16    # segments whose loads are issued together (latency of one round trip each)
 
 
 def _scan_fwd_kernel(dec_ref, s0_ref, e_ref, *rest, num: int, seg_len: float, with_p: bool):

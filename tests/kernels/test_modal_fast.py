@@ -123,9 +123,11 @@ def test_forward_long_sequence():
   """The inference path (no ds/dlambda in the first pass): L = 1001 over 8 segments, N = 16,
   against a numpy float64 FFT convolution; and the geometry it ran on."""
   x1, v, x2, lam, res, dskip, s0 = make_inputs(4, 1, 1001, 12, 16)
-  bs = FastBlocks(tile=16, chunk=8, segment=128)
-  geo = make_geometry(x1.shape, lam.shape, bs)
-  assert (geo.num_segments, geo.last_length, geo.padded_length) == (8, 105, 1008)
+  bs = FastBlocks(tile=16, chunk=8, segment=256)
+  geo = make_geometry(x1.shape, lam.shape, bs)  # 1 tile: segments halved towards 1024 programs
+  assert (geo.num_segments, geo.last_length, geo.padded_length) == (16, 41, 1008)
+  wide = make_geometry((1, 1001, 4096), lam.shape, bs)
+  assert (wide.bs.tile, wide.num_segments) == (16, 4)  # 256 tiles x 4 segments: as given
   y, s = fast(x1, v, x2, lam, res, dskip, s0, bs=bs)
   a64 = [np.asarray(a, np.float64) for a in (x1, v, x2, lam, res, dskip, s0)]
   x1n, vn, x2n, lamn, resn, dskn, s0n = a64
