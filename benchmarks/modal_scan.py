@@ -266,8 +266,8 @@ def table(lengths, bs_fwd, bs_bwd, bs_serial, bandwidth):
 
 FB = mf.FastBlocks
 VARIANTS = [  # the default first; each differs from it in one or two knobs (--variants picks)
-    FB(),                                          # 0: t128 c8 seg512 w4, fused backward
-    FB(horner=True),                               # 1: adjoint start states by chunks
+    FB(),                                          # 0: t128 c8 seg512 w4, fused backward (horner)
+    FB(horner=False),                              # 1: adjoint start states token by token
     FB(tile=256, bwd_tile=128),                    # 2: 2 channels per lane forward
     FB(segment=256),                               # 3: 2x the programs (less wave tail)
     FB(segment=1024),                              # 4

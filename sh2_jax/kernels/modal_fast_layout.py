@@ -44,7 +44,7 @@ class FastBlocks:
   num_warps: int = 4
   prefetch: bool = True
   fuse_adjoint: bool = True
-  horner: bool = False
+  horner: bool = True
   bwd_tile: int = 0
   bwd_warps: int = 0
   min_programs: int = 1024
@@ -62,7 +62,7 @@ class FastBlocks:
             + (f"/bwd t{bwd.tile} w{bwd.num_warps}" if (bwd.tile, bwd.num_warps) !=
                (self.tile, self.num_warps) else "")
             + ("" if self.prefetch else "/nopf") + ("" if self.fuse_adjoint else "/adjpass")
-            + ("/horner" if self.horner and self.fuse_adjoint else ""))
+            + ("/no horner" if self.fuse_adjoint and not self.horner else ""))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -67,15 +67,18 @@ def fast(*args, bs):
 GRAD_CASES = [
     # seed, B, L, D, N, block sizes, with dskip, with s0
     # 157 tokens: 40 chunks of 4 (a masked tail), segments of 6 chunks (the 7th has 4); D = 20
-    # on tiles of 16; the adjoint start states summed by chunks (Horner)
-    (1, 2, 157, 20, 3, FastBlocks(tile=16, chunk=4, segment=24, horner=True), True, True),
+    # on tiles of 16
+    (1, 2, 157, 20, 3, FastBlocks(tile=16, chunk=4, segment=24), True, True),
     # L a multiple of the chunk (no masked tail) but not of the segment (the 6th segment has 2
     # of 4 chunks); unfused backward (its own adjoint-states pass), no prefetch, no dskip, no s0
     (2, 1, 44, 9, 3, FastBlocks(tile=16, chunk=2, segment=8, prefetch=False, fuse_adjoint=False),
      False, False),
-    # one segment (no first pass, no scans); the backward on narrower tiles than the forward
-    # (D = 33: 64 padded channels forward, 48 backward)
-    (3, 2, 30, 33, 2, FastBlocks(tile=32, chunk=4, segment=512, bwd_tile=16), True, True),
+    # the backward on narrower tiles than the forward (D = 33: 64 padded channels forward, 48
+    # backward); the fused adjoint start states summed token by token instead of by chunks
+    (3, 2, 30, 33, 2, FastBlocks(tile=32, chunk=2, segment=8, bwd_tile=16, horner=False), True,
+     True),
+    # one segment: no first pass, no scans
+    (7, 1, 13, 5, 2, FastBlocks(tile=16, chunk=2, segment=512), True, True),
 ]
 
 
@@ -152,10 +155,10 @@ def test_bfloat16_and_dispatch():
   y = dispatch.gated_modal(*xb, lam, res, dskip, "modal_fast", interpret=INTERPRET)
   ref = dispatch.gated_modal(*xb, lam, res, dskip, "fft")
   assert y.dtype == jnp.bfloat16 and rel_err(y, ref) < 1e-2
-  f = dispatch.modal_fn("modal_fast", interpret=INTERPRET)
-  g = jax.grad(lambda a: jnp.sum(f(a, *xb[1:], lam, res, dskip).astype(jnp.float32)))(xb[0])
+  f = dispatch.modal_with_state_fn("modal_fast", interpret=INTERPRET)
+  g = jax.grad(lambda a: jnp.sum(f(a, *xb[1:], lam, res, dskip)[0].astype(jnp.float32)))(xb[0])
   assert g.dtype == jnp.bfloat16 and np.isfinite(np.asarray(g, np.float32)).all()
-  y2, s = dispatch.modal_with_state_fn("modal_fast", interpret=INTERPRET)(*xb, lam, res, dskip)
+  y2, s = f(*xb, lam, res, dskip)
   _, s_ref = dispatch.modal_with_state_fn("fft")(*xb, lam, res, dskip)
   assert rel_err(y2, ref) < 1e-2 and rel_err(s, s_ref) < 1e-2
 
