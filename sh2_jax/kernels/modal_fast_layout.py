@@ -232,7 +232,8 @@ SCAN_GROUP = 16    # segments whose loads are issued together (latency of one ro
 def _scan_fwd_kernel(dec_ref, s0_ref, e_ref, *rest, num: int, seg_len: float, with_p: bool):
   """s_in[0] = s0, s_in[k+1] = A s_in[k] + e[k] (A = a^Ls); with_p, for m = p + s with
   p = ds/dlambda: m_in[0] = s0, m_in[k+1] = A (m_in[k] + Ls s_in[k]) + em[k] (from
-  p_in[k+1] = A (p_in[k] + Ls s_in[k]) + ep[k]; no difference of the two is ever formed)."""
+  p_in[k+1] = A (p_in[k] + Ls s_in[k]) + ep[k]; no difference of the two is ever formed).
+  A loop over groups of SCAN_GROUP segments whose loads are issued together."""
   if with_p:
     em_ref, sin_ref, min_ref = rest
   else:
@@ -240,35 +241,47 @@ def _scan_fwd_kernel(dec_ref, s0_ref, e_ref, *rest, num: int, seg_len: float, wi
   b, j = pl.program_id(0), pl.program_id(1)
   cols = pl.ds(pl.multiple_of(j * SCAN_BLOCK, SCAN_BLOCK), SCAN_BLOCK)
   dec = dec_ref[cols]
-  s = s0_ref[b, cols]
-  m = s
-  for g0 in range(0, num, SCAN_GROUP):
-    ks = range(g0, min(num, g0 + SCAN_GROUP))
-    es = [e_ref[b, k - 1, cols] if k else None for k in ks]
-    ems = [em_ref[b, k - 1, cols] if k and with_p else None for k in ks]
+
+  def group(gi, carry):
+    s, m = carry
+    ks = [gi * SCAN_GROUP + i for i in range(SCAN_GROUP)]
+    es = [e_ref[b, jnp.minimum(k, num - 2), cols] for k in ks]
+    ems = [em_ref[b, jnp.minimum(k, num - 2), cols] if with_p else None for k in ks]
     for k, e, em in zip(ks, es, ems):
-      if k:
-        s, m = dec * s + e, (dec * (m + seg_len * s) + em) if with_p else m
-      sin_ref[b, k, cols] = s
-      if with_p:
-        min_ref[b, k, cols] = m
+      @pl.when(k < num)
+      def _():
+        sin_ref[b, k, cols] = s
+        if with_p:
+          min_ref[b, k, cols] = m
+      upd = k < num - 1
+      s, m = (jnp.where(upd, dec * s + e, s),
+              jnp.where(upd, dec * (m + seg_len * s) + em, m) if with_p else m)
+    return s, m
+
+  s0 = s0_ref[b, cols]
+  jax.lax.fori_loop(0, -(-num // SCAN_GROUP), group, (s0, s0))
 
 
 def _scan_bwd_kernel(dec_ref, dec_last_ref, wT_ref, ew_ref, win_ref, *, num: int):
   """w_in[S-1] = w_T, w_in[k] = A_{k+1} w_in[k+1] + ew_{k+1} (A_{S-1} = a^(last length));
-  ew_ref[k] holds segment k + 1's ew."""
+  ew_ref[k] holds segment k + 1's ew. Groups of SCAN_GROUP segments, as the forward scan."""
   b, j = pl.program_id(0), pl.program_id(1)
   cols = pl.ds(pl.multiple_of(j * SCAN_BLOCK, SCAN_BLOCK), SCAN_BLOCK)
   dec, dec_last = dec_ref[cols], dec_last_ref[cols]
-  w = wT_ref[b, cols]
-  order = list(range(num - 1, -1, -1))
-  for g0 in range(0, num, SCAN_GROUP):
-    ks = order[g0:g0 + SCAN_GROUP]
-    ews = [ew_ref[b, k, cols] if k < num - 1 else None for k in ks]
+
+  def group(gi, w):
+    ks = [num - 1 - (gi * SCAN_GROUP + i) for i in range(SCAN_GROUP)]
+    ews = [ew_ref[b, jnp.clip(k, 0, num - 2), cols] for k in ks]
     for k, ew in zip(ks, ews):
-      if k < num - 1:
-        w = (dec_last if k + 1 == num - 1 else dec) * w + ew
-      win_ref[b, k, cols] = w
+      upd = (k >= 0) & (k < num - 1)
+      w = jnp.where(upd, jnp.where(k + 1 == num - 1, dec_last, dec) * w + ew, w)
+
+      @pl.when(k >= 0)
+      def _():
+        win_ref[b, k, cols] = w
+    return w
+
+  jax.lax.fori_loop(0, -(-num // SCAN_GROUP), group, wT_ref[b, cols])
 
 
 def _flat(geo, x):
