@@ -265,23 +265,23 @@ def table(lengths, bs_fwd, bs_bwd, bs_serial, bandwidth):
 # ----------------------------------------------------------------------------- fast variants
 
 FB = mf.FastBlocks
-VARIANTS = [  # the default first; each differs from it in one or two knobs (--variants picks)
-    FB(),                                          # 0: t128 c8 seg512 w4, fused backward
-    FB(horner=True),                               # 1: adjoint start states by chunks
+VARIANTS = [  # the default first, the likeliest next; each differs from it in one or two knobs
+    FB(),                                          # 0: t128 c8 seg512 w4, fused backward (horner)
+    FB(segment=256),                               # 1: 2x the programs (less wave tail)
     FB(tile=256, bwd_tile=128),                    # 2: 2 channels per lane forward
-    FB(segment=256),                               # 3: 2x the programs (less wave tail)
-    FB(segment=1024),                              # 4
-    FB(fuse_adjoint=False),                        # 5: the backward's third pass
-    FB(chunk=16),                                  # 6: deeper prefetch
-    FB(chunk=4),                                   # 7
-    FB(prefetch=False),                            # 8
-    FB(tile=64, num_warps=2),                      # 9
-    FB(tile=128, num_warps=2, bwd_warps=4),        # 10: 2 channels per lane forward
-    FB(tile=512, bwd_tile=128),                    # 11: 4 channels per lane forward
+    FB(chunk=16),                                  # 3: twice the loads in flight
+    FB(fuse_adjoint=False),                        # 4: the backward's third pass
+    FB(horner=False),                              # 5: adjoint start states token by token
+    FB(segment=1024),                              # 6
+    FB(prefetch=False),                            # 7: does the prefetch matter?
+    FB(tile=64, num_warps=2),                      # 8
+    FB(chunk=4),                                   # 9
+    FB(tile=256, segment=256, bwd_tile=128),       # 10
+    FB(tile=128, num_warps=2, bwd_warps=4),        # 11: 2 channels per lane forward
     FB(tile=256, num_warps=8),                     # 12
-    FB(tile=256, segment=256, bwd_tile=128),       # 13
-    FB(segment=2048),                              # 14
-    FB(tile=64, num_warps=2, segment=256),         # 15
+    FB(segment=2048),                              # 13
+    FB(tile=64, num_warps=2, segment=256),         # 14
+    FB(tile=512, bwd_tile=128),                    # 15: 4 channels per lane forward
 ]
 
 

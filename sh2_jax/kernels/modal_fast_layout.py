@@ -35,16 +35,19 @@ class FastBlocks:
   N more registers for a^c); num_warps,
   num_stages: Triton's; bwd_tile, bwd_warps: the backward kernels' tile and warps (0: the
   forward's) — they carry up to 7N states per channel against the forward's N, so fewer
-  channels per lane keep them out of local memory."""
+  channels per lane keep them out of local memory; min_programs: short sequences get shorter
+  segments (halved, down to 8 chunks) until the grid has at least this many programs (0: the
+  segment as given)."""
   tile: int = 128
   chunk: int = 8
   segment: int = 512
   num_warps: int = 4
   prefetch: bool = True
   fuse_adjoint: bool = True
-  horner: bool = False
+  horner: bool = True
   bwd_tile: int = 0
   bwd_warps: int = 0
+  min_programs: int = 1024
   num_stages: int = 1
 
   def backward(self) -> "FastBlocks":
@@ -59,7 +62,7 @@ class FastBlocks:
             + (f"/bwd t{bwd.tile} w{bwd.num_warps}" if (bwd.tile, bwd.num_warps) !=
                (self.tile, self.num_warps) else "")
             + ("" if self.prefetch else "/nopf") + ("" if self.fuse_adjoint else "/adjpass")
-            + ("/horner" if self.horner and self.fuse_adjoint else ""))
+            + ("/no horner" if self.fuse_adjoint and not self.horner else ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +112,9 @@ def make_geometry(x_shape, poles_shape, bs: FastBlocks) -> Geometry:
   bs = dataclasses.replace(bs, tile=tile)
   num_chunks = -(-length // bs.chunk)
   seg_chunks = min(bs.segment // bs.chunk, num_chunks)
+  tiles = batch * -(-channels // tile)
+  while seg_chunks > 8 and tiles * -(-num_chunks // seg_chunks) < bs.min_programs:
+    seg_chunks = max(8, seg_chunks // 2)
   return Geometry(bs, batch, length, channels, poles_shape[1], num_chunks * bs.chunk,
                   -(-channels // tile) * tile, seg_chunks)
 
@@ -219,14 +225,15 @@ def token_rows(geo: Geometry, refs, b, cols):
 
 # ----------------------------------------------------------------------------- segment scan
 
-SCAN_BLOCK = 512   # state elements per program of the segment scan
-SCAN_GROUP = 8     # segments whose loads are issued together (latency of one round trip each)
+SCAN_BLOCK = 256   # state elements per program of the segment scan
+SCAN_GROUP = 16    # segments whose loads are issued together (latency of one round trip each)
 
 
 def _scan_fwd_kernel(dec_ref, s0_ref, e_ref, *rest, num: int, seg_len: float, with_p: bool):
   """s_in[0] = s0, s_in[k+1] = A s_in[k] + e[k] (A = a^Ls); with_p, for m = p + s with
   p = ds/dlambda: m_in[0] = s0, m_in[k+1] = A (m_in[k] + Ls s_in[k]) + em[k] (from
-  p_in[k+1] = A (p_in[k] + Ls s_in[k]) + ep[k]; no difference of the two is ever formed)."""
+  p_in[k+1] = A (p_in[k] + Ls s_in[k]) + ep[k]; no difference of the two is ever formed).
+  A loop over groups of SCAN_GROUP segments whose loads are issued together."""
   if with_p:
     em_ref, sin_ref, min_ref = rest
   else:
@@ -234,35 +241,47 @@ def _scan_fwd_kernel(dec_ref, s0_ref, e_ref, *rest, num: int, seg_len: float, wi
   b, j = pl.program_id(0), pl.program_id(1)
   cols = pl.ds(pl.multiple_of(j * SCAN_BLOCK, SCAN_BLOCK), SCAN_BLOCK)
   dec = dec_ref[cols]
-  s = s0_ref[b, cols]
-  m = s
-  for g0 in range(0, num, SCAN_GROUP):
-    ks = range(g0, min(num, g0 + SCAN_GROUP))
-    es = [e_ref[b, k - 1, cols] if k else None for k in ks]
-    ems = [em_ref[b, k - 1, cols] if k and with_p else None for k in ks]
+
+  def group(gi, carry):
+    s, m = carry
+    ks = [gi * SCAN_GROUP + i for i in range(SCAN_GROUP)]
+    es = [e_ref[b, jnp.minimum(k, num - 2), cols] for k in ks]
+    ems = [em_ref[b, jnp.minimum(k, num - 2), cols] if with_p else None for k in ks]
     for k, e, em in zip(ks, es, ems):
-      if k:
-        s, m = dec * s + e, (dec * (m + seg_len * s) + em) if with_p else m
-      sin_ref[b, k, cols] = s
-      if with_p:
-        min_ref[b, k, cols] = m
+      @pl.when(k < num)
+      def _():
+        sin_ref[b, k, cols] = s
+        if with_p:
+          min_ref[b, k, cols] = m
+      upd = k < num - 1
+      s, m = (jnp.where(upd, dec * s + e, s),
+              jnp.where(upd, dec * (m + seg_len * s) + em, m) if with_p else m)
+    return s, m
+
+  s0 = s0_ref[b, cols]
+  jax.lax.fori_loop(0, -(-num // SCAN_GROUP), group, (s0, s0))
 
 
 def _scan_bwd_kernel(dec_ref, dec_last_ref, wT_ref, ew_ref, win_ref, *, num: int):
   """w_in[S-1] = w_T, w_in[k] = A_{k+1} w_in[k+1] + ew_{k+1} (A_{S-1} = a^(last length));
-  ew_ref[k] holds segment k + 1's ew."""
+  ew_ref[k] holds segment k + 1's ew. Groups of SCAN_GROUP segments, as the forward scan."""
   b, j = pl.program_id(0), pl.program_id(1)
   cols = pl.ds(pl.multiple_of(j * SCAN_BLOCK, SCAN_BLOCK), SCAN_BLOCK)
   dec, dec_last = dec_ref[cols], dec_last_ref[cols]
-  w = wT_ref[b, cols]
-  order = list(range(num - 1, -1, -1))
-  for g0 in range(0, num, SCAN_GROUP):
-    ks = order[g0:g0 + SCAN_GROUP]
-    ews = [ew_ref[b, k, cols] if k < num - 1 else None for k in ks]
+
+  def group(gi, w):
+    ks = [num - 1 - (gi * SCAN_GROUP + i) for i in range(SCAN_GROUP)]
+    ews = [ew_ref[b, jnp.clip(k, 0, num - 2), cols] for k in ks]
     for k, ew in zip(ks, ews):
-      if k < num - 1:
-        w = (dec_last if k + 1 == num - 1 else dec) * w + ew
-      win_ref[b, k, cols] = w
+      upd = (k >= 0) & (k < num - 1)
+      w = jnp.where(upd, jnp.where(k + 1 == num - 1, dec_last, dec) * w + ew, w)
+
+      @pl.when(k >= 0)
+      def _():
+        win_ref[b, k, cols] = w
+    return w
+
+  jax.lax.fori_loop(0, -(-num // SCAN_GROUP), group, wT_ref[b, cols])
 
 
 def _flat(geo, x):

@@ -66,16 +66,19 @@ def fast(*args, bs):
 
 GRAD_CASES = [
     # seed, B, L, D, N, block sizes, with dskip, with s0
-    # 157 tokens: 40 chunks of 4 (a masked tail), segments of 6 chunks (the 7th has 4); D = 20
-    # on tiles of 16; the adjoint start states summed by chunks (Horner)
-    (1, 2, 157, 20, 3, FastBlocks(tile=16, chunk=4, segment=24, horner=True), True, True),
+    # 157 tokens: 40 chunks of 4 (a masked tail), 20 segments of 2 chunks (more than one group
+    # of the segment scans); D = 20 on tiles of 16
+    (1, 2, 157, 20, 3, FastBlocks(tile=16, chunk=4, segment=8), True, True),
     # L a multiple of the chunk (no masked tail) but not of the segment (the 6th segment has 2
     # of 4 chunks); unfused backward (its own adjoint-states pass), no prefetch, no dskip, no s0
     (2, 1, 44, 9, 3, FastBlocks(tile=16, chunk=2, segment=8, prefetch=False, fuse_adjoint=False),
      False, False),
-    # one segment (no first pass, no scans); the backward on narrower tiles than the forward
-    # (D = 33: 64 padded channels forward, 48 backward)
-    (3, 2, 30, 33, 2, FastBlocks(tile=32, chunk=4, segment=512, bwd_tile=16), True, True),
+    # the backward on narrower tiles than the forward (D = 33: 64 padded channels forward, 48
+    # backward); the fused adjoint start states summed token by token instead of by chunks
+    (3, 2, 30, 33, 2, FastBlocks(tile=32, chunk=2, segment=8, bwd_tile=16, horner=False), True,
+     True),
+    # one segment: no first pass, no scans
+    (7, 1, 13, 5, 2, FastBlocks(tile=16, chunk=2, segment=512), True, True),
 ]
 
 
@@ -120,12 +123,16 @@ def test_gradients_against_float64(seed, batch, length, width, states, bs, with_
 
 
 def test_forward_long_sequence():
-  """The inference path (no ds/dlambda in the first pass): L = 1001 over 8 segments, N = 16,
-  against a numpy float64 FFT convolution; and the geometry it ran on."""
+  """The inference path (no ds/dlambda in the first pass): L = 1001 over 32 segments, N = 16,
+  against a numpy float64 FFT convolution; and the geometry of shorter segments for short
+  sequences."""
   x1, v, x2, lam, res, dskip, s0 = make_inputs(4, 1, 1001, 12, 16)
-  bs = FastBlocks(tile=16, chunk=8, segment=128)
-  geo = make_geometry(x1.shape, lam.shape, bs)
-  assert (geo.num_segments, geo.last_length, geo.padded_length) == (8, 105, 1008)
+  geo = make_geometry(x1.shape, lam.shape, FastBlocks(tile=16, chunk=8, segment=256))
+  assert (geo.num_segments, geo.last_length, geo.padded_length) == (16, 41, 1008)  # halved
+  wide = make_geometry((1, 1001, 4096), lam.shape, FastBlocks(tile=16, chunk=8, segment=256))
+  assert (wide.bs.tile, wide.num_segments) == (16, 4)  # 256 tiles x 4 segments: as given
+  bs = FastBlocks(tile=16, chunk=4, segment=32)
+  assert make_geometry(x1.shape, lam.shape, bs).num_segments == 32
   y, s = fast(x1, v, x2, lam, res, dskip, s0, bs=bs)
   a64 = [np.asarray(a, np.float64) for a in (x1, v, x2, lam, res, dskip, s0)]
   x1n, vn, x2n, lamn, resn, dskn, s0n = a64
@@ -150,10 +157,10 @@ def test_bfloat16_and_dispatch():
   y = dispatch.gated_modal(*xb, lam, res, dskip, "modal_fast", interpret=INTERPRET)
   ref = dispatch.gated_modal(*xb, lam, res, dskip, "fft")
   assert y.dtype == jnp.bfloat16 and rel_err(y, ref) < 1e-2
-  f = dispatch.modal_fn("modal_fast", interpret=INTERPRET)
-  g = jax.grad(lambda a: jnp.sum(f(a, *xb[1:], lam, res, dskip).astype(jnp.float32)))(xb[0])
+  f = dispatch.modal_with_state_fn("modal_fast", interpret=INTERPRET)
+  g = jax.grad(lambda a: jnp.sum(f(a, *xb[1:], lam, res, dskip)[0].astype(jnp.float32)))(xb[0])
   assert g.dtype == jnp.bfloat16 and np.isfinite(np.asarray(g, np.float32)).all()
-  y2, s = dispatch.modal_with_state_fn("modal_fast", interpret=INTERPRET)(*xb, lam, res, dskip)
+  y2, s = f(*xb, lam, res, dskip)
   _, s_ref = dispatch.modal_with_state_fn("fft")(*xb, lam, res, dskip)
   assert rel_err(y2, ref) < 1e-2 and rel_err(s, s_ref) < 1e-2
 
