@@ -145,3 +145,18 @@ def test_decode_loop_carries_the_caches_without_copies():
   copies = [line for line in text.splitlines() if re.search(r"= \S+ copy\(", line)
             and any(s in line.split("copy(")[0] for s in shapes)]
   assert not copies, copies[:3]
+
+
+def test_compute_dtype_weights_cast_only_the_matrices():
+  """``generate`` decodes from ``with_compute_dtype_weights()``: Dense kernels and the embedding
+  in bf16, everything used in float32 untouched, the caller's model unchanged."""
+  model = golden_model("bfloat16")
+  cast = model.with_compute_dtype_weights()
+  before = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  after = dict(nnx.to_flat_state(nnx.state(cast, nnx.Param)))
+  for path, var in before:
+    new = after[path].get_value()
+    matrix = path[-1] in ("kernel", "weight")
+    assert new.dtype == (jnp.bfloat16 if matrix else jnp.float32), path
+    assert var.get_value().dtype == jnp.float32, path
+    np.testing.assert_array_equal(new, var.get_value().astype(new.dtype))
