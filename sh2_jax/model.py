@@ -19,6 +19,7 @@ from flax import nnx
 from sh2_jax import capture
 from sh2_jax.blocks import make_block, norm
 from sh2_jax.config import REMAT_MODES, ModelConfig
+from sh2_jax.layers import Dense
 from sh2_jax.modes import FULL, Cache, Prefill, last_steps
 from sh2_jax.sharding import gather_params
 
@@ -132,6 +133,20 @@ class StripedHyena(nnx.Module):
       return logits, None
     lengths = mode.lengths if isinstance(mode, Prefill) else cache.lengths + tokens.shape[1]
     return logits, Cache(lengths, tuple(layers))
+
+  def with_compute_dtype_weights(self) -> "StripedHyena":
+    """A copy whose matrices -- every ``Dense`` kernel and the embedding, the weights that are
+    only ever read through ``.astype(compute dtype)`` -- are stored in the compute dtype: the
+    same outputs bit for bit, and a decoding loop streams those weights at 2 bytes instead of
+    re-reading float32 ones each token (it holds both copies meanwhile). Norm scales, filters,
+    poles and biases keep their dtype (they are used in float32)."""
+    model = nnx.clone(self)
+    for _, module in nnx.iter_graph(model):
+      weight = (module.kernel if isinstance(module, Dense) else
+                module.weight if isinstance(module, Embedding) else None)
+      if weight is not None:
+        weight.set_value(weight.get_value().astype(module.dtype))
+    return model
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """tokens [B, L] -> logits [B, L, V] float32 (the full-sequence forward)."""

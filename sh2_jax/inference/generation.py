@@ -180,7 +180,9 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
     raise ValueError(f"stop_tokens {list(stop_tokens)} must be ids in 0..{cfg.vocab_size - 1}")
   # Padded with -1 (never a token) to a multiple of 8: fewer shapes, fewer recompilations.
   stop = np.pad(stop, (0, max(8, -(-stop.size // 8) * 8) - stop.size), constant_values=-1)
-  graphdef, state = nnx.split(model)
+  # Matrices in the compute dtype once, not cast from float32 inside the loop every token
+  # (identical outputs; the loop then streams 2-byte weights).
+  graphdef, state = nnx.split(model.with_compute_dtype_weights())
   kv = None
   if mesh is None:
     logits, cache = _prefill_rows(graphdef, state, rows, int(max_new_tokens), prefill_rows)

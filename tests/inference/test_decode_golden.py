@@ -1,6 +1,6 @@
 """Decoding's numerics are pinned: tokens and logits of ``generate`` (greedy and sampled with a
 fixed seed; float32 and bfloat16 compute, prompts shorter and longer than every filter) and of a
-prefill -> segment -> decode chain equal, bit for bit, what the implementation before the
+bfloat16 prefill -> segment -> decode chain equal, bit for bit, what the implementation before the
 ring-buffer caches produced (``tests/fixtures/decode_golden/outputs.npz``, written by
 ``golden_outputs`` at that commit). A change to the decoding path that moves a bit fails here;
 one that means to change the numerics rewrites the fixture (``python -m
@@ -27,7 +27,7 @@ def golden_model(dtype: str) -> StripedHyena:
   """Every layer kind; O(1) random weights (LI poles kept), deterministic."""
   cfg = ModelConfig(d_model=24, num_layers=5, layout="SE-MR-LI-MHA", num_heads=2, mlp_hidden=40,
                     se_groups=4, mr_groups=3, mr_len=20, max_seqlen=256, dtype=dtype)
-  model = StripedHyena(cfg, rngs=nnx.Rngs(3))
+  model = nnx.jit(lambda: StripedHyena(cfg, rngs=nnx.Rngs(3)))()  # one compile, not op by op
   rng = np.random.default_rng(3)
   state = nnx.state(model, nnx.Param)
 
@@ -44,22 +44,26 @@ def golden_model(dtype: str) -> StripedHyena:
 
 
 def _chain(model):
-  """Prefill 6 tokens of two rows, a segment of 4, then 3 decode steps: the logits of each."""
+  """Prefill 6 tokens of two rows, a segment of 4, then 3 decode steps (one compiled program):
+  the logits at the end of each."""
+
+  @nnx.jit
+  def run(model, tokens, seg):
+    logits, cache = prefill(model, tokens, jnp.asarray([6, 6], jnp.int32), 24)
+    seg_logits, cache = model.forward(seg, Segment(jnp.int32(6)), cache)
+
+    def step(carry, _):
+      cache, tok = carry
+      logits, cache = decode_step(model, cache, tok)
+      return (cache, jnp.argmax(logits, -1).astype(jnp.int32)), logits
+
+    tok = jnp.argmax(seg_logits[:, -1], -1).astype(jnp.int32)
+    _, steps = jax.lax.scan(step, (cache, tok), None, length=3)
+    return jnp.concatenate([logits[None], seg_logits[None, :, -1], steps])
+
   tokens = jnp.asarray([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]], jnp.int32)
-  logits, cache = nnx.jit(lambda m, t: prefill(m, t, jnp.asarray([6, 6], jnp.int32), 24))(
-      model, tokens)
-  outs = [logits]
   seg = jnp.asarray([[13, 14, 15, 16], [17, 18, 19, 20]], jnp.int32)
-  seg_logits, cache = nnx.jit(lambda m, c, t: m.forward(t, Segment(jnp.int32(6)), c))(
-      model, cache, seg)
-  outs.append(seg_logits[:, -1])
-  step = nnx.jit(decode_step)
-  tok = jnp.argmax(seg_logits[:, -1], -1).astype(jnp.int32)
-  for _ in range(3):
-    logits, cache = step(model, cache, tok)
-    outs.append(logits)
-    tok = jnp.argmax(logits, -1).astype(jnp.int32)
-  return np.stack([np.asarray(o, np.float32) for o in outs])
+  return np.asarray(run(model, tokens, seg), np.float32)
 
 
 def golden_outputs() -> dict[str, np.ndarray]:
@@ -71,7 +75,7 @@ def golden_outputs() -> dict[str, np.ndarray]:
     toks, logits = generate(model, list(map(list, PROMPTS)), 6, return_logits=True, **kw)
     out[f"{dtype}_{name}_tokens"] = np.asarray(toks)
     out[f"{dtype}_{name}_logits"] = np.asarray(logits, np.float32)
-    out[f"{dtype}_chain_logits"] = _chain(model)
+  out["bfloat16_chain_logits"] = _chain(model)
   return out
 
 
@@ -141,3 +145,18 @@ def test_decode_loop_carries_the_caches_without_copies():
   copies = [line for line in text.splitlines() if re.search(r"= \S+ copy\(", line)
             and any(s in line.split("copy(")[0] for s in shapes)]
   assert not copies, copies[:3]
+
+
+def test_compute_dtype_weights_cast_only_the_matrices():
+  """``generate`` decodes from ``with_compute_dtype_weights()``: Dense kernels and the embedding
+  in bf16, everything used in float32 untouched, the caller's model unchanged."""
+  model = golden_model("bfloat16")
+  cast = model.with_compute_dtype_weights()
+  before = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  after = dict(nnx.to_flat_state(nnx.state(cast, nnx.Param)))
+  for path, var in before:
+    new = after[path].get_value()
+    matrix = path[-1] in ("kernel", "weight")
+    assert new.dtype == (jnp.bfloat16 if matrix else jnp.float32), path
+    assert var.get_value().dtype == jnp.float32, path
+    np.testing.assert_array_equal(new, var.get_value().astype(new.dtype))
