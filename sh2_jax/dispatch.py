@@ -60,8 +60,8 @@ def fir_choice(x_shape, h_shape, dtype, hopper: bool | None = None) -> tuple[str
   """What ``conv_impl='auto'`` runs on a GPU for one layer, and why not a faster kernel.
 
   ``pallas_mgpu`` on Hopper when its kernels take the layer (H200, width 4096, B = 1, bf16,
-  L = 16K, fwd / fwd+bwd: SE 0.225 / 1.04 ms against the Triton kernels' 0.338 / 1.15, MR 0.231
-  / 1.31 against 0.350 / 2.40; benchmarks/RESULTS.md, "Mosaic GPU FIR"); else ``pallas`` (the
+  L = 16K, fwd / fwd+bwd: SE 0.250 / 0.738 ms against the Triton kernels' 0.338 / 1.149, MR
+  0.245 / 0.947 against 0.350 / 2.397; benchmarks/RESULTS.md, "Mosaic GPU FIR"); else ``pallas`` (the
   Triton kernels: pre-Hopper GPUs, float32, group sizes not a multiple of 16 such as Evo 2 1B's
   15) when a block configuration fits the chip; else ``xla``. Returns (impl, reason for ``xla``
   or None)."""
