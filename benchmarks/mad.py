@@ -157,7 +157,8 @@ def collect(workdir: str, tasks, layouts) -> dict:
             "kwargs": rec["kwargs"],
             "epochs": max((len(r["curve"]) for r in rec["runs"]), default=0),
             "runs": [{k: r.get(k) for k in ("lr", "weight_decay", "seed", "test_acc",
-                                            "test_token_acc", "done")} for r in rec["runs"]]}
+                                            "test_token_acc", "best_epoch", "test_acc_final",
+                                            "done")} for r in rec["runs"]]}
   return results
 
 

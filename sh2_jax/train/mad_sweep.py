@@ -13,8 +13,10 @@ Protocol (MAD ``train.py``, ``mad/configs.py``, ``mad/model/pl_model_wrapper.py`
 * evaluation on the test split after every epoch; a run stops when its test accuracy reaches
   0.999 (MAD's EarlyStopping ``stopping_threshold``), or, with ``patience`` > 0, after that many
   evaluations without improvement (MAD's ``early_stop``/``stop_patience``, off by default);
-* the score of a run is the test accuracy of its final model, and the score of a setting the
-  best over the grid (``mad/analysis.py``); accuracy is MAD's ``MulticlassAccuracy`` over the
+* the score of a run is the test accuracy of its checkpoint with the lowest test loss (MAD's
+  ``ModelCheckpoint(monitor="test/Perplexity_epoch", mode="min")``, which its final test loads;
+  ``test_acc``), the final model's kept beside it (``test_acc_final``), and the score of a
+  setting the best over the grid (``mad/analysis.py``); accuracy is MAD's ``MulticlassAccuracy`` over the
   scored positions, which is *macro*-averaged over classes (torchmetrics' default: per-class
   recall, averaged over the classes that occur among targets or predictions). The micro
   (per-token) accuracy is kept beside it.
@@ -232,6 +234,15 @@ class Group:
     self.evaluate = jax.jit(evaluate)
 
 
+def run_scores(curve: list[dict]) -> dict:
+  """A run's scores from its per-epoch curve: MAD's (the epoch with the lowest test loss: the
+  checkpoint its final test loads) and the final model's."""
+  best = min(curve, key=lambda c: c["test_loss"])
+  return {"test_acc": best["test_acc"], "test_token_acc": best["test_token_acc"],
+          "best_epoch": best["epoch"], "test_acc_final": curve[-1]["test_acc"],
+          "test_token_acc_final": curve[-1]["test_token_acc"]}
+
+
 def _save(path: str, state: dict) -> None:
   tmp = path + ".tmp.npz"
   np.savez(tmp, **state)
@@ -357,7 +368,7 @@ def train_setting(cfg: MADTrainConfig, task: str, setting: str, kwargs: dict, la
             e + 1 == cfg.epochs:
           r["done"] = True
           active[i] = False
-        r["test_acc"], r["test_token_acc"] = float(acc[i]), float(token_acc[i])
+        r.update(run_scores(r["curve"]))
       leaves = jax.tree.leaves((params, adam_state))
       _save(state_path, {"epoch": np.asarray(e + 1), "n_leaves": np.asarray(len(leaves)),
                          "runs_json": np.asarray(json.dumps(recs)),
@@ -369,7 +380,7 @@ def train_setting(cfg: MADTrainConfig, task: str, setting: str, kwargs: dict, la
   if finished:
     best = max(finished, key=lambda r: r["test_acc"])
     record["best"] = {k: best[k] for k in ("lr", "weight_decay", "seed", "test_acc",
-                                           "test_token_acc")}
+                                           "test_token_acc", "best_epoch", "test_acc_final")}
   record["complete"] = all(r["done"] for r in record["runs"])
   _write_json(curves_path, record)
   return record

@@ -47,6 +47,10 @@ def test_grid_resume_and_schedule(tmp_path):
   cos = lambda e: 1e-6 + (1e-3 - 1e-6) * (1 + math.cos(math.pi * e / 3)) / 2
   np.testing.assert_allclose(lrs, [cos(0), cos(1), cos(2)], rtol=1e-6)
   assert full["best"]["test_acc"] == max(r["test_acc"] for r in full["runs"])
+  for r in full["runs"]:  # MAD's score: the epoch with the lowest test loss; the final beside it
+    low = min(r["curve"], key=lambda c: c["test_loss"])
+    assert (r["test_acc"], r["best_epoch"]) == (low["test_acc"], low["epoch"])
+    assert r["test_acc_final"] == r["curve"][-1]["test_acc"]
   # a run trained alone is the same run as its slot of the vmapped grid
   alone_cfg = mad_sweep.MADTrainConfig(**{**CFG.__dict__, "weight_decays": (0.1,),
                                           "seeds": (1,)})
@@ -120,7 +124,7 @@ def test_cli_smoke_autoencoder_and_resume(tmp_path):
   assert not HAVE_MPL or (tmp_path / "mad.png").stat().st_size > 1000
   assert (tmp_path / "compression" / "baseline" / "data.npz").exists()
   again = _cli(*args)  # finished: read back, nothing retrained
-  assert again.returncode == 0 and "epoch" not in again.stdout
+  assert again.returncode == 0 and " epoch 1/" not in again.stdout
 
 
 @pytest.mark.parametrize("flag,msg", [("--layouts=MHA,XX", "layout 'XX' is not one of"),
@@ -137,3 +141,12 @@ def test_cli_bad_flags(tmp_path, flag, msg):
   assert proc.returncode == 2
   assert proc.stderr.strip().startswith("error: ") and msg in proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "w").exists()
+
+
+def test_run_scores_take_the_lowest_test_loss():
+  curve = [{"epoch": 1, "test_loss": 2.0, "test_acc": 0.5, "test_token_acc": 0.6},
+           {"epoch": 2, "test_loss": 1.0, "test_acc": 0.7, "test_token_acc": 0.8},
+           {"epoch": 3, "test_loss": 1.5, "test_acc": 0.9, "test_token_acc": 0.95}]
+  got = mad_sweep.run_scores(curve)
+  assert got == {"test_acc": 0.7, "test_token_acc": 0.8, "best_epoch": 2, "test_acc_final": 0.9,
+                 "test_token_acc_final": 0.95}
