@@ -30,7 +30,11 @@ MAD's auto-encoder (``MADAutoEncoder``).
 Deviations: our blocks' RMSNorm pre-norm with two residuals, tied input/output embedding
 (``StripedHyena``; MAD's unembedding is a separate biased linear layer), the gated MLP's gate is
 GELU (SwiGLU: SiLU), Hyena operators are ours (SE/MR/LI), and bf16 compute with float32 master
-weights (MAD: ``bf16`` Lightning precision).
+weights (MAD: ``bf16`` Lightning precision); our parameter initialisation, no biases on the
+attention projections (MAD's have them), the compression encoder pooled after the final norm
+(MAD's before it), and instances drawn from MAD's generators' distributions rather than its
+published data files. Where MAD's paper table and its code differ (Adam b2 0.98 vs 0.999,
+SwiGLU width 512 vs 352), the code's values are used.
 
 Resuming: after every evaluation each group of runs saves its state (``state_g{i}.npz``:
 parameters, Adam moments, epoch, stop flags) and all curves go to ``curves.json``; running the
