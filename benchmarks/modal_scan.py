@@ -272,16 +272,18 @@ VARIANTS = [  # the default first, the likeliest next; each differs from it in o
     FB(chunk=16),                                  # 3: twice the loads in flight
     FB(fuse_adjoint=False),                        # 4: the backward's third pass
     FB(horner=False),                              # 5: adjoint start states token by token
-    FB(segment=1024),                              # 6
-    FB(prefetch=False),                            # 7: does the prefetch matter?
-    FB(tile=64, num_warps=2),                      # 8
-    FB(chunk=4),                                   # 9
-    FB(tile=256, segment=256, bwd_tile=128),       # 10
-    FB(tile=128, num_warps=2, bwd_warps=4),        # 11: 2 channels per lane forward
-    FB(tile=256, num_warps=8),                     # 12
-    FB(segment=2048),                              # 13
-    FB(tile=64, num_warps=2, segment=256),         # 14
-    FB(tile=512, bwd_tile=128),                    # 15: 4 channels per lane forward
+    FB(segment=688),                               # 6: 24 segments, 768 programs at 16K
+    FB(segment=824),                               # 7: 20 segments, 640 programs (~one wave)
+    FB(prefetch=False),                            # 8: does the prefetch matter?
+    FB(tile=64, num_warps=2),                      # 9
+    FB(chunk=4),                                   # 10
+    FB(segment=1024),                              # 11
+    FB(tile=256, segment=256, bwd_tile=128),       # 12
+    FB(tile=128, num_warps=2, bwd_warps=4),        # 13: 2 channels per lane forward
+    FB(tile=256, num_warps=8),                     # 14
+    FB(segment=2048),                              # 15
+    FB(tile=64, num_warps=2, segment=256),         # 16
+    FB(tile=512, bwd_tile=128),                    # 17: 4 channels per lane forward
 ]
 
 
