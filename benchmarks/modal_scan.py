@@ -415,6 +415,14 @@ def variants(budget_s: float, lengths, bandwidth, picks=None):
     fbf = 11 * r["length"] * D * 2 / bandwidth * 1e3
     print(f"| {r['length']} | {r['variant']} | {r['err']:.1e} | {r['fwd_ms']:.3f} | "
           f"{ff / r['fwd_ms']:.0%} | {r['fwd_bwd_ms']:.3f} | {fbf / r['fwd_bwd_ms']:.0%} |")
+  for length in lengths:
+    sel = [r for r in rows if r["length"] == length and np.isfinite(r["fwd_bwd_ms"])]
+    if sel:
+      bf = min(sel, key=lambda r: r["fwd_ms"])
+      bfb = min(sel, key=lambda r: r["fwd_bwd_ms"])
+      print(f"L={length}: fastest fwd {bf['fwd_ms']:.3f} ms ({bf['variant']}), fastest fwd+bwd "
+            f"{bfb['fwd_bwd_ms']:.3f} ms ({bfb['variant']})"
+            + (" — targets at 16K: fwd <= 0.35, fwd+bwd <= 1.0 ms" if length == 16384 else ""))
   return dict(stages=stage_rows, rows=[{k: (dataclasses.asdict(v) if k == "bs" else v)
                                         for k, v in r.items()} for r in rows])
 
