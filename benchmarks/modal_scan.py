@@ -315,10 +315,10 @@ def stages(bs, length, bandwidth, left):
     s0 = jnp.zeros((1,) + shape[2:], jnp.float32)
     if blocks is bs:
       todo = [("ends (x1, v)", 2, lambda *a: mf.launch_ends(geo, *a, False), (lam_t, x1, v)),
-              ("ends + p (x1, v)", 2, lambda *a: mf.launch_ends(geo, *a, True), (lam_t, x1, v)),
+              ("ends + m (x1, v)", 2, lambda *a: mf.launch_ends(geo, *a, True), (lam_t, x1, v)),
               ("scan", 0, lambda *a: mfl.scan_segments(geo, *a, None, False, False),
                (lam_t, s0, ends)),
-              ("scan + p", 0, lambda *a: mfl.scan_segments(geo, *a, False, False),
+              ("scan + m", 0, lambda *a: mfl.scan_segments(geo, *a, False, False),
                (lam_t, s0, ends, ends)),
               ("fwd (x1, v, x2 -> y)", 4, functools.partial(mf.launch_fwd, geo),
                (lam_t, res_t, skip, seg, x1, v, x2))]
