@@ -6,13 +6,15 @@ With g = dy * x2 the cotangent of z, s_t = a s_{t-1} + u_t and z_t = sum_n R s_t
     recomputes s <- a s + u, z (dx2 = dy z, no saved residual) and m <- a m + s (p_t =
     a m_{t-1}, so p <- a (p + s) costs one multiply-add), summing dR += g s, ddskip += g u and
     dlambda = R a sum_t g_t m_{t-1} (+ ds_final p at t = L - 1). With ``fuse_adjoint`` it also
-    sums the segment's own adjoint start state ew = R sum_t a^(t - t0 + 1) g_t (P <- a P), so the
-    reverse pass needs no pass of its own over x2 and dy to find where each segment starts.
+    sums the segment's own adjoint start state ew = R sum_t a^(t - t0 + 1) g_t (token by token,
+    P <- a P, or with ``horner`` by chunks, a^(tau0 + 1) sum_i a^i g_i), so the reverse pass
+    needs no pass of its own over x2 and dy to learn the W entering each segment.
   * backward in time ("adjoint"): W <- a (R g + W) carries the cotangent of the state;
     du = sum_n (R g + W) + dskip g gives dx1 = du v, dv = du x1; W at the sequence start is ds0.
 
 Segments are joined by ``modal_fast_layout.scan_adjoint`` (W entering each segment's end).
-Every exponent is >= 0; tokens past L (the padded tail) leave every state unchanged.
+Every exponent is >= 0; tokens past L (the padded tail) add nothing (u = g = 0) and leave the
+adjoint unchanged.
 """
 
 from __future__ import annotations
