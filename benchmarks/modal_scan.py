@@ -14,8 +14,10 @@ x1, v, x2, log_poles, residues, dskip) medians; bytes moved against the measured
 ``li_impl = modal_fast``) per block-size variant: each is first checked against the FFT path
 (forward and all six gradients; the max relative error is printed), then its forward and
 forward+backward are timed at 16K, width 4096, B = 1, bf16, against the floor of 4 (forward) and
-4 + 7 (forward+backward) [L, D] arrays at the copy rate measured in the same run. A variant that
-fails to compile prints its error line and the run goes on; ``--budget`` bounds the wall clock.
+4 + 7 (forward+backward) [L, D] arrays at the copy rate measured in the same run; right after
+the first variant each of its launches is timed alone. A variant that fails to compile prints
+its error line and the run goes on; ``--budget`` bounds the wall clock (compiles dominate it:
+``--variants 1,4`` picks which to run, the first of them getting the per-launch times).
 
 Both Pallas forms are measured: the chunked kernels (``modal_scan``, the li_impl default) and the
 token-serial kernels (``modal_serial``, ``sh2_jax/kernels/modal_scan_serial.py``).
@@ -267,22 +269,22 @@ def table(lengths, bs_fwd, bs_bwd, bs_serial, bandwidth):
 FB = mf.FastBlocks
 VARIANTS = [  # the default first, the likeliest next; each differs from it in one or two knobs
     FB(),                                          # 0: t128 c8 seg512 w4, fused backward (horner)
-    FB(segment=256),                               # 1: 2x the programs (less wave tail)
-    FB(tile=256, bwd_tile=128),                    # 2: 2 channels per lane forward
-    FB(chunk=16),                                  # 3: twice the loads in flight
-    FB(fuse_adjoint=False),                        # 4: the backward's third pass
-    FB(horner=False),                              # 5: adjoint start states token by token
-    FB(segment=688),                               # 6: 24 segments, 768 programs at 16K
-    FB(segment=824),                               # 7: 20 segments, 640 programs (~one wave)
-    FB(prefetch=False),                            # 8: does the prefetch matter?
-    FB(tile=64, num_warps=2),                      # 9
-    FB(chunk=4),                                   # 10
-    FB(segment=1024),                              # 11
-    FB(tile=256, segment=256, bwd_tile=128),       # 12
-    FB(tile=128, num_warps=2, bwd_warps=4),        # 13: 2 channels per lane forward
-    FB(tile=256, num_warps=8),                     # 14
-    FB(segment=2048),                              # 15
-    FB(tile=64, num_warps=2, segment=256),         # 16
+    FB(fuse_adjoint=False),                        # 1: the backward's third pass, 48 fewer regs
+    FB(segment=256),                               # 2: 2x the programs (less wave tail)
+    FB(horner=False),                              # 3: adjoint start states token by token
+    FB(chunk=4),                                   # 4: half the prefetch registers
+    FB(tile=256, bwd_tile=128),                    # 5: 2 channels per lane forward
+    FB(chunk=16),                                  # 6: twice the loads in flight
+    FB(segment=688),                               # 7: 24 segments, 768 programs at 16K
+    FB(segment=824),                               # 8: 20 segments, 640 programs (~one wave)
+    FB(prefetch=False),                            # 9: does the prefetch matter?
+    FB(tile=64, num_warps=2),                      # 10
+    FB(fuse_adjoint=False, chunk=4),               # 11
+    FB(segment=1024),                              # 12
+    FB(tile=256, segment=256, bwd_tile=128),       # 13
+    FB(tile=128, num_warps=2, bwd_warps=4),        # 14: 2 channels per lane forward
+    FB(tile=256, num_warps=8),                     # 15
+    FB(segment=2048),                              # 16
     FB(tile=512, bwd_tile=128),                    # 17: 4 channels per lane forward
 ]
 
@@ -298,7 +300,7 @@ def max_rel(out, ref):
 
 
 CHECK_SHAPE = dict(length=3001, width=200, batch=2)   # odd: no multiple of any block size
-VARIANT_S = 12.0  # about what one variant costs (compiles, check, timing): the budget's margin
+VARIANT_S = 25.0  # about what one variant costs (compiles, check, timing): the budget's margin
 
 
 def stages(bs, length, bandwidth, left):
@@ -349,25 +351,27 @@ def stages(bs, length, bandwidth, left):
   return rows
 
 
+def check_f32(bs):
+  """Exactness in float32 on an odd shape (L, D not multiples of the blocks, B = 2)."""
+  shape = CHECK_SHAPE
+  args = inputs(shape["length"], key=3, dtype=jnp.float32, batch=shape["batch"],
+                width=shape["width"])
+  try:
+    ref = fwd_bwd_fn(impls()["fft"])(*args)
+    out = fwd_bwd_fn(functools.partial(fast_core, block_sizes=bs, poison=True))(*args)
+    print(f"check f32 B={shape['batch']} L={shape['length']} D={shape['width']} {bs.label()}: "
+          f"max rel err {max_rel(out, ref):.1e}", flush=True)
+  except Exception as err:  # noqa: BLE001
+    print(f"check f32 {bs.label()} failed: {short_error(err, 400)}", flush=True)
+
+
 def variants(budget_s: float, lengths, bandwidth, picks=None):
-  """Check and time every variant (or those at the indices ``picks``) at lengths[0] within the
-  budget, each launch of the fastest alone, then the two fastest (forward+backward) at the
-  other lengths."""
+  """Within the budget, in this order (compiles dominate: ~20-30 s per variant on an H200):
+  the first variant (or picks[0]) checked against the FFT path and timed at lengths[0]; each of
+  its launches alone (which pass limits it); the other variants (or those at the indices
+  ``picks``); the two fastest (forward+backward) at the other lengths; the float32 check."""
   t_start = time.perf_counter()
   left = lambda: budget_s - (time.perf_counter() - t_start)
-  # exactness in float32 on an odd shape (L, D not multiples of the blocks, B = 2), default
-  # blocks; every variant is then checked in bf16 at the timing shape
-  shape = CHECK_SHAPE
-  for bs in VARIANTS[:1]:
-    args = inputs(shape["length"], key=3, dtype=jnp.float32, batch=shape["batch"],
-                  width=shape["width"])
-    try:
-      ref = fwd_bwd_fn(impls()["fft"])(*args)
-      out = fwd_bwd_fn(functools.partial(fast_core, block_sizes=bs, poison=True))(*args)
-      print(f"check f32 B={shape['batch']} L={shape['length']} D={shape['width']} {bs.label()}: "
-            f"max rel err {max_rel(out, ref):.1e}", flush=True)
-    except Exception as err:  # noqa: BLE001
-      print(f"check f32 {bs.label()} failed: {short_error(err, 400)}", flush=True)
   rows = []
   refs = {}
   stage_rows = []
@@ -375,19 +379,17 @@ def variants(budget_s: float, lengths, bandwidth, picks=None):
     if length != lengths[0]:
       ok = sorted((r for r in rows if np.isfinite(r["fwd_bwd_ms"])),
                   key=lambda r: r["fwd_bwd_ms"])
-      if ok and not stage_rows:
-        print(f"launches of the fastest at L={lengths[0]}, {ok[0]['variant']}:", flush=True)
-        stage_rows = stages(ok[0]["bs"], lengths[0], bandwidth, left)
       todo = [r["bs"] for r in ok[:2]]
     else:
       todo = VARIANTS if picks is None else [VARIANTS[i] for i in picks]
     args = inputs(length)
     floor_f = 4 * length * D * 2 / bandwidth
     floor_fb = 11 * length * D * 2 / bandwidth
-    for bs in todo:
+    for i, bs in enumerate(todo):
       if left() < VARIANT_S:
         print(f"L={length} {bs.label()}: skipped (budget spent)", flush=True)
         continue
+      t_var = time.perf_counter()
       f = functools.partial(fast_core, block_sizes=bs)
       row = dict(length=length, variant=bs.label(), bs=bs, err=float("nan"),
                  fwd_ms=float("nan"), fwd_bwd_ms=float("nan"))
@@ -403,8 +405,13 @@ def variants(budget_s: float, lengths, bandwidth, picks=None):
       rows.append(row)
       print(f"L={length} {bs.label()}: err {row['err']:.1e}  fwd {row['fwd_ms']:.3f} ms "
             f"({floor_f * 1e3 / row['fwd_ms']:.0%} of floor)  fwd+bwd {row['fwd_bwd_ms']:.3f} ms "
-            f"({floor_fb * 1e3 / row['fwd_bwd_ms']:.0%} of floor)  [{left():.0f} s left]",
-            flush=True)
+            f"({floor_fb * 1e3 / row['fwd_bwd_ms']:.0%} of floor)  "
+            f"[{time.perf_counter() - t_var:.0f} s; {left():.0f} s left]", flush=True)
+      if length == lengths[0] and i == 0 and np.isfinite(row["fwd_bwd_ms"]):
+        print(f"launches of {bs.label()} at L={length} alone:", flush=True)
+        stage_rows = stages(bs, length, bandwidth, left)
+  if left() > VARIANT_S:
+    check_f32(VARIANTS[0] if picks is None else VARIANTS[picks[0]])
   print(f"\ncopy rate {bandwidth / 1e12:.2f} TB/s; floor = 4 (fwd) / 11 (fwd+bwd) [L, D] bf16 "
         "arrays at that rate\n")
   print("| L | variant (tile/chunk/segment/warps) | max rel err | fwd ms | fwd % floor | "
