@@ -270,21 +270,21 @@ FB = mf.FastBlocks
 VARIANTS = [  # the default first, the likeliest next; each differs from it in one or two knobs
     FB(),                                          # 0: t128 c8 seg512 w4, fused backward (horner)
     FB(fuse_adjoint=False),                        # 1: the backward's third pass, 48 fewer regs
-    FB(segment=256),                               # 2: 2x the programs (less wave tail)
-    FB(horner=False),                              # 3: adjoint start states token by token
-    FB(chunk=4),                                   # 4: half the prefetch registers
-    FB(tile=256, bwd_tile=128),                    # 5: 2 channels per lane forward
-    FB(chunk=16),                                  # 6: twice the loads in flight
-    FB(segment=688),                               # 7: 24 segments, 768 programs at 16K
-    FB(segment=824),                               # 8: 20 segments, 640 programs (~one wave)
-    FB(prefetch=False),                            # 9: does the prefetch matter?
-    FB(tile=64, num_warps=2),                      # 10
-    FB(fuse_adjoint=False, chunk=4),               # 11
-    FB(segment=1024),                              # 12
-    FB(tile=256, segment=256, bwd_tile=128),       # 13
-    FB(tile=128, num_warps=2, bwd_warps=4),        # 14: 2 channels per lane forward
-    FB(tile=256, num_warps=8),                     # 15
-    FB(segment=2048),                              # 16
+    FB(chunk=16),                                  # 2: twice the loads in flight
+    FB(fuse_adjoint=False, chunk=16),              # 3
+    FB(segment=256),                               # 4: 2x the programs (less wave tail)
+    FB(horner=False),                              # 5: adjoint start states token by token
+    FB(chunk=4),                                   # 6: half the prefetch registers
+    FB(tile=256, bwd_tile=128),                    # 7: 2 channels per lane forward
+    FB(segment=688),                               # 8: 24 segments, 768 programs at 16K
+    FB(segment=824),                               # 9: 20 segments, 640 programs (~one wave)
+    FB(prefetch=False),                            # 10: does the prefetch matter?
+    FB(tile=128, bwd_tile=64, bwd_warps=2),        # 11: more backward programs per SM
+    FB(tile=64, num_warps=2),                      # 12
+    FB(segment=1024),                              # 13
+    FB(tile=256, segment=256, bwd_tile=128),       # 14
+    FB(tile=128, num_warps=2, bwd_warps=4),        # 15: 2 channels per lane forward
+    FB(tile=256, num_warps=8),                     # 16
     FB(tile=512, bwd_tile=128),                    # 17: 4 channels per lane forward
 ]
 
@@ -308,14 +308,15 @@ def stages(bs, length, bandwidth, left):
   the launch's own floor (the [L, D] bf16 arrays it moves, at the copy rate)."""
   x1, v, x2, lam, res, dsk, dy = inputs(length)
   rows = []
-  for blocks in (bs, bs.backward()):
-    geo = mfl.make_geometry(x1.shape, lam.shape, blocks)
+  for backward, geo in enumerate((mfl.make_geometry(x1.shape, lam.shape, bs),
+                                  mfl.backward_geometry(x1.shape, lam.shape, bs))):
+    blocks = geo.bs
     lam_t, res_t, skip = mfl.pad_params(geo, lam, res, dsk)
     shape = (1, geo.num_segments, N, geo.padded_channels)
     seg = jnp.zeros(shape, jnp.float32)
     ends = jnp.zeros((1, geo.num_segments - 1) + shape[2:], jnp.float32)
     s0 = jnp.zeros((1,) + shape[2:], jnp.float32)
-    if blocks is bs:
+    if not backward:
       todo = [("ends (x1, v)", 2, lambda *a: mf.launch_ends(geo, *a, False), (lam_t, x1, v)),
               ("ends + m (x1, v)", 2, lambda *a: mf.launch_ends(geo, *a, True), (lam_t, x1, v)),
               ("scan", 0, lambda *a: mfl.scan_segments(geo, *a, None, False, False),

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from sh2_jax.kernels._pallas import call_pallas
-from sh2_jax.kernels.modal_fast_layout import (F32, FastBlocks, Geometry, decays, ids, keep,
-                                               load_rows, make_geometry, pad_params, pad_state,
+from sh2_jax.kernels.modal_fast_layout import (F32, FastBlocks, Geometry, backward_geometry,
+                                               decays, ids, keep, load_rows, pad_params, pad_state,
                                                scan_adjoint, store_rows, token_rows,
                                                unpad_state, walk)
 from sh2_jax.kernels.modal_geometry import pad_inputs
@@ -202,8 +202,9 @@ def _match_channels(geo: Geometry, rows):
 def bwd(x1, v, x2, log_poles, residues, dskip, seg_states, dy, ds_out, bs: FastBlocks,
         interpret: bool = False, poison: bool = False):
   """(dx1, dv, dx2, dlog_poles [D, N], dresidues [D, N], ddskip [D], dstate [B, D, N]) from the
-  forward's segment states (s_in, m_in) [B, S, N, Dp]; runs on ``bs.backward()``."""
-  geo = make_geometry(x1.shape, log_poles.shape, bs.backward())
+  forward's segment states (s_in, m_in) [B, S, N, Dp]; runs on ``bs.backward()``'s tile and
+  warps over the forward's segments."""
+  geo = backward_geometry(x1.shape, log_poles.shape, bs)
   lam, res, skip = pad_params(geo, log_poles, residues, dskip)
   x1p, vp, x2p, dyp = pad_inputs(geo, x1, v, x2, dy)
   dsT = pad_state(geo, ds_out)

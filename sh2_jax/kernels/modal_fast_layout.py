@@ -120,6 +120,14 @@ def make_geometry(x_shape, poles_shape, bs: FastBlocks) -> Geometry:
                   -(-channels // tile) * tile, seg_chunks)
 
 
+def backward_geometry(x_shape, poles_shape, bs: FastBlocks) -> Geometry:
+  """The backward's geometry: ``bs.backward()``'s tile and warps on the forward's segments (the
+  segment states it reads are the forward's; ``min_programs`` may have shortened them)."""
+  fwd = make_geometry(x_shape, poles_shape, bs)
+  return make_geometry(x_shape, poles_shape, dataclasses.replace(
+      bs.backward(), segment=fwd.segment_length, min_programs=0))
+
+
 def pad_params(geo: Geometry, log_poles, residues, dskip):
   """lambda, R as [N, Dp] float32 rows (padded channels: lambda = -1, R = 0, inert); dskip
   [Dp] float32 (zeros when None)."""
