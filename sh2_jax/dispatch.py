@@ -9,9 +9,9 @@ defined in ``config.py``); the modules ask it for callables (``fir_fn``, ``modal
 (Pallas Triton lowering), ``pallas_mgpu`` the same algorithm as Mosaic GPU (Hopper) kernels,
 ``kernels/fir_conv_mgpu.py`` (bf16, a multiple of 16 channels per group, K <= 129; not yet
 timed on a GPU, so ``auto`` does not pick it); ``auto`` is ``pallas`` on GPU and
-XLA elsewhere. ``li_impl`` (LI): ``fft`` (the reference), ``modal_scan``, ``modal_serial``
-and ``modal_fast`` (FFT-free Pallas recurrences), ``auto`` (``modal_scan`` on GPU, ``fft``
-elsewhere). ``attention_impl``: ``xla`` | ``cudnn`` | ``auto``. The compute dtype
+XLA elsewhere. ``li_impl`` (LI): ``fft`` (the reference),
+``modal_scan``, ``modal_serial`` and ``modal_fast`` (FFT-free Pallas recurrences), ``auto`` (``modal_scan`` on
+GPU, ``fft`` elsewhere). ``attention_impl``: ``xla`` | ``cudnn`` | ``auto``. The compute dtype
 float16 needs a GPU (``check_compute_dtype``). ``sh2_jax.checks.backend`` asks all of these
 up front, before a model is built.
 """
