@@ -366,7 +366,7 @@ def check_f32(bs):
     print(f"check f32 {bs.label()} failed: {short_error(err, 400)}", flush=True)
 
 
-def variants(budget_s: float, lengths, bandwidth, picks=None):
+def variants(budget_s: float, lengths, bandwidth, picks=None, with_stages: bool = True):
   """Within the budget, in this order (compiles dominate: ~20-30 s per variant on an H200):
   the first variant (or picks[0]) checked against the FFT path and timed at lengths[0]; each of
   its launches alone (which pass limits it); the other variants (or those at the indices
@@ -408,7 +408,7 @@ def variants(budget_s: float, lengths, bandwidth, picks=None):
             f"({floor_f * 1e3 / row['fwd_ms']:.0%} of floor)  fwd+bwd {row['fwd_bwd_ms']:.3f} ms "
             f"({floor_fb * 1e3 / row['fwd_bwd_ms']:.0%} of floor)  "
             f"[{time.perf_counter() - t_var:.0f} s; {left():.0f} s left]", flush=True)
-      if length == lengths[0] and i == 0 and np.isfinite(row["fwd_bwd_ms"]):
+      if with_stages and length == lengths[0] and i == 0 and np.isfinite(row["fwd_bwd_ms"]):
         print(f"launches of {bs.label()} at L={length} alone:", flush=True)
         stage_rows = stages(bs, length, bandwidth, left)
   if left() > VARIANT_S:
@@ -444,6 +444,8 @@ def main():
   ap.add_argument("--budget", type=float, default=150.0, help="sweep wall-clock budget (s)")
   ap.add_argument("--variants", default="",
                   help="--mode variants: indices into VARIANTS to run (default: all, in order)")
+  ap.add_argument("--no_stages", action="store_true",
+                  help="--mode variants: skip the per-launch times of the first variant")
   ap.add_argument("--sweep_forms", default="chunked,serial",
                   help="which kernel forms to sweep (the others keep their default block sizes)")
   ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -457,7 +459,8 @@ def main():
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     lengths = [int(x) for x in args.lengths.split(",")]
     picks = [int(x) for x in args.variants.split(",")] if args.variants else None
-    result.update(copy_bandwidth=bw, variants=variants(args.budget, lengths, bw, picks))
+    result.update(copy_bandwidth=bw,
+                  variants=variants(args.budget, lengths, bw, picks, not args.no_stages))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "modal_scan_variants.json"), "w") as fh:
       json.dump(result, fh, indent=1, default=str)
