@@ -14,8 +14,10 @@ x1, v, x2, log_poles, residues, dskip) medians; bytes moved against the measured
 ``li_impl = modal_fast``) per block-size variant: each is first checked against the FFT path
 (forward and all six gradients; the max relative error is printed), then its forward and
 forward+backward are timed at 16K, width 4096, B = 1, bf16, against the floor of 4 (forward) and
-4 + 7 (forward+backward) [L, D] arrays at the copy rate measured in the same run. A variant that
-fails to compile prints its error line and the run goes on; ``--budget`` bounds the wall clock.
+4 + 7 (forward+backward) [L, D] arrays at the copy rate measured in the same run; right after
+the first variant each of its launches is timed alone. A variant that fails to compile prints
+its error line and the run goes on; ``--budget`` bounds the wall clock (compiles dominate it:
+``--variants 1,4`` picks which to run, the first of them getting the per-launch times).
 
 Both Pallas forms are measured: the chunked kernels (``modal_scan``, the li_impl default) and the
 token-serial kernels (``modal_serial``, ``sh2_jax/kernels/modal_scan_serial.py``).
@@ -267,21 +269,23 @@ def table(lengths, bs_fwd, bs_bwd, bs_serial, bandwidth):
 FB = mf.FastBlocks
 VARIANTS = [  # the default first, the likeliest next; each differs from it in one or two knobs
     FB(),                                          # 0: t128 c8 seg512 w4, fused backward (horner)
-    FB(segment=256),                               # 1: 2x the programs (less wave tail)
-    FB(tile=256, bwd_tile=128),                    # 2: 2 channels per lane forward
-    FB(chunk=16),                                  # 3: twice the loads in flight
-    FB(fuse_adjoint=False),                        # 4: the backward's third pass
+    FB(fuse_adjoint=False),                        # 1: the backward's third pass, 48 fewer regs
+    FB(chunk=16),                                  # 2: twice the loads in flight
+    FB(fuse_adjoint=False, chunk=16),              # 3
+    FB(segment=256),                               # 4: 2x the programs (less wave tail)
     FB(horner=False),                              # 5: adjoint start states token by token
-    FB(segment=1024),                              # 6
-    FB(prefetch=False),                            # 7: does the prefetch matter?
-    FB(tile=64, num_warps=2),                      # 8
-    FB(chunk=4),                                   # 9
-    FB(tile=256, segment=256, bwd_tile=128),       # 10
-    FB(tile=128, num_warps=2, bwd_warps=4),        # 11: 2 channels per lane forward
-    FB(tile=256, num_warps=8),                     # 12
-    FB(segment=2048),                              # 13
-    FB(tile=64, num_warps=2, segment=256),         # 14
-    FB(tile=512, bwd_tile=128),                    # 15: 4 channels per lane forward
+    FB(chunk=4),                                   # 6: half the prefetch registers
+    FB(tile=256, bwd_tile=128),                    # 7: 2 channels per lane forward
+    FB(segment=688),                               # 8: 24 segments, 768 programs at 16K
+    FB(segment=824),                               # 9: 20 segments, 640 programs (~one wave)
+    FB(prefetch=False),                            # 10: does the prefetch matter?
+    FB(tile=128, bwd_tile=64, bwd_warps=2),        # 11: more backward programs per SM
+    FB(tile=64, num_warps=2),                      # 12
+    FB(segment=1024),                              # 13
+    FB(tile=256, segment=256, bwd_tile=128),       # 14
+    FB(tile=128, num_warps=2, bwd_warps=4),        # 15: 2 channels per lane forward
+    FB(tile=256, num_warps=8),                     # 16
+    FB(tile=512, bwd_tile=128),                    # 17: 4 channels per lane forward
 ]
 
 
@@ -296,7 +300,7 @@ def max_rel(out, ref):
 
 
 CHECK_SHAPE = dict(length=3001, width=200, batch=2)   # odd: no multiple of any block size
-VARIANT_S = 12.0  # about what one variant costs (compiles, check, timing): the budget's margin
+VARIANT_S = 25.0  # about what one variant costs (compiles, check, timing): the budget's margin
 
 
 def stages(bs, length, bandwidth, left):
@@ -304,19 +308,20 @@ def stages(bs, length, bandwidth, left):
   the launch's own floor (the [L, D] bf16 arrays it moves, at the copy rate)."""
   x1, v, x2, lam, res, dsk, dy = inputs(length)
   rows = []
-  for blocks in (bs, bs.backward()):
-    geo = mfl.make_geometry(x1.shape, lam.shape, blocks)
+  for backward, geo in enumerate((mfl.make_geometry(x1.shape, lam.shape, bs),
+                                  mfl.backward_geometry(x1.shape, lam.shape, bs))):
+    blocks = geo.bs
     lam_t, res_t, skip = mfl.pad_params(geo, lam, res, dsk)
     shape = (1, geo.num_segments, N, geo.padded_channels)
     seg = jnp.zeros(shape, jnp.float32)
     ends = jnp.zeros((1, geo.num_segments - 1) + shape[2:], jnp.float32)
     s0 = jnp.zeros((1,) + shape[2:], jnp.float32)
-    if blocks is bs:
+    if not backward:
       todo = [("ends (x1, v)", 2, lambda *a: mf.launch_ends(geo, *a, False), (lam_t, x1, v)),
-              ("ends + p (x1, v)", 2, lambda *a: mf.launch_ends(geo, *a, True), (lam_t, x1, v)),
+              ("ends + m (x1, v)", 2, lambda *a: mf.launch_ends(geo, *a, True), (lam_t, x1, v)),
               ("scan", 0, lambda *a: mfl.scan_segments(geo, *a, None, False, False),
                (lam_t, s0, ends)),
-              ("scan + p", 0, lambda *a: mfl.scan_segments(geo, *a, False, False),
+              ("scan + m", 0, lambda *a: mfl.scan_segments(geo, *a, False, False),
                (lam_t, s0, ends, ends)),
               ("fwd (x1, v, x2 -> y)", 4, functools.partial(mf.launch_fwd, geo),
                (lam_t, res_t, skip, seg, x1, v, x2))]
@@ -347,25 +352,27 @@ def stages(bs, length, bandwidth, left):
   return rows
 
 
-def variants(budget_s: float, lengths, bandwidth, picks=None):
-  """Check and time every variant (or those at the indices ``picks``) at lengths[0] within the
-  budget, each launch of the fastest alone, then the two fastest (forward+backward) at the
-  other lengths."""
+def check_f32(bs):
+  """Exactness in float32 on an odd shape (L, D not multiples of the blocks, B = 2)."""
+  shape = CHECK_SHAPE
+  args = inputs(shape["length"], key=3, dtype=jnp.float32, batch=shape["batch"],
+                width=shape["width"])
+  try:
+    ref = fwd_bwd_fn(impls()["fft"])(*args)
+    out = fwd_bwd_fn(functools.partial(fast_core, block_sizes=bs, poison=True))(*args)
+    print(f"check f32 B={shape['batch']} L={shape['length']} D={shape['width']} {bs.label()}: "
+          f"max rel err {max_rel(out, ref):.1e}", flush=True)
+  except Exception as err:  # noqa: BLE001
+    print(f"check f32 {bs.label()} failed: {short_error(err, 400)}", flush=True)
+
+
+def variants(budget_s: float, lengths, bandwidth, picks=None, with_stages: bool = True):
+  """Within the budget, in this order (compiles dominate: ~20-30 s per variant on an H200):
+  the first variant (or picks[0]) checked against the FFT path and timed at lengths[0]; each of
+  its launches alone (which pass limits it); the other variants (or those at the indices
+  ``picks``); the two fastest (forward+backward) at the other lengths; the float32 check."""
   t_start = time.perf_counter()
   left = lambda: budget_s - (time.perf_counter() - t_start)
-  # exactness in float32 on an odd shape (L, D not multiples of the blocks, B = 2), default
-  # blocks; every variant is then checked in bf16 at the timing shape
-  shape = CHECK_SHAPE
-  for bs in VARIANTS[:1]:
-    args = inputs(shape["length"], key=3, dtype=jnp.float32, batch=shape["batch"],
-                  width=shape["width"])
-    try:
-      ref = fwd_bwd_fn(impls()["fft"])(*args)
-      out = fwd_bwd_fn(functools.partial(fast_core, block_sizes=bs, poison=True))(*args)
-      print(f"check f32 B={shape['batch']} L={shape['length']} D={shape['width']} {bs.label()}: "
-            f"max rel err {max_rel(out, ref):.1e}", flush=True)
-    except Exception as err:  # noqa: BLE001
-      print(f"check f32 {bs.label()} failed: {short_error(err, 400)}", flush=True)
   rows = []
   refs = {}
   stage_rows = []
@@ -373,19 +380,17 @@ def variants(budget_s: float, lengths, bandwidth, picks=None):
     if length != lengths[0]:
       ok = sorted((r for r in rows if np.isfinite(r["fwd_bwd_ms"])),
                   key=lambda r: r["fwd_bwd_ms"])
-      if ok and not stage_rows:
-        print(f"launches of the fastest at L={lengths[0]}, {ok[0]['variant']}:", flush=True)
-        stage_rows = stages(ok[0]["bs"], lengths[0], bandwidth, left)
       todo = [r["bs"] for r in ok[:2]]
     else:
       todo = VARIANTS if picks is None else [VARIANTS[i] for i in picks]
     args = inputs(length)
     floor_f = 4 * length * D * 2 / bandwidth
     floor_fb = 11 * length * D * 2 / bandwidth
-    for bs in todo:
+    for i, bs in enumerate(todo):
       if left() < VARIANT_S:
         print(f"L={length} {bs.label()}: skipped (budget spent)", flush=True)
         continue
+      t_var = time.perf_counter()
       f = functools.partial(fast_core, block_sizes=bs)
       row = dict(length=length, variant=bs.label(), bs=bs, err=float("nan"),
                  fwd_ms=float("nan"), fwd_bwd_ms=float("nan"))
@@ -401,8 +406,13 @@ def variants(budget_s: float, lengths, bandwidth, picks=None):
       rows.append(row)
       print(f"L={length} {bs.label()}: err {row['err']:.1e}  fwd {row['fwd_ms']:.3f} ms "
             f"({floor_f * 1e3 / row['fwd_ms']:.0%} of floor)  fwd+bwd {row['fwd_bwd_ms']:.3f} ms "
-            f"({floor_fb * 1e3 / row['fwd_bwd_ms']:.0%} of floor)  [{left():.0f} s left]",
-            flush=True)
+            f"({floor_fb * 1e3 / row['fwd_bwd_ms']:.0%} of floor)  "
+            f"[{time.perf_counter() - t_var:.0f} s; {left():.0f} s left]", flush=True)
+      if with_stages and length == lengths[0] and i == 0 and np.isfinite(row["fwd_bwd_ms"]):
+        print(f"launches of {bs.label()} at L={length} alone:", flush=True)
+        stage_rows = stages(bs, length, bandwidth, left)
+  if left() > VARIANT_S:
+    check_f32(VARIANTS[0] if picks is None else VARIANTS[picks[0]])
   print(f"\ncopy rate {bandwidth / 1e12:.2f} TB/s; floor = 4 (fwd) / 11 (fwd+bwd) [L, D] bf16 "
         "arrays at that rate\n")
   print("| L | variant (tile/chunk/segment/warps) | max rel err | fwd ms | fwd % floor | "
@@ -413,6 +423,14 @@ def variants(budget_s: float, lengths, bandwidth, picks=None):
     fbf = 11 * r["length"] * D * 2 / bandwidth * 1e3
     print(f"| {r['length']} | {r['variant']} | {r['err']:.1e} | {r['fwd_ms']:.3f} | "
           f"{ff / r['fwd_ms']:.0%} | {r['fwd_bwd_ms']:.3f} | {fbf / r['fwd_bwd_ms']:.0%} |")
+  for length in lengths:
+    sel = [r for r in rows if r["length"] == length and np.isfinite(r["fwd_bwd_ms"])]
+    if sel:
+      bf = min(sel, key=lambda r: r["fwd_ms"])
+      bfb = min(sel, key=lambda r: r["fwd_bwd_ms"])
+      print(f"L={length}: fastest fwd {bf['fwd_ms']:.3f} ms ({bf['variant']}), fastest fwd+bwd "
+            f"{bfb['fwd_bwd_ms']:.3f} ms ({bfb['variant']})"
+            + (" — targets at 16K: fwd <= 0.35, fwd+bwd <= 1.0 ms" if length == 16384 else ""))
   return dict(stages=stage_rows, rows=[{k: (dataclasses.asdict(v) if k == "bs" else v)
                                         for k, v in r.items()} for r in rows])
 
@@ -426,6 +444,8 @@ def main():
   ap.add_argument("--budget", type=float, default=150.0, help="sweep wall-clock budget (s)")
   ap.add_argument("--variants", default="",
                   help="--mode variants: indices into VARIANTS to run (default: all, in order)")
+  ap.add_argument("--no_stages", action="store_true",
+                  help="--mode variants: skip the per-launch times of the first variant")
   ap.add_argument("--sweep_forms", default="chunked,serial",
                   help="which kernel forms to sweep (the others keep their default block sizes)")
   ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -439,7 +459,8 @@ def main():
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     lengths = [int(x) for x in args.lengths.split(",")]
     picks = [int(x) for x in args.variants.split(",")] if args.variants else None
-    result.update(copy_bandwidth=bw, variants=variants(args.budget, lengths, bw, picks))
+    result.update(copy_bandwidth=bw,
+                  variants=variants(args.budget, lengths, bw, picks, not args.no_stages))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "modal_scan_variants.json"), "w") as fh:
       json.dump(result, fh, indent=1, default=str)

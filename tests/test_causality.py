@@ -90,7 +90,7 @@ def test_fir_causal(impl, taps, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("impl", ["modal_scan", "modal_serial", "fft"])
+@pytest.mark.parametrize("impl", ["modal_scan", "modal_serial", "modal_fast", "fft"])
 def test_modal_causal(impl, dtype):
   if dtype != jnp.float32 and impl == "fft":
     pytest.skip("bf16 rounding of the FFT's float32 round-off can flip an ulp")

@@ -6,13 +6,15 @@ With g = dy * x2 the cotangent of z, s_t = a s_{t-1} + u_t and z_t = sum_n R s_t
     recomputes s <- a s + u, z (dx2 = dy z, no saved residual) and m <- a m + s (p_t =
     a m_{t-1}, so p <- a (p + s) costs one multiply-add), summing dR += g s, ddskip += g u and
     dlambda = R a sum_t g_t m_{t-1} (+ ds_final p at t = L - 1). With ``fuse_adjoint`` it also
-    sums the segment's own adjoint start state ew = R sum_t a^(t - t0 + 1) g_t (P <- a P), so the
-    reverse pass needs no pass of its own over x2 and dy to find where each segment starts.
+    sums the segment's own adjoint start state ew = R sum_t a^(t - t0 + 1) g_t (token by token,
+    P <- a P, or with ``horner`` by chunks, a^(tau0 + 1) sum_i a^i g_i), so the reverse pass
+    needs no pass of its own over x2 and dy to learn the W entering each segment.
   * backward in time ("adjoint"): W <- a (R g + W) carries the cotangent of the state;
     du = sum_n (R g + W) + dskip g gives dx1 = du v, dv = du x1; W at the sequence start is ds0.
 
 Segments are joined by ``modal_fast_layout.scan_adjoint`` (W entering each segment's end).
-Every exponent is >= 0; tokens past L (the padded tail) leave every state unchanged.
+Every exponent is >= 0; tokens past L (the padded tail) add nothing (u = g = 0) and leave the
+adjoint unchanged.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from sh2_jax.kernels._pallas import call_pallas
-from sh2_jax.kernels.modal_fast_layout import (F32, FastBlocks, Geometry, decays, ids, keep,
-                                               load_rows, make_geometry, pad_params, pad_state,
+from sh2_jax.kernels.modal_fast_layout import (F32, FastBlocks, Geometry, backward_geometry,
+                                               decays, ids, keep, load_rows, pad_params, pad_state,
                                                scan_adjoint, store_rows, token_rows,
                                                unpad_state, walk)
 from sh2_jax.kernels.modal_geometry import pad_inputs
@@ -200,8 +202,9 @@ def _match_channels(geo: Geometry, rows):
 def bwd(x1, v, x2, log_poles, residues, dskip, seg_states, dy, ds_out, bs: FastBlocks,
         interpret: bool = False, poison: bool = False):
   """(dx1, dv, dx2, dlog_poles [D, N], dresidues [D, N], ddskip [D], dstate [B, D, N]) from the
-  forward's segment states (s_in, m_in) [B, S, N, Dp]; runs on ``bs.backward()``."""
-  geo = make_geometry(x1.shape, log_poles.shape, bs.backward())
+  forward's segment states (s_in, m_in) [B, S, N, Dp]; runs on ``bs.backward()``'s tile and
+  warps over the forward's segments."""
+  geo = backward_geometry(x1.shape, log_poles.shape, bs)
   lam, res, skip = pad_params(geo, log_poles, residues, dskip)
   x1p, vp, x2p, dyp = pad_inputs(geo, x1, v, x2, dy)
   dsT = pad_state(geo, ds_out)

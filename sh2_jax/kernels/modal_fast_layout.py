@@ -25,19 +25,20 @@ F32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class FastBlocks:
-  """Tiling of the fast LI kernels. tile: channels per program (a power of two; one or more per
-  lane); chunk: tokens per unrolled loop body; segment: tokens per sequence segment (rounded
-  down to a multiple of chunk; segments run in parallel, joined by the segment scan); prefetch:
-  load the next chunk's inputs one loop iteration ahead of this chunk's arithmetic;
-  fuse_adjoint: the backward's forward-in-time pass also sums each segment's adjoint end state
-  (two more multiply-adds per state and token, saving a pass over x2 and dy); horner: that sum
-  by chunks, sum_i a^i g_i in Horner form (c + 1 operations per state and chunk instead of 2c,
-  N more registers for a^c); num_warps,
-  num_stages: Triton's; bwd_tile, bwd_warps: the backward kernels' tile and warps (0: the
-  forward's) — they carry up to 7N states per channel against the forward's N, so fewer
-  channels per lane keep them out of local memory; min_programs: short sequences get shorter
-  segments (halved, down to 8 chunks) until the grid has at least this many programs (0: the
-  segment as given)."""
+  """Tiling of the fast LI kernels.
+
+  tile: channels per program (a power of two; one or more per lane). chunk: tokens per unrolled
+  loop body. segment: tokens per sequence segment (rounded down to a multiple of chunk;
+  segments run in parallel, joined by the segment scans). prefetch: load the next chunk's
+  inputs one loop iteration ahead of this chunk's arithmetic. fuse_adjoint: the backward's
+  forward-in-time pass also sums each segment's own adjoint start state (no pass of its own
+  over x2 and dy). horner: that sum by chunks, sum_i a^i g_i in Horner form (c + 1 operations
+  per state and chunk instead of 2c; N more registers for a^c). bwd_tile, bwd_warps: the
+  backward kernels' tile and warps (0: the forward's) — they carry up to 7N values per channel
+  against the forward's N, so fewer channels per lane keep them out of local memory.
+  min_programs: short sequences get shorter segments (halved, down to 8 chunks) until the grid
+  has at least this many programs (0: the segment as given). num_warps, num_stages: Triton's.
+  """
   tile: int = 128
   chunk: int = 8
   segment: int = 512
@@ -117,6 +118,14 @@ def make_geometry(x_shape, poles_shape, bs: FastBlocks) -> Geometry:
     seg_chunks = max(8, seg_chunks // 2)
   return Geometry(bs, batch, length, channels, poles_shape[1], num_chunks * bs.chunk,
                   -(-channels // tile) * tile, seg_chunks)
+
+
+def backward_geometry(x_shape, poles_shape, bs: FastBlocks) -> Geometry:
+  """The backward's geometry: ``bs.backward()``'s tile and warps on the forward's segments (the
+  segment states it reads are the forward's; ``min_programs`` may have shortened them)."""
+  fwd = make_geometry(x_shape, poles_shape, bs)
+  return make_geometry(x_shape, poles_shape, dataclasses.replace(
+      bs.backward(), segment=fwd.segment_length, min_programs=0))
 
 
 def pad_params(geo: Geometry, log_poles, residues, dskip):

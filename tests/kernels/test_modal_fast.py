@@ -18,7 +18,7 @@ import pytest
 
 from sh2_jax import dispatch
 from sh2_jax.kernels import modal_fast as mf
-from sh2_jax.kernels.modal_fast_layout import FastBlocks, make_geometry
+from sh2_jax.kernels.modal_fast_layout import FastBlocks, backward_geometry, make_geometry
 
 INTERPRET = jax.default_backend() != "gpu"
 TOL = 1e-5
@@ -131,6 +131,10 @@ def test_forward_long_sequence():
   assert (geo.num_segments, geo.last_length, geo.padded_length) == (16, 41, 1008)  # halved
   wide = make_geometry((1, 1001, 4096), lam.shape, FastBlocks(tile=16, chunk=8, segment=256))
   assert (wide.bs.tile, wide.num_segments) == (16, 4)  # 256 tiles x 4 segments: as given
+  # a wider forward tile halves the forward's segments; the backward keeps them
+  two = FastBlocks(tile=256, bwd_tile=128)
+  fwd, bwd = (f((1, 16384, 4096), (4096, 16), two) for f in (make_geometry, backward_geometry))
+  assert (fwd.bs.tile, fwd.segment_length, bwd.bs.tile, bwd.segment_length) == (256, 256, 128, 256)
   bs = FastBlocks(tile=16, chunk=4, segment=32)
   assert make_geometry(x1.shape, lam.shape, bs).num_segments == 32
   y, s = fast(x1, v, x2, lam, res, dskip, s0, bs=bs)
