@@ -9,6 +9,7 @@ against the measured copy bandwidth (roofline %).
   python benchmarks/fir_conv.py --mode check            # Triton and Mosaic GPU kernels vs XLA
   python benchmarks/fir_conv.py --mode full --only pallas,pallas_mgpu   # the two side by side
   python benchmarks/fir_conv.py --mode mgpu_sweep       # Mosaic GPU block sizes at L=16K
+  python benchmarks/fir_conv.py --mode mgpu_variants    # Mosaic GPU kernel variants at L=16K
   python benchmarks/fir_conv.py --mode featurizer       # does fusing the featurizer pay?
   python benchmarks/fir_conv.py --mode all --out DIR    # sweep, then the table with the best
 """
@@ -231,6 +232,114 @@ def mgpu_sweep(length=16384):
               flush=True)
 
 
+@jax.jit
+def rel_dev(xs, refs):
+  """Relative L2 errors, on the device (the arrays are 128 MB each at 16K)."""
+  f = lambda a: a.astype(jnp.float32)
+  return [jnp.linalg.norm(f(a) - f(b)) / jnp.linalg.norm(f(b)) for a, b in zip(xs, refs)]
+
+
+def per_sm(smem_bytes):
+  """Programs one H100/H200 SM holds by shared memory (228 KiB, 1 KiB reserved per block)."""
+  return 228 * 1024 // (smem_bytes + 1024)
+
+
+def mgpu_variant_list(taps):
+  """(name, forward MgpuBlockSizes, backward MgpuBlockSizes) of the Mosaic GPU variants timed
+  by ``--mode mgpu_variants``: the default first, then ring windows, double-buffered stores
+  (s2), segment length, pipeline stages (st), channel tiles per program (t<fwd>/<bwd>) and
+  wide boxes, alone and combined."""
+  from sh2_jax.kernels import fir_conv_mgpu
+  base = fir_conv_mgpu.default_block_sizes(D // G, taps)
+  r = functools.partial(dataclasses.replace, base)
+  fast = r(ring=True, store_slots=2)
+  f = functools.partial(dataclasses.replace, fast)
+  return [(name, bs, bwd or bs) for name, bs, bwd in (
+      ("default", base, None),
+      ("ring", r(ring=True), None),
+      ("ring+slots2", fast, None),
+      ("ring st3", r(ring=True, stages=3), None),
+      ("ring st4", r(ring=True, stages=4), None),
+      ("ring seg128", r(ring=True, seg_chunks=128), None),
+      ("ring st3 seg128", r(ring=True, stages=3, seg_chunks=128), None),
+      ("r+s2 st3", f(stages=3), None),
+      ("r+s2+t2", f(tiles=2), None),
+      ("r+s2+t2 wide", f(tiles=2, wide=True), None),
+      ("r+s2+t4/1 wide", f(tiles=4, wide=True), fast),
+      ("ring t2/1 w seg64", r(ring=True, tiles=2, wide=True, seg_chunks=64),
+       r(ring=True, seg_chunks=64)),
+      ("ring t2/1 w st3 seg128", r(ring=True, tiles=2, wide=True, stages=3, seg_chunks=128),
+       r(ring=True, stages=3, seg_chunks=128)),
+  )]
+
+
+def mgpu_variants(length=16384, only=None):
+  """Each Mosaic GPU variant (MgpuBlockSizes switches) on the GPU: forward and all gradients
+  against XLA (relative errors), then forward and forward+backward medians at L=16K for SE and
+  MR, as % of the floors at the copy rate measured here (forward: read x1, v, x2, write y;
+  backward: read x1, v, x2, dy, write dx1, dv, dx2). One table; a variant that does not build
+  prints one line and the run goes on. ``only``: a comma list of variant names."""
+  from sh2_jax.kernels import fir_conv_mgpu
+  names = [name for name, _, _ in mgpu_variant_list(7)]
+  unknown = [name for name in (only or "").split(",") if name and name not in names]
+  if length < 1:
+    print(f"error: --length {length} is not a positive sequence length", file=sys.stderr)
+    sys.exit(2)
+  if unknown:
+    print(f"error: --only {','.join(unknown)!r} names no variant; expected some of "
+          f"{', '.join(names)}", file=sys.stderr)
+    sys.exit(2)
+  bw = copy_bandwidth()
+  floor_f, floor_b = 4 * length * D * 2 / bw, 7 * length * D * 2 / bw
+  print(f"copy {bw / 1e12:.2f} TB/s; floors at L={length}: fwd {floor_f * 1e3:.3f} ms, bwd "
+        f"{floor_b * 1e3:.3f} ms, fwd+bwd {(floor_f + floor_b) * 1e3:.3f} ms", flush=True)
+  rows = []
+  for taps in (7, 128):
+    args = inputs(length, taps, key=3)
+    _, fbr = fwd_and_fwdbwd(ops(taps)["xla"])
+    yr, gr = fbr(*args)
+    ref = [yr, *gr]
+    del fbr
+    for name, bs, bs_b in mgpu_variant_list(taps):
+      if only and name not in only.split(","):
+        continue
+      op = functools.partial(fir_conv_mgpu.gated_fir_conv_mgpu, block_sizes=bs,
+                             bwd_block_sizes=bs_b)
+      f, fb = fwd_and_fwdbwd(lambda x1, v, x2, h, d, op=op: op(x1, v, x2, h, d))
+      sb = [fir_conv_mgpu.smem_bytes(bs, taps), fir_conv_mgpu.smem_bytes(bs_b, taps, True)]
+      try:
+        y, g = fb(*args)
+        errs = [float(e) for e in rel_dev([y, *g], ref)]
+        tf = timeit(f, *args[:5], target_s=0.015, samples=11)
+        tfb = timeit(fb, *args, target_s=0.015, samples=11)
+      except Exception as e:  # a variant that does not build (smem, registers, PTX)
+        msg = " ".join(str(e).split())[:160]
+        print(f"K={taps:3d} {name:14s}: FAILED {type(e).__name__}: {msg}", flush=True)
+        continue
+      tb = max(tfb - tf, 1e-9)  # the backward alone (timing noise can make it tiny)
+      ok = "ok" if max(errs) < 2e-2 else "WRONG"
+      rows.append((taps, name, tf, tfb, tb, errs, ok, sb))
+      print(f"K={taps:3d} {name:14s}: fwd {tf * 1e3:.3f} ms ({100 * floor_f / tf:3.0f}%), "
+            f"fwd+bwd {tfb * 1e3:.3f} ms, bwd {tb * 1e3:.3f} ms ({100 * floor_b / tb:3.0f}%), "
+            f"max rel err {max(errs):.1e} {ok}", flush=True)
+    del args, ref, yr, gr
+  lines = [f"copy {bw / 1e12:.2f} TB/s, L={length}, D={D}, G={G}, bf16; floors fwd "
+           f"{floor_f * 1e3:.3f} ms (4 arrays), bwd {floor_b * 1e3:.3f} ms (7 arrays)", "",
+           "| K | variant | fwd ms | fwd % floor | fwd+bwd ms | bwd ms | bwd % floor | "
+           "fwd+bwd % floor | rel err y, dx1, dv, dx2, dh, ddskip | smem KiB fwd/bwd "
+           "(programs/SM) |", "|---|---|---|---|---|---|---|---|---|---|"]
+  for taps, name, tf, tfb, tb, errs, ok, sb in rows:
+    lines.append(f"| {taps} | {name} | {tf * 1e3:.3f} | {100 * floor_f / tf:.0f}% | "
+                 f"{tfb * 1e3:.3f} | {tb * 1e3:.3f} | {100 * floor_b / tb:.0f}% | "
+                 f"{100 * (floor_f + floor_b) / tfb:.0f}% | "
+                 + ", ".join(f"{e:.1e}" for e in errs) + f" {ok} | {sb[0] // 1024}/"
+                 f"{sb[1] // 1024} ({per_sm(sb[0])}/{per_sm(sb[1])}) |")
+  for taps in (7, 128):
+    for name, bs, bs_b in mgpu_variant_list(taps):
+      lines.append(f"K={taps} {name}: forward {bs}" + ("" if bs_b == bs else f", backward {bs_b}"))
+  print("\n".join(lines), flush=True)
+
+
 def grid_fill():
   """Short sequences: segments shortened until the grid has min_programs programs, or not."""
   for length in (2048, 4096, 8192, 16384):
@@ -314,10 +423,13 @@ if __name__ == "__main__":
   p = argparse.ArgumentParser()
   p.add_argument("--mode", default="full",
                  choices=["check", "sweep", "featurizer", "full", "all", "ab", "grid",
-                          "mgpu_sweep"])
+                          "mgpu_sweep", "mgpu_variants"])
   p.add_argument("--only", default=None,
-                 help="full: time only these kinds, comma list (pallas, pallas_mgpu, xla, fft, li)")
+                 help="full: time only these kinds, comma list (pallas, pallas_mgpu, xla, fft, "
+                 "li); mgpu_variants: only these variants (names as printed)")
   p.add_argument("--out", default=os.environ.get("OUT", ""))
+  p.add_argument("--length", type=int, default=16384,
+                 help="mgpu_variants: the sequence length (the targets: 16K, 64K, 128K)")
   a = p.parse_args()
   print(jax.devices(), flush=True)
   if a.mode == "check":
@@ -329,6 +441,8 @@ if __name__ == "__main__":
     full(a.out, sweep())
   elif a.mode == "mgpu_sweep":
     mgpu_sweep()
+  elif a.mode == "mgpu_variants":
+    mgpu_variants(a.length, only=a.only)
   elif a.mode == "grid":
     grid_fill()
   elif a.mode == "ab":

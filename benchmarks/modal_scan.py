@@ -8,6 +8,14 @@ x1, v, x2, log_poles, residues, dskip) medians; bytes moved against the measured
   python benchmarks/modal_scan.py --mode all              # checks, sweeps at 16K, table 16K/64K
   python benchmarks/modal_scan.py --mode sweep            # checks + block-size sweeps at 16K
   python benchmarks/modal_scan.py --mode table --out DIR  # the table with default block sizes
+  python benchmarks/modal_scan.py --mode variants         # the fast kernels' variants (below)
+
+``--mode variants`` times the fast token-serial kernels (``sh2_jax/kernels/modal_fast.py``,
+``li_impl = modal_fast``) per block-size variant: each is first checked against the FFT path
+(forward and all six gradients; the max relative error is printed), then its forward and
+forward+backward are timed at 16K, width 4096, B = 1, bf16, against the floor of 4 (forward) and
+4 + 7 (forward+backward) [L, D] arrays at the copy rate measured in the same run. A variant that
+fails to compile prints its error line and the run goes on; ``--budget`` bounds the wall clock.
 
 Both Pallas forms are measured: the chunked kernels (``modal_scan``, the li_impl default) and the
 token-serial kernels (``modal_serial``, ``sh2_jax/kernels/modal_scan_serial.py``).
@@ -30,6 +38,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import copy_bandwidth, short_error, timeit  # noqa: E402
+from sh2_jax.kernels import modal_fast as mf  # noqa: E402
+from sh2_jax.kernels import modal_fast_bwd as mfb  # noqa: E402
+from sh2_jax.kernels import modal_fast_layout as mfl  # noqa: E402
 from sh2_jax.kernels import modal_scan as ms  # noqa: E402
 from sh2_jax.kernels import modal_scan_serial as mss  # noqa: E402
 from sh2_jax import dispatch  # noqa: E402
@@ -251,13 +262,170 @@ def table(lengths, bs_fwd, bs_bwd, bs_serial, bandwidth):
   return rows
 
 
+# ----------------------------------------------------------------------------- fast variants
+
+FB = mf.FastBlocks
+VARIANTS = [  # the default first, the likeliest next; each differs from it in one or two knobs
+    FB(),                                          # 0: t128 c8 seg512 w4, fused backward (horner)
+    FB(segment=256),                               # 1: 2x the programs (less wave tail)
+    FB(tile=256, bwd_tile=128),                    # 2: 2 channels per lane forward
+    FB(chunk=16),                                  # 3: twice the loads in flight
+    FB(fuse_adjoint=False),                        # 4: the backward's third pass
+    FB(horner=False),                              # 5: adjoint start states token by token
+    FB(segment=1024),                              # 6
+    FB(prefetch=False),                            # 7: does the prefetch matter?
+    FB(tile=64, num_warps=2),                      # 8
+    FB(chunk=4),                                   # 9
+    FB(tile=256, segment=256, bwd_tile=128),       # 10
+    FB(tile=128, num_warps=2, bwd_warps=4),        # 11: 2 channels per lane forward
+    FB(tile=256, num_warps=8),                     # 12
+    FB(segment=2048),                              # 13
+    FB(tile=64, num_warps=2, segment=256),         # 14
+    FB(tile=512, bwd_tile=128),                    # 15: 4 channels per lane forward
+]
+
+
+def fast_core(*args, block_sizes=None, poison=False):
+  return mf.gated_modal_fast(*args, block_sizes=block_sizes, poison=poison)
+
+
+def max_rel(out, ref):
+  """Max relative error over y and the six gradients (nan when any element is non-finite)."""
+  pairs = [(out[0], ref[0])] + list(zip(out[1], ref[1]))
+  return max(rel(a, b) for a, b in pairs)
+
+
+CHECK_SHAPE = dict(length=3001, width=200, batch=2)   # odd: no multiple of any block size
+VARIANT_S = 12.0  # about what one variant costs (compiles, check, timing): the budget's margin
+
+
+def stages(bs, length, bandwidth, left):
+  """Each launch of the fast kernels alone, jitted on inputs of the right shapes: ms and % of
+  the launch's own floor (the [L, D] bf16 arrays it moves, at the copy rate)."""
+  x1, v, x2, lam, res, dsk, dy = inputs(length)
+  rows = []
+  for blocks in (bs, bs.backward()):
+    geo = mfl.make_geometry(x1.shape, lam.shape, blocks)
+    lam_t, res_t, skip = mfl.pad_params(geo, lam, res, dsk)
+    shape = (1, geo.num_segments, N, geo.padded_channels)
+    seg = jnp.zeros(shape, jnp.float32)
+    ends = jnp.zeros((1, geo.num_segments - 1) + shape[2:], jnp.float32)
+    s0 = jnp.zeros((1,) + shape[2:], jnp.float32)
+    if blocks is bs:
+      todo = [("ends (x1, v)", 2, lambda *a: mf.launch_ends(geo, *a, False), (lam_t, x1, v)),
+              ("ends + p (x1, v)", 2, lambda *a: mf.launch_ends(geo, *a, True), (lam_t, x1, v)),
+              ("scan", 0, lambda *a: mfl.scan_segments(geo, *a, None, False, False),
+               (lam_t, s0, ends)),
+              ("scan + p", 0, lambda *a: mfl.scan_segments(geo, *a, False, False),
+               (lam_t, s0, ends, ends)),
+              ("fwd (x1, v, x2 -> y)", 4, functools.partial(mf.launch_fwd, geo),
+               (lam_t, res_t, skip, seg, x1, v, x2))]
+    else:
+      todo = [("grads (x1, v, x2, dy -> dx2)", 5,
+               lambda *a: mfb.launch_grads(geo, *a, bs.fuse_adjoint),
+               (lam_t, res_t, skip, seg, seg, s0, x1, v, x2, dy)),
+              ("adjoint ends (x2, dy)", 2, functools.partial(mfb.launch_adjoint_ends, geo),
+               (lam_t, res_t, x2, dy)),
+              ("scan adjoint", 0, lambda *a: mfl.scan_adjoint(geo, *a, False, False),
+               (lam_t, s0, ends)),
+              ("adjoint (x1, v, x2, dy -> dx1, dv)", 6,
+               functools.partial(mfb.launch_adjoint, geo),
+               (lam_t, res_t, skip, seg, x1, v, x2, dy))]
+    for name, arrays, fn, args in todo:
+      if left() < VARIANT_S / 2:
+        print(f"  stage {name}: skipped (budget spent)", flush=True)
+        continue
+      try:
+        t = timeit(jax.jit(fn), *args, samples=9)
+      except Exception as err:  # noqa: BLE001
+        print(f"  stage {name}: failed: {short_error(err, 300)}", flush=True)
+        continue
+      floor = arrays * length * D * 2 / bandwidth
+      rows.append(dict(stage=name, ms=t * 1e3, floor_ms=floor * 1e3))
+      print(f"  stage {blocks.label()} {name}: {t * 1e3:.3f} ms"
+            + (f" ({floor / t:.0%} of its {arrays}-array floor)" if arrays else ""), flush=True)
+  return rows
+
+
+def variants(budget_s: float, lengths, bandwidth, picks=None):
+  """Check and time every variant (or those at the indices ``picks``) at lengths[0] within the
+  budget, each launch of the fastest alone, then the two fastest (forward+backward) at the
+  other lengths."""
+  t_start = time.perf_counter()
+  left = lambda: budget_s - (time.perf_counter() - t_start)
+  # exactness in float32 on an odd shape (L, D not multiples of the blocks, B = 2), default
+  # blocks; every variant is then checked in bf16 at the timing shape
+  shape = CHECK_SHAPE
+  for bs in VARIANTS[:1]:
+    args = inputs(shape["length"], key=3, dtype=jnp.float32, batch=shape["batch"],
+                  width=shape["width"])
+    try:
+      ref = fwd_bwd_fn(impls()["fft"])(*args)
+      out = fwd_bwd_fn(functools.partial(fast_core, block_sizes=bs, poison=True))(*args)
+      print(f"check f32 B={shape['batch']} L={shape['length']} D={shape['width']} {bs.label()}: "
+            f"max rel err {max_rel(out, ref):.1e}", flush=True)
+    except Exception as err:  # noqa: BLE001
+      print(f"check f32 {bs.label()} failed: {short_error(err, 400)}", flush=True)
+  rows = []
+  refs = {}
+  stage_rows = []
+  for length in lengths:
+    if length != lengths[0]:
+      ok = sorted((r for r in rows if np.isfinite(r["fwd_bwd_ms"])),
+                  key=lambda r: r["fwd_bwd_ms"])
+      if ok and not stage_rows:
+        print(f"launches of the fastest at L={lengths[0]}, {ok[0]['variant']}:", flush=True)
+        stage_rows = stages(ok[0]["bs"], lengths[0], bandwidth, left)
+      todo = [r["bs"] for r in ok[:2]]
+    else:
+      todo = VARIANTS if picks is None else [VARIANTS[i] for i in picks]
+    args = inputs(length)
+    floor_f = 4 * length * D * 2 / bandwidth
+    floor_fb = 11 * length * D * 2 / bandwidth
+    for bs in todo:
+      if left() < VARIANT_S:
+        print(f"L={length} {bs.label()}: skipped (budget spent)", flush=True)
+        continue
+      f = functools.partial(fast_core, block_sizes=bs)
+      row = dict(length=length, variant=bs.label(), bs=bs, err=float("nan"),
+                 fwd_ms=float("nan"), fwd_bwd_ms=float("nan"))
+      try:
+        if length not in refs:
+          refs[length] = jax.block_until_ready(fwd_bwd_fn(impls()["fft"])(*args))
+        fb = fwd_bwd_fn(f)
+        row["err"] = max_rel(jax.block_until_ready(fb(*args)), refs[length])
+        row["fwd_bwd_ms"] = timeit(fb, *args, samples=9) * 1e3
+        row["fwd_ms"] = timeit(fwd_fn(f), *args, samples=9) * 1e3
+      except Exception as err:  # noqa: BLE001 — report and carry on with the other variants
+        print(f"L={length} {bs.label()}: failed: {short_error(err, 300)}", flush=True)
+      rows.append(row)
+      print(f"L={length} {bs.label()}: err {row['err']:.1e}  fwd {row['fwd_ms']:.3f} ms "
+            f"({floor_f * 1e3 / row['fwd_ms']:.0%} of floor)  fwd+bwd {row['fwd_bwd_ms']:.3f} ms "
+            f"({floor_fb * 1e3 / row['fwd_bwd_ms']:.0%} of floor)  [{left():.0f} s left]",
+            flush=True)
+  print(f"\ncopy rate {bandwidth / 1e12:.2f} TB/s; floor = 4 (fwd) / 11 (fwd+bwd) [L, D] bf16 "
+        "arrays at that rate\n")
+  print("| L | variant (tile/chunk/segment/warps) | max rel err | fwd ms | fwd % floor | "
+        "fwd+bwd ms | fwd+bwd % floor |")
+  print("|---|---|---|---|---|---|---|")
+  for r in rows:
+    ff = 4 * r["length"] * D * 2 / bandwidth * 1e3
+    fbf = 11 * r["length"] * D * 2 / bandwidth * 1e3
+    print(f"| {r['length']} | {r['variant']} | {r['err']:.1e} | {r['fwd_ms']:.3f} | "
+          f"{ff / r['fwd_ms']:.0%} | {r['fwd_bwd_ms']:.3f} | {fbf / r['fwd_bwd_ms']:.0%} |")
+  return dict(stages=stage_rows, rows=[{k: (dataclasses.asdict(v) if k == "bs" else v)
+                                        for k, v in r.items()} for r in rows])
+
+
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--mode", choices=["sweep", "table", "all"], default="all",
+  ap.add_argument("--mode", choices=["sweep", "table", "all", "variants"], default="all",
                   help="sweep: block sizes at 16K; table: defaults at --lengths; all: both, the "
                        "table with the sweep's best block sizes")
   ap.add_argument("--lengths", default="16384,65536")
   ap.add_argument("--budget", type=float, default=150.0, help="sweep wall-clock budget (s)")
+  ap.add_argument("--variants", default="",
+                  help="--mode variants: indices into VARIANTS to run (default: all, in order)")
   ap.add_argument("--sweep_forms", default="chunked,serial",
                   help="which kernel forms to sweep (the others keep their default block sizes)")
   ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -266,6 +434,16 @@ def main():
   print(f"device: {dev.device_kind}, jax {jax.__version__}, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
   result = {"device": dev.device_kind, "jax": jax.__version__}
+  if args.mode == "variants":
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    picks = [int(x) for x in args.variants.split(",")] if args.variants else None
+    result.update(copy_bandwidth=bw, variants=variants(args.budget, lengths, bw, picks))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "modal_scan_variants.json"), "w") as fh:
+      json.dump(result, fh, indent=1, default=str)
+    return
   for name, kw in (("check_f32", {}), ("check_bf16", dict(dtype=jnp.bfloat16, length=1500,
                                                              width=96, batch=1))):
     try:

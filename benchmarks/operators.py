@@ -10,6 +10,8 @@ Cores — what sits between the input and output projections:
                ``sh2_jax.kernels.fir_conv_mgpu``), timed beside the Triton ones in the same run
   LI fft       gated modal long filter (16 poles/channel), float32 FFT of size 2L
   LI scan      the same through the FFT-free chunked modal recurrence (``sh2_jax.kernels.modal_scan``)
+  LI fast      the same through the fast token-serial kernels (``sh2_jax.kernels.modal_fast``,
+               ``li_impl='modal_fast'``)
   MHA          causal softmax attention, 32 heads x 128, ``jax.nn.dot_product_attention`` (cuDNN)
   Mamba-2      SSD scan (64 heads x 64, state 128, one B/C group, D skip), jax-linear-attention's
                Mosaic GPU kernels (``jla.layers.ssm.mamba2_ssd``, grouped B/C gradients)
@@ -47,8 +49,10 @@ from sh2_jax import dispatch  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
 
-CORES = ["SE", "MR", "SE mgpu", "MR mgpu", "LI fft", "LI scan", "MHA", "Mamba-2", "GLA"]
-LAYERS = ["SE", "MR", "SE mgpu", "MR mgpu", "LI fft", "LI scan", "MHA", "Mamba-2", "GLA"]
+CORES = ["SE", "MR", "SE mgpu", "MR mgpu", "LI fft", "LI scan", "LI fast", "MHA", "Mamba-2",
+         "GLA"]
+LAYERS = ["SE", "MR", "SE mgpu", "MR mgpu", "LI fft", "LI scan", "LI fast", "MHA", "Mamba-2",
+          "GLA"]
 
 
 def _conv_impl(name: str, s: "Setup") -> tuple[str, bool]:
@@ -113,7 +117,7 @@ def make_core(name: str, length: int, s: Setup):
   ks = jax.random.split(jax.random.key(length), 8)
   bf = jnp.bfloat16
   d = s.d
-  if name in ("SE", "MR", "SE mgpu", "MR mgpu", "LI fft", "LI scan"):
+  if name in ("SE", "MR", "SE mgpu", "MR mgpu", "LI fft", "LI scan", "LI fast"):
     x1, v, x2 = (_rand(k, (1, length, d), bf) for k in ks[:3])
     dskip = _rand(ks[4], (d,), jnp.float32)
     if name.split()[0] in ("SE", "MR"):
@@ -129,8 +133,12 @@ def make_core(name: str, length: int, s: Setup):
     if name == "LI fft":
       return (lambda x1, v, x2, lam, res, dk: dispatch.gated_modal(x1, v, x2, lam, res, dk, "fft"),
               (x1, v, x2, lam, res, dskip))
-    from sh2_jax.kernels import modal_scan
     kw = {} if s.gpu else {"interpret": True}
+    if name == "LI fast":
+      return (lambda x1, v, x2, lam, res, dk: dispatch.gated_modal(x1, v, x2, lam, res, dk,
+                                                                   "modal_fast", **kw),
+              (x1, v, x2, lam, res, dskip))
+    from sh2_jax.kernels import modal_scan
     return (lambda x1, v, x2, lam, res, dk: modal_scan.gated_modal_scan(x1, v, x2, lam, res, dk,
                                                                         **kw),
             (x1, v, x2, lam, res, dskip))
@@ -164,11 +172,11 @@ def make_core(name: str, length: int, s: Setup):
 def make_layer(name: str, length: int, s: Setup):
   """(f, args) with args = (params pytree, x [1, L, D] bf16)."""
   x = _rand(jax.random.key(length + 1), (1, length, s.d), jnp.bfloat16)
-  if name in ("SE", "MR", "SE mgpu", "MR mgpu", "LI fft", "LI scan", "MHA"):
+  if name in ("SE", "MR", "SE mgpu", "MR mgpu", "LI fft", "LI scan", "LI fast", "MHA"):
     from flax import nnx
     from sh2_jax.config import ModelConfig
     from sh2_jax.blocks import make_block
-    li_impl = "fft"
+    li_impl = "modal_fast" if name == "LI fast" else "fft"
     if name == "LI scan":
       li_impl = _li_dispatch_name()
       if li_impl is None:
@@ -318,7 +326,7 @@ def report(rows: list[dict], out_dir: str, info: dict | None = None) -> str:
       for length in lengths:
         get = {op: next((r for r in sel if r["op"] == op and r["L"] == length), {}) for op in ops}
         cells = [f"{length // 1024}K" if length >= 1024 else str(length)]
-        for op in ("SE", "MR", "LI scan", "LI fft"):
+        for op in ("SE", "MR", "LI scan", "LI fast", "LI fft"):
           a, m = get.get(op, {}), get["Mamba-2"]
           if a.get("fwd_s") and m.get("fwd_s"):
             cells.append(f"{m['fwd_s'] / a['fwd_s']:.2f}x / {m['fwdbwd_s'] / a['fwdbwd_s']:.2f}x")
@@ -333,7 +341,8 @@ def report(rows: list[dict], out_dir: str, info: dict | None = None) -> str:
                    "fwd+bwd), and the share of the memory floor (4·L·D·2 bytes at the copy "
                    "bandwidth) the SE and MR forward reach:\n\n" + common.markdown_table(
                        ["L", "SE vs Mamba-2", "MR vs Mamba-2", "LI scan vs Mamba-2",
-                        "LI fft vs Mamba-2", "SE fwd % floor", "MR fwd % floor"], sp))
+                        "LI fast vs Mamba-2", "LI fft vs Mamba-2", "SE fwd % floor",
+                        "MR fwd % floor"], sp))
     if kind == "core" and {"SE mgpu", "MR mgpu"} & set(ops):
       parts.append(_mgpu_table(sel, lengths, d, bw))
   sources = sorted({f"{r['op']}: {r['source']}" if r.get("kind") != "ceiling" else r["source"]
@@ -421,7 +430,7 @@ if __name__ == "__main__":
       # interpret mode (~25 s per core at the smoke shape) are too slow for a smoke run; name
       # them in --cores to include them anyway
       jax.config.update("jax_platforms", "cpu")
-      slow = ("LI scan", "SE mgpu", "MR mgpu")
+      slow = ("LI scan", "LI fast", "SE mgpu", "MR mgpu")
       if a.cores == ",".join(CORES):
         a.cores = ",".join(n for n in CORES if n not in slow)
       if a.layers == ",".join(LAYERS):

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 OPS = ("SE", "MR", "LI", "MHA")
 CONV_IMPLS = ("auto", "pallas", "pallas_mgpu", "xla", "fft")
-LI_IMPLS = ("auto", "modal_scan", "modal_serial", "fft")
+LI_IMPLS = ("auto", "modal_scan", "modal_serial", "modal_fast", "fft")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
 MR_DECAYS = ("weak", "normal", "strong", "none")
@@ -90,7 +90,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   fp8_projections: str = "off"  # Hyena input projections: off | checkpoint_scales | current_scaling
   conv_impl: str = "auto"  # SE/MR inner filters: auto | pallas | pallas_mgpu | xla | fft
-  li_impl: str = "auto"  # LI: auto | modal_scan | modal_serial (FFT-free Pallas) | fft (reference)
+  li_impl: str = "auto"  # LI: auto | modal_scan | modal_serial | modal_fast (FFT-free Pallas) | fft
   attention_impl: str = "auto"
   max_seqlen: int = 8192
 

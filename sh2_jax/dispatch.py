@@ -9,8 +9,9 @@ defined in ``config.py``); the modules ask it for callables (``fir_fn``, ``modal
 (Pallas Triton lowering), ``pallas_mgpu`` the same algorithm as Mosaic GPU (Hopper) kernels,
 ``kernels/fir_conv_mgpu.py`` (bf16, a multiple of 16 channels per group, K <= 129); ``auto``
 picks per layer: ``pallas_mgpu`` on Hopper where it fits, else ``pallas`` where the Triton
-kernels fit the chip, else ``xla`` (one warning); XLA off GPU (``fir_choice`` says why). ``li_impl`` (LI): ``fft`` (the reference),
-``modal_scan`` and ``modal_serial`` (FFT-free Pallas recurrences), ``auto`` (``modal_scan`` on
+kernels fit the chip, else ``xla`` (one warning); XLA off GPU (``fir_choice`` says why).
+``li_impl`` (LI): ``fft`` (the reference), ``modal_scan``, ``modal_serial`` and ``modal_fast``
+(FFT-free Pallas recurrences), ``auto`` (``modal_scan`` on
 GPU, ``fft`` elsewhere). ``attention_impl``: ``xla`` | ``cudnn`` | ``auto``. The compute dtype
 float16 needs a GPU (``check_compute_dtype``). ``sh2_jax.checks.backend`` asks all of these
 up front, before a model is built.
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from sh2_jax.config import ATTENTION_IMPLS, CONV_IMPLS, LI_IMPLS
-from sh2_jax.kernels import cudnn_attention, modal_scan, modal_scan_serial
+from sh2_jax.kernels import cudnn_attention, modal_fast, modal_scan, modal_scan_serial
 from sh2_jax.kernels import fir_conv as fir_kernels
 from sh2_jax.kernels import fir_conv_mgpu
 from sh2_jax.ops import fir, modal
@@ -59,8 +60,8 @@ def fir_choice(x_shape, h_shape, dtype, hopper: bool | None = None) -> tuple[str
   """What ``conv_impl='auto'`` runs on a GPU for one layer, and why not a faster kernel.
 
   ``pallas_mgpu`` on Hopper when its kernels take the layer (H200, width 4096, B = 1, bf16,
-  L = 16K, fwd / fwd+bwd: SE 0.225 / 1.04 ms against the Triton kernels' 0.338 / 1.15, MR 0.231
-  / 1.31 against 0.350 / 2.40; benchmarks/RESULTS.md, "Mosaic GPU FIR"); else ``pallas`` (the
+  L = 16K, fwd / fwd+bwd: SE 0.250 / 0.738 ms against the Triton kernels' 0.338 / 1.149, MR
+  0.245 / 0.947 against 0.350 / 2.397; benchmarks/RESULTS.md, "Mosaic GPU FIR"); else ``pallas`` (the
   Triton kernels: pre-Hopper GPUs, float32, group sizes not a multiple of 16 such as Evo 2 1B's
   15) when a block configuration fits the chip; else ``xla``. Returns (impl, reason for ``xla``
   or None)."""
@@ -132,7 +133,10 @@ def gated_fir(x1, v, x2, h, dskip, impl: str, interpret: bool = False):
 def resolve_li_impl(impl: str, interpret: bool = False) -> str:
   """``li_impl``: ``modal_scan`` (the FFT-free chunked recurrence, ``kernels/
   modal_scan.py``), ``modal_serial`` (the token-serial recurrence, ``modal_scan_serial.py``;
-  on the H100 within run-to-run noise of ``modal_scan``, so not the default), ``fft`` (float32
+  on the H100 within run-to-run noise of ``modal_scan``, so not the default), ``modal_fast``
+  (the token-serial recurrence with its N states as N separate vectors, two passes forward and
+  two backward, ``modal_fast.py``; built to reach the memory floor, not yet the default),
+  ``fft`` (float32
   FFT of the modal filter, the reference), ``auto``.
 
   ``auto`` -> ``modal_scan`` on GPU (H100, width 4096, B = 1, bf16: 2.7x / 3.0x faster than
@@ -145,7 +149,8 @@ def resolve_li_impl(impl: str, interpret: bool = False) -> str:
     raise ValueError(f"li_impl {impl!r} is not one of {', '.join(LI_IMPLS)}")
   if impl == "auto":
     return "modal_scan" if jax.default_backend() == "gpu" else "fft"
-  if impl in ("modal_scan", "modal_serial") and jax.default_backend() != "gpu" and not interpret:
+  if (impl in ("modal_scan", "modal_serial", "modal_fast") and jax.default_backend() != "gpu"
+      and not interpret):
     raise ValueError(f"li_impl {impl!r} needs a GPU backend, but JAX runs on "
                      f"{jax.default_backend()!r}; use li_impl 'auto' or 'fft'")
   return impl
@@ -161,6 +166,9 @@ def gated_modal(x1, v, x2, log_poles, residues, dskip, impl: str, interpret: boo
   if impl == "modal_serial":
     return modal_scan_serial.modal_scan_serial(x1, v, x2, log_poles, residues, dskip,
                                                interpret=interpret)[0]
+  if impl == "modal_fast":
+    return modal_fast.gated_modal_fast(x1, v, x2, log_poles, residues, dskip,
+                                       interpret=interpret)
   length = x1.shape[1]
   h = modal.modal_filter(log_poles, residues, length)
   fft = functools.partial(fir.fft_conv, h=h, out_dtype=jnp.float32)
@@ -194,6 +202,8 @@ def modal_with_state_fn(impl: str, interpret: bool = False):
     return functools.partial(modal_scan.modal_scan, interpret=interpret)
   if impl == "modal_serial":
     return functools.partial(modal_scan_serial.modal_scan_serial, interpret=interpret)
+  if impl == "modal_fast":
+    return functools.partial(modal_fast.modal_fast, interpret=interpret)
   return _fft_modal_with_state
 
 

@@ -12,23 +12,31 @@ dskip: [D] or None.
 Algorithm (docs/architecture.md, "The two-stage blocked convolution"): cut L into chunks of c
 tokens (c = 64, one warpgroup's wgmma M). The causal Toeplitz operator is block-banded with
 n + 1 bands, n = ceil((K - 1) / c) (1 for SE, 2 for K = 128): ``Y_j = sum_m H_m U_{j-m}``,
-``H_m[i, i'] = h[i + m c - i']`` (zero outside 0..K-1). All bands are one wgmma of depth (n+1)c:
-``Y_j = [H_n | … | H_1 | H_0] @ [U_{j-n}; …; U_j]`` — the [c, (n+1)c] band row of the program's
-group is the A operand (built once by XLA, a few KiB per group, TMA-copied into shared memory
-once per program), the window of the last n+1 chunks of u the B operand: a shared-memory
-buffer that slides by one chunk per step (the halo of K-1 past tokens, as the Triton kernel
-carries ``u_prev``; a program's first chunk loads the n chunks before it once). A program owns
-``w`` channels of one group (the wgmma N) and ``seg_chunks`` consecutive chunks of one batch
-row; the gates are fused so u and h*u never touch HBM.
+``H_m[i, i'] = h[i + m c - i']`` (zero outside 0..K-1): n + 1 wgmmas of depth c accumulating in
+one float32 accumulator, the [c, c] blocks H_m of the program's group the A operands (built once
+by XLA, [G, n+1, c, c], a few KiB per group, TMA-copied into shared memory once per program),
+the window of the last n+1 chunks of u the B operands: a [n+1, c, w] shared-memory buffer
+(the halo of K-1 past tokens, as the Triton kernel carries ``u_prev``: a program loads the n
+chunks before its first once, in its prologue, one batch of TMA copies with one wait for the
+band blocks, dskip rows and halo) that either slides by one chunk per step or, with
+``ring``, keeps chunk q in slot q mod (n+1) so nothing moves. A program owns ``tiles`` channel
+tiles of ``w`` channels (each within one group: the wgmma N) and ``seg_chunks`` consecutive
+chunks of one batch row; the gates are fused so u and h*u never touch HBM. u is the float32
+product of the bf16 loads (the skip term and ddskip use it exactly); only the wgmma operand is
+rounded to bf16. Outputs are staged in shared memory (``store_slots`` buffers each) and copied
+out by TMA, one fence per step.
 
-Backward (dz = dy * x2): ``dx2 = dy * z`` (z recomputed: one wgmma), ``du = [H_0^T | … | H_n^T]
-@ [dz_j; …; dz_{j+n}] + dskip * dz`` (one wgmma on a window of dz that slides ahead: each step
-reads x2, dy of chunk j+n, and keeps dz in bf16 for the wgmmas and in float32 for the skip term
-and ddskip, and dy for dx2; dx1 = du * v, dv = du * x1), and for dh one more wgmma per chunk
-accumulating ``P = dz_j @ [U_{j-n}; …; U_j]^T`` ([c, (n+1)c] float32, in accumulator registers
-across the program's chunks): the token lag of entry (i, r) is n c + i - r, so ``dh[g, k] =
-sum_i P[i, n c + i - k]`` over the programs of group g. Each program writes its P and its [c, w]
-float32 partial of sum dz * u (ddskip); ``reduce_dh`` sums them (no atomics), as
+Backward (dz = dy * x2): ``dx2 = dy * z`` (z recomputed: n + 1 wgmmas), ``du = sum_m H_m^T
+dz_{j+m} + dskip * dz`` (the same blocks read transposed — wgmma transposes a 16-bit A in
+hardware — on a window of dz ahead of the step: each step reads x2, dy of chunk j+n and keeps
+windows of dz in bf16 for the wgmmas and of x2 and dy: dz = dy * x2 in float32 for the skip
+term and ddskip (exact for bf16 factors), dx2 = dy * z; dx1 = du * v, dv = du * x1), and for
+dh n + 1 more wgmmas per chunk accumulating ``P_m = sum_j dz_j @ U_{j-m}^T`` ([c, c] float32
+each, as two [c, c/2] halves, in accumulator registers across the program's chunks; the tile's
+P is [P_n | … | P_0], [c, (n+1)c], staged out half a block at a time): the token lag of entry
+(i, r) is n c + i - r, so ``dh[g, k] = sum_i P[i, n c + i - k]`` over the programs of group g. The
+ddskip partial sum dz * u is a register carry of the pipeline. Each program writes its P and
+its [c, w] float32 ddskip partial; ``reduce_dh`` sums them (no atomics), as
 ``fir_conv_bwd.reduce_dh`` does for the Triton kernel. Like the Triton backward (which carries
 the same chunks in registers) it reads each of x1, v, x2, dy once and writes dx1, dv, dx2 once,
 plus the n chunks of halo per program. The backward lives in ``fir_conv_mgpu_bwd.py``, the
@@ -38,12 +46,21 @@ Limits (errors, never silent fallbacks): bfloat16 only (a float32 wgmma is tf32)
 size D/G must be a multiple of 16 (the wgmma N, and the K of the dh wgmma) — Evo 2 1B's 15
 channels per group needs the Triton kernel's aligned layout, not written here; K <= 129.
 
-Not yet measured on a GPU; what to look at first when it is: a program serves one channel tile
-of one group (16 channels at Evo 2's 256 groups), so TMA boxes have 32-byte rows and the wgmmas
-N = 16 — several groups per program (one band row each) would widen both; the dh partials are
+Measured (one H200, 2026-12-01, width 4096, 256 groups, L = 16K, the first compiled run, before
+the variants): forward 0.225 ms SE / 0.231 ms MR against a floor of 0.162 ms, forward+backward
+1.04 / 1.31 ms; the backward alone is ~3x its floor (0.284 ms) — latency-bound: each step
+waited for its previous TMA store before each of its three stores, slid four windows through
+registers and read back a shared-memory ddskip accumulator, and its shared memory (86 KiB SE)
+allowed 2 programs per SM. Now one wait per step covers all its stores, the ddskip partial is a
+register carry, and the footprint is smaller (one set of band blocks, an x2 window instead of
+float32 dz, dskip rows in registers, scoped prologue / dh staging: SE 54 KiB, 4 programs per
+SM); the
+variants in ``MgpuBlockSizes`` (``tiles``, ``ring``, ``store_slots``, ``wide``, ``stages``,
+``seg_chunks``) attack the rest; ``benchmarks/fir_conv.py --mode mgpu_variants`` times them
+against the floor. Still one warpgroup per program (no warp specialisation: the TMA loads are
+already asynchronous, and concurrency comes from programs per SM); the dh partials are
 [c, (n+1)c] float32 per program (~67 MB SE / ~100 MB MR at L = 16K, D = 4096, 32 chunks per
-program, beside 512 MB of inputs), so longer segments or an in-kernel diagonal sum pay there;
-one warpgroup does everything (no warp specialisation).
+program, beside 512 MB of inputs; longer segments divide them).
 
 Interpret mode (``interpret=True``: ``plgpu.InterpretGPUParams``, CPU tests) in JAX 0.11.2 has
 gaps this file works around, so that the same code runs compiled and interpreted:
@@ -70,13 +87,16 @@ gaps this file works around, so that the same code runs compiled and interpreted
 Interpret mode NaN-fills every fresh buffer, outputs included, so an element the kernel fails to
 write shows up as NaN in the tests without aliasing poisoned inputs. It does not model register
 layouts, wgmma operand rules, shared-memory capacity, register pressure or bank conflicts. The
-first two are checked on CPU too: ``jax.jit(...).trace(...).lower(lowering_platforms=("cuda",))``
-runs the Mosaic GPU lowering and layout inference without a GPU (tests/kernels), and caught two
+first three are checked on CPU too: ``jax.jit(...).trace(...).lower(lowering_platforms=("cuda",))``
+runs the Mosaic GPU lowering and layout inference without a GPU (tests/kernels), and caught
 things interpret mode accepts: a scalar ``jnp.where`` over a [c, w] array ("Implicit broadcast
-not implemented with warpgroup semantics"; the window fills pick the write with ``lax.cond``)
-and wgmma operands with different swizzles (layout inference fails; every operand here uses the
-channel tile's swizzle). Only the PTX compile, shared-memory capacity and registers need the
-GPU. ``smem_bytes`` estimates a launch's shared memory; launches over ``SMEM_LIMIT`` are refused.
+not implemented with warpgroup semantics"; the window fills pick the write with ``lax.cond``),
+wgmma operands with different swizzles (layout inference fails; every operand here uses the
+channel tile's swizzle), and a TMA copy of a whole [n+1, c, c] tiled block stack ("Async copies
+only support striding up to 5 dimensions"; the blocks are copied one by one). The lowering
+also sizes shared memory (scoped buffers — the halo staging, the input pipeline, the dh
+staging — share one region); ``smem_bytes`` is that size up to the barriers (tested), and
+launches over ``SMEM_LIMIT`` are refused. Only the PTX compile and registers need the GPU.
 """
 
 from __future__ import annotations
@@ -91,10 +111,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from sh2_jax.kernels._pallas import check_gated_inputs
 from sh2_jax.kernels.fir_conv_mgpu_bwd import bwd
 from sh2_jax.kernels.fir_layout_mgpu import (SMEM_LIMIT, Geometry, MgpuBlockSizes, band_rows,
-                                             default_block_sizes, f32, fetch, fill_window,
-                                             geometry, launch, matmul, mgpu_misfit, pad,
-                                             program, skip_rows, slide, smem, smem_bytes, store,
-                                             swizzled)
+                                             default_block_sizes, f32, geometry, launch,
+                                             mgpu_misfit, pad, product, program, prologue, put,
+                                             skip_rows, slide, slot, smem, smem_bytes,
+                                             split_streams, stage_buffer, store, stream_specs)
 
 __all__ = ["SMEM_LIMIT", "MgpuBlockSizes", "bwd", "default_block_sizes", "fwd",
            "gated_fir_conv_mgpu", "mgpu_misfit", "smem_bytes"]
@@ -104,34 +124,43 @@ __all__ = ["SMEM_LIMIT", "MgpuBlockSizes", "bwd", "default_block_sizes", "fwd",
 
 
 def _fwd_body(geo: Geometry, has_skip: bool):
-  c, w, n = geo.chunk, geo.width, geo.bands
+  c, w, n, nt = geo.chunk, geo.width, geo.bands, geo.tiles
 
   def kernel(band_gmem, skip_gmem, x1_gmem, v_gmem, x2_gmem, y_gmem,
-             band_smem, skip_smem, halo, u_win, y_stage):
-    b, t, first, g, cols = program(geo)
-    pl.run_scoped(functools.partial(fetch, [(band_gmem.at[g], band_smem),
-                                            (skip_gmem.at[:, cols], skip_smem)]),
-                  plgpu.Barrier(num_barriers=2))
-    fill_window(geo, [u_win], [first - n + m for m in range(n)], x1_gmem, v_gmem, b, cols,
-                 halo)
+             band_smem, u_win, y_stage):
+    b, first, tiles = program(geo)
+    skips = prologue(geo, b, tiles, band_gmem, band_smem, skip_gmem if has_skip else None,
+                     [(x1_gmem, v_gmem, cols, first - n + m,
+                       [u_win.at[i, slot(geo, first, m - n)]], [product])
+                      for i, (_, _, cols) in enumerate(tiles) for m in range(n)])
 
-    def step(idx, x1_ref, v_ref, x2_ref):
+    def step(idx, *refs):
       (k,) = idx
-      u = x1_ref[...] * v_ref[...]
-      u_win[pl.ds(n * c, c), :] = u
-      plgpu.commit_smem()
-      z = matmul(band_smem, u_win, (c, w))
-      if has_skip:
-        z = z + skip_smem[...] * u.astype(f32)
-      rows = pl.ds((first + k) * c, c)
-      store(x2_ref[...].astype(f32) * z, y_stage, y_gmem.at[b, rows, cols])
-      slide(u_win, geo)
+      j = first + k
+      x1s, vs, x2s = split_streams(geo, refs, 3)
+      # u in float32 from the bf16 loads (the skip term uses it exactly); bf16 only as the
+      # wgmma operand
+      us = [x1[...].astype(f32) * v[...].astype(f32) for x1, v in zip(x1s, vs)]
+      put([u_win.at[i, slot(geo, j, 0)] for i in range(nt)], us)
       plgpu.commit_smem()
 
-    spec = plgpu.BlockSpec((c, w), lambda k: (first + k, t), transforms=swizzled(w))
-    plgpu.emit_pipeline(step, grid=(geo.seg_chunks,), in_specs=[spec] * 3,
-                        max_concurrent_steps=geo.stages)(x1_gmem.at[b], v_gmem.at[b],
-                                                         x2_gmem.at[b])
+      def mm(*accs):  # every tile's bands, issued back to back; reading waits for all
+        for i, acc in enumerate(accs):
+          for m in range(n + 1):
+            plgpu.wgmma(acc, band_smem.at[i, m], u_win.at[i, slot(geo, j, -m)])
+        return [acc[...] for acc in accs]
+      zs = pl.run_scoped(mm, *[plgpu.ACC((c, w), f32)] * nt)
+      ys = []
+      for i in range(nt):
+        z = zs[i] + skips[i] * us[i] if has_skip else zs[i]
+        ys.append(x2s[i][...].astype(f32) * z)
+      store([ys], y_stage, [y_gmem], b, pl.ds(j * c, c), tiles, k, geo)
+      slide([u_win.at[i] for i in range(nt)], geo)
+
+    specs = stream_specs(geo, tiles, lambda k: first + k)
+    plgpu.emit_pipeline(step, grid=(geo.seg_chunks,), in_specs=specs * 3,
+                        max_concurrent_steps=geo.stages)(
+                            *[a.at[b] for a in (x1_gmem, v_gmem, x2_gmem) for _ in specs])
     plgpu.wait_smem_to_gmem(0)
 
   return kernel
@@ -140,14 +169,12 @@ def _fwd_body(geo: Geometry, has_skip: bool):
 def fwd(x1, v, x2, h, dskip, bs: MgpuBlockSizes, interpret: bool = False):
   """The forward launch: y [B, L, D] bfloat16."""
   geo = geometry(x1.shape, h.shape, bs)
-  c, w, n = geo.chunk, geo.width, geo.bands
-  band_f, _ = band_rows(h, c, n)
+  c, w, n, nt = geo.chunk, geo.width, geo.bands, geo.tiles
   xs = [pad(a, geo) for a in (x1, v, x2)]
-  scratch = (smem((c, (n + 1) * c), w), plgpu.SMEM((c, w), f32), smem((2, c, w)),
-             smem(((n + 1) * c, w)), smem((c, w)))
+  scratch = (smem((nt, n + 1, c, c), w), smem((nt, n + 1, c, w)), stage_buffer(geo, 1))
   y = launch(_fwd_body(geo, dskip is not None), geo,
-            jax.ShapeDtypeStruct(xs[0].shape, x1.dtype), scratch, interpret,
-            "gated_fir_fwd_mgpu")(band_f, skip_rows(dskip, geo), *xs)
+             jax.ShapeDtypeStruct(xs[0].shape, x1.dtype), scratch, interpret,
+             "gated_fir_fwd_mgpu")(band_rows(h, c, n), skip_rows(dskip, geo), *xs)
   return y[:, :geo.length]
 
 
@@ -156,7 +183,7 @@ def fwd(x1, v, x2, h, dskip, bs: MgpuBlockSizes, interpret: bool = False):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _gated_fir(x1, v, x2, h, dskip, opts):
-  bs, has_skip, interpret = opts
+  bs, _, has_skip, interpret = opts
   return fwd(x1, v, x2, h, dskip if has_skip else None, bs, interpret)
 
 
@@ -165,12 +192,12 @@ def _gated_fir_fwd(x1, v, x2, h, dskip, opts):
 
 
 def _gated_fir_bwd(opts, res, dy):
-  bs, has_skip, interpret = opts
+  bs, bs_b, has_skip, interpret = opts
   x1, v, x2, h, dskip = res
-  reason = mgpu_misfit(x1.shape, h.shape, x1.dtype, bs)
+  reason = mgpu_misfit(x1.shape, h.shape, x1.dtype, bs, bwd_bs=bs_b)
   if reason is not None:
     raise ValueError(f"gated_fir_conv_mgpu cannot differentiate this layer: {reason}")
-  dx1, dv, dx2, dh, dd = bwd(x1, v, x2, h, dskip if has_skip else None, dy, bs, interpret)
+  dx1, dv, dx2, dh, dd = bwd(x1, v, x2, h, dskip if has_skip else None, dy, bs_b, interpret)
   return dx1, dv, dx2, dh.astype(h.dtype), dd.astype(dskip.dtype)
 
 
@@ -179,13 +206,15 @@ _gated_fir.defvjp(_gated_fir_fwd, _gated_fir_bwd)
 
 def gated_fir_conv_mgpu(x1: jax.Array, v: jax.Array, x2: jax.Array, h: jax.Array,
                         dskip: jax.Array | None = None, *, interpret: bool = False,
-                        block_sizes: MgpuBlockSizes | None = None) -> jax.Array:
+                        block_sizes: MgpuBlockSizes | None = None,
+                        bwd_block_sizes: MgpuBlockSizes | None = None) -> jax.Array:
   """``x2 * (h * (x1 * v) + dskip * (x1 * v))``, causal, by the Mosaic GPU kernels.
 
   x1, v, x2: [B, L, D] bfloat16; h: [G, K] (true convolution; D/G a multiple of 16, K <= 129);
   dskip: [D] or None. Returns [B, L, D] bfloat16; differentiable in all arrays. ``interpret``
-  runs the kernels in Mosaic GPU interpret mode on CPU (slow, tests only). Block sizes default
-  to ``default_block_sizes``; a geometry they cannot run is a ValueError naming why.
+  runs the kernels in Mosaic GPU interpret mode on CPU (slow, tests only). Block sizes (the
+  backward's default to the forward's) default to ``default_block_sizes``; a geometry they
+  cannot run is a ValueError naming why.
   """
   check_gated_inputs(x1, v, x2)
   if h.ndim != 2:
@@ -203,4 +232,4 @@ def gated_fir_conv_mgpu(x1: jax.Array, v: jax.Array, x2: jax.Array, h: jax.Array
   has_skip = dskip is not None
   if dskip is None:
     dskip = jnp.zeros((x1.shape[2],), f32)
-  return _gated_fir(x1, v, x2, h, dskip, (bs, has_skip, interpret))
+  return _gated_fir(x1, v, x2, h, dskip, (bs, bwd_block_sizes or bs, has_skip, interpret))

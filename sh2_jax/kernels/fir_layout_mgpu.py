@@ -1,8 +1,9 @@
 """The tiling and shared building blocks of the Mosaic GPU gated FIR kernels
 (``fir_conv_mgpu.py`` forward and public op, ``fir_conv_mgpu_bwd.py`` backward; the algorithm and
 the interpret-mode notes are in ``fir_conv_mgpu.py``): block sizes, the launch geometry and what
-it cannot run, the shared-memory estimate, the Toeplitz band rows, and the in-kernel pieces both
-directions use (TMA fetches, sliding windows, staged stores, the launch).
+it cannot run, the shared-memory estimate, the Toeplitz band blocks, and the in-kernel pieces
+both directions use (the prologue's TMA batch, window slots and slides, the streamed BlockSpecs,
+staged stores, the launch).
 """
 
 from __future__ import annotations
@@ -24,13 +25,32 @@ f32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class MgpuBlockSizes:
-  """chunk: tokens per chunk c (64 or 128; the wgmma M); width: channels per program w (16, 32,
-  64 or 128; divides the group size; the wgmma N); seg_chunks: chunks per program (upper bound);
-  stages: pipeline depth (``max_concurrent_steps``)."""
+  """chunk: tokens per chunk c (64 or 128; the wgmma M); width: channels per channel tile w (16,
+  32, 64 or 128; divides the group size; the wgmma N); seg_chunks: chunks per program (upper
+  bound); stages: input pipeline depth (``max_concurrent_steps``).
+
+  The variants (``benchmarks/fir_conv.py --mode mgpu_variants`` times them):
+  tiles: channel tiles per program (several groups per program: band blocks and windows per
+  tile, their wgmmas issued back to back, so a step's fixed latencies — barrier wait, wgmma
+  wait, store wait — are paid once for ``tiles`` tiles and the grid is ``tiles`` times smaller;
+  the backward holds ``tiles * (n+1)`` [c, c] float32 dh accumulators in registers, and shared
+  memory grows with the tiles: programs per SM fall).
+  ring: the windows are rings of n + 1 chunk slots (chunk q in slot q mod (n+1), the wgmma of
+  lag m reads its slot) instead of sliding by one chunk in shared memory after every step.
+  store_slots: staged output buffers per output (1: a step waits for the previous step's copies
+  out before writing its own; 2: double-buffered, it waits only for those of two steps back).
+  wide: each streamed array moves as one [c, tiles * w] TMA box per step (rows of 2 tiles w
+  bytes, unswizzled shared memory; each tile reads its column slice) instead of one swizzled
+  [c, w] box per tile (32-byte rows at w = 16); the staged outputs likewise.
+  """
   chunk: int = 64
   width: int = 16
   seg_chunks: int = 32
   stages: int = 2
+  tiles: int = 1
+  ring: bool = False
+  store_slots: int = 1
+  wide: bool = False
 
 
 def bands(taps: int, chunk: int) -> int:
@@ -39,22 +59,28 @@ def bands(taps: int, chunk: int) -> int:
 
 
 def smem_bytes(bs: MgpuBlockSizes, taps: int, backward: bool = False) -> int:
-  """Shared memory of one program (bf16 operands, float32 partials), as allocated below."""
+  """Shared memory of one program (bf16 operands, float32 partials), as allocated below: the
+  buffers that live through the program, plus the largest of the scoped ones (the halo staging,
+  the input pipeline, the backward's staged partials at the end), which share one region."""
   c, w, s = bs.chunk, bs.width, bs.stages
   n1 = bands(taps, c) + 1
-  tile = c * w * 2
-  band_row = c * n1 * c * 2
-  if not backward:  # band row, pipelined x1 v x2, halo x1 v, u window, staged y
-    return band_row + s * 3 * tile + 2 * tile + n1 * tile + tile
-  # two band rows, dskip rows (f32), pipelined x1 v x2' dy', halo (2), windows of u, dz (bf16
-  # and f32) and dy, staged dx1 dv dx2, the ddskip partial (f32), the staged dh partial (f32)
-  return (2 * band_row + 2 * tile + s * 4 * tile + 2 * tile + 5 * n1 * tile + 3 * tile
-          + 2 * tile + c * n1 * c * 4)
+  t = bs.tiles
+  tile = c * w * 2  # the wide layout has the same bytes, in one buffer per array
+  band = t * n1 * c * c * 2
+  skip = t * c * w * 4
+  halo = (2 if backward else 1) * t * (n1 - 1) * 2 * tile  # the prologue's: x1 v (and dy x2)
+  if not backward:  # band rows, u windows, staged y; dskip rows and halo, or pipelined x1 v x2
+    return band + t * n1 * tile + bs.store_slots * t * tile + max(skip + halo, s * 3 * t * tile)
+  # band rows, windows of u, dz, x2 and dy, staged dx2 dx1 dv; dskip rows and halo, or
+  # pipelined x1 v x2' dy', or a [c, c/2] piece of the dh partial and the ddskip partial (f32)
+  return (band + 4 * t * n1 * tile + bs.store_slots * 3 * t * tile
+          + max(skip + halo, s * 4 * t * tile, c * c // 2 * 4 + c * w * 4))
 
 
 def default_block_sizes(group_size: int, taps: int) -> MgpuBlockSizes:
-  """Untuned (no Hopper measurement yet): chunk 64, the widest channel tile that divides the
-  group and fits the backward's shared memory."""
+  """Chunk 64, the widest channel tile that divides the group and fits the backward's shared
+  memory, the first-measured variant switches (one tile per program, sliding windows, one store
+  slot) until ``benchmarks/fir_conv.py --mode mgpu_variants`` has picked others."""
   for w in (64, 32, 16):
     bs = MgpuBlockSizes(chunk=64, width=w)
     if group_size % w == 0 and smem_bytes(bs, taps, backward=True) <= SMEM_LIMIT:
@@ -74,6 +100,10 @@ class Geometry:
   seg_chunks: int   # chunks per program
   n_segs: int       # programs along the sequence
   stages: int
+  tiles: int        # channel tiles per program
+  ring: bool
+  store_slots: int
+  wide: bool
 
   @property
   def bands(self):
@@ -92,14 +122,19 @@ class Geometry:
     return self.channels // self.width
 
   @property
+  def n_progs(self):
+    """Programs along the channels."""
+    return self.n_tiles // self.tiles
+
+  @property
   def tiles_per_group(self):
     return (self.channels // self.groups) // self.width
 
 
 def mgpu_misfit(x_shape, h_shape, dtype, bs: MgpuBlockSizes | None = None,
-                backward: bool = True) -> str | None:
-  """Why these kernels (the forward, and with ``backward`` its gradient too) cannot run this
-  geometry, or None when they can."""
+                backward: bool = True, bwd_bs: MgpuBlockSizes | None = None) -> str | None:
+  """Why these kernels (the forward with ``bs``, and with ``backward`` its gradient too, with
+  ``bwd_bs``, default ``bs``) cannot run this geometry, or None when they can."""
   _, _, d = x_shape
   groups, taps = h_shape
   if jnp.dtype(dtype) != jnp.bfloat16:
@@ -108,17 +143,25 @@ def mgpu_misfit(x_shape, h_shape, dtype, bs: MgpuBlockSizes | None = None,
     return f"filter groups {groups} do not divide channels {d}"
   gs = d // groups
   bs = bs or default_block_sizes(gs, taps)
-  if bs.chunk not in (64, 128):
-    return f"chunk {bs.chunk} is not 64 or 128"
-  if bands(taps, bs.chunk) > MAX_BANDS:
-    return (f"filter length {taps} exceeds {MAX_BANDS * bs.chunk + 1} taps (chunk {bs.chunk}, "
-            f"at most {MAX_BANDS} past chunks)")
-  if bs.width not in (16, 32, 64, 128) or gs % bs.width:
-    return (f"group size {gs} (channels {d} / groups {groups}) is not a multiple of the "
-            f"channel tile {bs.width}; the Mosaic GPU kernels need a multiple of 16")
-  for bwd in (False, True) if backward else (False,):
-    if smem_bytes(bs, taps, bwd) > SMEM_LIMIT:
-      return (f"block sizes {bs} need {smem_bytes(bs, taps, bwd)} bytes of shared memory "
+  for b, bwd in [(bs, False)] + ([(bwd_bs or bs, True)] if backward else []):
+    if b.chunk not in (64, 128):
+      return f"chunk {b.chunk} is not 64 or 128"
+    if bands(taps, b.chunk) > MAX_BANDS:
+      return (f"filter length {taps} exceeds {MAX_BANDS * b.chunk + 1} taps (chunk {b.chunk}, "
+              f"at most {MAX_BANDS} past chunks)")
+    if b.width not in (16, 32, 64, 128) or gs % b.width:
+      return (f"group size {gs} (channels {d} / groups {groups}) is not a multiple of the "
+              f"channel tile {b.width}; the Mosaic GPU kernels need a multiple of 16")
+    if b.tiles < 1 or (d // b.width) % b.tiles:
+      return (f"tiles={b.tiles} does not divide the {d // b.width} channel tiles of width "
+              f"{b.width} (channels {d})")
+    if b.store_slots not in (1, 2):
+      return f"store_slots {b.store_slots} is not 1 or 2"
+    if b.wide and b.tiles * b.width > 256:
+      return (f"wide boxes of {b.tiles} tiles x {b.width} channels exceed TMA's 256 elements a "
+              f"box row")
+    if smem_bytes(b, taps, bwd) > SMEM_LIMIT:
+      return (f"block sizes {b} need {smem_bytes(b, taps, bwd)} bytes of shared memory "
               f"({'backward' if bwd else 'forward'}) for {taps} taps, over {SMEM_LIMIT}")
   return None
 
@@ -129,19 +172,17 @@ def geometry(x_shape, h_shape, bs: MgpuBlockSizes) -> Geometry:
   chunks = -(-length // bs.chunk)
   n_segs = -(-chunks // bs.seg_chunks)
   seg = -(-chunks // n_segs)  # balanced: padding below one chunk per segment
-  return Geometry(b, length, d, groups, taps, bs.chunk, bs.width, seg, n_segs, bs.stages)
+  return Geometry(b, length, d, groups, taps, bs.chunk, bs.width, seg, n_segs, bs.stages,
+                  bs.tiles, bs.ring, bs.store_slots, bs.wide)
 
 
 def band_rows(h, c: int, n: int):
-  """[G, K] -> forward [H_n | … | H_0] and backward [H_0^T | … | H_n^T], each [G, c, (n+1)c]
-  bfloat16, ``H_m[i, i'] = h[i + m c - i']``."""
+  """[G, K] -> the Toeplitz blocks ``H_m`` [G, n+1, c, c] bfloat16 indexed by the lag m,
+  ``H_m[i, i'] = h[i + m c - i']`` (the backward reads them transposed: wgmma's transposed A)."""
   groups, taps = h.shape
   table = jnp.pad(h.astype(f32), ((0, 0), (c, (n + 2) * c - taps)))  # table[g, c + d] = h[g, d]
   diff = np.arange(c)[:, None] - np.arange(c)[None, :]  # i - i'
-  hm = [table[:, c + m * c + diff] for m in range(n + 1)]
-  fwd = jnp.concatenate(hm[::-1], axis=2)
-  bwd = jnp.concatenate([a.transpose(0, 2, 1) for a in hm], axis=2)
-  return fwd.astype(jnp.bfloat16), bwd.astype(jnp.bfloat16)
+  return jnp.stack([table[:, c + m * c + diff] for m in range(n + 1)], axis=1).astype(jnp.bfloat16)
 
 
 def swizzled(minor: int, dtype=jnp.bfloat16):
@@ -168,18 +209,25 @@ def skip_rows(dskip, geo: Geometry):
   return jnp.broadcast_to(skip[None, :], (geo.chunk, geo.channels))
 
 
-def matmul(a_ref, b_ref, shape):
-  """``a @ b`` by one wgmma into a fresh float32 accumulator, read back to registers."""
-  def run(acc_ref):
-    plgpu.wgmma(acc_ref, a_ref, b_ref)
-    return acc_ref[...]
-  return pl.run_scoped(run, plgpu.ACC(shape, f32))
-
-
 def program(geo: Geometry):
-  """(batch row, channel tile, first chunk, group, column slice) of this program."""
-  b, t, s = (jax.lax.axis_index(n) for n in ("batch", "tile", "seg"))
-  return b, t, s * geo.seg_chunks, t // geo.tiles_per_group, pl.ds(t * geo.width, geo.width)
+  """(batch row, first chunk, [(tile, group, column slice)] of each channel tile) of this
+  program; its tiles are consecutive."""
+  b, p, s = (jax.lax.axis_index(n) for n in ("batch", "tile", "seg"))
+  tiles = []
+  for i in range(geo.tiles):
+    t = p * geo.tiles + i
+    tiles.append((t, t // geo.tiles_per_group, pl.ds(t * geo.width, geo.width)))
+  return b, s * geo.seg_chunks, tiles
+
+
+def slot(geo: Geometry, j, d: int, ahead: bool = False):
+  """The window slot of chunk ``j + d`` at the step of chunk j. Sliding windows keep the past
+  chunks j-n … j in slots 0 … n (``ahead``: j … j+n); a ring keeps chunk q in slot q mod (n+1)
+  (``j + d + n + 1 > 0``: chunks start at -n)."""
+  n = geo.bands
+  if geo.ring:
+    return jax.lax.rem(j + d + n + 1, n + 1)
+  return d if ahead else n + d
 
 
 def fetch(copies, bars):
@@ -190,30 +238,56 @@ def fetch(copies, bars):
     plgpu.barrier_wait(bars.at[i])
 
 
+def fetch_all(copies):
+  pl.run_scoped(functools.partial(fetch, copies), plgpu.Barrier(num_barriers=len(copies)))
+
+
 def product(a, b):
   return a * b
 
 
-def fill_window(geo, wins, chunks, a_gmem, b_gmem, b, cols, halo, fns=None):
-  """Rows ``m c`` of each window in ``wins`` <- ``fn(a, b)`` (float32; default ``a * b``) of
-  chunk ``chunks[m]``, zero for a chunk outside 0..last: the halo of past u (forward) or of
-  future dz and dy (backward)."""
-  fns = fns or [product] * len(wins)
-  c = geo.chunk
-  for m, chunk in enumerate(chunks):
-    rows = pl.ds(jnp.clip(chunk, 0, geo.last) * c, c)
-    pl.run_scoped(functools.partial(fetch, [(a_gmem.at[b, rows, cols], halo.at[0]),
-                                            (b_gmem.at[b, rows, cols], halo.at[1])]),
-                  plgpu.Barrier(num_barriers=2))
-    # A scalar where() would be an implicit broadcast, which Mosaic GPU's warpgroup lowering
-    # does not implement: pick the write instead.
-    live = (chunk >= 0) & (chunk <= geo.last)
-    dsts = [win.at[pl.ds(m * c, c)] for win in wins]
+def first_arg(a, b):
+  del b
+  return a
 
-    def fill():
-      a, b_ = halo[0].astype(f32), halo[1].astype(f32)
-      put(dsts, [fn(a, b_) for fn in fns])
-    jax.lax.cond(live, fill, lambda: put(dsts, [jnp.zeros((c, geo.width), f32)] * len(dsts)))
+
+def second_arg(a, b):
+  del a
+  return b
+
+
+def prologue(geo: Geometry, b, tiles, band_gmem, band_smem, skip_gmem, fills):
+  """A program's start, as one batch of TMA copies and one wait (not a round trip each): the
+  band blocks of its tiles' groups into ``band_smem``, the dskip rows of its tiles (unless
+  ``skip_gmem`` is None), and the halo: each fill ``(a_gmem, b_gmem, cols, chunk, dsts, fns)``
+  writes ``fn(a, b)`` (float32) of chunk ``chunk`` into each window slot of ``dsts``, zero for a
+  chunk outside 0..last (the n chunks of past u before the first; in the backward also the n
+  chunks of future dz and dy). Returns each tile's dskip rows [c, w] float32 as register values
+  for the whole program, or None. Its staging buffers are scoped, so the input pipeline reuses
+  that shared memory."""
+  c, w, n = geo.chunk, geo.width, geo.bands
+
+  def run(skip_buf, halo):
+    copies = [(band_gmem.at[g, m], band_smem.at[i, m]) for i, (_, g, _) in enumerate(tiles)
+              for m in range(n + 1)]
+    if skip_gmem is not None:
+      copies += [(skip_gmem.at[:, cols], skip_buf.at[i]) for i, (_, _, cols) in enumerate(tiles)]
+    for q, (a_gmem, b_gmem, cols, chunk, _, _) in enumerate(fills):
+      rows = pl.ds(jnp.clip(chunk, 0, geo.last) * c, c)
+      copies += [(a_gmem.at[b, rows, cols], halo.at[q, 0]),
+                 (b_gmem.at[b, rows, cols], halo.at[q, 1])]
+    fetch_all(copies)
+    for q, (_, _, _, chunk, dsts, fns) in enumerate(fills):
+      # A scalar where() would be an implicit broadcast, which Mosaic GPU's warpgroup lowering
+      # does not implement: pick the write instead.
+      def fill(q=q, dsts=dsts, fns=fns):
+        a, b_ = halo[q, 0].astype(f32), halo[q, 1].astype(f32)
+        put(dsts, [fn(a, b_) for fn in fns])
+      jax.lax.cond((chunk >= 0) & (chunk <= geo.last), fill,
+                   lambda dsts=dsts: put(dsts, [jnp.zeros((c, w), f32)] * len(dsts)))
+    return None if skip_gmem is None else [skip_buf[i] for i in range(len(tiles))]
+  return pl.run_scoped(run, plgpu.SMEM((len(tiles), c, w), f32),
+                       smem((max(len(fills), 1), 2, c, w)))
 
 
 def put(refs, vals):
@@ -221,24 +295,74 @@ def put(refs, vals):
     ref[...] = val.astype(ref.dtype)
 
 
-def slide(win, geo):
-  """Drop the window's oldest chunk: rows [0, n c) <- rows [c, (n + 1) c)."""
-  c, n = geo.chunk, geo.bands
-  win[pl.ds(0, n * c), :] = win[pl.ds(c, n * c), :]
-
-
-def store(val, stage_ref, dst_gmem):
-  """Registers -> staged shared memory -> HBM, by hand: emit_pipeline's out_specs do not run in
-  interpret mode (gap 2 in ``fir_conv_mgpu.py``)."""
-  plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous copy out of stage_ref
-  stage_ref[...] = val.astype(stage_ref.dtype)
+def slide(wins, geo):
+  """Sliding windows only: drop each window's oldest chunk (slot m <- slot m + 1)."""
+  if geo.ring:
+    return
+  for win in wins:
+    for m in range(geo.bands):
+      win[m] = win[m + 1]
   plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(stage_ref, dst_gmem)
+
+
+def stream_specs(geo: Geometry, tiles, block_row):
+  """BlockSpecs of one streamed array (chunk ``block_row(k)`` at pipeline step k): one wide
+  [c, tiles * w] box, or one swizzled [c, w] box per tile."""
+  c, w = geo.chunk, geo.width
+  if geo.wide:
+    p = tiles[0][0] // geo.tiles
+    return [plgpu.BlockSpec((c, geo.tiles * w), lambda k: (block_row(k), p))]
+  return [plgpu.BlockSpec((c, w), lambda k, t=t: (block_row(k), t), transforms=swizzled(w))
+          for t, _, _ in tiles]
+
+
+def tile_refs(geo: Geometry, refs):
+  """The per-tile [c, w] views of one streamed array's pipeline refs (``stream_specs``)."""
+  if geo.wide:
+    return [refs[0].at[:, pl.ds(i * geo.width, geo.width)] for i in range(geo.tiles)]
+  return list(refs)
+
+
+def split_streams(geo: Geometry, refs, count: int):
+  """A pipeline step's refs of ``count`` streamed arrays -> per array, its per-tile views."""
+  per = 1 if geo.wide else geo.tiles
+  return [tile_refs(geo, refs[q * per:(q + 1) * per]) for q in range(count)]
+
+
+def stage_buffer(geo: Geometry, n_out: int):
+  """Staged outputs: [slots, n_out, c, tiles * w] unswizzled (wide) or [slots, n_out, tiles, c,
+  w] swizzled."""
+  c, w, t = geo.chunk, geo.width, geo.tiles
+  if geo.wide:
+    return plgpu.SMEM((geo.store_slots, n_out, c, t * w), jnp.bfloat16)
+  return smem((geo.store_slots, n_out, t, c, w))
+
+
+def store(outs, stage, gmems, b, rows, tiles, k, geo: Geometry):
+  """Registers -> staged shared memory -> HBM, by hand (emit_pipeline's out_specs do not run in
+  interpret mode: gap 2 in ``fir_conv_mgpu.py``): output o's per-tile values ``outs[o]`` go to
+  slot ``k mod store_slots`` of ``stage`` (``stage_buffer``) once the copies out of that slot
+  (issued ``store_slots`` steps ago) have read it, one fence, then the TMA copies to rows
+  ``rows`` of ``gmems[o]`` (one per output if wide, else one per tile)."""
+  slots, w = geo.store_slots, geo.width
+  copies = len(outs) * (1 if geo.wide else geo.tiles)
+  plgpu.wait_smem_to_gmem((slots - 1) * copies, wait_read_only=True)
+  at = stage.at[jax.lax.rem(k, slots) if slots > 1 else 0]
+  for o, vals in enumerate(outs):
+    put([at.at[o, :, pl.ds(i * w, w)] if geo.wide else at.at[o, i] for i in range(len(vals))],
+        vals)
+  plgpu.commit_smem()
+  for o, gmem in enumerate(gmems):
+    if geo.wide:
+      plgpu.copy_smem_to_gmem(at.at[o], gmem.at[b, rows, pl.ds(tiles[0][0] * w, geo.tiles * w)])
+    else:
+      for i, (_, _, cols) in enumerate(tiles):
+        plgpu.copy_smem_to_gmem(at.at[o, i], gmem.at[b, rows, cols])
 
 
 def launch(body, geo: Geometry, out_type, scratch, interpret: bool, name: str):
   return plgpu.kernel(
       body, out_type=out_type, scratch_types=scratch,
-      grid=(geo.batch, geo.n_tiles, geo.n_segs), grid_names=("batch", "tile", "seg"),
+      grid=(geo.batch, geo.n_progs, geo.n_segs), grid_names=("batch", "tile", "seg"),
       compiler_params=plgpu.CompilerParams(), kernel_name=name,
       interpret=plgpu.InterpretGPUParams() if interpret else None)
