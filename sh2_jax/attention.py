@@ -16,7 +16,8 @@ from flax import nnx
 from sh2_jax import capture, dispatch
 from sh2_jax.config import ModelConfig
 from sh2_jax.layers import Dense, small_init, wang_init
-from sh2_jax.modes import FULL, ContextParallel, Decode, KVCache, Prefill, Segment, ShardedKV
+from sh2_jax.modes import (FULL, ContextParallel, Decode, KVCache, Prefill, Segment, ShardedKV,
+                           write_rows)
 from sh2_jax.ops.attention import apply_rope, block_attention, merge, merge_across, rope_inv_freq
 from sh2_jax.parallel.attention import cp_attention
 from sh2_jax.parallel.zigzag import local_positions
@@ -64,9 +65,8 @@ class Attention(nnx.Module):
       # a single-query step only streams the cache).
       positions = mode.positions
       q, k, v = self.qkv(x, positions[:, None])
-      rows = jnp.arange(b)
-      cache = KVCache(cache.k.at[rows, positions].set(k[:, 0]),
-                      cache.v.at[rows, positions].set(v[:, 0]))
+      cache = KVCache(write_rows(cache.k, positions, k[:, 0]),
+                      write_rows(cache.v, positions, v[:, 0]))
       o = dispatch.attention_fn("xla", self.dtype)(q, cache.k, cache.v, positions + 1, False,
                                                    scale, False)
     elif isinstance(mode, Segment):

@@ -165,5 +165,14 @@ def from_ring(ring: jax.Array, end) -> jax.Array:
 def ring_write(ring: jax.Array, positions: jax.Array, x: jax.Array) -> jax.Array:
   """Row b's ``x[b]`` ([B, C]) into slot ``positions[b] mod K`` of the ring [B, K, C]: one slot
   per row, in place when the ring is not read before (read the written ring, not the old)."""
-  rows = jnp.arange(ring.shape[0])
-  return ring.at[rows, positions % ring.shape[1]].set(x.astype(ring.dtype))
+  return write_rows(ring, positions % ring.shape[1], x)
+
+
+def write_rows(cache: jax.Array, index: jax.Array, x: jax.Array) -> jax.Array:
+  """``cache[b, index[b]] = x[b]`` for every row b (cache [B, S, ...], x [B, ...]). The (row,
+  index) pairs are distinct, so the scatter says so: XLA GPU then stores the updates instead
+  of looping atomic compare-and-swaps over them (16-bit types have no atomic exchange). An
+  index past the end drops its row's update."""
+  rows = jnp.arange(cache.shape[0])
+  return cache.at[rows, index].set(x.astype(cache.dtype), unique_indices=True,
+                                   indices_are_sorted=True)

@@ -92,11 +92,14 @@ def _prefill(graphdef, state, tokens, lengths, *, max_len):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "greedy", "return_logits",
-                                             "kv"))
+                                             "kv"), donate_argnames=("cache",))
 def _decode_loop(graphdef, state, logits, cache, stop, key, temperature, top_k, top_p, *,
                  max_new, greedy, return_logits, kv=None):
   """Sample from the prefill's logits, then decode until max_new tokens or every row stopped.
-  ``kv``: the cache is sharded as it says (generation on a context mesh)."""
+  ``kv``: the cache is sharded as it says (generation on a context mesh). Returns (tokens,
+  logits, the final cache). The cache (the prefill's, nobody else's) is donated and returned,
+  so the loop updates it in place instead of first copying it (a second KV cache in memory:
+  11 GB for evo2-7b at batch 16 after 8K tokens)."""
   model = nnx.merge(graphdef, state)
   if kv is None:
     step = functools.partial(decode_step, model)
@@ -127,7 +130,7 @@ def _decode_loop(graphdef, state, logits, cache, stop, key, temperature, top_k, 
     return i + 1, cache, nxt, done | jnp.isin(nxt, stop), out, seen
 
   carry = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, tok, done, out, seen))
-  return carry[4], carry[5]
+  return carry[4], carry[5], carry[1]  # the cache too: returned, its donated buffers are reused
 
 
 def _prefill_rows(graphdef, state, rows, max_new: int, prefill_rows):
@@ -189,7 +192,7 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
   else:
     logits, cache, kv = _prefill_on_mesh(model, rows, int(max_new_tokens), mesh, segment_len)
     state = jax.device_put(state, NamedSharding(mesh, P()))
-  out, logits = _decode_loop(
+  out, logits, _ = _decode_loop(
       graphdef, state, logits, cache, jnp.asarray(stop), jax.random.key(seed),
       jnp.float32(temperature if temperature > 0 else 1.0), jnp.int32(top_k or 0),
       jnp.float32(top_p if top_p is not None else 1.0), max_new=int(max_new_tokens),

@@ -114,8 +114,9 @@ def test_ring_round_trip_and_write():
 
 
 def test_decode_loop_carries_the_caches_without_copies():
-  """The compiled decoding loop updates the FIR rings and the KV caches in place: its body
-  copies none of them (a shifted FIR window made XLA copy every history every step). The LI
+  """The compiled decoding loop updates the FIR rings and the KV caches in place, by scatters of
+  unique indices: its body copies none of them (a shifted FIR window made XLA copy every history
+  every step). The LI
   modal state is left out: XLA CPU keeps its einsum as a dot and recomputes the state update
   into the dot's operand, so the old state is read twice (on GPU the einsum becomes a reduce)."""
   import re
@@ -145,6 +146,9 @@ def test_decode_loop_carries_the_caches_without_copies():
   copies = [line for line in text.splitlines() if re.search(r"= \S+ copy\(", line)
             and any(s in line.split("copy(")[0] for s in shapes)]
   assert not copies, copies[:3]
+  # each row writes its own slot: the scatters say so (XLA GPU stores instead of looping atomics)
+  scatters = [line for line in text.splitlines() if re.search(r"= \S+ scatter\(", line)]
+  assert scatters and all("unique_indices=true" in line for line in scatters), scatters[:2]
 
 
 def test_compute_dtype_weights_cast_only_the_matrices():
@@ -160,3 +164,19 @@ def test_compute_dtype_weights_cast_only_the_matrices():
     assert new.dtype == (jnp.bfloat16 if matrix else jnp.float32), path
     assert var.get_value().dtype == jnp.float32, path
     np.testing.assert_array_equal(new, var.get_value().astype(new.dtype))
+
+
+def test_generate_loop_donates_the_cache():
+  """``generate``'s compiled loop takes the prefill's cache as its own buffers (aliased), so a
+  generation holds one KV cache, not two."""
+  from sh2_jax.inference import generation
+  from sh2_jax.inference.cache import cache_bytes, init_cache
+  model = golden_model("float32")
+  graphdef, state = nnx.split(model)
+  cache = init_cache(model.cfg, 2, 32)
+  logits = jnp.zeros((2, model.cfg.vocab_size), jnp.float32)
+  compiled = generation._decode_loop.lower(
+      graphdef, state, logits, cache, jnp.full((8,), -1, jnp.int32), jax.random.key(0),
+      jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0), max_new=4, greedy=True,
+      return_logits=False).compile()
+  assert compiled.memory_analysis().alias_size_in_bytes >= cache_bytes(model.cfg, 2, 32)
