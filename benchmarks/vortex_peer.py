@@ -14,7 +14,8 @@ Three processes, one after the other, so that torch and JAX never share the card
   3. ``benchmarks/decode.py`` itself for our decoding (its table is read back), same variable.
 Timing: the median method of ``benchmarks/common.timeit`` (torch: the same loop closed by
 ``torch.cuda.synchronize``); decoding: median of ``--reps`` loops of ``--steps`` greedy steps after
-a warm-up loop. Bytes a decode step must read = parameters + the whole cache; each side's process
+a warm-up loop. Bytes per decode step: vortex's = parameters + its whole cache; ours = decode.py's
+must-read count (parameters + the KV cache up to the position + the Hyena states); each side's process
 measures its own copy rate (torch: a 1 GiB device-to-device copy; JAX: ``common.copy_bandwidth``).
 Points that would overrun ``--budget_s`` are skipped with a note; an OOM is a note.
 Output: ``OUT/vortex_peer.jsonl`` (one row per point: kind, impl, L, batch, ms, tokens_per_s,
@@ -456,7 +457,8 @@ def report(rows: list[dict], out_dir: str) -> str:
       table.append([batch, cell(v), cell(v, "tokens_per_s", ".0f"),
                     rate(v), cell(o), cell(o, "tokens_per_s", ".0f"), rate(o), speedup(v, o)])
     parts.append(f"**Cached decoding** after a {prompt}-token prompt; ms per step (median of "
-                 "timed loops), GB/s = (parameters + whole cache) / step time, and its share of "
+                 "timed loops), GB/s = bytes per step / step time (vortex: parameters + its whole cache; "
+                 "sh2_jax: parameters + KV cache up to the position + states), and its share of "
                  "that side's measured copy rate:\n\n" + common.markdown_table(
                      ["batch", "vortex ms/step", "vortex tokens/s", "vortex GB/s (% copy)",
                       "sh2_jax ms/step", "sh2_jax tokens/s", "sh2_jax GB/s (% copy)",
