@@ -19,23 +19,11 @@ import pytest
 from sh2_jax import dispatch
 from sh2_jax.kernels import modal_fast as mf
 from sh2_jax.kernels.modal_fast_layout import FastBlocks, backward_geometry, make_geometry
+from test_modal_scan import make_inputs  # one generator of LI inputs (poles at both extremes)
 
 INTERPRET = jax.default_backend() != "gpu"
 TOL = 1e-5
 NAMES = ("x1", "v", "x2", "log_poles", "residues", "dskip", "initial_state")
-
-
-def make_inputs(seed, batch, length, width, states):
-  """Fresh random inputs; poles log-uniform from exp(lambda) = 1 - 1e-5 to e^-8, the two
-  extremes always present."""
-  rng = np.random.default_rng(seed)
-  x1, v, x2 = (rng.standard_normal((batch, length, width)) for _ in range(3))
-  rates = np.exp(rng.uniform(np.log(1e-5), np.log(8.0), (width, states)))
-  rates[0, 0], rates[-1, -1] = 1e-5, 8.0
-  res = rng.standard_normal((width, states)) * 0.1
-  dskip = rng.standard_normal(width)
-  s0 = rng.standard_normal((batch, width, states))
-  return [jnp.asarray(a, jnp.float32) for a in (x1, v, x2, -rates, res, dskip, s0)]
 
 
 def rel_err(a, b):
