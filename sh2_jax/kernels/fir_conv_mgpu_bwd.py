@@ -122,12 +122,16 @@ def _bwd_body(geo: Geometry, has_skip: bool):
 def reduce_dh(p, geo: Geometry):
   """The reduction pass: partials [B, tiles, segs, (n+1)c, c] (rows of block n - m: lag m) ->
   dh [G, K] float32 (``dh[g, k] = sum_i P[i, n c + i - k]`` over the tiles of group g, with P
-  the blocks side by side, [c, (n+1)c])."""
+  the blocks side by side, [c, (n+1)c]). Short filters (lags 0..K-1 a quarter of P or less:
+  SE reads 7 of 128 columns a row) gather their diagonals before summing over batch and
+  segments, so only those entries are read; longer ones sum first and gather from the sum."""
   c, n = geo.chunk, geo.bands
-  m = p.sum(axis=(0, 2)).reshape(-1, n + 1, c, c)  # [tiles, block, c, c]
-  m = m.transpose(0, 2, 1, 3).reshape(m.shape[0], c, (n + 1) * c)
-  lag_col = n * c + np.arange(c)[:, None] - np.arange(geo.taps)[None, :]  # [i, k] -> column
-  diag = jnp.take_along_axis(m, jnp.asarray(lag_col)[None], axis=2).sum(axis=1)  # [tiles, K]
+  col = n * c + np.arange(c)[:, None] - np.arange(geo.taps)[None, :]  # [i, k] -> P's column
+  rows, cols = (col // c) * c + np.arange(c)[:, None], col % c        # -> partial's row, column
+  if 4 * geo.taps <= (n + 1) * c:
+    diag = p[:, :, :, rows, cols].sum(axis=(0, 2, 3))  # [tiles, K]
+  else:
+    diag = p.sum(axis=(0, 2))[:, rows, cols].sum(axis=1)
   return diag.reshape(geo.groups, geo.tiles_per_group, geo.taps).sum(axis=1)
 
 
