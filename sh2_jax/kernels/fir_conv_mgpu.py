@@ -110,11 +110,12 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from sh2_jax.kernels._pallas import check_gated_inputs
 from sh2_jax.kernels.fir_conv_mgpu_bwd import bwd
-from sh2_jax.kernels.fir_layout_mgpu import (SMEM_LIMIT, Geometry, MgpuBlockSizes, band_rows,
-                                             default_block_sizes, f32, geometry, launch,
-                                             mgpu_misfit, pad, product, program, prologue, put,
-                                             skip_rows, slide, slot, smem, smem_bytes,
-                                             split_streams, stage_buffer, store, stream_specs)
+from sh2_jax.kernels.fir_layout_mgpu import (SMEM_LIMIT, Geometry, MgpuBlockSizes, band_a,
+                                             band_copies, band_rows, default_block_sizes, f32,
+                                             geometry, launch, mgpu_misfit, pad, past_rows,
+                                             product, program, prologue, put, skip_rows, slide,
+                                             slot, smem, smem_bytes, split_streams,
+                                             stage_buffer, store, stream_specs)
 
 __all__ = ["SMEM_LIMIT", "MgpuBlockSizes", "bwd", "default_block_sizes", "fwd",
            "gated_fir_conv_mgpu", "mgpu_misfit", "smem_bytes"]
@@ -127,9 +128,10 @@ def _fwd_body(geo: Geometry, has_skip: bool):
   c, w, n, nt = geo.chunk, geo.width, geo.bands, geo.tiles
 
   def kernel(band_gmem, skip_gmem, x1_gmem, v_gmem, x2_gmem, y_gmem,
-             band_smem, u_win, y_stage):
+             band_smem, tail_f, u_win, y_stage):
     b, first, tiles = program(geo)
-    skips = prologue(geo, b, tiles, band_gmem, band_smem, skip_gmem if has_skip else None,
+    skips = prologue(geo, b, tiles, band_copies(geo, tiles, band_gmem, band_smem, tail_f),
+                     skip_gmem if has_skip else None,
                      [(x1_gmem, v_gmem, cols, first - n + m,
                        [u_win.at[i, slot(geo, first, m - n)]], [product])
                       for i, (_, _, cols) in enumerate(tiles) for m in range(n)])
@@ -147,7 +149,8 @@ def _fwd_body(geo: Geometry, has_skip: bool):
       def mm(*accs):  # every tile's bands, issued back to back; reading waits for all
         for i, acc in enumerate(accs):
           for m in range(n + 1):
-            plgpu.wgmma(acc, band_smem.at[i, m], u_win.at[i, slot(geo, j, -m)])
+            plgpu.wgmma(acc, band_a(geo, band_smem, tail_f, i, m),
+                        u_win.at[i, slot(geo, j, -m)].at[past_rows(geo, m)])
         return [acc[...] for acc in accs]
       zs = pl.run_scoped(mm, *[plgpu.ACC((c, w), f32)] * nt)
       ys = []
@@ -171,7 +174,8 @@ def fwd(x1, v, x2, h, dskip, bs: MgpuBlockSizes, interpret: bool = False):
   geo = geometry(x1.shape, h.shape, bs)
   c, w, n, nt = geo.chunk, geo.width, geo.bands, geo.tiles
   xs = [pad(a, geo) for a in (x1, v, x2)]
-  scratch = (smem((nt, n + 1, c, c), w), smem((nt, n + 1, c, w)), stage_buffer(geo, 1))
+  scratch = (smem((nt, n, c, c), w), smem((nt, c, geo.tail), w), smem((nt, n + 1, c, w)),
+             stage_buffer(geo, 1))
   y = launch(_fwd_body(geo, dskip is not None), geo,
              jax.ShapeDtypeStruct(xs[0].shape, x1.dtype), scratch, interpret,
              "gated_fir_fwd_mgpu")(band_rows(h, c, n), skip_rows(dskip, geo), *xs)
