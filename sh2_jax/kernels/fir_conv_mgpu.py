@@ -14,7 +14,9 @@ tokens (c = 64, one warpgroup's wgmma M). The causal Toeplitz operator is block-
 n + 1 bands, n = ceil((K - 1) / c) (1 for SE, 2 for K = 128): ``Y_j = sum_m H_m U_{j-m}``,
 ``H_m[i, i'] = h[i + m c - i']`` (zero outside 0..K-1): n + 1 wgmmas of depth c accumulating in
 one float32 accumulator, the [c, c] blocks H_m of the program's group the A operands (built once
-by XLA, [G, n+1, c, c], a few KiB per group, TMA-copied into shared memory once per program),
+by XLA, [G, n+1, c, c], a few KiB per group, TMA-copied into shared memory once per program;
+of the last, H_n, only its k nonzero columns — its top-right corner, k = K - 1 - (n-1)c rounded
+up to 16: 16 of 64 at SE — so that wgmma has depth k),
 the window of the last n+1 chunks of u the B operands: a [n+1, c, w] shared-memory buffer
 (the halo of K-1 past tokens, as the Triton kernel carries ``u_prev``: a program loads the n
 chunks before its first once, in its prologue, one batch of TMA copies with one wait for the
@@ -53,14 +55,15 @@ waited for its previous TMA store before each of its three stores, slid four win
 registers and read back a shared-memory ddskip accumulator, and its shared memory (86 KiB SE)
 allowed 2 programs per SM. Now one wait per step covers all its stores, the ddskip partial is a
 register carry, and the footprint is smaller (one set of band blocks, an x2 window instead of
-float32 dz, dskip rows in registers, scoped prologue / dh staging: SE 54 KiB, 4 programs per
-SM); the
-variants in ``MgpuBlockSizes`` (``tiles``, ``ring``, ``store_slots``, ``wide``, ``stages``,
-``seg_chunks``) attack the rest; ``benchmarks/fir_conv.py --mode mgpu_variants`` times them
-against the floor. Still one warpgroup per program (no warp specialisation: the TMA loads are
-already asynchronous, and concurrency comes from programs per SM); the dh partials are
-[c, (n+1)c] float32 per program (~67 MB SE / ~100 MB MR at L = 16K, D = 4096, 32 chunks per
-program, beside 512 MB of inputs; longer segments divide them).
+float32 dz, dskip rows in registers, scoped prologue / dh staging, the last band's k columns:
+SE 50 KiB, 4 programs per SM; the forward 28 KiB, 7); the variants in ``MgpuBlockSizes``
+(``tiles``, ``ring``, ``store_slots``, ``wide``, ``stages``, ``seg_chunks``; the backward's
+may differ: ``bwd_block_sizes``) attack the rest; ``benchmarks/fir_conv.py --mode
+mgpu_variants`` times them against the floor. Still one warpgroup per program (no warp
+specialisation: the TMA loads are already asynchronous, and concurrency comes from programs per
+SM, which shared memory bounds); the dh partials are [c, (n+1)c] float32 per program (~67 MB SE
+/ ~100 MB MR at L = 16K, D = 4096, 32 chunks per program, beside 512 MB of inputs; longer
+segments divide them, and the SE reduction gathers only its 7 diagonals).
 
 Interpret mode (``interpret=True``: ``plgpu.InterpretGPUParams``, CPU tests) in JAX 0.11.2 has
 gaps this file works around, so that the same code runs compiled and interpreted:
