@@ -219,9 +219,9 @@ def gated_fir_conv_mgpu(x1: jax.Array, v: jax.Array, x2: jax.Array, h: jax.Array
 
   x1, v, x2: [B, L, D] bfloat16; h: [G, K] (true convolution; D/G a multiple of 16, K <= 129);
   dskip: [D] or None. Returns [B, L, D] bfloat16; differentiable in all arrays. ``interpret``
-  runs the kernels in Mosaic GPU interpret mode on CPU (slow, tests only). Block sizes (the
-  backward's default to the forward's) default to ``default_block_sizes``; a geometry they
-  cannot run is a ValueError naming why.
+  runs the kernels in Mosaic GPU interpret mode on CPU (slow, tests only). Block sizes default
+  to ``default_block_sizes`` of each direction (the backward's to ``block_sizes`` when only that
+  is given); a geometry they cannot run is a ValueError naming why.
   """
   check_gated_inputs(x1, v, x2)
   if h.ndim != 2:
@@ -232,11 +232,13 @@ def gated_fir_conv_mgpu(x1: jax.Array, v: jax.Array, x2: jax.Array, h: jax.Array
     raise ValueError(f"gated_fir_conv_mgpu runs Mosaic GPU kernels on a GPU, but JAX runs on "
                      f"{jax.default_backend()!r}; pass interpret=True (slow, for tests) or use "
                      f"sh2_jax.ops.fir.gated_conv")
-  bs = block_sizes or default_block_sizes(x1.shape[2] // max(h.shape[0], 1), h.shape[1])
+  gs = x1.shape[2] // max(h.shape[0], 1)
+  bs = block_sizes or default_block_sizes(gs, h.shape[1])
+  bs_b = bwd_block_sizes or block_sizes or default_block_sizes(gs, h.shape[1], backward=True)
   reason = mgpu_misfit(x1.shape, h.shape, x1.dtype, bs, backward=False)
   if reason is not None:
     raise ValueError(f"gated_fir_conv_mgpu cannot run this layer: {reason}")
   has_skip = dskip is not None
   if dskip is None:
     dskip = jnp.zeros((x1.shape[2],), f32)
-  return _gated_fir(x1, v, x2, h, dskip, (bs, bwd_block_sizes or bs, has_skip, interpret))
+  return _gated_fir(x1, v, x2, h, dskip, (bs, bs_b, has_skip, interpret))

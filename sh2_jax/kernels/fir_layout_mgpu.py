@@ -97,10 +97,12 @@ def smem_bytes(bs: MgpuBlockSizes, taps: int, backward: bool = False) -> int:
           + max(skip + halo, s * 4 * t * tile, sum(c * wd * 4 for wd in widths) + c * w * 4))
 
 
-def default_block_sizes(group_size: int, taps: int) -> MgpuBlockSizes:
-  """Chunk 64, the widest channel tile that divides the group and fits the backward's shared
-  memory, the first-measured variant switches (one tile per program, sliding windows, one store
-  slot) until ``benchmarks/fir_conv.py --mode mgpu_variants`` has picked others."""
+def default_block_sizes(group_size: int, taps: int, backward: bool = False) -> MgpuBlockSizes:
+  """The forward's (or ``backward``'s) block sizes: chunk 64, the widest channel tile that
+  divides the group and fits the backward's shared memory, the first-measured variant switches
+  (one tile per program, sliding windows, one store slot) until ``benchmarks/fir_conv.py --mode
+  mgpu_variants`` has picked others (the two directions may then differ)."""
+  del backward  # one choice for both until measured
   for w in (64, 32, 16):
     bs = MgpuBlockSizes(chunk=64, width=w)
     if group_size % w == 0 and smem_bytes(bs, taps, backward=True) <= SMEM_LIMIT:
@@ -159,7 +161,8 @@ class Geometry:
 def mgpu_misfit(x_shape, h_shape, dtype, bs: MgpuBlockSizes | None = None,
                 backward: bool = True, bwd_bs: MgpuBlockSizes | None = None) -> str | None:
   """Why these kernels (the forward with ``bs``, and with ``backward`` its gradient too, with
-  ``bwd_bs``, default ``bs``) cannot run this geometry, or None when they can."""
+  ``bwd_bs``: by default ``bs``, or both the defaults) cannot run this geometry, or None when
+  they can."""
   _, _, d = x_shape
   groups, taps = h_shape
   if jnp.dtype(dtype) != jnp.bfloat16:
@@ -167,8 +170,9 @@ def mgpu_misfit(x_shape, h_shape, dtype, bs: MgpuBlockSizes | None = None,
   if groups < 1 or d % groups:
     return f"filter groups {groups} do not divide channels {d}"
   gs = d // groups
+  bwd_bs = bwd_bs or bs or default_block_sizes(gs, taps, backward=True)
   bs = bs or default_block_sizes(gs, taps)
-  for b, bwd in [(bs, False)] + ([(bwd_bs or bs, True)] if backward else []):
+  for b, bwd in [(bs, False)] + ([(bwd_bs, True)] if backward else []):
     if b.chunk not in (64, 128):
       return f"chunk {b.chunk} is not 64 or 128"
     if bands(taps, b.chunk) > MAX_BANDS:
