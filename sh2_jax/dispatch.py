@@ -7,9 +7,9 @@ defined in ``config.py``); the modules ask it for callables (``fir_fn``, ``modal
 ``conv_impl`` (SE, MR): ``xla`` is the direct grouped convolution of ``ops.fir.fir_conv``,
 ``fft`` the FFT convolution, ``pallas`` the two-stage blocked kernels of ``kernels/fir_conv.py``
 (Pallas Triton lowering), ``pallas_mgpu`` the same algorithm as Mosaic GPU (Hopper) kernels,
-``kernels/fir_conv_mgpu.py`` (bf16, a multiple of 16 channels per group, K <= 129; not yet
-timed on a GPU, so ``auto`` does not pick it); ``auto`` is ``pallas`` on GPU and
-XLA elsewhere. ``li_impl`` (LI): ``fft`` (the reference),
+``kernels/fir_conv_mgpu.py`` (bf16, a multiple of 16 channels per group, K <= 129); ``auto``
+picks per layer: ``pallas_mgpu`` on Hopper where it fits, else ``pallas`` where the Triton
+kernels fit the chip, else ``xla`` (one warning); XLA off GPU (``fir_choice`` says why). ``li_impl`` (LI): ``fft`` (the reference),
 ``modal_scan`` and ``modal_serial`` (FFT-free Pallas recurrences), ``auto`` (``modal_scan`` on
 GPU, ``fft`` elsewhere). ``attention_impl``: ``xla`` | ``cudnn`` | ``auto``. The compute dtype
 float16 needs a GPU (``check_compute_dtype``). ``sh2_jax.checks.backend`` asks all of these
@@ -32,15 +32,45 @@ from sh2_jax.ops import fir, modal
 
 
 def resolve_conv_impl(impl: str, interpret: bool = False) -> str:
-  """``auto`` -> ``pallas`` on GPU, ``xla`` elsewhere; ``pallas`` / ``pallas_mgpu`` off GPU is an
-  error unless the caller asks for the Pallas interpreter (``interpret=True``, tests only: the
-  Triton interpreter, or Mosaic GPU interpret mode for ``pallas_mgpu``)."""
+  """``auto`` -> ``pallas`` on GPU (``gated_fir`` then picks per layer, ``fir_choice``), ``xla``
+  elsewhere; ``pallas`` / ``pallas_mgpu`` off GPU is an error unless the caller asks for the
+  Pallas interpreter (``interpret=True``, tests only: the Triton interpreter, or Mosaic GPU
+  interpret mode for ``pallas_mgpu``)."""
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"conv_impl {impl!r} is not one of {', '.join(CONV_IMPLS)}")
   if impl == "auto":
     return "pallas" if jax.default_backend() == "gpu" else "xla"
   if impl in ("pallas", "pallas_mgpu") and jax.default_backend() != "gpu" and not interpret:
     raise ValueError(f"conv_impl {impl!r} needs a GPU backend, but JAX runs on "
                      f"{jax.default_backend()!r}; use conv_impl 'auto', 'xla' or 'fft'")
   return impl
+
+
+def is_hopper() -> bool:
+  """Whether the default device is a Hopper GPU (compute capability 9.x), where the Mosaic GPU
+  kernels (wgmma, TMA) run."""
+  if jax.default_backend() != "gpu":
+    return False
+  cap = getattr(jax.devices()[0], "compute_capability", "")
+  return str(cap).split(".")[0] == "9"
+
+
+def fir_choice(x_shape, h_shape, dtype, hopper: bool | None = None) -> tuple[str, str | None]:
+  """What ``conv_impl='auto'`` runs on a GPU for one layer, and why not a faster kernel.
+
+  ``pallas_mgpu`` on Hopper when its kernels take the layer (H200, width 4096, B = 1, bf16,
+  L = 16K, fwd / fwd+bwd: SE 0.225 / 1.04 ms against the Triton kernels' 0.338 / 1.15, MR 0.231
+  / 1.31 against 0.350 / 2.40; benchmarks/RESULTS.md, "Mosaic GPU FIR"); else ``pallas`` (the
+  Triton kernels: pre-Hopper GPUs, float32, group sizes not a multiple of 16 such as Evo 2 1B's
+  15) when a block configuration fits the chip; else ``xla``. Returns (impl, reason for ``xla``
+  or None)."""
+  hopper = is_hopper() if hopper is None else hopper
+  if hopper and fir_conv_mgpu.mgpu_misfit(x_shape, h_shape, dtype) is None:
+    return "pallas_mgpu", None
+  if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float32):
+    reason = pallas_fir_misfit(x_shape, h_shape, dtype)
+    return ("pallas", None) if reason is None else ("xla", reason)
+  return "pallas", None
 
 
 def check_compute_dtype(dtype) -> None:
@@ -74,12 +104,13 @@ def gated_fir(x1, v, x2, h, dskip, impl: str, interpret: bool = False):
   a one-line warning under ``auto``, and is an error naming why under ``pallas``."""
   requested = impl
   impl = resolve_conv_impl(impl, interpret)
-  if impl == "pallas" and x1.dtype in (jnp.bfloat16, jnp.float32):
-    reason = pallas_fir_misfit(x1.shape, h.shape, x1.dtype)
-    if reason is not None and requested == "auto":
+  if requested == "auto" and impl == "pallas":
+    impl, reason = fir_choice(x1.shape, h.shape, x1.dtype)
+    if reason is not None:
       _warn_fallback(reason)
-      impl = "xla"
-    elif reason is not None:
+  elif impl == "pallas" and x1.dtype in (jnp.bfloat16, jnp.float32):
+    reason = pallas_fir_misfit(x1.shape, h.shape, x1.dtype)
+    if reason is not None:
       raise ValueError(f"conv_impl 'pallas' cannot run this layer: {reason}; use conv_impl "
                        f"'auto' (falls back to 'xla') or 'xla'")
   if impl == "pallas":

@@ -66,9 +66,9 @@ class _HyenaFilter(nnx.Module):
     elif isinstance(mode, ContextParallel):
       zc = halo.halo_featurizer(z, taps, mode.axis_name, mode.size)
     else:
-      zc = fir.featurizer_conv(z, taps)
       if isinstance(mode, Prefill):
         hist = last_steps(z, mode.lengths, k0)
+      return fir.featurize(z, taps), hist
     return fir.interleaved_split(zc), hist
 
   def __call__(self, z: jax.Array, mode=FULL, cache: HyenaCache | None = None):

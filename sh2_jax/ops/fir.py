@@ -89,6 +89,47 @@ def interleaved_split(zc: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   return zc[..., 0::3], zc[..., 1::3], zc[..., 2::3]
 
 
+REDUCE_ROWS = 256  # tokens summed per partial in the featurizer's filter gradient
+
+
+@jax.custom_vjp
+def featurize(z: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``interleaved_split(featurizer_conv(z, w))``: z [B, L, 3D] -> (x2, x1, v), each [B, L, D].
+
+  The same forward, with the backward written out: autodiff fused the filter gradient (a sum
+  over all B·L tokens per channel and tap) and dz into one multi-output XLA reduction that took
+  ~18 ms per Hyena layer of the 7B train step at 32K on an H200 (17% of the step). Here dz is
+  one elementwise pass (``dz[t] = sum_k w_k g[t + k]``, float32, rounded once) and dw sums
+  ``g[t] z[t - k]`` over rows of ``REDUCE_ROWS`` tokens, then over the partials.
+  """
+  return interleaved_split(featurizer_conv(z, w))
+
+
+def _featurize_fwd(z, w):
+  return featurize(z, w), (z, w)
+
+
+def _featurize_bwd(res, g):
+  z, w = res
+  b, length, c3 = z.shape
+  gy = jnp.stack([gi.astype(jnp.float32) for gi in g], axis=-1).reshape(b, length, c3)
+  zf = z.astype(jnp.float32)
+  wf = w.astype(jnp.float32)
+  rows = -(-length // REDUCE_ROWS) * REDUCE_ROWS
+  dz = jnp.zeros_like(gy)
+  dw = []
+  for k in range(min(w.shape[1], length)):
+    dz = dz + wf[:, k] * jnp.pad(gy, ((0, 0), (0, k), (0, 0)))[:, k:]
+    prod = gy * jnp.pad(zf, ((0, 0), (k, 0), (0, 0)))[:, :length]
+    prod = jnp.pad(prod, ((0, 0), (0, rows - length), (0, 0)))
+    dw.append(prod.reshape(b, rows // REDUCE_ROWS, REDUCE_ROWS, c3).sum(axis=2).sum(axis=(0, 1)))
+  dw += [jnp.zeros((c3,), jnp.float32)] * (w.shape[1] - len(dw))
+  return dz.astype(z.dtype), jnp.stack(dw, axis=1).astype(w.dtype)
+
+
+featurize.defvjp(_featurize_fwd, _featurize_bwd)
+
+
 def mr_decay(groups: int, taps: int, preset: str, decay_length: int | None = None) -> np.ndarray:
   """The MR regularising decay ``exp(-r_g t_k)``: [G, K] float32 constants.
 

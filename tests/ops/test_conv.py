@@ -104,3 +104,41 @@ def test_bad_impls():
     dispatch.gated_modal(x, x, x, -jnp.ones((4, 2)), jnp.ones((4, 2)), None, "scan")
   with pytest.raises(ValueError, match="filter groups 3 do not divide channels 4"):
     fir.fir_conv(x, jnp.ones((3, 2)))
+
+
+@pytest.mark.parametrize("shape,groups,dtype,hopper,want", [
+    ((1, 8192, 4096), 256, jnp.bfloat16, True, "pallas_mgpu"),   # Evo 2 7B/40B: 16 per group
+    ((1, 8192, 1920), 128, jnp.bfloat16, True, "pallas"),        # Evo 2 1B: 15 per group
+    ((1, 8192, 4096), 256, jnp.float32, True, "pallas"),         # float32: Triton only
+    ((1, 8192, 4096), 256, jnp.bfloat16, False, "pallas"),       # pre-Hopper
+])
+def test_auto_fir_choice(shape, groups, dtype, hopper, want):
+  """``conv_impl='auto'`` on a GPU: Mosaic GPU on Hopper where it fits, else Triton."""
+  impl, reason = dispatch.fir_choice(shape, (groups, 128), dtype, hopper=hopper)
+  assert (impl, reason) == (want, None)
+  assert dispatch.fir_choice(shape, (groups, 7), dtype, hopper=hopper)[0] == want
+
+
+@pytest.mark.parametrize("b,length,d,dtype", [(2, 37, 5, jnp.float32), (1, 300, 4, jnp.float32),
+                                              (2, 2, 3, jnp.float32), (1, 261, 6, jnp.bfloat16)])
+def test_featurize_matches_autodiff(b, length, d, dtype):
+  """``fir.featurize``'s hand-written backward against autodiff of the plain composition,
+  fresh random inputs, odd lengths (the partial-sum rows do not divide L), L < taps."""
+  kz, kw, kg = jax.random.split(jax.random.key(length), 3)
+  z = jax.random.normal(kz, (b, length, 3 * d), jnp.float32).astype(dtype)
+  w = jax.random.normal(kw, (3 * d, 3), jnp.float32)
+  gs = [jax.random.normal(k, (b, length, d), jnp.float32) for k in jax.random.split(kg, 3)]
+
+  def loss(f):
+    return lambda z, w: sum(jnp.sum(o.astype(jnp.float32) * g) for o, g in zip(f(z, w), gs))
+
+  plain = lambda z, w: fir.interleaved_split(fir.featurizer_conv(z, w))
+  got, want = (jax.grad(loss(f), argnums=(0, 1))(z, w) for f in (fir.featurize, plain))
+  for a, e in zip(fir.featurize(z, w), plain(z, w)):
+    assert jnp.array_equal(a, e)
+  tol = 1e-5 if dtype == jnp.float32 else 1e-2
+  for a, e in zip(got, want):
+    assert a.dtype == e.dtype and a.shape == e.shape
+    err = float(jnp.max(jnp.abs(a.astype(jnp.float32) - e.astype(jnp.float32)))
+                / jnp.max(jnp.abs(e.astype(jnp.float32))))
+    assert err <= tol, err
