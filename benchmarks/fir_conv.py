@@ -255,7 +255,7 @@ def mgpu_variant_list(taps):
   fast = r(ring=True, store_slots=2)
   f = functools.partial(dataclasses.replace, fast)
   return [(name, bs, bwd or bs) for name, bs, bwd in (
-      ("default", base, None),
+      ("default", base, fir_conv_mgpu.default_block_sizes(D // G, taps, backward=True)),
       ("ring", r(ring=True), None),
       ("ring+slots2", fast, None),
       ("ring st3", r(ring=True, stages=3), None),

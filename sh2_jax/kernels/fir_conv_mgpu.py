@@ -14,7 +14,9 @@ tokens (c = 64, one warpgroup's wgmma M). The causal Toeplitz operator is block-
 n + 1 bands, n = ceil((K - 1) / c) (1 for SE, 2 for K = 128): ``Y_j = sum_m H_m U_{j-m}``,
 ``H_m[i, i'] = h[i + m c - i']`` (zero outside 0..K-1): n + 1 wgmmas of depth c accumulating in
 one float32 accumulator, the [c, c] blocks H_m of the program's group the A operands (built once
-by XLA, [G, n+1, c, c], a few KiB per group, TMA-copied into shared memory once per program),
+by XLA, [G, n+1, c, c], a few KiB per group, TMA-copied into shared memory once per program;
+of the last, H_n, only its k nonzero columns — its top-right corner, k = K - 1 - (n-1)c rounded
+up to 16: 16 of 64 at SE — so that wgmma has depth k),
 the window of the last n+1 chunks of u the B operands: a [n+1, c, w] shared-memory buffer
 (the halo of K-1 past tokens, as the Triton kernel carries ``u_prev``: a program loads the n
 chunks before its first once, in its prologue, one batch of TMA copies with one wait for the
@@ -53,14 +55,15 @@ waited for its previous TMA store before each of its three stores, slid four win
 registers and read back a shared-memory ddskip accumulator, and its shared memory (86 KiB SE)
 allowed 2 programs per SM. Now one wait per step covers all its stores, the ddskip partial is a
 register carry, and the footprint is smaller (one set of band blocks, an x2 window instead of
-float32 dz, dskip rows in registers, scoped prologue / dh staging: SE 54 KiB, 4 programs per
-SM); the
-variants in ``MgpuBlockSizes`` (``tiles``, ``ring``, ``store_slots``, ``wide``, ``stages``,
-``seg_chunks``) attack the rest; ``benchmarks/fir_conv.py --mode mgpu_variants`` times them
-against the floor. Still one warpgroup per program (no warp specialisation: the TMA loads are
-already asynchronous, and concurrency comes from programs per SM); the dh partials are
-[c, (n+1)c] float32 per program (~67 MB SE / ~100 MB MR at L = 16K, D = 4096, 32 chunks per
-program, beside 512 MB of inputs; longer segments divide them).
+float32 dz, dskip rows in registers, scoped prologue / dh staging, the last band's k columns:
+SE 50 KiB, 4 programs per SM; the forward 28 KiB, 7); the variants in ``MgpuBlockSizes``
+(``tiles``, ``ring``, ``store_slots``, ``wide``, ``stages``, ``seg_chunks``; the backward's
+may differ: ``bwd_block_sizes``) attack the rest; ``benchmarks/fir_conv.py --mode
+mgpu_variants`` times them against the floor. Still one warpgroup per program (no warp
+specialisation: the TMA loads are already asynchronous, and concurrency comes from programs per
+SM, which shared memory bounds); the dh partials are [c, (n+1)c] float32 per program (~67 MB SE
+/ ~100 MB MR at L = 16K, D = 4096, 32 chunks per program, beside 512 MB of inputs; longer
+segments divide them, and the SE reduction gathers only its 7 diagonals).
 
 Interpret mode (``interpret=True``: ``plgpu.InterpretGPUParams``, CPU tests) in JAX 0.11.2 has
 gaps this file works around, so that the same code runs compiled and interpreted:
@@ -110,11 +113,12 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from sh2_jax.kernels._pallas import check_gated_inputs
 from sh2_jax.kernels.fir_conv_mgpu_bwd import bwd
-from sh2_jax.kernels.fir_layout_mgpu import (SMEM_LIMIT, Geometry, MgpuBlockSizes, band_rows,
-                                             default_block_sizes, f32, geometry, launch,
-                                             mgpu_misfit, pad, product, program, prologue, put,
-                                             skip_rows, slide, slot, smem, smem_bytes,
-                                             split_streams, stage_buffer, store, stream_specs)
+from sh2_jax.kernels.fir_layout_mgpu import (SMEM_LIMIT, Geometry, MgpuBlockSizes, band_a,
+                                             band_copies, band_rows, default_block_sizes, f32,
+                                             geometry, launch, mgpu_misfit, pad, past_rows,
+                                             product, program, prologue, put, skip_rows, slide,
+                                             slot, smem, smem_bytes, split_streams,
+                                             stage_buffer, store, stream_specs)
 
 __all__ = ["SMEM_LIMIT", "MgpuBlockSizes", "bwd", "default_block_sizes", "fwd",
            "gated_fir_conv_mgpu", "mgpu_misfit", "smem_bytes"]
@@ -127,9 +131,10 @@ def _fwd_body(geo: Geometry, has_skip: bool):
   c, w, n, nt = geo.chunk, geo.width, geo.bands, geo.tiles
 
   def kernel(band_gmem, skip_gmem, x1_gmem, v_gmem, x2_gmem, y_gmem,
-             band_smem, u_win, y_stage):
+             band_smem, tail_f, u_win, y_stage):
     b, first, tiles = program(geo)
-    skips = prologue(geo, b, tiles, band_gmem, band_smem, skip_gmem if has_skip else None,
+    skips = prologue(geo, b, tiles, band_copies(geo, tiles, band_gmem, band_smem, tail_f),
+                     skip_gmem if has_skip else None,
                      [(x1_gmem, v_gmem, cols, first - n + m,
                        [u_win.at[i, slot(geo, first, m - n)]], [product])
                       for i, (_, _, cols) in enumerate(tiles) for m in range(n)])
@@ -147,7 +152,8 @@ def _fwd_body(geo: Geometry, has_skip: bool):
       def mm(*accs):  # every tile's bands, issued back to back; reading waits for all
         for i, acc in enumerate(accs):
           for m in range(n + 1):
-            plgpu.wgmma(acc, band_smem.at[i, m], u_win.at[i, slot(geo, j, -m)])
+            plgpu.wgmma(acc, band_a(geo, band_smem, tail_f, i, m),
+                        u_win.at[i, slot(geo, j, -m)].at[past_rows(geo, m)])
         return [acc[...] for acc in accs]
       zs = pl.run_scoped(mm, *[plgpu.ACC((c, w), f32)] * nt)
       ys = []
@@ -171,7 +177,8 @@ def fwd(x1, v, x2, h, dskip, bs: MgpuBlockSizes, interpret: bool = False):
   geo = geometry(x1.shape, h.shape, bs)
   c, w, n, nt = geo.chunk, geo.width, geo.bands, geo.tiles
   xs = [pad(a, geo) for a in (x1, v, x2)]
-  scratch = (smem((nt, n + 1, c, c), w), smem((nt, n + 1, c, w)), stage_buffer(geo, 1))
+  scratch = (smem((nt, n, c, c), w), smem((nt, c, geo.tail), w), smem((nt, n + 1, c, w)),
+             stage_buffer(geo, 1))
   y = launch(_fwd_body(geo, dskip is not None), geo,
              jax.ShapeDtypeStruct(xs[0].shape, x1.dtype), scratch, interpret,
              "gated_fir_fwd_mgpu")(band_rows(h, c, n), skip_rows(dskip, geo), *xs)
@@ -212,9 +219,9 @@ def gated_fir_conv_mgpu(x1: jax.Array, v: jax.Array, x2: jax.Array, h: jax.Array
 
   x1, v, x2: [B, L, D] bfloat16; h: [G, K] (true convolution; D/G a multiple of 16, K <= 129);
   dskip: [D] or None. Returns [B, L, D] bfloat16; differentiable in all arrays. ``interpret``
-  runs the kernels in Mosaic GPU interpret mode on CPU (slow, tests only). Block sizes (the
-  backward's default to the forward's) default to ``default_block_sizes``; a geometry they
-  cannot run is a ValueError naming why.
+  runs the kernels in Mosaic GPU interpret mode on CPU (slow, tests only). Block sizes default
+  to ``default_block_sizes`` of each direction (the backward's to ``block_sizes`` when only that
+  is given); a geometry they cannot run is a ValueError naming why.
   """
   check_gated_inputs(x1, v, x2)
   if h.ndim != 2:
@@ -225,11 +232,13 @@ def gated_fir_conv_mgpu(x1: jax.Array, v: jax.Array, x2: jax.Array, h: jax.Array
     raise ValueError(f"gated_fir_conv_mgpu runs Mosaic GPU kernels on a GPU, but JAX runs on "
                      f"{jax.default_backend()!r}; pass interpret=True (slow, for tests) or use "
                      f"sh2_jax.ops.fir.gated_conv")
-  bs = block_sizes or default_block_sizes(x1.shape[2] // max(h.shape[0], 1), h.shape[1])
+  gs = x1.shape[2] // max(h.shape[0], 1)
+  bs = block_sizes or default_block_sizes(gs, h.shape[1])
+  bs_b = bwd_block_sizes or block_sizes or default_block_sizes(gs, h.shape[1], backward=True)
   reason = mgpu_misfit(x1.shape, h.shape, x1.dtype, bs, backward=False)
   if reason is not None:
     raise ValueError(f"gated_fir_conv_mgpu cannot run this layer: {reason}")
   has_skip = dskip is not None
   if dskip is None:
     dskip = jnp.zeros((x1.shape[2],), f32)
-  return _gated_fir(x1, v, x2, h, dskip, (bs, bwd_block_sizes or bs, has_skip, interpret))
+  return _gated_fir(x1, v, x2, h, dskip, (bs, bs_b, has_skip, interpret))

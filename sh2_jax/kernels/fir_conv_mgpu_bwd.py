@@ -10,22 +10,26 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from sh2_jax.kernels.fir_layout_mgpu import (Geometry, MgpuBlockSizes, band_rows, f32,
-                                             first_arg, geometry, launch, pad, product,
-                                             second_arg,
-                                             program, prologue, put, skip_rows, slide, slot,
-                                             smem, split_streams, stage_buffer, store,
-                                             stream_specs)
+from sh2_jax.kernels.fir_layout_mgpu import (Geometry, MgpuBlockSizes, ahead_rows, band_a,
+                                             band_at, band_copies, band_rows, f32, first_arg,
+                                             geometry, launch, p_pieces, pad, past_rows,
+                                             product, program, prologue, put, second_arg,
+                                             skip_rows, slide, slot, smem, split_streams,
+                                             stage_buffer, store, stream_specs)
 
 
 def _bwd_body(geo: Geometry, has_skip: bool):
-  c, w, n, nt = geo.chunk, geo.width, geo.bands, geo.tiles
-  half = c // 2
-  piece = lambda i, m, h: (i * (n + 1) + m) * 2 + h
+  c, w, n, nt, k = geo.chunk, geo.width, geo.bands, geo.tiles, geo.tail
+  # the dh accumulators: (tile, lag, first column, width), ``p_pieces`` of each lag
+  pieces = [(i, m, col, width) for i in range(nt) for m in range(n + 1)
+            for col, width in p_pieces(c, n, k, m)]
+  widths = sorted({width for _, _, _, width in pieces})
 
   def kernel(band_gmem, skip_gmem, x1_gmem, v_gmem, x2_gmem, dy_gmem,
-             dx1_gmem, dv_gmem, dx2_gmem, p_gmem, s_gmem,
-             band_smem, u_win, dz_win, x2_win, dy_win, stage):
+             dx1_gmem, dv_gmem, dx2_gmem, p_gmem, s_gmem, band_smem, tail_f, *scratch):
+    # H_n's k rows for du, unless k = c (then its whole block, tail_f, serves both)
+    tail_b, (u_win, dz_win, x2_win, dy_win, stage) = ((scratch[0], scratch[1:]) if k < c
+                                                      else (tail_f, scratch))
     b, first, tiles = program(geo)
     s_idx = jax.lax.axis_index("seg")
     # the halo: past u, and future dz (bf16, for the wgmmas), x2 and dy (dx2 = dy * z; the skip
@@ -36,10 +40,10 @@ def _bwd_body(geo: Geometry, has_skip: bool):
                [win.at[i, slot(geo, first, m, True)] for win in (dz_win, x2_win, dy_win)],
                [product, second_arg, first_arg]) for i, (_, _, cols) in enumerate(tiles)
               for m in range(n)]
-    skips = prologue(geo, b, tiles, band_gmem, band_smem, skip_gmem if has_skip else None,
-                     fills)
+    copies = band_copies(geo, tiles, band_gmem, band_smem, tail_f, tail_b if k < c else None)
+    skips = prologue(geo, b, tiles, copies, skip_gmem if has_skip else None, fills)
 
-    def run(*p_accs):  # p_accs[piece(i, m, h)]: the dh partial of tile i, lag m, half h
+    def run(*p_accs):  # p_accs[q]: the dh partial of pieces[q]
       def step(idx, *refs):
         (k,), s_carry = idx, refs[-1]
         j = first + k
@@ -61,16 +65,14 @@ def _bwd_body(geo: Geometry, has_skip: bool):
         def mm(*accs):  # z and du of every tile, and the dh partials; reading waits for all
           for i in range(nt):
             for m in range(n + 1):
-              past = u_win.at[i, slot(geo, j, -m)]
-              band = band_smem.at[i, m]  # H_m
-              plgpu.wgmma(accs[i], band, past)
-              plgpu.wgmma(accs[nt + i], band.transpose((1, 0)),  # H_m^T: du
-                          dz_win.at[i, slot(geo, j, m, True)])
-              # P_m += dz_j @ U_{j-m}^T over this program's chunks, in two column halves (half
-              # the staging buffer at the end: a smaller shared-memory footprint)
-              for h in range(2):
-                plgpu.wgmma(p_accs[piece(i, m, h)], dz_win.at[i, cur],
-                            past.at[pl.ds(h * half, half)].transpose((1, 0)))
+              plgpu.wgmma(accs[i], band_a(geo, band_smem, tail_f, i, m),
+                          u_win.at[i, slot(geo, j, -m)].at[past_rows(geo, m)])
+              plgpu.wgmma(accs[nt + i], band_at(geo, band_smem, tail_b, i, m),
+                          dz_win.at[i, slot(geo, j, m, True)].at[ahead_rows(geo, m)])
+          # P_m += dz_j @ U_{j-m}^T over this program's chunks, by column pieces
+          for acc, (i, m, col, width) in zip(p_accs, pieces):
+            past = u_win.at[i, slot(geo, j, -m)].at[pl.ds(col, width)]
+            plgpu.wgmma(acc, dz_win.at[i, cur], past.transpose((1, 0)))
           return [acc[...] for acc in accs]
         zdu = pl.run_scoped(mm, *[plgpu.ACC((c, w), f32)] * (2 * nt))
         outs, s_next = [[], [], []], []  # dx2, dx1, dv per tile
@@ -99,22 +101,23 @@ def _bwd_body(geo: Geometry, has_skip: bool):
               *[a.at[b] for a in (x1_gmem, v_gmem, x2_gmem, dy_gmem) for _ in cur])
       return [acc[...] for acc in p_accs], list(s_acc)
 
-    ps, ss = pl.run_scoped(run, *[plgpu.ACC((c, half), f32)] * (nt * (n + 1) * 2))
+    ps, ss = pl.run_scoped(run, *[plgpu.ACC((c, width), f32) for _, _, _, width in pieces])
 
-    def write_partials(p_stage, s_stage):  # scoped: reuses the input pipeline's shared memory
-      for i, (t, _, _) in enumerate(tiles):  # one [c, c/2] piece at a time
-        for m in range(n + 1):
-          for h in range(2):
-            plgpu.wait_smem_to_gmem(0)  # the steps' copies, or the previous piece's
-            first_piece = m == 0 and h == 0
-            put([p_stage] + ([s_stage] if first_piece else []), [ps[piece(i, m, h)], ss[i]])
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(p_stage, p_gmem.at[b, t, s_idx, pl.ds((n - m) * c, c),
-                                                        pl.ds(h * half, half)])
-            if first_piece:
-              plgpu.copy_smem_to_gmem(s_stage, s_gmem.at[b, t, s_idx])
+    def write_partials(s_stage, *p_stages):  # scoped: reuses the input pipeline's shared memory
+      stage_of = dict(zip(widths, p_stages))
+      for q, (i, m, col, width) in enumerate(pieces):  # one piece at a time
+        t = tiles[i][0]
+        plgpu.wait_smem_to_gmem(0)  # the steps' copies, or the previous piece's
+        first_piece = q == 0 or pieces[q - 1][0] != i
+        put([stage_of[width]] + ([s_stage] if first_piece else []), [ps[q], ss[i]])
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(stage_of[width], p_gmem.at[b, t, s_idx, pl.ds((n - m) * c, c),
+                                                            pl.ds(col, width)])
+        if first_piece:
+          plgpu.copy_smem_to_gmem(s_stage, s_gmem.at[b, t, s_idx])
       plgpu.wait_smem_to_gmem(0)
-    pl.run_scoped(write_partials, plgpu.SMEM((c, half), f32), plgpu.SMEM((c, w), f32))
+    pl.run_scoped(write_partials, plgpu.SMEM((c, w), f32),
+                  *[plgpu.SMEM((c, width), f32) for width in widths])
 
   return kernel
 
@@ -122,12 +125,18 @@ def _bwd_body(geo: Geometry, has_skip: bool):
 def reduce_dh(p, geo: Geometry):
   """The reduction pass: partials [B, tiles, segs, (n+1)c, c] (rows of block n - m: lag m) ->
   dh [G, K] float32 (``dh[g, k] = sum_i P[i, n c + i - k]`` over the tiles of group g, with P
-  the blocks side by side, [c, (n+1)c])."""
+  the blocks side by side, [c, (n+1)c]). Short filters (lags 0..K-1 a quarter of P or less:
+  SE reads 7 of 128 columns a row) gather their diagonals before summing over batch and
+  segments, so only those entries are read; longer ones sum first and gather from the sum.
+  The last band's block (rows 0 … c-1) holds only its k columns (``p_pieces``); the others are
+  never written and never gathered."""
   c, n = geo.chunk, geo.bands
-  m = p.sum(axis=(0, 2)).reshape(-1, n + 1, c, c)  # [tiles, block, c, c]
-  m = m.transpose(0, 2, 1, 3).reshape(m.shape[0], c, (n + 1) * c)
-  lag_col = n * c + np.arange(c)[:, None] - np.arange(geo.taps)[None, :]  # [i, k] -> column
-  diag = jnp.take_along_axis(m, jnp.asarray(lag_col)[None], axis=2).sum(axis=1)  # [tiles, K]
+  col = n * c + np.arange(c)[:, None] - np.arange(geo.taps)[None, :]  # [i, k] -> P's column
+  rows, cols = (col // c) * c + np.arange(c)[:, None], col % c        # -> partial's row, column
+  if 4 * geo.taps <= (n + 1) * c:
+    diag = p[:, :, :, rows, cols].sum(axis=(0, 2, 3))  # [tiles, K]
+  else:
+    diag = p.sum(axis=(0, 2))[:, rows, cols].sum(axis=1)
   return diag.reshape(geo.groups, geo.tiles_per_group, geo.taps).sum(axis=1)
 
 
@@ -141,9 +150,12 @@ def bwd(x1, v, x2, h, dskip, dy, bs: MgpuBlockSizes, interpret: bool = False):
       jax.ShapeDtypeStruct(parts + ((n + 1) * c, c), f32),
       jax.ShapeDtypeStruct(parts + (c, w), f32))
   win = (nt, n + 1, c, w)
-  scratch = (smem((nt, n + 1, c, c), w),                               # band rows
-             smem(win), smem(win), smem(win), smem(win),              # u, dz, x2, dy
-             stage_buffer(geo, 3))                                    # staged dx2 dx1 dv
+  k = geo.tail
+  scratch = (smem((nt, n, c, c), w), smem((nt, c, k), w))    # H_0 … H_{n-1}; H_n[:, c-k:]
+  if k < c:
+    scratch += (smem((nt, k, c), w),)                          # H_n[:k], for du
+  scratch += (smem(win), smem(win), smem(win), smem(win),     # u, dz, x2, dy
+              stage_buffer(geo, 3))                            # staged dx2 dx1 dv
   dx1, dv, dx2, p, s = launch(_bwd_body(geo, dskip is not None), geo, out_type, scratch,
                               interpret, "gated_fir_bwd_mgpu")(
                                   band_rows(h, c, n), skip_rows(dskip, geo), *xs)

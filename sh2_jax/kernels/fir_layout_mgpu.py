@@ -58,6 +58,23 @@ def bands(taps: int, chunk: int) -> int:
   return max(1, -(-(taps - 1) // chunk))
 
 
+def tail_depth(taps: int, chunk: int, width: int) -> int:
+  """k: the columns of the last band H_n that can be nonzero (``H_n[i, i']`` needs ``i' - i >=
+  n c - K + 1``: only its top-right k x k corner, k = K - 1 - (n-1)c), rounded up to the channel
+  tile's swizzle row (16 at w = 16) and at most c. SE: 16 of 64, so the last band's wgmmas and
+  its block in shared memory shrink 4x; MR: the whole block."""
+  n = bands(taps, chunk)
+  granule = plgpu.find_swizzle(width * 16) // 2
+  return min(chunk, -(-max(taps - 1 - (n - 1) * chunk, 1) // granule) * granule)
+
+
+def p_pieces(chunk: int, n: int, k: int, m: int):
+  """(first column, width) of the dh accumulators of lag m: [c, c/2] halves (half the staging
+  buffer of a whole block), the last band only over its k columns."""
+  half = chunk // 2
+  return [(s, min(half, chunk - s)) for s in range(0 if m < n else chunk - k, chunk, half)]
+
+
 def smem_bytes(bs: MgpuBlockSizes, taps: int, backward: bool = False) -> int:
   """Shared memory of one program (bf16 operands, float32 partials), as allocated below: the
   buffers that live through the program, plus the largest of the scoped ones (the halo staging,
@@ -66,21 +83,26 @@ def smem_bytes(bs: MgpuBlockSizes, taps: int, backward: bool = False) -> int:
   n1 = bands(taps, c) + 1
   t = bs.tiles
   tile = c * w * 2  # the wide layout has the same bytes, in one buffer per array
-  band = t * n1 * c * c * 2
+  k = tail_depth(taps, c, w)
+  band = t * ((n1 - 1) * c * c + c * k) * 2  # H_0 … H_{n-1}, and H_n's k columns
   skip = t * c * w * 4
   halo = (2 if backward else 1) * t * (n1 - 1) * 2 * tile  # the prologue's: x1 v (and dy x2)
   if not backward:  # band rows, u windows, staged y; dskip rows and halo, or pipelined x1 v x2
     return band + t * n1 * tile + bs.store_slots * t * tile + max(skip + halo, s * 3 * t * tile)
   # band rows, windows of u, dz, x2 and dy, staged dx2 dx1 dv; dskip rows and halo, or
   # pipelined x1 v x2' dy', or a [c, c/2] piece of the dh partial and the ddskip partial (f32)
+  band += t * k * c * 2 if k < c else 0  # H_n's k rows (du); else the whole block serves both
+  widths = {width for m in range(n1) for _, width in p_pieces(c, n1 - 1, k, m)}
   return (band + 4 * t * n1 * tile + bs.store_slots * 3 * t * tile
-          + max(skip + halo, s * 4 * t * tile, c * c // 2 * 4 + c * w * 4))
+          + max(skip + halo, s * 4 * t * tile, sum(c * wd * 4 for wd in widths) + c * w * 4))
 
 
-def default_block_sizes(group_size: int, taps: int) -> MgpuBlockSizes:
-  """Chunk 64, the widest channel tile that divides the group and fits the backward's shared
-  memory, the first-measured variant switches (one tile per program, sliding windows, one store
-  slot) until ``benchmarks/fir_conv.py --mode mgpu_variants`` has picked others."""
+def default_block_sizes(group_size: int, taps: int, backward: bool = False) -> MgpuBlockSizes:
+  """The forward's (or ``backward``'s) block sizes: chunk 64, the widest channel tile that
+  divides the group and fits the backward's shared memory, the first-measured variant switches
+  (one tile per program, sliding windows, one store slot) until ``benchmarks/fir_conv.py --mode
+  mgpu_variants`` has picked others (the two directions may then differ)."""
+  del backward  # one choice for both until measured
   for w in (64, 32, 16):
     bs = MgpuBlockSizes(chunk=64, width=w)
     if group_size % w == 0 and smem_bytes(bs, taps, backward=True) <= SMEM_LIMIT:
@@ -110,6 +132,11 @@ class Geometry:
     return bands(self.taps, self.chunk)
 
   @property
+  def tail(self):
+    """k: the columns of the last band that can be nonzero (``tail_depth``)."""
+    return tail_depth(self.taps, self.chunk, self.width)
+
+  @property
   def padded_length(self):
     return self.n_segs * self.seg_chunks * self.chunk
 
@@ -134,7 +161,8 @@ class Geometry:
 def mgpu_misfit(x_shape, h_shape, dtype, bs: MgpuBlockSizes | None = None,
                 backward: bool = True, bwd_bs: MgpuBlockSizes | None = None) -> str | None:
   """Why these kernels (the forward with ``bs``, and with ``backward`` its gradient too, with
-  ``bwd_bs``, default ``bs``) cannot run this geometry, or None when they can."""
+  ``bwd_bs``: by default ``bs``, or both the defaults) cannot run this geometry, or None when
+  they can."""
   _, _, d = x_shape
   groups, taps = h_shape
   if jnp.dtype(dtype) != jnp.bfloat16:
@@ -142,8 +170,9 @@ def mgpu_misfit(x_shape, h_shape, dtype, bs: MgpuBlockSizes | None = None,
   if groups < 1 or d % groups:
     return f"filter groups {groups} do not divide channels {d}"
   gs = d // groups
+  bwd_bs = bwd_bs or bs or default_block_sizes(gs, taps, backward=True)
   bs = bs or default_block_sizes(gs, taps)
-  for b, bwd in [(bs, False)] + ([(bwd_bs or bs, True)] if backward else []):
+  for b, bwd in [(bs, False)] + ([(bwd_bs, True)] if backward else []):
     if b.chunk not in (64, 128):
       return f"chunk {b.chunk} is not 64 or 128"
     if bands(taps, b.chunk) > MAX_BANDS:
@@ -256,27 +285,64 @@ def second_arg(a, b):
   return b
 
 
-def prologue(geo: Geometry, b, tiles, band_gmem, band_smem, skip_gmem, fills):
+def band_copies(geo: Geometry, tiles, band_gmem, band_smem, tail_f, tail_b=None):
+  """The TMA copies of the program's band blocks ([G, n+1, c, c] in HBM): H_0 … H_{n-1} of each
+  tile's group into ``band_smem`` [tiles, n, c, c], the k columns H_n[:, c-k:] into ``tail_f``
+  [tiles, c, k] (the forward's), and with ``tail_b`` the k rows H_n[:k] into it [tiles, k, c]
+  (du's; for k = c the backward reads ``tail_f`` transposed instead)."""
+  c, n, k = geo.chunk, geo.bands, geo.tail
+  copies = []
+  for i, (_, g, _) in enumerate(tiles):
+    copies += [(band_gmem.at[g, m], band_smem.at[i, m]) for m in range(n)]
+    copies.append((band_gmem.at[g, n, :, pl.ds(c - k, k)], tail_f.at[i]))
+    if tail_b is not None:
+      copies.append((band_gmem.at[g, n, pl.ds(0, k)], tail_b.at[i]))
+  return copies
+
+
+def band_a(geo: Geometry, band_smem, tail_f, i: int, m: int):
+  """The A operand of lag m for tile i, z += A @ U_{j-m}[past_rows(m)]: H_m [c, c], or for
+  m = n its k nonzero columns [c, k]."""
+  return band_smem.at[i, m] if m < geo.bands else tail_f.at[i]
+
+
+def band_at(geo: Geometry, band_smem, tail_b, i: int, m: int):
+  """The A operand of lag m for du += A @ dz_{j+m}[ahead_rows(m)]: H_m^T, read transposed
+  (for m = n from ``tail_b``, [k, c] -> [c, k])."""
+  return (band_smem.at[i, m] if m < geo.bands else tail_b.at[i]).transpose((1, 0))
+
+
+def past_rows(geo: Geometry, m: int):
+  """The rows of U_{j-m} that band m reads: all, or for m = n the last k."""
+  c, k = geo.chunk, geo.tail
+  return pl.ds(0, c) if m < geo.bands else pl.ds(c - k, k)
+
+
+def ahead_rows(geo: Geometry, m: int):
+  """The rows of dz_{j+m} that band m's transpose reads: all, or for m = n the first k."""
+  return pl.ds(0, geo.chunk) if m < geo.bands else pl.ds(0, geo.tail)
+
+
+def prologue(geo: Geometry, b, tiles, copies, skip_gmem, fills):
   """A program's start, as one batch of TMA copies and one wait (not a round trip each): the
-  band blocks of its tiles' groups into ``band_smem``, the dskip rows of its tiles (unless
+  band blocks ``copies`` (``band_copies``), the dskip rows of its tiles (unless
   ``skip_gmem`` is None), and the halo: each fill ``(a_gmem, b_gmem, cols, chunk, dsts, fns)``
   writes ``fn(a, b)`` (float32) of chunk ``chunk`` into each window slot of ``dsts``, zero for a
   chunk outside 0..last (the n chunks of past u before the first; in the backward also the n
   chunks of future dz and dy). Returns each tile's dskip rows [c, w] float32 as register values
   for the whole program, or None. Its staging buffers are scoped, so the input pipeline reuses
   that shared memory."""
-  c, w, n = geo.chunk, geo.width, geo.bands
+  c, w = geo.chunk, geo.width
 
   def run(skip_buf, halo):
-    copies = [(band_gmem.at[g, m], band_smem.at[i, m]) for i, (_, g, _) in enumerate(tiles)
-              for m in range(n + 1)]
+    batch = list(copies)
     if skip_gmem is not None:
-      copies += [(skip_gmem.at[:, cols], skip_buf.at[i]) for i, (_, _, cols) in enumerate(tiles)]
+      batch += [(skip_gmem.at[:, cols], skip_buf.at[i]) for i, (_, _, cols) in enumerate(tiles)]
     for q, (a_gmem, b_gmem, cols, chunk, _, _) in enumerate(fills):
       rows = pl.ds(jnp.clip(chunk, 0, geo.last) * c, c)
-      copies += [(a_gmem.at[b, rows, cols], halo.at[q, 0]),
-                 (b_gmem.at[b, rows, cols], halo.at[q, 1])]
-    fetch_all(copies)
+      batch += [(a_gmem.at[b, rows, cols], halo.at[q, 0]),
+                (b_gmem.at[b, rows, cols], halo.at[q, 1])]
+    fetch_all(batch)
     for q, (_, _, _, chunk, dsts, fns) in enumerate(fills):
       # A scalar where() would be an implicit broadcast, which Mosaic GPU's warpgroup lowering
       # does not implement: pick the write instead.

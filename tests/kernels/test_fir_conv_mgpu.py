@@ -55,8 +55,9 @@ def _f32(a):
   return np.asarray(a.astype(jnp.float32))
 
 
-# The kernel variants (MgpuBlockSizes switches): every case runs the default and all switches on;
-# the first two cases (a halo across two segments, three bands) each switch alone too.
+# The kernel variants (MgpuBlockSizes switches; "split": the backward's differ from the
+# forward's): every case runs the default and all switches on; the first three cases (a halo
+# across two segments, a segment per chunk, three bands) each switch alone too.
 VARIANTS = {
     "default": {},
     "ring": dict(ring=True),
@@ -65,9 +66,11 @@ VARIANTS = {
     "wide": dict(wide=True, tiles=2),
     "narrow": dict(ring=True, store_slots=2, tiles=2),
     "all": dict(ring=True, store_slots=2, tiles=2, wide=True),
+    "split": (dict(tiles=2, wide=True, stages=3), dict(ring=True, store_slots=2)),
 }
 VARIANT_CASES = ([(c, v) for c in CASES for v in ("default", "all")]
-                 + [(c, v) for c in CASES[:3] for v in ("ring", "slots2", "tiles2", "wide")])
+                 + [(c, v) for c in CASES[:3] for v in ("ring", "slots2", "tiles2", "wide",
+                                                         "split")])
 
 
 def _case_id(c):
@@ -80,14 +83,15 @@ def _block_sizes(d, groups, taps, seg, variant):
   bs = fir_conv_mgpu.default_block_sizes(d // groups, taps)
   if seg is not None:
     bs = dataclasses.replace(bs, seg_chunks=seg)
-  bs = dataclasses.replace(bs, **VARIANTS[variant])
+  var = VARIANTS[variant]
+  fwd_var, bwd_var = var if isinstance(var, tuple) else (var, var)
   x, h = (1, 64, d), (groups, taps)
-  bs_f = bs
+  bs_f = dataclasses.replace(bs, **fwd_var)
   if fir_conv_mgpu.mgpu_misfit(x, h, jnp.bfloat16, bs_f, backward=False):
-    bs_f = dataclasses.replace(bs, tiles=1)
-  bs_b = bs
+    bs_f = dataclasses.replace(bs_f, tiles=1)
+  bs_b = dataclasses.replace(bs, **bwd_var)
   if fir_conv_mgpu.mgpu_misfit(x, h, jnp.bfloat16, bs_f, bwd_bs=bs_b):
-    bs_b = dataclasses.replace(bs, tiles=1)
+    bs_b = dataclasses.replace(bs_b, tiles=1)
   return bs_f, bs_b
 
 
@@ -180,12 +184,17 @@ def test_footprint_fits_hopper_for_the_defaults():
   with pytest.raises(ValueError, match="store_slots 3 is not 1 or 2"):
     gated_fir_conv_mgpu(x, x, x, jnp.ones((1, 7)), interpret=True,
                         block_sizes=MgpuBlockSizes(store_slots=3))
+  # the backward's own block sizes are the ones its check (and kernel) takes
+  bad_bwd = lambda x: gated_fir_conv_mgpu(x, x, x, jnp.ones((1, 7)), interpret=True,
+                                          bwd_block_sizes=MgpuBlockSizes(tiles=3)).sum()
+  with pytest.raises(ValueError, match="cannot differentiate this layer: tiles=3 does not"):
+    jax.grad(bad_bwd)(x)
 
 
 LOWERING = [(256, 7, "default"), (256, 128, "default"), (64, 7, "default"),
             (32, 128, "default")] + [(g, k, v) for g, k in ((256, 7), (256, 128))
                                      for v in ("ring", "slots2", "tiles2", "wide", "narrow",
-                                               "all")]
+                                               "all", "split")]
 
 
 def _lower(fn, *args):
