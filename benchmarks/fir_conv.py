@@ -250,12 +250,15 @@ def mgpu_variant_list(taps):
   (s2), segment length, pipeline stages (st), channel tiles per program (t<fwd>/<bwd>) and
   wide boxes, alone and combined."""
   from sh2_jax.kernels import fir_conv_mgpu
-  base = fir_conv_mgpu.default_block_sizes(D // G, taps)
+  first = fir_conv_mgpu.default_block_sizes(D // G, taps)  # the variants' base: the first choice
+  base = fir_conv_mgpu.MgpuBlockSizes(chunk=first.chunk, width=first.width)
   r = functools.partial(dataclasses.replace, base)
   fast = r(ring=True, store_slots=2)
   f = functools.partial(dataclasses.replace, fast)
   return [(name, bs, bwd or bs) for name, bs, bwd in (
-      ("default", base, fir_conv_mgpu.default_block_sizes(D // G, taps, backward=True)),
+      ("default", fir_conv_mgpu.default_block_sizes(D // G, taps, channels=D),
+       fir_conv_mgpu.default_block_sizes(D // G, taps, backward=True, channels=D)),
+      ("first", base, None),
       ("ring", r(ring=True), None),
       ("ring+slots2", fast, None),
       ("ring st3", r(ring=True, stages=3), None),

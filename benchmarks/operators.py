@@ -270,8 +270,8 @@ def run(args) -> None:
   rate = common.gemm_rate(512 if args.smoke else 8192)
   rec.add(kind="ceiling", copy_Bps=bw, gemm_flops=rate, **info)
   print(f"copy {bw / 1e12:.2f} TB/s, bf16 GEMM {rate / 1e12:.0f} TFLOP/s", flush=True)
-  cores, notes = available(args.cores.split(","), s)
-  layers, lnotes = available(args.layers.split(","), s)
+  cores, notes = available([n for n in args.cores.split(",") if n], s)
+  layers, lnotes = available([n for n in args.layers.split(",") if n], s)  # "": no layers
   for n in notes + lnotes:
     print("skip:", n, flush=True)
   core_share = args.core_share

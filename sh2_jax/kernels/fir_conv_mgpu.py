@@ -59,7 +59,9 @@ float32 dz, dskip rows in registers, scoped prologue / dh staging, the last band
 SE 50 KiB, 4 programs per SM; the forward 28 KiB, 7); the variants in ``MgpuBlockSizes``
 (``tiles``, ``ring``, ``store_slots``, ``wide``, ``stages``, ``seg_chunks``; the backward's
 may differ: ``bwd_block_sizes``) attack the rest; ``benchmarks/fir_conv.py --mode
-mgpu_variants`` times them against the floor. Still one warpgroup per program (no warp
+mgpu_variants`` times them against the floor, and ``default_block_sizes`` takes the fastest per
+direction and filter length (H200, 16K, fwd / fwd+bwd: SE 0.204 / 0.609 ms, MR 0.210 / 0.692 ms,
+benchmarks/RESULTS.md). Still one warpgroup per program (no warp
 specialisation: the TMA loads are already asynchronous, and concurrency comes from programs per
 SM, which shared memory bounds); the dh partials are [c, (n+1)c] float32 per program (~67 MB SE
 / ~100 MB MR at L = 16K, D = 4096, 32 chunks per program, beside 512 MB of inputs; longer
@@ -233,8 +235,10 @@ def gated_fir_conv_mgpu(x1: jax.Array, v: jax.Array, x2: jax.Array, h: jax.Array
                      f"{jax.default_backend()!r}; pass interpret=True (slow, for tests) or use "
                      f"sh2_jax.ops.fir.gated_conv")
   gs = x1.shape[2] // max(h.shape[0], 1)
-  bs = block_sizes or default_block_sizes(gs, h.shape[1])
-  bs_b = bwd_block_sizes or block_sizes or default_block_sizes(gs, h.shape[1], backward=True)
+  d = x1.shape[2]
+  bs = block_sizes or default_block_sizes(gs, h.shape[1], channels=d)
+  bs_b = bwd_block_sizes or block_sizes or default_block_sizes(gs, h.shape[1], backward=True,
+                                                               channels=d)
   reason = mgpu_misfit(x1.shape, h.shape, x1.dtype, bs, backward=False)
   if reason is not None:
     raise ValueError(f"gated_fir_conv_mgpu cannot run this layer: {reason}")

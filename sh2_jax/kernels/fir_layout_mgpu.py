@@ -97,17 +97,32 @@ def smem_bytes(bs: MgpuBlockSizes, taps: int, backward: bool = False) -> int:
           + max(skip + halo, s * 4 * t * tile, sum(c * wd * 4 for wd in widths) + c * w * 4))
 
 
-def default_block_sizes(group_size: int, taps: int, backward: bool = False) -> MgpuBlockSizes:
+def default_block_sizes(group_size: int, taps: int, backward: bool = False,
+                        channels: int | None = None) -> MgpuBlockSizes:
   """The forward's (or ``backward``'s) block sizes: chunk 64, the widest channel tile that
-  divides the group and fits the backward's shared memory, the first-measured variant switches
-  (one tile per program, sliding windows, one store slot) until ``benchmarks/fir_conv.py --mode
-  mgpu_variants`` has picked others (the two directions may then differ)."""
-  del backward  # one choice for both until measured
+  divides the group and fits the backward's shared memory, and at the 16-channel tile (every
+  Evo 2 preset's group) the variants measured fastest per direction and filter length
+  (``benchmarks/fir_conv.py --mode mgpu_variants``, H200, 16K, D 4096, bf16; RESULTS,
+  "Mosaic GPU FIR on the H200"): the forward two tiles per program in wide boxes, ring windows,
+  3 stages, 128-chunk programs (SE 0.205 ms, MR 0.215); the SE backward (one past chunk) two
+  tiles, ring, two store slots, 32-chunk programs (0.410 ms); the MR backward (two past chunks:
+  two tiles halve its programs per SM) one tile, ring, 3 stages, 128-chunk programs (0.48 ms).
+  Two tiles need an even tile count: with ``channels`` unknown or odd tiles, one tile."""
+  base = MgpuBlockSizes(chunk=64, width=16)
   for w in (64, 32, 16):
     bs = MgpuBlockSizes(chunk=64, width=w)
     if group_size % w == 0 and smem_bytes(bs, taps, backward=True) <= SMEM_LIMIT:
-      return bs
-  return MgpuBlockSizes(chunk=64, width=16)
+      base = bs
+      break
+  if base.width != 16:
+    return base  # not measured: the first choice
+  two = 2 if channels is not None and (channels // 16) % 2 == 0 else 1
+  if not backward:
+    return dataclasses.replace(base, tiles=two, wide=two > 1, ring=True, stages=3,
+                               seg_chunks=128)
+  if bands(taps, base.chunk) == 1:
+    return dataclasses.replace(base, tiles=two, wide=two > 1, ring=True, store_slots=2)
+  return dataclasses.replace(base, ring=True, stages=3, seg_chunks=128)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,8 +185,8 @@ def mgpu_misfit(x_shape, h_shape, dtype, bs: MgpuBlockSizes | None = None,
   if groups < 1 or d % groups:
     return f"filter groups {groups} do not divide channels {d}"
   gs = d // groups
-  bwd_bs = bwd_bs or bs or default_block_sizes(gs, taps, backward=True)
-  bs = bs or default_block_sizes(gs, taps)
+  bwd_bs = bwd_bs or bs or default_block_sizes(gs, taps, backward=True, channels=d)
+  bs = bs or default_block_sizes(gs, taps, channels=d)
   for b, bwd in [(bs, False)] + ([(bwd_bs, True)] if backward else []):
     if b.chunk not in (64, 128):
       return f"chunk {b.chunk} is not 64 or 128"

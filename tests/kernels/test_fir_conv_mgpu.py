@@ -59,7 +59,8 @@ def _f32(a):
 # forward's): every case runs the default and all switches on; the first three cases (a halo
 # across two segments, a segment per chunk, three bands) each switch alone too.
 VARIANTS = {
-    "default": {},
+    "default": None,  # the op's defaults per direction (_block_sizes)
+    "first": {},
     "ring": dict(ring=True),
     "slots2": dict(store_slots=2),
     "tiles2": dict(tiles=2),
@@ -78,14 +79,19 @@ def _case_id(c):
 
 
 def _block_sizes(d, groups, taps, seg, variant):
-  """(forward, backward) block sizes of a variant; one tile per program in a direction where
-  two do not divide the channel tiles (D = 16) or do not fit shared memory."""
-  bs = fir_conv_mgpu.default_block_sizes(d // groups, taps)
-  if seg is not None:
-    bs = dataclasses.replace(bs, seg_chunks=seg)
+  """(forward, backward) block sizes of a variant: "default" the op's own defaults per
+  direction; the others switches on the first choice (one tile, sliding windows, one store
+  slot); one tile per program in a direction where two do not divide the channel tiles (D = 16)
+  or do not fit shared memory."""
+  x, h = (1, 64, d), (groups, taps)
+  seg_of = (lambda b: b) if seg is None else (lambda b: dataclasses.replace(b, seg_chunks=seg))
+  if variant == "default":
+    return tuple(seg_of(fir_conv_mgpu.default_block_sizes(d // groups, taps, backward=bwd,
+                                                          channels=d)) for bwd in (False, True))
+  first = fir_conv_mgpu.default_block_sizes(d // groups, taps)
+  bs = seg_of(MgpuBlockSizes(chunk=first.chunk, width=first.width))
   var = VARIANTS[variant]
   fwd_var, bwd_var = var if isinstance(var, tuple) else (var, var)
-  x, h = (1, 64, d), (groups, taps)
   bs_f = dataclasses.replace(bs, **fwd_var)
   if fir_conv_mgpu.mgpu_misfit(x, h, jnp.bfloat16, bs_f, backward=False):
     bs_f = dataclasses.replace(bs_f, tiles=1)
