@@ -140,9 +140,17 @@ def test_vortex_peer_tables_merge_both_sides(tmp_path):
                pct_copy=7.7, **base),
           dict(kind="decode", impl="sh2_jax", L=8192, batch=1, ms=4.0, tokens_per_s=250,
                gbs=3300.0, pct_copy=77.0, **base),
-          dict(kind="skipped", impl="vortex", note="not run: time budget", **base)]
+          dict(kind="skipped", impl="vortex", note="not run: time budget", **base),
+          # merged calls: the first call's note, then a second call's measurement of that point
+          dict(kind="forward", impl="vortex", L=32768, batch=1, ms=1300.0, tokens_per_s=25206,
+               **base),
+          dict(kind="forward", impl="sh2_jax", L=32768, batch=1, ms=None,
+               note="not run: time budget", **base),
+          dict(kind="forward", impl="sh2_jax", L=32768, batch=1, ms=650.0, tokens_per_s=50412,
+               **base)]
   text = vortex_peer.report(rows, str(tmp_path))
   assert "| 8K | 300.0 | 27306 | 100.0 | 81920 | 3.00x |" in text
+  assert "| 32K | 1300 | 25206 | 650.0 | 50412 | 2.00x |" in text
   assert "| 128K | OOM | – | – | – | – |" in text
   assert "| 1 | 40.0 | 25 | 330 (8%) | 4.000 | 250 | 3300 (77%) | 10.00x |" in text
   assert "- vortex: not run: time budget" in text
