@@ -259,4 +259,4 @@ def test_variants_benchmark_refuses_unknown_names():
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
   assert proc.stderr.startswith("error: --only 'fastest' names no variant; expected some of "
-                                "default, ring,")
+                                "default, first, ring,")
