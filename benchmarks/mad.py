@@ -159,12 +159,12 @@ def parse(argv=None):
     except mad_archive.ArchiveError as e:
       _fail(f"--unpack: {e}")
   if args.pack:
-    where = os.path.dirname(os.path.abspath(args.pack))
-    if not os.path.isdir(where):
-      _fail(f"--pack {args.pack!r}: the folder {where!r} does not exist")
     inside = os.path.relpath(os.path.abspath(args.pack), os.path.abspath(args.workdir))
     if not inside.startswith(".."):
       _fail(f"--pack {args.pack!r} is inside --workdir {args.workdir!r}; write it elsewhere")
+    where = os.path.dirname(os.path.abspath(args.pack))
+    if not os.path.isdir(where):
+      _fail(f"--pack {args.pack!r}: the folder {where!r} does not exist")
   if args.parallel > 1:  # this process only coordinates: it must not take the device's memory
     os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
   if args.attention_impl == "cudnn":
