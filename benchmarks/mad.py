@@ -24,8 +24,12 @@ as far as it fits under 12 MiB) and ``--unpack FILE`` merges such an archive int
 before training, so the sweep continues in a later session:
 
     python benchmarks/mad.py --workdir=runs/mad --parallel=6 --budget_s=520 \
-        --unpack=carry/mad.tar.gz --pack=out/mad.tar.gz Writes ``--json`` (default ``<workdir>/results.json``: device, date,
-command, per setting the best run and every run's final accuracy; the curves stay in
+        --save_every_s=60 --unpack=carry/mad.tar.gz --pack=out/mad.tar.gz
+
+The state of a group is saved after every epoch (``--save_every_s``: at most that often, and at
+a budget stop; the per-epoch save of tens of MB slows a GPU worker). Writes ``--json``
+(default ``<workdir>/results.json``: device, date, command, per setting the best run and every
+run's final accuracy; the curves stay in
 ``<workdir>/<task>/<setting>/<layout>/curves.json``) and prints a markdown table: per task and
 layout the test accuracy at the baseline (MAD's macro accuracy, per-token accuracy in brackets)
 and the MAD score (the mean over all settings) where every setting finished.
@@ -116,6 +120,9 @@ def parse(argv=None):
   ap.add_argument("--budget_s", type=float, default=0.0,
                   help="stop training at an epoch boundary before this many seconds from the "
                   "start (0: no limit)")
+  ap.add_argument("--save_every_s", type=float, default=0.0,
+                  help="save an unfinished group's state at most this often (and at a budget "
+                  "stop; 0: after every epoch)")
   ap.add_argument("--pack", default="", help="after the run: the workdir as one .tar.gz here")
   ap.add_argument("--unpack", default="",
                   help="before the run: merge a --pack archive into the workdir")
@@ -152,6 +159,9 @@ def parse(argv=None):
     _fail(f"--parallel {args.parallel} must be a positive integer (1: no worker processes)")
   if not args.budget_s >= 0 or args.budget_s == float("inf"):
     _fail(f"--budget_s {args.budget_s:g} must be a non-negative number of seconds (0: no limit)")
+  if not args.save_every_s >= 0 or args.save_every_s == float("inf"):
+    _fail(f"--save_every_s {args.save_every_s:g} must be a non-negative number of seconds "
+          "(0: after every epoch)")
   if args.unpack:
     from sh2_jax.train import mad_archive
     try:
@@ -271,7 +281,7 @@ def _cost(item) -> float:
   return -(-n // 128) * kwargs.get("seq_len", 128) * max(2, len(LAYOUTS[layout].split("-")))
 
 
-def _worker(index: int, cfg, workdir: str, deadline, todo, done) -> None:
+def _worker(index: int, cfg, workdir: str, deadline, save_every_s, todo, done) -> None:
   """One worker process: trains items from ``todo`` until it reads None; reports to ``done``."""
   import traceback
   from sh2_jax.train.mad_sweep import Budget, train_setting
@@ -284,7 +294,8 @@ def _worker(index: int, cfg, workdir: str, deadline, todo, done) -> None:
       continue
     t0 = time.perf_counter()
     try:
-      rec = train_setting(cfg, task, name, kwargs, lay, workdir, log=say, budget=budget)
+      rec = train_setting(cfg, task, name, kwargs, lay, workdir, log=say, budget=budget,
+                          save_every_s=save_every_s)
     except Exception:  # the other items go on; the parent reports it and exits 1
       say(traceback.format_exc())
       done.put(("failed", item, traceback.format_exc().strip().splitlines()[-1]))
@@ -294,8 +305,10 @@ def _worker(index: int, cfg, workdir: str, deadline, todo, done) -> None:
   done.put(("exit", index, None))
 
 
-def _train_parallel(cfg, items, workdir: str, n: int, deadline) -> dict:
-  """Train ``items`` in ``n`` spawned workers sharing the device; -> item -> (status, info)."""
+def _train_parallel(cfg, items, workdir: str, n: int, deadline, save_every_s,
+                    on_item) -> dict:
+  """Train ``items`` in ``n`` spawned workers sharing the device, calling ``on_item()`` after
+  each one that trained; -> item -> (status, info)."""
   import multiprocessing as mp
   import queue
   ctx = mp.get_context("spawn")  # a forked JAX runtime is not safe
@@ -309,7 +322,8 @@ def _train_parallel(cfg, items, workdir: str, n: int, deadline) -> dict:
   for i in range(n):  # the environment is read when each worker's runtime starts
     os.environ.update(XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / n:.3f}",
                       XLA_PYTHON_CLIENT_PREALLOCATE="true")
-    procs.append(ctx.Process(target=_worker, args=(i, cfg, workdir, deadline, todo, done)))
+    procs.append(ctx.Process(target=_worker, args=(i, cfg, workdir, deadline, save_every_s,
+                                                           todo, done)))
     procs[-1].start()
   os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
   status, exited = {}, 0
@@ -327,6 +341,8 @@ def _train_parallel(cfg, items, workdir: str, n: int, deadline) -> dict:
       exited += 1
     else:
       status[item[:2] + item[3:]] = (kind, info)
+      if kind == "trained":
+        on_item()
   for p in procs:
     p.join()
   for i, p in enumerate(procs):
@@ -352,19 +368,25 @@ def _write_results(out: dict, out_path: str, plan_items, tasks, layouts) -> None
     json.dump({k: v for k, v in out.items() if k != "workdir"}, f, indent=1)
 
 
-def _progress_table(status: dict) -> str:
+def _progress_table(status: dict, results: dict, epochs: int) -> str:
+  """This call per item: what it did, its worker, epochs, seconds per epoch (the first one
+  compiles), steps per second, and for an unfinished item the most seconds it still needs
+  (every run to the last epoch, at this call's pace)."""
   from benchmarks.common import markdown_table
   rows = []
   for (task, name, lay), (kind, info) in status.items():
     t = info if isinstance(info, dict) else {}
+    entry = results.get(task, {}).get(name, {}).get(lay) or {"complete": False, "epochs": 0}
+    left = ("0" if entry["complete"] else
+            f"{(epochs - entry['epochs']) * t['epoch_s']:.0f}" if t.get("epoch_s") else "?")
     rows.append([task, name, lay, kind if kind != "trained" or not t.get("stopped_by_budget")
                  else "budget stop", t.get("worker", "–"), t.get("epochs", 0),
                  f"{t['first_epoch_s']:.1f}" if t.get("first_epoch_s") else "–",
                  f"{t['epoch_s']:.2f}" if t.get("epoch_s") else "–",
-                 f"{t['steps_per_s']:.1f}" if t.get("steps_per_s") else "–",
+                 f"{t['steps_per_s']:.1f}" if t.get("steps_per_s") else "–", left,
                  info if isinstance(info, str) else ""])
   return markdown_table(["task", "setting", "layout", "this call", "worker", "epochs",
-                         "first epoch s", "epoch s", "steps/s", "note"], rows)
+                         "first epoch s", "epoch s", "steps/s", "left s (max)", "note"], rows)
 
 
 def main(argv=None) -> dict:
@@ -384,8 +406,24 @@ def main(argv=None) -> dict:
                                                  (sys.argv[1:] if argv is None else argv)),
          "config": dataclasses.asdict(cfg), "results": {}, "workdir": args.workdir}
   items = [(task, name, kwargs, lay) for task, name, kwargs in plan for lay in layouts]
+
+  def on_item(final=False):
+    """After every item: results.json and the archive, so that a call killed at its time limit
+    still leaves both behind."""
+    _write_results(out, out_path, items, tasks, layouts)
+    if not args.pack:
+      return None
+    try:
+      return mad_archive.pack(args.workdir, args.pack, PACK_LIMIT_BYTES,
+                              log=print if final else lambda s: None)
+    except mad_archive.ArchiveError as e:
+      if final:
+        _fail(f"--pack {args.pack!r}: {e}")
+      print(f"pack: {e} (tried again at the end)", flush=True)
+
   if args.parallel > 1:
-    status = _train_parallel(cfg, items, args.workdir, args.parallel, deadline)
+    status = _train_parallel(cfg, items, args.workdir, args.parallel, deadline,
+                             args.save_every_s, on_item)
   else:
     status, budget = {}, Budget(deadline)
     for task, name, kwargs, lay in items:
@@ -394,28 +432,30 @@ def main(argv=None) -> dict:
         continue
       t0 = time.perf_counter()
       rec = train_setting(cfg, task, name, kwargs, lay, args.workdir,
-                          log=lambda s: print(s, flush=True), budget=budget)
+                          log=lambda s: print(s, flush=True), budget=budget,
+                          save_every_s=args.save_every_s)
       status[(task, name, lay)] = ("trained", {**rec["timing"], "worker": 0})
       print(f"{task} {name} {lay}: best {rec.get('best')} ({time.perf_counter() - t0:.1f} s)",
             flush=True)
-      _write_results(out, out_path, items, tasks, layouts)
+      on_item()
   out["timing"] = [{"task": k[0], "setting": k[1], "layout": k[2], "status": kind,
                     **(info if isinstance(info, dict) else {"note": info})}
                    for k, (kind, info) in status.items()]
-  _write_results(out, out_path, items, tasks, layouts)
+  manifest = on_item(final=True)
   if args.plot:
     plot(out["results"], tasks, layouts, args.plot,
          f"{out['device']}, {out['date']}: best of the lr x wd grid")
-  print("\n" + _progress_table(status) + f"\n({time.time() - t_start:.0f} s since the start)")
+  steps = sum(i["epochs"] * i["steps_per_epoch"] for _, i in status.values()
+              if isinstance(i, dict))
+  wall = time.time() - t_start
+  print("\n" + _progress_table(status, out["results"], cfg.epochs)
+        + f"\nthis call: {steps} steps of {len(cfg.runs())} runs in {wall:.0f} s "
+        f"({steps / wall:.1f} steps/s over {args.parallel} process(es), compiles included)")
   print("\n" + out["table"] + "\n(* : not finished; MAD score: mean over every setting)")
   if out["unfinished"]:
     print(f"{len(out['unfinished'])} of {len(items)} items unfinished: rerun the same command "
           "to resume them")
   if args.pack:
-    try:
-      manifest = mad_archive.pack(args.workdir, args.pack, PACK_LIMIT_BYTES)
-    except mad_archive.ArchiveError as e:
-      _fail(f"--pack {args.pack!r}: {e}")
     kept = sum(v["state"] for v in manifest["items"].values())
     print(f"pack: {args.pack} ({os.path.getsize(args.pack) / 2**20:.2f} MiB, "
           f"{len(manifest['items'])} items, {kept} with training state)")

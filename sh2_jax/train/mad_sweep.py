@@ -304,13 +304,16 @@ def load_data(cfg: MADTrainConfig, task: str, kwargs: dict, setting_dir: str):
 
 
 def train_setting(cfg: MADTrainConfig, task: str, setting: str, kwargs: dict, layout: str,
-                  workdir: str, log=print, budget: Budget | None = None) -> dict:
+                  workdir: str, log=print, budget: Budget | None = None,
+                  save_every_s: float = 0.0) -> dict:
   """Train (or resume) every run of ``cfg.runs()`` on one task setting with one layout; the
   state and ``curves.json`` live in ``workdir/task/setting/layout``. Returns the curves record:
   per run its lr, weight decay, seed, per-epoch curves and final test accuracy, ``best``,
   ``complete``, and ``timing`` (this call's epochs, their seconds and steps per second; not
   saved). With ``budget``, stops at an epoch boundary before its deadline (``complete`` False,
-  the state saved)."""
+  the state saved). The state is saved after every epoch, or with ``save_every_s`` > 0 at most
+  that often (and at a budget stop): a process killed outright then retrains at most that many
+  seconds, and a GPU process does not write its tens of MB every epoch."""
   out_dir = os.path.join(workdir, task, setting, layout)
   os.makedirs(out_dir, exist_ok=True)
   t0 = time.perf_counter()
@@ -380,10 +383,20 @@ def train_setting(cfg: MADTrainConfig, task: str, setting: str, kwargs: dict, la
     record["runs"][g * size:g * size + len(members)] = recs
     active = np.asarray([not r["done"] for r in recs])
     last_s = None  # this group's previous epoch here (None: the next one compiles)
+    saved_at, unsaved = time.perf_counter(), None
+
+    def save(params, adam_state, epoch, runs_json):
+      leaves = jax.tree.leaves((params, adam_state))
+      _save(state_path, {"epoch": np.asarray(epoch), "n_leaves": np.asarray(len(leaves)),
+                         "runs_json": np.asarray(runs_json),
+                         **{f"leaf_{i}": np.asarray(x) for i, x in enumerate(leaves)}})
+
     for e in range(start, cfg.epochs):
       if not active.any():
         break
       if last_s is not None and not budget.allows(last_s):
+        if unsaved:
+          save(*unsaved)
         break
       te = time.perf_counter()
       order = np.full((len(members), group.steps * cfg.batch_size), n_train, np.int32)
@@ -409,10 +422,10 @@ def train_setting(cfg: MADTrainConfig, task: str, setting: str, kwargs: dict, la
           r["done"] = True
           active[i] = False
         r.update(run_scores(r["curve"]))
-      leaves = jax.tree.leaves((params, adam_state))
-      _save(state_path, {"epoch": np.asarray(e + 1), "n_leaves": np.asarray(len(leaves)),
-                         "runs_json": np.asarray(json.dumps(recs)),
-                         **{f"leaf_{i}": np.asarray(x) for i, x in enumerate(leaves)}})
+      unsaved = (params, adam_state, e + 1, json.dumps(recs))
+      if save_every_s <= 0 or time.perf_counter() - saved_at >= save_every_s:
+        save(*unsaved)
+        saved_at, unsaved = time.perf_counter(), None
       _write_json(curves_path, record)
       if last_s is None:  # includes the compile (and, for the group, its init)
         timing["first_epoch_s"] = last_s = time.perf_counter() - tg

@@ -140,7 +140,8 @@ def test_cli_smoke_autoencoder_and_resume(tmp_path):
                                       ("--parallel=0", "--parallel 0 must be a positive"),
                                       ("--budget_s=-1", "--budget_s -1 must be a non-negative"),
                                       ("--budget_s=nan", "--budget_s nan must be a non-negative"),
-                                      ("--unpack=missing.tar.gz", "'missing.tar.gz' does not exist"),
+                                      ("--save_every_s=-2", "--save_every_s -2 must be"),
+                                      ("--unpack=gone.tar.gz", "'gone.tar.gz' does not exist"),
                                       ("--pack=nowhere/a.tar.gz", "the folder"),
                                       ("--pack=WORKDIR/a.tar.gz", "is inside --workdir")])
 def test_cli_bad_flags(tmp_path, flag, msg):
