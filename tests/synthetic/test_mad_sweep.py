@@ -184,6 +184,20 @@ def test_budget_stops_at_an_epoch_boundary_and_resumes(tmp_path):
   assert [len(r["curve"]) for r in part["runs"]] == [1] * 4
   run_dir = tmp_path / "b" / "in_context_recall" / "toy" / "MHA"
   assert int(np.load(run_dir / "state_g0.npz")["epoch"]) == 1
+  # saving at most every 1e9 s: nothing saved after epoch 1, the state of epoch 2 at the stop
+  budget = mad_sweep.Budget(100.0, clock=_clock(0.0, 0.0, 100.0))
+  seen = []
+  rare = mad_sweep.train_setting(
+      CFG, "in_context_recall", "toy", KW, "MHA", str(tmp_path / "d"), budget=budget,
+      save_every_s=1e9, log=lambda s: seen.append(os.listdir(tmp_path / "d" / "in_context_recall"
+                                                             / "toy" / "MHA")))
+  assert [len(r["curve"]) for r in rare["runs"]] == [2] * 4 and "state_g0.npz" not in seen[0]
+  d_dir = tmp_path / "d" / "in_context_recall" / "toy" / "MHA"
+  assert int(np.load(d_dir / "state_g0.npz")["epoch"]) == 2
+  rest = mad_sweep.train_setting(CFG, "in_context_recall", "toy", KW, "MHA", str(tmp_path / "d"),
+                                 log=lambda s: None)
+  np.testing.assert_allclose(np.asarray(_curves(rest)), np.asarray(_curves(full)),
+                             rtol=1e-6, atol=1e-7)
   # a spent budget starts nothing
   spent = mad_sweep.Budget(100.0, clock=lambda: 101.0)
   assert not spent.allows(0.0) and spent.stopped
