@@ -370,8 +370,8 @@ def _write_results(out: dict, out_path: str, plan_items, tasks, layouts) -> None
 
 def _progress_table(status: dict, results: dict, epochs: int) -> str:
   """This call per item: what it did, its worker, epochs, seconds per epoch (the first one
-  compiles), steps per second, and for an unfinished item the most seconds it still needs
-  (every run to the last epoch, at this call's pace)."""
+  compiles), steps per second, for an unfinished item the most seconds it still needs (every
+  run to the last epoch, at this call's pace), and its worker's peak device memory so far."""
   from benchmarks.common import markdown_table
   rows = []
   for (task, name, lay), (kind, info) in status.items():
@@ -384,9 +384,11 @@ def _progress_table(status: dict, results: dict, epochs: int) -> str:
                  f"{t['first_epoch_s']:.1f}" if t.get("first_epoch_s") else "–",
                  f"{t['epoch_s']:.2f}" if t.get("epoch_s") else "–",
                  f"{t['steps_per_s']:.1f}" if t.get("steps_per_s") else "–", left,
+                 f"{t['peak_gib']:.1f}" if t.get("peak_gib") else "–",
                  info if isinstance(info, str) else ""])
   return markdown_table(["task", "setting", "layout", "this call", "worker", "epochs",
-                         "first epoch s", "epoch s", "steps/s", "left s (max)", "note"], rows)
+                         "first epoch s", "epoch s", "steps/s", "left s (max)",
+                         "worker peak GiB", "note"], rows)
 
 
 def main(argv=None) -> dict:

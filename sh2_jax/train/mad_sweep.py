@@ -309,11 +309,12 @@ def train_setting(cfg: MADTrainConfig, task: str, setting: str, kwargs: dict, la
   """Train (or resume) every run of ``cfg.runs()`` on one task setting with one layout; the
   state and ``curves.json`` live in ``workdir/task/setting/layout``. Returns the curves record:
   per run its lr, weight decay, seed, per-epoch curves and final test accuracy, ``best``,
-  ``complete``, and ``timing`` (this call's epochs, their seconds and steps per second; not
-  saved). With ``budget``, stops at an epoch boundary before its deadline (``complete`` False,
-  the state saved). The state is saved after every epoch, or with ``save_every_s`` > 0 at most
-  that often (and at a budget stop): a process killed outright then retrains at most that many
-  seconds, and a GPU process does not write its tens of MB every epoch."""
+  ``complete``, and ``timing`` (this call's epochs, their seconds and steps per second, the
+  process's peak device memory so far; not saved). With ``budget``, stops at an epoch boundary
+  before its deadline (``complete`` False, the state saved). The state is saved after every
+  epoch, or with ``save_every_s`` > 0 at most that often (and at a budget stop): a process
+  killed outright then retrains at most that many seconds, and a GPU process does not write
+  its tens of MB every epoch."""
   out_dir = os.path.join(workdir, task, setting, layout)
   os.makedirs(out_dir, exist_ok=True)
   t0 = time.perf_counter()
@@ -452,4 +453,6 @@ def train_setting(cfg: MADTrainConfig, task: str, setting: str, kwargs: dict, la
   timing["epoch_s"] = sum(steady) / len(steady) if steady else timing["first_epoch_s"]
   timing["steps_per_s"] = group.steps / timing["epoch_s"] if timing["epoch_s"] else None
   timing["stopped_by_budget"] = budget.stopped and not record["complete"]
+  stats = jax.local_devices()[0].memory_stats() or {}  # None on CPU
+  timing["peak_gib"] = stats.get("peak_bytes_in_use", 0) / 2**30 or None
   return {**record, "timing": timing}
