@@ -281,6 +281,12 @@ def _cost(item) -> float:
   return -(-n // 128) * kwargs.get("seq_len", 128) * max(2, len(LAYOUTS[layout].split("-")))
 
 
+def _item_line(rec: dict, seconds: float) -> str:
+  stop = " -- stopped by --budget_s, unfinished" if rec["timing"]["stopped_by_budget"] else ""
+  return (f"{rec['task']} {rec['setting']} {rec['layout']}: best {rec.get('best')} "
+          f"({seconds:.1f} s){stop}")
+
+
 def _worker(index: int, cfg, workdir: str, deadline, save_every_s, todo, done) -> None:
   """One worker process: trains items from ``todo`` until it reads None; reports to ``done``."""
   import traceback
@@ -300,7 +306,7 @@ def _worker(index: int, cfg, workdir: str, deadline, save_every_s, todo, done) -
       say(traceback.format_exc())
       done.put(("failed", item, traceback.format_exc().strip().splitlines()[-1]))
       continue
-    say(f"{task} {name} {lay}: best {rec.get('best')} ({time.perf_counter() - t0:.1f} s)")
+    say(_item_line(rec, time.perf_counter() - t0))
     done.put(("trained", item, {**rec["timing"], "worker": index}))
   done.put(("exit", index, None))
 
@@ -437,8 +443,7 @@ def main(argv=None) -> dict:
                           log=lambda s: print(s, flush=True), budget=budget,
                           save_every_s=args.save_every_s)
       status[(task, name, lay)] = ("trained", {**rec["timing"], "worker": 0})
-      print(f"{task} {name} {lay}: best {rec.get('best')} ({time.perf_counter() - t0:.1f} s)",
-            flush=True)
+      print(_item_line(rec, time.perf_counter() - t0), flush=True)
       on_item()
   out["timing"] = [{"task": k[0], "setting": k[1], "layout": k[2], "status": kind,
                     **(info if isinstance(info, dict) else {"note": info})}
