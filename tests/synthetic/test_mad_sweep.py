@@ -3,9 +3,9 @@ one vmapped group with distinct runs, MAD's per-epoch cosine schedule, an interr
 from its saved state equals the uninterrupted run, the 0.999 stop freezes runs, the macro
 accuracy follows torchmetrics' rule, and the benchmark CLI (--smoke, the auto-encoder task)
 writes its table and resumes; a wall-clock budget stops at an epoch boundary and the rerun
-resumes to the uninterrupted run; --parallel workers give the serial results; the workdir
-archive (--pack/--unpack) round-trips, state included, and merges by progress; bad flags fail
-with one line before anything is written."""
+resumes to the uninterrupted run; --parallel workers give the serial results (a failing item
+is reported and the others go on); the workdir archive (--pack/--unpack) round-trips, state
+included, and merges by progress; bad flags fail with one line before anything is written."""
 
 from __future__ import annotations
 
@@ -267,3 +267,16 @@ def test_cli_parallel_budget_pack_unpack(tmp_path):
   assert " epoch 1/" not in again.stdout and "unpack: 2 of 2 items restored" in again.stdout
   u = read(tmp_path / "u")
   assert (u["results"], u["table"]) == (s["results"], s["table"])
+
+
+def test_cli_parallel_failed_item_does_not_stop_the_others(tmp_path):
+  """An item that raises in a worker (here: its directory holds another configuration's run)
+  is reported, the other item still trains, results.json is written, and the exit code is 1."""
+  base = ["--smoke", "--tasks=in_context_recall", f"--workdir={tmp_path}"]
+  assert _cli(*base, "--layouts=MHA").returncode == 0
+  proc = _cli(*base, "--layouts=MHA,Hyena-SE", "--lrs=0.01", "--parallel=2")
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "error: 1 items failed: in_context_recall baseline MHA" in proc.stderr
+  assert "another configuration" in proc.stdout
+  out = json.load(open(tmp_path / "results.json"))
+  assert out["results"]["in_context_recall"]["baseline"]["Hyena-SE"]["complete"]
