@@ -8,8 +8,28 @@ in one vmapped step (``sh2_jax/train/mad_sweep.py``), the best run per setting r
     python benchmarks/mad.py --smoke --workdir=runs/mad_smoke        # tiny, CPU
 
 Rerunning the same command resumes: finished runs are read back, unfinished ones continue from
-their last evaluated epoch. Writes ``--json`` (default ``<workdir>/results.json``: device, date,
-command, per setting the best run and every run's final accuracy; the curves stay in
+their last evaluated epoch.
+
+One GPU, many processes: the models are tiny (width 128), so one process leaves an H200 mostly
+idle between kernel launches. ``--parallel N`` trains the (task, setting, layout) items in N
+worker processes sharing the device (each given ``XLA_PYTHON_CLIENT_MEM_FRACTION`` 0.9 / N,
+preallocated), the largest items first, each worker taking the next item when it finishes one;
+every item still trains its whole vmapped grid, in its own directory, and the parent writes the
+results, table and plot from the workdir exactly as the serial path does. ``--budget_s S`` stops
+every process at an epoch boundary before S seconds from the start (estimated from its own epoch
+times), leaving state to resume from; unfinished items are marked in the table (``*``) and
+listed under ``unfinished`` in the results. ``--pack FILE`` then writes the workdir as one small
+``.tar.gz`` (``sh2_jax/train/mad_archive.py``: curves, results and the state of unfinished runs
+as far as it fits under 12 MiB) and ``--unpack FILE`` merges such an archive into the workdir
+before training, so the sweep continues in a later session:
+
+    python benchmarks/mad.py --workdir=runs/mad --parallel=6 --budget_s=520 \
+        --save_every_s=60 --unpack=carry/mad.tar.gz --pack=out/mad.tar.gz
+
+The state of a group is saved after every epoch (``--save_every_s``: at most that often, and at
+a budget stop; the per-epoch save of tens of MB slows a GPU worker). Writes ``--json``
+(default ``<workdir>/results.json``: device, date, command, per setting the best run and every
+run's final accuracy; the curves stay in
 ``<workdir>/<task>/<setting>/<layout>/curves.json``) and prints a markdown table: per task and
 layout the test accuracy at the baseline (MAD's macro accuracy, per-token accuracy in brackets)
 and the MAD score (the mean over all settings) where every setting finished.
@@ -33,6 +53,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # task -> {"attention": score, "hyena": score, "source": where}; empty: see the module docstring.
 PUBLISHED: dict[str, dict] = {}
+
+PACK_LIMIT_BYTES = 12 * 2**20  # what comes back from one device call, with room to spare
 
 # --smoke: the same generators at toy sizes (a few seconds of CPU per layout).
 SMOKE_KWARGS = {
@@ -93,6 +115,17 @@ def parse(argv=None):
   ap.add_argument("--json", default="", help="results file (default <workdir>/results.json)")
   ap.add_argument("--plot", default="", help="bar chart of the baseline accuracies (a .png)")
   ap.add_argument("--smoke", action="store_true", help="toy sizes and 2 epochs, for CPU tests")
+  ap.add_argument("--parallel", type=int, default=1,
+                  help="worker processes sharing the device (1: this process trains)")
+  ap.add_argument("--budget_s", type=float, default=0.0,
+                  help="stop training at an epoch boundary before this many seconds from the "
+                  "start (0: no limit)")
+  ap.add_argument("--save_every_s", type=float, default=0.0,
+                  help="save an unfinished group's state at most this often (and at a budget "
+                  "stop; 0: after every epoch)")
+  ap.add_argument("--pack", default="", help="after the run: the workdir as one .tar.gz here")
+  ap.add_argument("--unpack", default="",
+                  help="before the run: merge a --pack archive into the workdir")
   args = ap.parse_args(argv)
 
   tasks = list(mad.TASKS) if args.tasks == "all" else args.tasks.split(",")
@@ -122,6 +155,28 @@ def parse(argv=None):
     if v < (1 if name == "epochs" else 0):
       _fail(f"--{name} {v} must be {'a positive' if name == 'epochs' else 'a non-negative'} "
             "integer")
+  if args.parallel < 1:
+    _fail(f"--parallel {args.parallel} must be a positive integer (1: no worker processes)")
+  if not args.budget_s >= 0 or args.budget_s == float("inf"):
+    _fail(f"--budget_s {args.budget_s:g} must be a non-negative number of seconds (0: no limit)")
+  if not args.save_every_s >= 0 or args.save_every_s == float("inf"):
+    _fail(f"--save_every_s {args.save_every_s:g} must be a non-negative number of seconds "
+          "(0: after every epoch)")
+  if args.unpack:
+    from sh2_jax.train import mad_archive
+    try:
+      mad_archive.check(args.unpack)
+    except mad_archive.ArchiveError as e:
+      _fail(f"--unpack: {e}")
+  if args.pack:
+    inside = os.path.relpath(os.path.abspath(args.pack), os.path.abspath(args.workdir))
+    if not inside.startswith(".."):
+      _fail(f"--pack {args.pack!r} is inside --workdir {args.workdir!r}; write it elsewhere")
+    where = os.path.dirname(os.path.abspath(args.pack))
+    if not os.path.isdir(where):
+      _fail(f"--pack {args.pack!r}: the folder {where!r} does not exist")
+  if args.parallel > 1:  # this process only coordinates: it must not take the device's memory
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
   if args.attention_impl == "cudnn":
     import jax
     if jax.default_backend() != "gpu":
@@ -205,40 +260,218 @@ def plot(results: dict, tasks, layouts, path: str, title: str) -> None:
   fig.savefig(path, dpi=110)
 
 
-def main(argv=None) -> dict:
-  args, tasks, layouts, plan, lrs, wds, seeds = parse(argv)
-  from benchmarks.common import device_info
-  from sh2_jax.train.mad_sweep import MADTrainConfig, train_setting
+def _config(args, lrs, wds, seeds):
+  from sh2_jax.train.mad_sweep import MADTrainConfig
   if args.smoke:
-    cfg = MADTrainConfig(d_model=16, num_heads=2, mlp_hidden=32, batch_size=16, epochs=2,
-                         learning_rates=lrs[:1], weight_decays=wds[:2], seeds=seeds[:1],
-                         dtype="float32", num_test_examples=32)
-  else:
-    cfg = MADTrainConfig(epochs=args.epochs, patience=args.patience, learning_rates=lrs,
-                         weight_decays=wds, seeds=seeds, dtype=args.dtype,
-                         runs_per_group=args.runs_per_group,
-                         warmup_epochs=args.warmup_epochs, attention_impl=args.attention_impl)
+    return MADTrainConfig(d_model=16, num_heads=2, mlp_hidden=32, batch_size=16, epochs=2,
+                          learning_rates=lrs[:1], weight_decays=wds[:2], seeds=seeds[:1],
+                          dtype="float32", num_test_examples=32)
+  return MADTrainConfig(epochs=args.epochs, patience=args.patience, learning_rates=lrs,
+                        weight_decays=wds, seeds=seeds, dtype=args.dtype,
+                        runs_per_group=args.runs_per_group,
+                        warmup_epochs=args.warmup_epochs, attention_impl=args.attention_impl)
+
+
+def _cost(item) -> float:
+  """Relative training time of an item: steps per epoch x length x blocks."""
+  from sh2_jax.synthetic import mad
+  from sh2_jax.train.mad_sweep import LAYOUTS
+  task, _, kwargs, layout = item
+  n = kwargs.get("num_train_examples", mad.BASELINES[task]["num_train_examples"])
+  return -(-n // 128) * kwargs.get("seq_len", 128) * max(2, len(LAYOUTS[layout].split("-")))
+
+
+def _item_line(rec: dict, seconds: float) -> str:
+  stop = " -- stopped by --budget_s, unfinished" if rec["timing"]["stopped_by_budget"] else ""
+  return (f"{rec['task']} {rec['setting']} {rec['layout']}: best {rec.get('best')} "
+          f"({seconds:.1f} s){stop}")
+
+
+def _worker(index: int, cfg, workdir: str, deadline, save_every_s, todo, done) -> None:
+  """One worker process: trains items from ``todo`` until it reads None; reports to ``done``."""
+  import traceback
+  from sh2_jax.train.mad_sweep import Budget, train_setting
+  budget = Budget(deadline)
+  say = lambda s: print(f"[w{index}] {s}", flush=True)
+  while (item := todo.get()) is not None:
+    task, name, kwargs, lay = item
+    if not budget.allows(budget.first_epoch_s):
+      done.put(("skipped", item, None))
+      continue
+    t0 = time.perf_counter()
+    try:
+      rec = train_setting(cfg, task, name, kwargs, lay, workdir, log=say, budget=budget,
+                          save_every_s=save_every_s)
+    except Exception:  # the other items go on; the parent reports it and exits 1
+      say(traceback.format_exc())
+      done.put(("failed", item, traceback.format_exc().strip().splitlines()[-1]))
+      continue
+    say(_item_line(rec, time.perf_counter() - t0))
+    done.put(("trained", item, {**rec["timing"], "worker": index}))
+  done.put(("exit", index, None))
+
+
+def _train_parallel(cfg, items, workdir: str, n: int, deadline, save_every_s,
+                    on_item) -> dict:
+  """Train ``items`` in ``n`` spawned workers sharing the device, calling ``on_item()`` after
+  each one that trained; -> item -> (status, info)."""
+  import multiprocessing as mp
+  import queue
+  ctx = mp.get_context("spawn")  # a forked JAX runtime is not safe
+  todo, done = ctx.Queue(), ctx.Queue()
+  for item in sorted(items, key=_cost, reverse=True):
+    todo.put(item)
+  n = min(n, len(items))
+  for _ in range(n):
+    todo.put(None)
+  procs = []
+  for i in range(n):  # the environment is read when each worker's runtime starts
+    os.environ.update(XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / n:.3f}",
+                      XLA_PYTHON_CLIENT_PREALLOCATE="true")
+    procs.append(ctx.Process(target=_worker, args=(i, cfg, workdir, deadline, save_every_s,
+                                                           todo, done)))
+    procs[-1].start()
+  os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+  status, exited = {}, 0
+  while exited < n:
+    try:
+      kind, item, info = done.get(timeout=1.0)
+    except queue.Empty:
+      if any(p.is_alive() for p in procs):
+        continue
+      try:  # every worker is gone: what they sent is in the pipe
+        kind, item, info = done.get(timeout=1.0)
+      except queue.Empty:
+        break
+    if kind == "exit":
+      exited += 1
+    else:
+      status[item[:2] + item[3:]] = (kind, info)
+      if kind == "trained":
+        on_item()
+  for p in procs:
+    p.join()
+  for i, p in enumerate(procs):
+    if p.exitcode != 0:
+      print(f"error: worker {i} exited with code {p.exitcode}", file=sys.stderr)
+  for task, name, _, lay in items:  # items a dead worker held
+    status.setdefault((task, name, lay), ("failed", "its worker died"))
+  return status
+
+
+def _write_results(out: dict, out_path: str, plan_items, tasks, layouts) -> None:
+  """results.json from everything under the workdir, and the items of this command that are
+  not finished."""
+  out["results"] = collect(out["workdir"], tasks, layouts)
+  out["table"] = table(out["results"], tasks, layouts)
+  out["unfinished"] = []
+  for task, name, _, lay in plan_items:
+    entry = out["results"].get(task, {}).get(name, {}).get(lay)
+    if not entry or not entry["complete"]:
+      out["unfinished"].append({"task": task, "setting": name, "layout": lay,
+                                "epochs": entry["epochs"] if entry else 0})
+  with open(out_path, "w") as f:
+    json.dump({k: v for k, v in out.items() if k != "workdir"}, f, indent=1)
+
+
+def _progress_table(status: dict, results: dict, epochs: int) -> str:
+  """This call per item: what it did, its worker, epochs, seconds per epoch (the first one
+  compiles), steps per second, for an unfinished item the most seconds it still needs (every
+  run to the last epoch, at this call's pace), and its worker's peak device memory so far."""
+  from benchmarks.common import markdown_table
+  rows = []
+  for (task, name, lay), (kind, info) in status.items():
+    t = info if isinstance(info, dict) else {}
+    entry = results.get(task, {}).get(name, {}).get(lay) or {"complete": False, "epochs": 0}
+    left = ("0" if entry["complete"] else
+            f"{(epochs - entry['epochs']) * t['epoch_s']:.0f}" if t.get("epoch_s") else "?")
+    rows.append([task, name, lay, kind if kind != "trained" or not t.get("stopped_by_budget")
+                 else "budget stop", t.get("worker", "–"), t.get("epochs", 0),
+                 f"{t['first_epoch_s']:.1f}" if t.get("first_epoch_s") else "–",
+                 f"{t['epoch_s']:.2f}" if t.get("epoch_s") else "–",
+                 f"{t['steps_per_s']:.1f}" if t.get("steps_per_s") else "–", left,
+                 f"{t['peak_gib']:.1f}" if t.get("peak_gib") else "–",
+                 info if isinstance(info, str) else ""])
+  return markdown_table(["task", "setting", "layout", "this call", "worker", "epochs",
+                         "first epoch s", "epoch s", "steps/s", "left s (max)",
+                         "worker peak GiB", "note"], rows)
+
+
+def main(argv=None) -> dict:
+  t_start = time.time()
+  args, tasks, layouts, plan, lrs, wds, seeds = parse(argv)
+  import dataclasses
+  from benchmarks.common import device_info
+  from sh2_jax.train import mad_archive
+  from sh2_jax.train.mad_sweep import Budget, train_setting
+  deadline = t_start + args.budget_s if args.budget_s else None
+  cfg = _config(args, lrs, wds, seeds)
+  if args.unpack:
+    mad_archive.unpack(args.unpack, args.workdir)
   os.makedirs(args.workdir, exist_ok=True)
   out_path = args.json or os.path.join(args.workdir, "results.json")
   out = {**device_info(), "command": shlex.join([os.path.basename(sys.argv[0])] +
                                                  (sys.argv[1:] if argv is None else argv)),
-         "config": None, "results": {}}
-  for task, name, kwargs in plan:
-    for lay in layouts:
+         "config": dataclasses.asdict(cfg), "results": {}, "workdir": args.workdir}
+  items = [(task, name, kwargs, lay) for task, name, kwargs in plan for lay in layouts]
+
+  def on_item(final=False):
+    """After every item: results.json and the archive, so that a call killed at its time limit
+    still leaves both behind."""
+    _write_results(out, out_path, items, tasks, layouts)
+    if not args.pack:
+      return None
+    try:
+      return mad_archive.pack(args.workdir, args.pack, PACK_LIMIT_BYTES,
+                              log=print if final else lambda s: None)
+    except mad_archive.ArchiveError as e:
+      if final:
+        _fail(f"--pack {args.pack!r}: {e}")
+      print(f"pack: {e} (tried again at the end)", flush=True)
+
+  if args.parallel > 1:
+    status = _train_parallel(cfg, items, args.workdir, args.parallel, deadline,
+                             args.save_every_s, on_item)
+  else:
+    status, budget = {}, Budget(deadline)
+    for task, name, kwargs, lay in items:
+      if not budget.allows(budget.first_epoch_s):
+        status[(task, name, lay)] = ("skipped", None)
+        continue
       t0 = time.perf_counter()
       rec = train_setting(cfg, task, name, kwargs, lay, args.workdir,
-                          log=lambda s: print(s, flush=True))
-      out["config"] = rec["config"]
-      print(f"{task} {name} {lay}: best {rec.get('best')} ({time.perf_counter() - t0:.1f} s)",
-            flush=True)
-      out["results"] = collect(args.workdir, tasks, layouts)
-      out["table"] = table(out["results"], tasks, layouts)
-      with open(out_path, "w") as f:
-        json.dump(out, f, indent=1)
+                          log=lambda s: print(s, flush=True), budget=budget,
+                          save_every_s=args.save_every_s)
+      status[(task, name, lay)] = ("trained", {**rec["timing"], "worker": 0})
+      print(_item_line(rec, time.perf_counter() - t0), flush=True)
+      on_item()
+  out["timing"] = [{"task": k[0], "setting": k[1], "layout": k[2], "status": kind,
+                    **(info if isinstance(info, dict) else {"note": info})}
+                   for k, (kind, info) in status.items()]
+  manifest = on_item(final=True)
   if args.plot:
     plot(out["results"], tasks, layouts, args.plot,
          f"{out['device']}, {out['date']}: best of the lr x wd grid")
+  steps = sum(i["epochs"] * i["steps_per_epoch"] for _, i in status.values()
+              if isinstance(i, dict))
+  wall = time.time() - t_start
+  print("\n" + _progress_table(status, out["results"], cfg.epochs)
+        + f"\nthis call: {steps} steps of {len(cfg.runs())} runs in {wall:.0f} s "
+        f"({steps / wall:.1f} steps/s over {args.parallel} process(es), compiles included)")
   print("\n" + out["table"] + "\n(* : not finished; MAD score: mean over every setting)")
+  if out["unfinished"]:
+    print(f"{len(out['unfinished'])} of {len(items)} items unfinished: rerun the same command "
+          "to resume them")
+  if args.pack:
+    kept = sum(v["state"] for v in manifest["items"].values())
+    print(f"pack: {args.pack} ({os.path.getsize(args.pack) / 2**20:.2f} MiB, "
+          f"{len(manifest['items'])} items, {kept} with training state)")
+  failed = [k for k, (kind, _) in status.items() if kind == "failed"]
+  if failed:
+    print(f"error: {len(failed)} items failed: " + ", ".join(" ".join(k) for k in failed),
+          file=sys.stderr)
+    sys.exit(1)
+  out.pop("workdir")
   return out
 
 

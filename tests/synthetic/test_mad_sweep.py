@@ -2,7 +2,10 @@
 one vmapped group with distinct runs, MAD's per-epoch cosine schedule, an interrupted run resumed
 from its saved state equals the uninterrupted run, the 0.999 stop freezes runs, the macro
 accuracy follows torchmetrics' rule, and the benchmark CLI (--smoke, the auto-encoder task)
-writes its table and resumes; bad flags fail with one line before anything is written."""
+writes its table and resumes; a wall-clock budget stops at an epoch boundary and the rerun
+resumes to the uninterrupted run; --parallel workers give the serial results (a failing item
+is reported and the others go on); the workdir archive (--pack/--unpack) round-trips, state
+included, and merges by progress; bad flags fail with one line before anything is written."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import sys
 import numpy as np
 import pytest
 
-from sh2_jax.train import mad_sweep
+from sh2_jax.train import mad_archive, mad_sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
@@ -133,11 +136,19 @@ def test_cli_smoke_autoencoder_and_resume(tmp_path):
                                       ("--lrs=1e-3,fast", "--lrs '1e-3,fast' is not"),
                                       ("--plot=p.png", "--plot 'p.png' needs matplotlib"),
                                       ("--attention_impl=cudnn", "cudnn needs a GPU"),
-                                      ("--epochs=0", "--epochs 0 must be a positive")])
+                                      ("--epochs=0", "--epochs 0 must be a positive"),
+                                      ("--parallel=0", "--parallel 0 must be a positive"),
+                                      ("--budget_s=-1", "--budget_s -1 must be a non-negative"),
+                                      ("--budget_s=nan", "--budget_s nan must be a non-negative"),
+                                      ("--save_every_s=-2", "--save_every_s -2 must be"),
+                                      ("--unpack=gone.tar.gz", "'gone.tar.gz' does not exist"),
+                                      ("--pack=nowhere/a.tar.gz", "the folder"),
+                                      ("--pack=WORKDIR/a.tar.gz", "is inside --workdir")])
 def test_cli_bad_flags(tmp_path, flag, msg):
   if flag.startswith("--plot") and HAVE_MPL:
     pytest.skip("matplotlib is installed: --plot works")
-  proc = _cli(f"--workdir={tmp_path / 'w'}", "--tasks=in_context_recall", flag)
+  proc = _cli(f"--workdir={tmp_path / 'w'}", "--tasks=in_context_recall",
+              flag.replace("WORKDIR", str(tmp_path / "w")))
   assert proc.returncode == 2
   assert proc.stderr.strip().startswith("error: ") and msg in proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "w").exists()
@@ -150,3 +161,118 @@ def test_run_scores_take_the_lowest_test_loss():
   got = mad_sweep.run_scores(curve)
   assert got == {"test_acc": 0.7, "test_token_acc": 0.8, "best_epoch": 2, "test_acc_final": 0.9,
                  "test_token_acc_final": 0.95}
+
+
+def _clock(*times):
+  """A clock that reads ``times`` in turn, then stays at the last."""
+  left = list(times)
+  return lambda: left.pop(0) if len(left) > 1 else left[0]
+
+
+def test_budget_stops_at_an_epoch_boundary_and_resumes(tmp_path):
+  full = mad_sweep.train_setting(CFG, "in_context_recall", "toy", KW, "MHA", str(tmp_path / "a"),
+                                 log=lambda s: None)
+  assert full["timing"]["epochs"] == 3 and not full["timing"]["stopped_by_budget"]
+  run_dir = tmp_path / "a" / "in_context_recall" / "toy" / "MHA"
+  assert sorted(os.listdir(run_dir)) == ["curves.json"]  # finished: the state is dropped
+  # the first epoch may start (t=0, deadline 100); the next would end past the deadline (t=100
+  # plus its estimate): stop after epoch 1 with the state saved
+  budget = mad_sweep.Budget(100.0, clock=_clock(0.0, 100.0))
+  part = mad_sweep.train_setting(CFG, "in_context_recall", "toy", KW, "MHA", str(tmp_path / "b"),
+                                 log=lambda s: None, budget=budget)
+  assert budget.stopped and part["timing"]["stopped_by_budget"] and not part["complete"]
+  assert [len(r["curve"]) for r in part["runs"]] == [1] * 4
+  run_dir = tmp_path / "b" / "in_context_recall" / "toy" / "MHA"
+  assert int(np.load(run_dir / "state_g0.npz")["epoch"]) == 1
+  # saving at most every 1e9 s: nothing saved after epoch 1, the state of epoch 2 at the stop
+  budget = mad_sweep.Budget(100.0, clock=_clock(0.0, 0.0, 100.0))
+  seen = []
+  rare = mad_sweep.train_setting(
+      CFG, "in_context_recall", "toy", KW, "MHA", str(tmp_path / "d"), budget=budget,
+      save_every_s=1e9, log=lambda s: seen.append(os.listdir(tmp_path / "d" / "in_context_recall"
+                                                             / "toy" / "MHA")))
+  assert [len(r["curve"]) for r in rare["runs"]] == [2] * 4 and "state_g0.npz" not in seen[0]
+  d_dir = tmp_path / "d" / "in_context_recall" / "toy" / "MHA"
+  assert int(np.load(d_dir / "state_g0.npz")["epoch"]) == 2
+  rest = mad_sweep.train_setting(CFG, "in_context_recall", "toy", KW, "MHA", str(tmp_path / "d"),
+                                 log=lambda s: None)
+  np.testing.assert_allclose(np.asarray(_curves(rest)), np.asarray(_curves(full)),
+                             rtol=1e-6, atol=1e-7)
+  # a spent budget starts nothing
+  spent = mad_sweep.Budget(100.0, clock=lambda: 101.0)
+  assert not spent.allows(0.0) and spent.stopped
+  # the workdir as an archive, state included, resumes elsewhere to the uninterrupted run
+  archive = str(tmp_path / "b.tar.gz")
+  manifest = mad_archive.pack(str(tmp_path / "b"), archive, 2**24, log=lambda s: None)
+  assert manifest["items"]["in_context_recall/toy/MHA"] == {"complete": False, "epochs": 1,
+                                                            "state": True}
+  assert mad_archive.unpack(archive, str(tmp_path / "c"), log=lambda s: None) == {
+      "in_context_recall/toy/MHA": "restored"}
+  resumed = mad_sweep.train_setting(CFG, "in_context_recall", "toy", KW, "MHA",
+                                    str(tmp_path / "c"), log=lambda s: None)
+  assert resumed["complete"] and resumed["timing"]["epochs"] == 2
+  np.testing.assert_allclose(np.asarray(_curves(resumed)), np.asarray(_curves(full)),
+                             rtol=1e-6, atol=1e-7)
+  # merging: the workdir's copy that is further along (finished) is kept, an older one replaced
+  assert mad_archive.unpack(archive, str(tmp_path / "c"), log=lambda s: None) == {
+      "in_context_recall/toy/MHA": "kept"}
+  # a limit the state does not fit under: packed without it, named, and it restarts
+  said = []
+  small = mad_archive.pack(str(tmp_path / "b"), archive, 40_000, log=said.append)
+  assert small["items"]["in_context_recall/toy/MHA"]["state"] is False
+  assert len(said) == 1 and "restart from epoch 0" in said[0]
+  with pytest.raises(mad_archive.ArchiveError, match="over the"):
+    mad_archive.pack(str(tmp_path / "b"), archive, 100)
+
+
+def test_archive_check_refuses_what_pack_did_not_write(tmp_path):
+  junk = tmp_path / "junk.tar.gz"
+  junk.write_bytes(b"not an archive")
+  with pytest.raises(mad_archive.ArchiveError, match="not a readable .tar.gz"):
+    mad_archive.check(str(junk))
+  import tarfile
+  stray = tmp_path / "stray.tar.gz"
+  (tmp_path / "x.txt").write_text("x")
+  with tarfile.open(stray, "w:gz") as tar:
+    tar.add(tmp_path / "x.txt", arcname="../x.txt")
+  with pytest.raises(mad_archive.ArchiveError, match="not part of a MAD workdir"):
+    mad_archive.check(str(stray))
+  proc = _cli(f"--workdir={tmp_path / 'w'}", f"--unpack={junk}")
+  assert proc.returncode == 2 and proc.stderr.strip().startswith("error: --unpack: ")
+  assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "w").exists()
+
+
+def test_cli_parallel_budget_pack_unpack(tmp_path):
+  """--budget_s spent before any epoch: nothing trained, both items listed unfinished; the
+  serial rerun trains them; --parallel 2 in another workdir gives the same results and table;
+  its --pack archive unpacked into a fresh workdir is read back without training; a failing
+  item is reported while the others go on."""
+  base = ["--smoke", "--tasks=in_context_recall", "--layouts=MHA,Hyena-SE"]
+  read = lambda d: json.load(open(d / "results.json"))
+  stopped = _cli(*base, f"--workdir={tmp_path / 's'}", "--parallel=2", "--budget_s=0.001")
+  assert stopped.returncode == 0, stopped.stderr[-3000:]
+  assert " epoch 1/" not in stopped.stdout and "skipped" in stopped.stdout
+  assert [u["layout"] for u in read(tmp_path / "s")["unfinished"]] == ["MHA", "Hyena-SE"]
+  serial = _cli(*base, f"--workdir={tmp_path / 's'}")
+  assert serial.returncode == 0, serial.stderr[-3000:]
+  assert read(tmp_path / "s")["unfinished"] == []
+  parallel = _cli(*base, f"--workdir={tmp_path / 'p'}", "--parallel=2",
+                  f"--pack={tmp_path / 'p.tar.gz'}")
+  assert parallel.returncode == 0, parallel.stderr[-3000:]
+  assert "[w0]" in parallel.stdout and "[w1]" in parallel.stdout
+  s, p = read(tmp_path / "s"), read(tmp_path / "p")
+  assert (p["results"], p["table"], p["config"]) == (s["results"], s["table"], s["config"])
+  assert "pack: " in parallel.stdout and (tmp_path / "p.tar.gz").stat().st_size < 2**20
+  again = _cli(*base, f"--workdir={tmp_path / 'u'}", f"--unpack={tmp_path / 'p.tar.gz'}")
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert " epoch 1/" not in again.stdout and "unpack: 2 of 2 items restored" in again.stdout
+  u = read(tmp_path / "u")
+  assert (u["results"], u["table"]) == (s["results"], s["table"])
+  # an item that raises in its worker (its directory holds another configuration's run) is
+  # reported and the other item still trains; results.json is written; exit code 1
+  mixed = _cli(*base, f"--workdir={tmp_path / 'p'}", "--layouts=MHA,Hyena-LI", "--lrs=0.01",
+               "--parallel=2")
+  assert mixed.returncode == 1, mixed.stderr[-3000:]
+  assert "error: 1 items failed: in_context_recall baseline MHA" in mixed.stderr
+  assert "another configuration" in mixed.stdout
+  assert read(tmp_path / "p")["results"]["in_context_recall"]["baseline"]["Hyena-LI"]["complete"]
