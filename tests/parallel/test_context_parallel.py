@@ -40,8 +40,7 @@ EXPECTED = ([f"{op}/n{n}/{part}" for n in SIZES for op in OPS for part in ("fwd"
                "error/generate-mesh-unequal"])
 
 
-@pytest.fixture(scope="module")
-def results():
+def _run_checks():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   proc = subprocess.run([sys.executable, os.path.join(HERE, "context_parallel_checks.py")],
@@ -51,6 +50,25 @@ def results():
     pytest.fail(f"context_parallel_checks.py failed:\n{proc.stderr[-4000:]}")
   rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
   return {row["name"]: row for row in rows}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, request):
+  """The checks' rows, run once per test run: under ``pytest -n N`` every worker that gets a test
+  of this module would run the subprocess (~7 CPU-minutes) itself, so the first one runs it under
+  a lock in the run's shared base directory and the others read its rows."""
+  if not hasattr(request.config, "workerinput"):  # not an xdist worker: one process
+    return _run_checks()
+  import fcntl
+  shared = tmp_path_factory.getbasetemp().parent  # this run's, shared by its workers
+  out = shared / "context_parallel_checks.json"
+  with open(shared / "context_parallel_checks.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if out.is_file():
+      return json.loads(out.read_text())
+    rows = _run_checks()
+    out.write_text(json.dumps(rows))
+    return rows
 
 
 @pytest.mark.parametrize("name", EXPECTED)
