@@ -93,6 +93,7 @@ def _floats(name: str, text: str) -> tuple[float, ...]:
 
 def parse(argv=None):
   from sh2_jax.synthetic import mad
+  from sh2_jax.config import CONV_IMPLS, LI_IMPLS
   from sh2_jax.train.mad_sweep import LAYOUTS
   ap = _Parser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--workdir", required=True, help="state, curves and results go here")
@@ -110,6 +111,14 @@ def parse(argv=None):
   ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   ap.add_argument("--warmup_epochs", type=int, default=0, help="linear warmup (MAD: none)")
   ap.add_argument("--attention_impl", default="xla", choices=["xla", "cudnn"])
+  ap.add_argument("--conv_impl", default="auto", choices=list(CONV_IMPLS),
+                  help="SE/MR inner filters (the model's conv_impl; auto: the Pallas kernels on "
+                  "a GPU, 2.2x fft's step on the H200)")
+  ap.add_argument("--li_impl", default="auto", choices=list(LI_IMPLS),
+                  help="LI inner filters (the model's li_impl; auto: modal_scan on a GPU)")
+  ap.add_argument("--speed", type=int, default=0,
+                  help="time this many epochs of every item after one that compiles, print "
+                  "ms per step, and train nothing else (0: train)")
   ap.add_argument("--runs_per_group", type=int, default=0,
                   help="runs vmapped together (0: all); fewer to fit long sequences")
   ap.add_argument("--json", default="", help="results file (default <workdir>/results.json)")
@@ -182,6 +191,15 @@ def parse(argv=None):
     if jax.default_backend() != "gpu":
       _fail(f"--attention_impl cudnn needs a GPU; this backend is {jax.default_backend()} "
             "(use xla)")
+  if args.speed < 0:
+    _fail(f"--speed {args.speed} must be a non-negative integer (0: train)")
+  from sh2_jax import dispatch
+  for name, resolve in (("conv_impl", dispatch.resolve_conv_impl),
+                        ("li_impl", dispatch.resolve_li_impl)):
+    try:
+      resolve(getattr(args, name))
+    except ValueError as e:
+      _fail(f"--{name}: {e}")
   if args.plot:
     import importlib.util
     if importlib.util.find_spec("matplotlib") is None:
@@ -265,11 +283,14 @@ def _config(args, lrs, wds, seeds):
   if args.smoke:
     return MADTrainConfig(d_model=16, num_heads=2, mlp_hidden=32, batch_size=16, epochs=2,
                           learning_rates=lrs[:1], weight_decays=wds[:2], seeds=seeds[:1],
-                          dtype="float32", num_test_examples=32)
+                          dtype="float32", num_test_examples=32,
+                          attention_impl=args.attention_impl, conv_impl=args.conv_impl,
+                          li_impl=args.li_impl)
   return MADTrainConfig(epochs=args.epochs, patience=args.patience, learning_rates=lrs,
                         weight_decays=wds, seeds=seeds, dtype=args.dtype,
                         runs_per_group=args.runs_per_group,
-                        warmup_epochs=args.warmup_epochs, attention_impl=args.attention_impl)
+                        warmup_epochs=args.warmup_epochs, attention_impl=args.attention_impl,
+                        conv_impl=args.conv_impl, li_impl=args.li_impl)
 
 
 def _cost(item) -> float:
@@ -397,6 +418,77 @@ def _progress_table(status: dict, results: dict, epochs: int) -> str:
                          "worker peak GiB", "note"], rows)
 
 
+def speed(cfg, items, workdir: str, epochs: int) -> list[dict]:
+  """Per item: one epoch of its whole grid that compiles, then ``epochs`` timed ones (the
+  median reported) and one timed evaluation; trains nothing that is kept."""
+  rows = []
+  for item in items:
+    try:
+      rows.append(_speed_item(cfg, item, workdir, epochs))
+    except Exception as e:  # noqa: BLE001 -- a variant that does not compile is a row too
+      task, name, _, lay = item
+      rows.append({"task": task, "setting": name, "layout": lay,
+                   "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
+      print(f"{task} {name} {lay}: failed: {rows[-1]['error']}", flush=True)
+      continue
+    r = rows[-1]
+    print(f"{r['task']} {r['setting']} {r['layout']}: {r['ms_per_step']:.2f} ms per step of "
+          f"{r['runs']} runs ({r['tokens_per_s'] / 1e6:.2f} M tokens/s), compile "
+          f"{r['compile_s']:.1f} s, evaluation {r['eval_s']:.2f} s", flush=True)
+  return rows
+
+
+def _speed_item(cfg, item, workdir: str, epochs: int) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from sh2_jax.synthetic import mad
+  from sh2_jax.train.mad_sweep import compiled_group, load_data
+  """One item of ``speed``: its row (raises when the variant does not compile)."""
+  task, name, kwargs, lay = item
+  train_x, train_y, test_x, test_y = load_data(cfg, task, kwargs,
+                                               os.path.join(workdir, task, name))
+  n_train, length = train_x.shape
+  vocab = kwargs.get("vocab_size", mad.BASELINES[task]["vocab_size"])
+  t0 = time.perf_counter()
+  group = compiled_group(cfg.model_config(lay, vocab, length), task, length, n_train,
+                         cfg.batch_size)
+  runs = len(cfg.runs())
+  params, adam = group.init(jnp.stack([jax.random.key(i) for i in range(runs)]))
+  dx, dy = jnp.asarray(train_x), jnp.asarray(train_y)
+  order = np.stack([np.random.default_rng([i, 0]).permutation(
+      group.steps * cfg.batch_size) % n_train for i in range(runs)])
+  order = jnp.asarray(order.reshape(runs, group.steps, cfg.batch_size), jnp.int32)
+  lr = jnp.full((runs,), 1e-4, jnp.float32)
+  wd = jnp.zeros((runs,), jnp.float32)
+  active = jnp.ones((runs,), bool)
+  params, adam, loss = group.epoch(params, adam, dx, dy, order, lr, wd, active)
+  loss.block_until_ready()
+  compile_s = time.perf_counter() - t0
+  times = []
+  for _ in range(epochs):
+    t1 = time.perf_counter()
+    params, adam, loss = group.epoch(params, adam, dx, dy, order, lr, wd, active)
+    loss.block_until_ready()
+    times.append(time.perf_counter() - t1)
+  eb = min(cfg.batch_size, len(test_x))
+  n_eval = len(test_x) // eb * eb
+  tx = jnp.asarray(test_x[:n_eval].reshape(-1, eb, length))
+  ty = jnp.asarray(test_y[:n_eval].reshape(-1, eb, length))
+  jax.block_until_ready(group.evaluate(params, tx, ty))
+  t1 = time.perf_counter()
+  jax.block_until_ready(group.evaluate(params, tx, ty))
+  eval_s = time.perf_counter() - t1
+  epoch_s = float(np.median(times))
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return ({"task": task, "setting": name, "layout": lay, "runs": runs,
+               "seq_len": length, "steps_per_epoch": group.steps, "compile_s": compile_s,
+               "epoch_s": epoch_s, "ms_per_step": 1e3 * epoch_s / group.steps,
+               "tokens_per_s": runs * cfg.batch_size * length * group.steps / epoch_s,
+               "eval_s": eval_s, "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
+               "loss": float(np.asarray(loss).mean())})
+
+
 def main(argv=None) -> dict:
   t_start = time.time()
   args, tasks, layouts, plan, lrs, wds, seeds = parse(argv)
@@ -406,6 +498,25 @@ def main(argv=None) -> dict:
   from sh2_jax.train.mad_sweep import Budget, train_setting
   deadline = t_start + args.budget_s if args.budget_s else None
   cfg = _config(args, lrs, wds, seeds)
+  if args.speed:
+    from benchmarks.common import markdown_table
+    items = [(task, name, kwargs, lay) for task, name, kwargs in plan for lay in layouts]
+    rows = speed(cfg, items, args.workdir, args.speed)
+    out = {**device_info(), "command": shlex.join([os.path.basename(sys.argv[0])] +
+                                                   (sys.argv[1:] if argv is None else argv)),
+           "config": dataclasses.asdict(cfg), "speed": rows}
+    print(markdown_table(
+        ["task", "layout", "conv/li/attention", "L", "ms per step", "M tokens/s",
+         "compile s", "evaluation s", "peak GiB"],
+        [[r["task"], r["layout"], f"{cfg.conv_impl}/{cfg.li_impl}/{cfg.attention_impl}"]
+         + ([r["seq_len"], f"{r['ms_per_step']:.2f}", f"{r['tokens_per_s'] / 1e6:.2f}",
+             f"{r['compile_s']:.1f}", f"{r['eval_s']:.2f}", f"{r['peak_gib']:.1f}"]
+            if "error" not in r else [r["error"], "–", "–", "–", "–", "–"])
+         for r in rows]))
+    if args.json:
+      with open(args.json, "a") as f:
+        f.write(json.dumps(out) + "\n")
+    return out
   if args.unpack:
     mad_archive.unpack(args.unpack, args.workdir)
   os.makedirs(args.workdir, exist_ok=True)

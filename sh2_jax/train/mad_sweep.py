@@ -16,9 +16,9 @@ Protocol (MAD ``train.py``, ``mad/configs.py``, ``mad/model/pl_model_wrapper.py`
 * the score of a run is the test accuracy of its checkpoint with the lowest test loss (MAD's
   ``ModelCheckpoint(monitor="test/Perplexity_epoch", mode="min")``, which its final test loads;
   ``test_acc``), the final model's kept beside it (``test_acc_final``), and the score of a
-  setting the best over the grid (``mad/analysis.py``); accuracy is MAD's ``MulticlassAccuracy`` over the
-  scored positions, which is *macro*-averaged over classes (torchmetrics' default: per-class
-  recall, averaged over the classes that occur among targets or predictions). The micro
+  setting the best over the grid (``mad/analysis.py``); accuracy is MAD's ``MulticlassAccuracy``
+  over the scored positions, which is *macro*-averaged over classes (torchmetrics' default:
+  per-class recall, averaged over the classes that occur among targets or predictions). The micro
   (per-token) accuracy is kept beside it.
 
 Models (``LAYOUTS``): width 128 and MAD's depth of 2 sequence mixers + 2 channel mixers (two of
@@ -42,9 +42,18 @@ same command again continues from the saved epoch (the epoch order is a function
 (seed, epoch), so a resumed run is the run that was not interrupted). A group whose runs have
 all stopped deletes its state: a finished (task, setting, layout) directory keeps only
 ``curves.json`` (about 270 kB after 200 epochs of 6 runs), while an unfinished one holds
-parameters and both Adam moments of every run (measured for the grid of 6 at width 128: 28 MiB
-for the 2-block layouts, 42 MiB for SE-MR-LI, 56 MiB for SE-MR-LI-MHA). A ``Budget`` stops training at an epoch boundary before a wall-clock deadline,
-leaving that state to resume from.
+parameters and both Adam moments of every run it still holds (measured for the grid of 6 at
+width 128: 28 MiB for the 2-block layouts, 42 MiB for SE-MR-LI, 56 MiB for SE-MR-LI-MHA). A
+``Budget`` stops training at an epoch boundary before a wall-clock deadline, leaving that state
+to resume from.
+
+Stragglers: a group runs while any of its runs trains, and a stopped run's frozen slot costs a
+whole run's step (on the H200 the grid's step is compute-bound: 6 runs cost ~6 times one). So
+when at most half of the runs a group holds still train (``compact_runs``), the group goes on
+with those alone: one compile per grid size, the same runs to rounding, and a state that shrinks
+with them (``held`` in ``state_g*.npz``: which runs it holds). On the first H200 calls the
+smallest learning rate's two runs were still training long after the other four had stopped
+(in-context recall with attention: epoch 185 against 25-101).
 """
 
 from __future__ import annotations
@@ -71,6 +80,10 @@ from sh2_jax.synthetic import mad
 LAYOUTS = {"MHA": "MHA", "Hyena-SE": "SE", "Hyena-MR": "MR", "Hyena-LI": "LI",
            "SE-MR-LI-MHA": "SE-MR-LI-MHA", "SE-MR-LI": "SE-MR-LI"}
 
+# MADTrainConfig fields that choose an implementation, not the protocol: a run resumes under
+# other values (the implementations agree to rounding; tests/ops, tests/kernels).
+IMPL_FIELDS = ("attention_impl", "conv_impl", "li_impl", "compact_runs")
+
 
 @dataclasses.dataclass(frozen=True)
 class MADTrainConfig:
@@ -95,6 +108,13 @@ class MADTrainConfig:
   # SE/MR/LI by FFT (the reference paths, which compose with vmap); attention by XLA, or cuDNN
   # on a GPU for the long settings (its memory does not grow with the square of the length).
   attention_impl: str = "xla"
+  # SE/MR and LI inner filters: the model's ``conv_impl`` / ``li_impl`` (an implementation
+  # choice, not part of the protocol: a run resumes under another one).
+  conv_impl: str = "fft"
+  li_impl: str = "fft"
+  # when at most half of a group's runs still train, they go on as a smaller grid (one compile
+  # per size; the same runs to rounding)
+  compact_runs: bool = True
 
   def runs(self) -> list[tuple[float, float, int]]:
     return list(itertools.product(self.learning_rates, self.weight_decays, self.seeds))
@@ -113,7 +133,8 @@ class MADTrainConfig:
     return ModelConfig(d_model=self.d_model, num_layers=max(self.depth, len(ops.split("-"))),
                        layout=ops, vocab_size=vocab_size, num_heads=self.num_heads,
                        mlp_hidden=self.mlp_hidden, evo2_style_activations=False,
-                       mlp_activation="gelu", dtype=self.dtype, conv_impl="fft", li_impl="fft",
+                       mlp_activation="gelu", dtype=self.dtype, conv_impl=self.conv_impl,
+                       li_impl=self.li_impl,
                        attention_impl=self.attention_impl, max_seqlen=max(length, 256))
 
 
@@ -261,6 +282,16 @@ class Budget:
     return not self.stopped
 
 
+def run_done(cfg: MADTrainConfig, run: dict) -> bool:
+  """Whether a run (its record: lr, weight decay, seed, curve) stops after its last evaluated
+  epoch: MAD's 0.999 threshold, ``patience`` evaluations without a better test accuracy, or
+  the last epoch."""
+  accs = [c["test_acc"] for c in run["curve"]]
+  stale = len(accs) - 1 - int(np.argmax(accs))
+  return (accs[-1] >= cfg.stop_acc or bool(cfg.patience and stale >= cfg.patience)
+          or run["curve"][-1]["epoch"] == cfg.epochs)
+
+
 def run_scores(curve: list[dict]) -> dict:
   """A run's scores from its per-epoch curve: MAD's (the epoch with the lowest test loss: the
   checkpoint its final test loads) and the final model's."""
@@ -343,8 +374,9 @@ def train_setting(cfg: MADTrainConfig, task: str, setting: str, kwargs: dict, la
   if os.path.exists(curves_path):
     with open(curves_path) as f:
       old = json.load(f)
-    same = json.loads(json.dumps({"config": record["config"], "kwargs": kwargs}))
-    if {"config": old.get("config"), "kwargs": old.get("kwargs")} != same:
+    protocol = lambda c: {k: v for k, v in (c or {}).items() if k not in IMPL_FIELDS}
+    same = json.loads(json.dumps({"config": protocol(record["config"]), "kwargs": kwargs}))
+    if {"config": protocol(old.get("config")), "kwargs": old.get("kwargs")} != same:
       raise ValueError(f"{out_dir} holds a run of another configuration; use a new workdir")
     record["runs"] = old["runs"]
   if not record["runs"]:
@@ -365,10 +397,11 @@ def train_setting(cfg: MADTrainConfig, task: str, setting: str, kwargs: dict, la
       break
     tg = time.perf_counter()
     lr = np.asarray([m[0] for m in members], np.float32)
-    wd = jnp.asarray([m[1] for m in members], jnp.float32)
+    wd = np.asarray([m[1] for m in members], np.float32)
     seeds = [m[2] for m in members]
     params, adam_state = group.init(jnp.stack([jax.random.key(s) for s in seeds]))
     start = 0
+    held = np.arange(len(members))  # the members whose state the device arrays hold
     if os.path.exists(state_path):  # the state and its runs' curves, saved together
       saved = np.load(state_path)
       leaves, treedef = jax.tree.flatten((params, adam_state))
@@ -378,52 +411,59 @@ def train_setting(cfg: MADTrainConfig, task: str, setting: str, kwargs: dict, la
           treedef, [jnp.asarray(saved[f"leaf_{i}"]) for i in range(len(leaves))])
       start = int(saved["epoch"])
       recs[:] = json.loads(str(saved["runs_json"]))
+      if "held" in saved:
+        held = np.asarray(saved["held"])
     else:
       recs[:] = [{"lr": lr, "weight_decay": wd, "seed": s, "curve": [], "done": False}
                  for lr, wd, s in members]
     record["runs"][g * size:g * size + len(members)] = recs
     active = np.asarray([not r["done"] for r in recs])
-    last_s = None  # this group's previous epoch here (None: the next one compiles)
+    last_s = None  # this group's previous epoch here (None: the group's first is next)
+    compiles = True  # the next epoch compiles (the group's first, or the first after a compaction)
     saved_at, unsaved = time.perf_counter(), None
 
-    def save(params, adam_state, epoch, runs_json):
+    def save(params, adam_state, epoch, runs_json, held):
       leaves = jax.tree.leaves((params, adam_state))
       _save(state_path, {"epoch": np.asarray(epoch), "n_leaves": np.asarray(len(leaves)),
-                         "runs_json": np.asarray(runs_json),
+                         "runs_json": np.asarray(runs_json), "held": np.asarray(held),
                          **{f"leaf_{i}": np.asarray(x) for i, x in enumerate(leaves)}})
 
     for e in range(start, cfg.epochs):
       if not active.any():
         break
-      if last_s is not None and not budget.allows(last_s):
+      if last_s is not None and not budget.allows(budget.first_epoch_s if compiles else last_s):
         if unsaved:
           save(*unsaved)
         break
-      te = time.perf_counter()
-      order = np.full((len(members), group.steps * cfg.batch_size), n_train, np.int32)
-      for i, s in enumerate(seeds):
-        order[i, :n_train] = np.random.default_rng([s, e]).permutation(n_train)
-      order = order.reshape(len(members), group.steps, cfg.batch_size)
-      lrs = jnp.asarray([cfg.lr(float(x), e) for x in lr], jnp.float32)
-      params, adam_state, train_loss = group.epoch(params, adam_state, dx, dy,
-                                                   jnp.asarray(order), lrs, wd,
-                                                   jnp.asarray(active))
+      te, compiled, compiles = time.perf_counter(), compiles, False
+      order = np.full((len(held), group.steps * cfg.batch_size), n_train, np.int32)
+      for i, m in enumerate(held):
+        order[i, :n_train] = np.random.default_rng([seeds[m], e]).permutation(n_train)
+      order = order.reshape(len(held), group.steps, cfg.batch_size)
+      lrs = jnp.asarray([cfg.lr(float(lr[m]), e) for m in held], jnp.float32)
+      params, adam_state, train_loss = group.epoch(
+          params, adam_state, dx, dy, jnp.asarray(order), lrs, jnp.asarray(wd[held]),
+          jnp.asarray(active[held]))
       test_loss, acc, token_acc = map(np.asarray, group.evaluate(params, tx, ty))
       train_loss = np.asarray(train_loss)
-      for i, r in enumerate(recs):
-        if not active[i]:
+      for i, m in enumerate(held):
+        if not active[m]:
           continue
+        r = recs[m]
         r["curve"].append({"epoch": e + 1, "lr": float(lrs[i]), "train_loss": float(train_loss[i]),
                            "test_loss": float(test_loss[i]), "test_acc": float(acc[i]),
                            "test_token_acc": float(token_acc[i])})
-        accs = [c["test_acc"] for c in r["curve"]]
-        stale = len(accs) - 1 - int(np.argmax(accs))
-        if acc[i] >= cfg.stop_acc or (cfg.patience and stale >= cfg.patience) or \
-            e + 1 == cfg.epochs:
+        if run_done(cfg, r):
           r["done"] = True
-          active[i] = False
+          active[m] = False
         r.update(run_scores(r["curve"]))
-      unsaved = (params, adam_state, e + 1, json.dumps(recs))
+      keep = [i for i, m in enumerate(held) if active[m]]
+      if cfg.compact_runs and keep and len(keep) <= len(held) // 2:
+        # the runs still training go on alone (a frozen run's slot costs a whole run's step);
+        # the next epoch compiles for the smaller grid
+        params, adam_state = jax.tree.map(lambda x: x[np.asarray(keep)], (params, adam_state))
+        held, compiles = held[keep], True
+      unsaved = (params, adam_state, e + 1, json.dumps(recs), held)
       if save_every_s <= 0 or time.perf_counter() - saved_at >= save_every_s:
         save(*unsaved)
         saved_at, unsaved = time.perf_counter(), None
@@ -433,7 +473,8 @@ def train_setting(cfg: MADTrainConfig, task: str, setting: str, kwargs: dict, la
         budget.first_epoch_s = max(budget.first_epoch_s, last_s)
       else:
         last_s = time.perf_counter() - te
-        timing["epoch_s"].append(last_s)
+        if not compiled:  # an epoch after a compaction compiles: not a steady one
+          timing["epoch_s"].append(last_s)
       timing["epochs"] += 1
       log(f"  {task} {setting} {layout} group {g} epoch {e + 1}/{cfg.epochs}: acc "
           + " ".join(f"{a:.3f}" for a in acc)

@@ -4,7 +4,9 @@ from its saved state equals the uninterrupted run, the 0.999 stop freezes runs, 
 accuracy follows torchmetrics' rule, and the benchmark CLI (--smoke, the auto-encoder task)
 writes its table and resumes; a wall-clock budget stops at an epoch boundary and the rerun
 resumes to the uninterrupted run; --parallel workers give the serial results (a failing item
-is reported and the others go on); the workdir archive (--pack/--unpack) round-trips, state
+is reported and the others go on); runs that stop leave the grid (the rest train on as a smaller
+one, to the same curves, and resume); --speed times an epoch per item and keeps nothing; the
+workdir archive (--pack/--unpack) round-trips, state
 included, and merges by progress; bad flags fail with one line before anything is written."""
 
 from __future__ import annotations
@@ -89,6 +91,46 @@ def test_threshold_stop_freezes_runs(tmp_path):
   assert rec["complete"] and all(len(r["curve"]) == 1 for r in rec["runs"])
 
 
+def test_stopped_runs_leave_the_grid(tmp_path, monkeypatch):
+  """Runs stopping at epochs 1 and 2 of 4: after epoch 2 the two left go on as a grid of two
+  (the saved state holds those two), and every curve is the one the full grid trains; a run
+  interrupted after the compaction resumes to the same curves."""
+  cfg = mad_sweep.MADTrainConfig(**{**CFG.__dict__, "epochs": 4})
+  stop_at = {(0.0, 0): 1, (0.0, 1): 2}  # (weight decay, seed) -> last epoch
+  real = mad_sweep.run_done
+  monkeypatch.setattr(mad_sweep, "run_done", lambda c, r: real(c, r) or r["curve"][-1]["epoch"]
+                      == stop_at.get((r["weight_decay"], r["seed"])))
+  whole = mad_sweep.MADTrainConfig(**{**cfg.__dict__, "compact_runs": False})
+  ref = mad_sweep.train_setting(whole, "in_context_recall", "toy", KW, "MHA",
+                                str(tmp_path / "ref"), log=lambda s: None)
+  assert [len(r["curve"]) for r in ref["runs"]] == [1, 2, 4, 4]
+  held = []
+  real_save = mad_sweep._save
+  monkeypatch.setattr(mad_sweep, "_save", lambda path, state: (
+      held.append((int(state["epoch"]), state["held"].tolist(), state["leaf_0"].shape[0]))
+      if "held" in state else None, real_save(path, state))[1])
+  got = mad_sweep.train_setting(cfg, "in_context_recall", "toy", KW, "MHA", str(tmp_path / "c"),
+                                log=lambda s: None)
+  assert held == [(1, [0, 1, 2, 3], 4), (2, [2, 3], 2), (3, [2, 3], 2), (4, [2, 3], 2)]
+  assert got["complete"] and got["best"]["test_acc"] == pytest.approx(ref["best"]["test_acc"])
+  for a, b in zip(_curves(got), _curves(ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-5)
+
+  def interrupt(msg):
+    if "epoch 3/" in msg:
+      raise _Stop
+  with pytest.raises(_Stop):
+    mad_sweep.train_setting(cfg, "in_context_recall", "toy", KW, "MHA", str(tmp_path / "i"),
+                            log=interrupt)
+  state = np.load(tmp_path / "i" / "in_context_recall" / "toy" / "MHA" / "state_g0.npz")
+  assert int(state["epoch"]) == 3 and state["held"].tolist() == [2, 3]
+  resumed = mad_sweep.train_setting(cfg, "in_context_recall", "toy", KW, "MHA",
+                                    str(tmp_path / "i"), log=lambda s: None)
+  np.testing.assert_allclose(np.asarray(_curves(resumed)[2:]), np.asarray(_curves(got)[2:]),
+                             rtol=1e-6, atol=1e-7)
+  assert _curves(resumed)[:2] == _curves(got)[:2]
+
+
 def test_macro_accuracy_rule():
   # classes 0..3: 0 twice right, 1 once right once wrong (predicted 3); 2 never occurs;
   # 3 occurs only as a prediction -> recall 0 but counted (torchmetrics: tp + fp + fn > 0)
@@ -130,12 +172,29 @@ def test_cli_smoke_autoencoder_and_resume(tmp_path):
   assert again.returncode == 0 and " epoch 1/" not in again.stdout
 
 
+def test_cli_speed_times_and_keeps_nothing(tmp_path):
+  out = tmp_path / "speed.jsonl"
+  proc = _cli("--smoke", f"--workdir={tmp_path / 'w'}", "--tasks=in_context_recall",
+              "--layouts=Hyena-SE,MHA", "--speed=2", "--conv_impl=xla", f"--json={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  row = json.loads(out.read_text())
+  assert [r["layout"] for r in row["speed"]] == ["Hyena-SE", "MHA"]
+  assert all(r["ms_per_step"] > 0 and r["compile_s"] > 0 and r["runs"] == 2 for r in row["speed"])
+  assert row["config"]["conv_impl"] == "xla" and "| in_context_recall | MHA | xla/" in proc.stdout
+  assert not (tmp_path / "w" / "results.json").exists()
+  assert not list((tmp_path / "w").rglob("curves.json"))
+
+
 @pytest.mark.parametrize("flag,msg", [("--layouts=MHA,XX", "layout 'XX' is not one of"),
                                       ("--tasks=recall", "task 'recall' is not one of"),
                                       ("--settings=seq_len=7", "setting 'seq_len=7' of"),
                                       ("--lrs=1e-3,fast", "--lrs '1e-3,fast' is not"),
                                       ("--plot=p.png", "--plot 'p.png' needs matplotlib"),
                                       ("--attention_impl=cudnn", "cudnn needs a GPU"),
+                                      ("--conv_impl=pallas", "'pallas' needs a GPU backend"),
+                                      ("--li_impl=modal_scan", "'modal_scan' needs a GPU"),
+                                      ("--conv_impl=fast", "invalid choice: 'fast'"),
+                                      ("--speed=-1", "--speed -1 must be a non-negative"),
                                       ("--epochs=0", "--epochs 0 must be a positive"),
                                       ("--parallel=0", "--parallel 0 must be a positive"),
                                       ("--budget_s=-1", "--budget_s -1 must be a non-negative"),
