@@ -227,7 +227,8 @@ def resolve_attention_impl(impl: str, dtype) -> str:
 @functools.cache
 def _attend(impl: str):
   """The softmax of ``ops.attention``: ``attend(q, k, v, kv_len, causal, scale, with_lse)``.
-  One function object per implementation, so it can be a static (nondiff) argument."""
+  One function object per implementation, so it can be a static (nondiff) argument; cuDNN
+  through ``cudnn_attention.even_lengths`` (its backward refuses odd lengths)."""
   def attend(q, k, v, kv_len, causal, scale, with_lse):
     if impl == "cudnn" and with_lse:
       return cudnn_attention.attention_with_lse(q, k, v, kv_len, causal, scale)
@@ -237,7 +238,7 @@ def _attend(impl: str):
     if with_lse:
       return res[0], res[1].astype(jnp.float32)
     return res
-  return attend
+  return cudnn_attention.even_lengths(attend) if impl == "cudnn" else attend
 
 
 def attention_fn(impl: str, dtype):

@@ -1,0 +1,46 @@
+"""``cudnn_attention.even_lengths`` (the odd-length padding in front of cuDNN attention, whose
+backward refuses odd lengths in JAX 0.11) on CPU around the XLA softmax attention: every odd /
+even mix of query and key lengths, causal or not, with and without ``kv_len``, gives the
+unpadded attention's output, log-sum-exp and gradients."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sh2_jax import dispatch
+from sh2_jax.kernels import cudnn_attention
+
+XLA = dispatch.attention_fn("xla", jnp.float32)
+
+
+@pytest.mark.parametrize("t,s,causal,with_kv_len", [(7, 7, True, False), (7, 7, False, False),
+                                                    (5, 9, True, False), (6, 9, False, True),
+                                                    (7, 8, True, True), (9, 5, False, False),
+                                                    (8, 6, True, False)])
+def test_even_lengths_is_the_unpadded_attention(t, s, causal, with_kv_len):
+  b, h, d = 2, 3, 8
+  rng = np.random.default_rng(t * 100 + s)
+  q, k, v = (jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.float32) for n in (t, s, s))
+  kv_len = jnp.asarray([s, s - 2], jnp.int32) if with_kv_len else None
+  calls = []
+
+  def inner(q, k, v, kv_len, causal, scale, with_lse):
+    calls.append((q.shape[1], k.shape[1]))
+    return XLA(q, k, v, kv_len, causal, scale, with_lse)
+  padded = cudnn_attention.even_lengths(inner)
+  out, lse = padded(q, k, v, kv_len, causal, 0.3, True)
+  assert calls[-1] == (t + t % 2, s + s % 2)  # what cuDNN would get: even lengths only
+  ref_out, ref_lse = XLA(q, k, v, kv_len, causal, 0.3, True)
+  assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
+  np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(lse, ref_lse, rtol=1e-5, atol=1e-6)
+  w = jnp.asarray(rng.standard_normal(ref_out.shape), jnp.float32)
+  loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v, kv_len, causal, 0.3, False) * w)
+  got = jax.grad(loss(padded), (0, 1, 2))(q, k, v)
+  want = jax.grad(loss(XLA), (0, 1, 2))(q, k, v)
+  for g, r in zip(got, want):
+    assert bool(jnp.all(jnp.isfinite(g)))
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
