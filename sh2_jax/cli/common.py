@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from sh2_jax.config import DTYPES  # the one list; float16 needs a GPU (sh2_jax.checks.backend)
+from sh2_jax.files import write_atomic
 
 
 def check_input_file(flag: str, path: str | None) -> None:
@@ -62,19 +63,6 @@ def check_positive(flag: str, value: int | None, allow_none: bool = True) -> Non
 def check_dtype(value: str | None) -> None:
   if value is not None and value not in DTYPES:
     raise ValueError(f"--dtype {value!r} is not valid; expected one of {', '.join(DTYPES)}")
-
-
-def write_atomic(path: str, write) -> None:
-  """``write(tmp)`` to a temporary file beside ``path``, then rename it onto ``path``: the
-  output is complete or absent, never half-written."""
-  root, ext = os.path.splitext(path)
-  tmp = f"{root}.tmp{os.getpid()}{ext}"  # same extension: np.savez keeps the name as given
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def write_text(path: str, lines) -> None:

@@ -19,6 +19,7 @@ import sys
 
 from absl import flags
 
+from sh2_jax import files
 from sh2_jax.cli import common
 from sh2_jax.cli.launch import fail, launch
 
@@ -91,7 +92,7 @@ def _run(argv) -> None:
       arrays[layer] = a
     else:
       arrays.update({f"{layer}/{i}": x for i, x in enumerate(a)})
-  common.write_atomic(f.out, lambda tmp: np.savez(tmp, **arrays))
+  files.write_atomic(f.out, lambda tmp: np.savez(tmp, **arrays))
   print(f"embedded {len(records)} record(s) at {len(f.layers)} layer(s); wrote {f.out}")
   sys.stdout.flush()
 

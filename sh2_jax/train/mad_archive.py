@@ -27,6 +27,8 @@ import time
 
 import numpy as np
 
+from sh2_jax import files
+
 FORMAT = "sh2_jax MAD workdir"
 VERSION = 1
 MANIFEST = "MANIFEST.json"
@@ -40,9 +42,9 @@ class ArchiveError(ValueError):
 def items(workdir: str) -> list[str]:
   """The ``task/setting/layout`` directories of ``workdir`` that hold a ``curves.json``."""
   out = []
-  for root, _, files in os.walk(workdir):
+  for root, _, names in os.walk(workdir):
     rel = os.path.relpath(root, workdir)
-    if "curves.json" in files and rel.count(os.sep) == 2:
+    if "curves.json" in names and rel.count(os.sep) == 2:
       out.append(rel.replace(os.sep, "/"))
   return sorted(out)
 
@@ -63,8 +65,8 @@ def progress(item_dir: str) -> tuple[bool, int]:
 
 
 def pack(workdir: str, path: str, limit_bytes: int, log=print) -> dict:
-  """Write the archive of ``workdir`` to ``path``; raises ``ArchiveError`` (and removes it)
-  when even without training state it is over ``limit_bytes``. Returns the manifest."""
+  """Write the archive of ``workdir`` to ``path``; raises ``ArchiveError`` (``path`` left as
+  it was) when even without training state it is over ``limit_bytes``. Returns the manifest."""
   manifest = {"format": FORMAT, "version": VERSION,
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "items": {}}
@@ -80,40 +82,42 @@ def pack(workdir: str, path: str, limit_bytes: int, log=print) -> dict:
   base = [(os.path.join(workdir, i, "curves.json"), f"{i}/curves.json") for i in manifest["items"]]
   if os.path.exists(os.path.join(workdir, "results.json")):
     base.append((os.path.join(workdir, "results.json"), "results.json"))
-  tmp = f"{path}.{os.getpid()}.tmp"
-  _write(tmp, base, manifest)
-  size = os.path.getsize(tmp)
-  if size > limit_bytes:
-    os.remove(tmp)
-    raise ArchiveError(f"the archive of {workdir} is {size / 2**20:.1f} MiB without training "
-                       f"state, over the {limit_bytes / 2**20:.1f} MiB limit")
-  chosen = []
-  for epochs, item, name, nbytes in sorted(states, key=lambda s: (-s[0], s[1], s[2])):
-    if size + nbytes <= limit_bytes:  # float state barely compresses: count it whole
-      chosen.append((os.path.join(workdir, item, name), f"{item}/{name}"))
-      manifest["items"][item]["state"] = True
-      size += nbytes
-    else:
-      manifest["items"][item]["epochs"] = 0
-      log(f"pack: the state of {item} ({nbytes / 2**20:.1f} MiB, {epochs} epochs) does not "
-          f"fit under {limit_bytes / 2**20:.1f} MiB; its runs restart from epoch 0 after unpack")
-  if chosen:
-    _write(tmp, base + chosen, manifest)
-    if os.path.getsize(tmp) > limit_bytes:  # cannot happen by the count above; keep the limit
-      for item in manifest["items"].values():
-        item["state"], item["epochs"] = False, item["epochs"] if item["complete"] else 0
-      _write(tmp, base, manifest)
-  os.replace(tmp, path)
+
+  def write(tmp):  # through a temporary file: a call killed while packing leaves the old one
+    _write(tmp, base, manifest)
+    size = os.path.getsize(tmp)
+    if size > limit_bytes:
+      raise ArchiveError(f"the archive of {workdir} is {size / 2**20:.1f} MiB without training "
+                         f"state, over the {limit_bytes / 2**20:.1f} MiB limit")
+    chosen = []
+    for epochs, item, name, nbytes in sorted(states, key=lambda s: (-s[0], s[1], s[2])):
+      if size + nbytes <= limit_bytes:  # float state barely compresses: count it whole
+        chosen.append((os.path.join(workdir, item, name), f"{item}/{name}"))
+        manifest["items"][item]["state"] = True
+        size += nbytes
+      else:
+        manifest["items"][item]["epochs"] = 0
+        log(f"pack: the state of {item} ({nbytes / 2**20:.1f} MiB, {epochs} epochs) does "
+            f"not fit under {limit_bytes / 2**20:.1f} MiB; its runs restart from epoch 0 after "
+            "unpack")
+    if chosen:
+      _write(tmp, base + chosen, manifest)
+      if os.path.getsize(tmp) > limit_bytes:  # cannot happen by the count above; keep the limit
+        for item in manifest["items"].values():
+          item["state"], item["epochs"] = False, item["epochs"] if item["complete"] else 0
+        _write(tmp, base, manifest)
+
+  files.write_atomic(path, write)
   return manifest
 
 
-def _write(path: str, files: list[tuple[str, str]], manifest: dict) -> None:
+def _write(path: str, members: list[tuple[str, str]], manifest: dict) -> None:
   with tarfile.open(path, "w:gz", compresslevel=9) as tar:
     blob = json.dumps(manifest, indent=1).encode()
     info = tarfile.TarInfo(MANIFEST)
     info.size, info.mtime = len(blob), time.time()
     tar.addfile(info, io.BytesIO(blob))
-    for src, name in files:
+    for src, name in members:
       try:
         tar.add(src, arcname=name, recursive=False)
       except FileNotFoundError:  # a state its group deleted as it finished, while packing

@@ -72,6 +72,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from sh2_jax import files
 from sh2_jax.config import ModelConfig
 from sh2_jax.layers import Dense, RMSNorm
 from sh2_jax.model import StripedHyena
@@ -302,16 +303,8 @@ def run_scores(curve: list[dict]) -> dict:
 
 
 def _save(path: str, state: dict) -> None:
-  tmp = f"{path}.{os.getpid()}.tmp.npz"  # processes of one workdir may write the same data
-  np.savez(tmp, **state)
-  os.replace(tmp, path)
-
-
-def _write_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
+  # per-process temporary names: processes of one workdir may write the same data
+  files.write_atomic(path, lambda tmp: np.savez(tmp, **state))
 
 
 def load_data(cfg: MADTrainConfig, task: str, kwargs: dict, setting_dir: str):
@@ -467,7 +460,7 @@ def train_setting(cfg: MADTrainConfig, task: str, setting: str, kwargs: dict, la
       if save_every_s <= 0 or time.perf_counter() - saved_at >= save_every_s:
         save(*unsaved)
         saved_at, unsaved = time.perf_counter(), None
-      _write_json(curves_path, record)
+      files.write_json(curves_path, record)
       if last_s is None:  # includes the compile (and, for the group, its init)
         timing["first_epoch_s"] = last_s = time.perf_counter() - tg
         budget.first_epoch_s = max(budget.first_epoch_s, last_s)
@@ -489,7 +482,7 @@ def train_setting(cfg: MADTrainConfig, task: str, setting: str, kwargs: dict, la
     record["best"] = {k: best[k] for k in ("lr", "weight_decay", "seed", "test_acc",
                                            "test_token_acc", "best_epoch", "test_acc_final")}
   record["complete"] = all(r["done"] for r in record["runs"])
-  _write_json(curves_path, record)
+  files.write_json(curves_path, record)
   steady = timing["epoch_s"]
   timing["epoch_s"] = sum(steady) / len(steady) if steady else timing["first_epoch_s"]
   timing["steps_per_s"] = group.steps / timing["epoch_s"] if timing["epoch_s"] else None
