@@ -10,8 +10,9 @@ in one vmapped step (``sh2_jax/train/mad_sweep.py``), the best run per setting r
 Rerunning the same command resumes: finished runs are read back, unfinished ones continue from
 their last evaluated epoch.
 
-One GPU, many processes: the models are tiny (width 128), so one process leaves an H200 mostly
-idle between kernel launches. ``--parallel N`` trains the (task, setting, layout) items in N
+One GPU, several processes: the grid's step is compute-bound on an H200 (6 workers kept it at
+100% and trained no faster than one), so 2 workers are the useful number: each hides the
+other's compiles. ``--parallel N`` trains the (task, setting, layout) items in N
 worker processes sharing the device (each given ``XLA_PYTHON_CLIENT_MEM_FRACTION`` 0.9 / N,
 preallocated), the largest items first, each worker taking the next item when it finishes one;
 every item still trains its whole vmapped grid, in its own directory, and the parent writes the
@@ -23,7 +24,7 @@ listed under ``unfinished`` in the results. ``--pack FILE`` then writes the work
 as far as it fits under 12 MiB) and ``--unpack FILE`` merges such an archive into the workdir
 before training, so the sweep continues in a later session:
 
-    python benchmarks/mad.py --workdir=runs/mad --parallel=6 --budget_s=520 \
+    python benchmarks/mad.py --workdir=runs/mad --parallel=2 --budget_s=520 \
         --save_every_s=60 --unpack=carry/mad.tar.gz --pack=out/mad.tar.gz
 
 The state of a group is saved after every epoch (``--save_every_s``: at most that often, and at
