@@ -275,21 +275,33 @@ def table(results: dict, tasks, layouts) -> str:
 
 
 def plot(results: dict, tasks, layouts, path: str, title: str) -> None:
-  """Grouped bars: per task, the baseline test accuracy (best of the grid) of each layout."""
+  """Grouped bars: per task, the baseline test accuracy (best of the grid) of each layout, and
+  the MAD paper's scores (``PUBLISHED``, figure reads, means over every level) as markers across
+  each task's group; an unfinished item's bar is hatched."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(1.6 * len(tasks) + 2, 3.4))
+  fig, ax = plt.subplots(figsize=(1.6 * len(tasks) + 2, 4.0))
   width = 0.8 / len(layouts)
   for j, lay in enumerate(layouts):
-    ys = [((results.get(t, {}).get("baseline", {}).get(lay) or {}).get("best") or {})
-          .get("test_acc", 0.0) for t in tasks]
-    ax.bar([i + (j - (len(layouts) - 1) / 2) * width for i in range(len(tasks))], ys, width,
-           label=lay)
+    entries = [results.get(t, {}).get("baseline", {}).get(lay) or {} for t in tasks]
+    ys = [(e.get("best") or {}).get("test_acc", 0.0) for e in entries]
+    bars = ax.bar([i + (j - (len(layouts) - 1) / 2) * width for i in range(len(tasks))], ys,
+                  width, label=lay)
+    for bar, e in zip(bars, entries):
+      if e and not e.get("complete"):
+        bar.set_hatch("///")
+  for key, marker, label in (("hyena", "_", "MAD paper: Hyena"),
+                             ("striped", "x", "MAD paper: striped Hyena + attention")):
+    pts = [(i, float(PUBLISHED[t][key].lstrip("~"))) for i, t in enumerate(tasks)
+           if key in PUBLISHED.get(t, {})]
+    if pts:
+      ax.scatter(*zip(*pts), marker=marker, s=400 if marker == "_" else 40, color="black",
+                 linewidths=1.5, zorder=3, label=label)
   ax.set_xticks(range(len(tasks)), [t.replace("_", " ") for t in tasks], fontsize=7)
   ax.set_ylim(0, 1.02)
   ax.set_ylabel("test accuracy (MAD, baseline)")
-  ax.legend(fontsize=6, ncol=3)
+  ax.legend(fontsize=6, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.1))
   ax.set_title(title, fontsize=8)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
