@@ -35,6 +35,16 @@ class _Stop(Exception):
   pass
 
 
+def _interrupt_after(cfg, workdir, epoch: int):
+  """Train cfg's toy setting in ``workdir`` and stop it (an exception) once epoch ``epoch`` is
+  logged, i.e. after that epoch's state was saved."""
+  def log(msg):
+    if f"epoch {epoch}/" in msg:
+      raise _Stop
+  with pytest.raises(_Stop):
+    mad_sweep.train_setting(cfg, "in_context_recall", "toy", KW, "MHA", str(workdir), log=log)
+
+
 def _curves(rec):
   return [[(c["epoch"], c["train_loss"], c["test_acc"], c["test_loss"]) for c in r["curve"]]
           for r in rec["runs"]]
@@ -64,12 +74,7 @@ def test_grid_resume_and_schedule(tmp_path):
   np.testing.assert_allclose(np.asarray(_curves(alone)[0]), np.asarray(_curves(full)[3]),
                              rtol=2e-4, atol=1e-5)
 
-  def interrupt(msg):
-    if "epoch 1/" in msg:
-      raise _Stop
-  with pytest.raises(_Stop):
-    mad_sweep.train_setting(CFG, "in_context_recall", "toy", KW, "MHA", str(tmp_path / "b"),
-                            log=interrupt)
+  _interrupt_after(CFG, tmp_path / "b", 1)
   run_dir = tmp_path / "b" / "in_context_recall" / "toy" / "MHA"
   assert int(np.load(run_dir / "state_g0.npz")["epoch"]) == 1
   assert [len(r["curve"]) for r in json.load(open(run_dir / "curves.json"))["runs"]] == [1] * 4
@@ -116,12 +121,7 @@ def test_stopped_runs_leave_the_grid(tmp_path, monkeypatch):
   for a, b in zip(_curves(got), _curves(ref)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-5)
 
-  def interrupt(msg):
-    if "epoch 3/" in msg:
-      raise _Stop
-  with pytest.raises(_Stop):
-    mad_sweep.train_setting(cfg, "in_context_recall", "toy", KW, "MHA", str(tmp_path / "i"),
-                            log=interrupt)
+  _interrupt_after(cfg, tmp_path / "i", 3)
   state = np.load(tmp_path / "i" / "in_context_recall" / "toy" / "MHA" / "state_g0.npz")
   assert int(state["epoch"]) == 3 and state["held"].tolist() == [2, 3]
   resumed = mad_sweep.train_setting(cfg, "in_context_recall", "toy", KW, "MHA",
