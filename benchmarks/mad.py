@@ -519,6 +519,18 @@ def _speed_item(cfg, item, workdir: str, epochs: int) -> dict:
                "loss": float(np.asarray(loss).mean())})
 
 
+def _command(argv) -> str:
+  """This command as run, for the results: the script's name and its arguments, an absolute
+  path in them cut to its file name (a record names no machine's folders)."""
+  def short(arg):
+    name, eq, value = arg.partition("=")
+    if eq and os.path.isabs(value):
+      return f"{name}={os.path.basename(value)}"
+    return os.path.basename(arg) if os.path.isabs(arg) else arg
+  return shlex.join([os.path.basename(sys.argv[0])]
+                    + [short(a) for a in (sys.argv[1:] if argv is None else argv)])
+
+
 def main(argv=None) -> dict:
   t_start = time.time()
   args, tasks, layouts, plan, lrs, wds, seeds = parse(argv)
@@ -532,8 +544,7 @@ def main(argv=None) -> dict:
     from benchmarks.common import markdown_table
     items = [(task, name, kwargs, lay) for task, name, kwargs in plan for lay in layouts]
     rows = speed(cfg, items, args.workdir, args.speed)
-    out = {**device_info(), "command": shlex.join([os.path.basename(sys.argv[0])] +
-                                                   (sys.argv[1:] if argv is None else argv)),
+    out = {**device_info(), "command": _command(argv),
            "config": dataclasses.asdict(cfg), "speed": rows}
     print(markdown_table(
         ["task", "layout", "conv/li/attention", "L", "ms per step", "M tokens/s",
@@ -551,8 +562,7 @@ def main(argv=None) -> dict:
     mad_archive.unpack(args.unpack, args.workdir)
   os.makedirs(args.workdir, exist_ok=True)
   out_path = args.json or os.path.join(args.workdir, "results.json")
-  out = {**device_info(), "command": shlex.join([os.path.basename(sys.argv[0])] +
-                                                 (sys.argv[1:] if argv is None else argv)),
+  out = {**device_info(), "command": _command(argv),
          "config": dataclasses.asdict(cfg), "results": {}, "workdir": args.workdir}
   items = [(task, name, kwargs, lay) for task, name, kwargs in plan for lay in layouts]
 

@@ -181,6 +181,7 @@ def test_cli_speed_times_and_keeps_nothing(tmp_path):
   assert [r["layout"] for r in row["speed"]] == ["Hyena-SE", "MHA"]
   assert all(r["ms_per_step"] > 0 and r["compile_s"] > 0 and r["runs"] == 2 for r in row["speed"])
   assert row["config"]["conv_impl"] == "xla" and "| in_context_recall | MHA | xla/" in proc.stdout
+  assert "--json=speed.jsonl" in row["command"] and str(tmp_path) not in row["command"]
   assert not (tmp_path / "w" / "results.json").exists()
   assert not list((tmp_path / "w").rglob("curves.json"))
 
