@@ -19,10 +19,11 @@ every item still trains its whole vmapped grid, in its own directory, and the pa
 results, table and plot from the workdir exactly as the serial path does. ``--budget_s S`` stops
 every process at an epoch boundary before S seconds from the start (estimated from its own epoch
 times), leaving state to resume from; unfinished items are marked in the table (``*``) and
-listed under ``unfinished`` in the results. ``--pack FILE`` then writes the workdir as one small
+listed under ``unfinished`` in the results. ``--pack FILE`` then writes the workdir as a
 ``.tar.gz`` (``sh2_jax/train/mad_archive.py``: curves, results and the state of unfinished runs
-as far as it fits under 15 MiB) and ``--unpack FILE`` merges such an archive into the workdir
-before training, so the sweep continues in a later session:
+as far as it fits in ``--pack_volumes`` volumes ``FILE``, ``FILE.2``, ... of at most 15 MiB
+each) and ``--unpack FILE`` merges such an archive (its volumes read from beside it) into the
+workdir before training, so the sweep continues in a later session:
 
     python benchmarks/mad.py --workdir=runs/mad --parallel=2 --budget_s=520 \
         --save_every_s=60 --unpack=carry/mad.tar.gz --pack=out/mad.tar.gz
@@ -71,6 +72,9 @@ PUBLISHED_SOURCE = ("MAD paper columns: MAD scores (every level) read off mad-la
                     "assets/mad_to_scale.png, +-0.003; no attention-only model there")
 
 PACK_LIMIT_BYTES = 15 * 2**20  # a file back from one device call is at most 16 MiB
+# a whole group's state (~28 MiB at MAD's sizes) needs two volumes; the 64 MiB that travel to
+# a device call hold two beside the project and its wheels
+PACK_VOLUMES = 2
 
 # --smoke: the same generators at toy sizes (a few seconds of CPU per layout).
 SMOKE_KWARGS = {
@@ -148,9 +152,15 @@ def parse(argv=None):
   ap.add_argument("--save_every_s", type=float, default=0.0,
                   help="save an unfinished group's state at most this often (and at a budget "
                   "stop; 0: after every epoch)")
-  ap.add_argument("--pack", default="", help="after the run: the workdir as one .tar.gz here")
+  ap.add_argument("--pack", default="",
+                  help="after the run: the workdir as a .tar.gz here (in volumes FILE, FILE.2, "
+                  "... of at most 15 MiB each)")
+  ap.add_argument("--pack_volumes", type=int, default=PACK_VOLUMES,
+                  help="at most this many volumes of --pack: the training state beyond them "
+                  "is left out (its runs restart)")
   ap.add_argument("--unpack", default="",
-                  help="before the run: merge a --pack archive into the workdir")
+                  help="before the run: merge a --pack archive (FILE, its volumes FILE.2, ... "
+                  "read from beside it) into the workdir")
   args = ap.parse_args(argv)
 
   tasks = list(mad.TASKS) if args.tasks == "all" else args.tasks.split(",")
@@ -193,6 +203,8 @@ def parse(argv=None):
       mad_archive.check(args.unpack)
     except mad_archive.ArchiveError as e:
       _fail(f"--unpack: {e}")
+  if not 1 <= args.pack_volumes <= 7:
+    _fail(f"--pack_volumes {args.pack_volumes} must be 1 to 7 (a device call returns 8 files)")
   if args.pack:
     inside = os.path.relpath(os.path.abspath(args.pack), os.path.abspath(args.workdir))
     if not inside.startswith(".."):
@@ -574,7 +586,7 @@ def main(argv=None) -> dict:
       return None
     try:
       return mad_archive.pack(args.workdir, args.pack, PACK_LIMIT_BYTES,
-                              log=print if final else lambda s: None)
+                              log=print if final else lambda s: None, parts=args.pack_volumes)
     except mad_archive.ArchiveError as e:
       if final:
         _fail(f"--pack {args.pack!r}: {e}")
@@ -615,7 +627,9 @@ def main(argv=None) -> dict:
           "to resume them")
   if args.pack:
     kept = sum(v["state"] for v in manifest["items"].values())
-    print(f"pack: {args.pack} ({os.path.getsize(args.pack) / 2**20:.2f} MiB, "
+    vols = mad_archive.volumes(args.pack)
+    print(f"pack: {args.pack} ({sum(map(os.path.getsize, vols)) / 2**20:.2f} MiB in "
+          f"{len(vols)} volume(s), "
           f"{len(manifest['items'])} items, {kept} with training state)")
   failed = [k for k, (kind, _) in status.items() if kind == "failed"]
   if failed:

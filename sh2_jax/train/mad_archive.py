@@ -7,6 +7,11 @@ named, and its runs restart from epoch 0 after ``unpack``. The data (``data.npz`
 ``load_data`` regenerates it from its seed. ``MANIFEST.json`` lists every item with its
 progress.
 
+An archive over ``limit_bytes`` is cut into volumes of at most ``limit_bytes`` each (``parts``
+of them at most: ``FILE``, ``FILE.2``, ``FILE.3``, ...), so that a whole group's state (tens of
+MiB), which no single file back from a device call can hold, still travels; ``check`` and
+``unpack`` are given ``FILE`` and read the volumes found beside it as one stream.
+
 ``unpack`` checks the whole archive first (gzip, member names, manifest) and then merges it
 into a workdir item by item: an item is taken from the archive only when it is further along
 than the workdir's copy (finished beats unfinished, then more resumable epochs), so a device
@@ -64,9 +69,22 @@ def progress(item_dir: str) -> tuple[bool, int]:
   return False, epochs
 
 
-def pack(workdir: str, path: str, limit_bytes: int, log=print) -> dict:
-  """Write the archive of ``workdir`` to ``path``; raises ``ArchiveError`` (``path`` left as
-  it was) when even without training state it is over ``limit_bytes``. Returns the manifest."""
+def volumes(path: str) -> list[str]:
+  """``path`` and the volumes ``path.2``, ``path.3``, ... that follow it without a gap."""
+  out = [path]
+  while os.path.isfile(f"{path}.{len(out) + 1}"):
+    out.append(f"{path}.{len(out) + 1}")
+  return out
+
+
+def pack(workdir: str, path: str, limit_bytes: int, log=print, parts: int = 1) -> dict:
+  """Write the archive of ``workdir`` to ``path`` (and, past ``limit_bytes``, to the volumes
+  ``path.2`` ... ``path.<parts>``; stale volumes of an earlier, longer archive are removed);
+  raises ``ArchiveError`` (``path`` left as it was) when even without training state it is
+  over ``limit_bytes``. Returns the manifest."""
+  if parts < 1:
+    raise ValueError(f"parts {parts} must be at least 1")
+  total = limit_bytes * parts
   manifest = {"format": FORMAT, "version": VERSION,
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "items": {}}
@@ -91,24 +109,50 @@ def pack(workdir: str, path: str, limit_bytes: int, log=print) -> dict:
                          f"state, over the {limit_bytes / 2**20:.1f} MiB limit")
     chosen = []
     for epochs, item, name, nbytes in sorted(states, key=lambda s: (-s[0], s[1], s[2])):
-      if size + nbytes <= limit_bytes:  # float state barely compresses: count it whole
+      if size + nbytes <= total:  # float state barely compresses: count it whole
         chosen.append((os.path.join(workdir, item, name), f"{item}/{name}"))
         manifest["items"][item]["state"] = True
         size += nbytes
       else:
         manifest["items"][item]["epochs"] = 0
         log(f"pack: the state of {item} ({nbytes / 2**20:.1f} MiB, {epochs} epochs) does "
-            f"not fit under {limit_bytes / 2**20:.1f} MiB; its runs restart from epoch 0 after "
-            "unpack")
+            f"not fit under {total / 2**20:.1f} MiB ({parts} volume(s) of "
+            f"{limit_bytes / 2**20:.1f}); its runs restart from epoch 0 after unpack")
     if chosen:
       _write(tmp, base + chosen, manifest)
-      if os.path.getsize(tmp) > limit_bytes:  # cannot happen by the count above; keep the limit
+      if os.path.getsize(tmp) > total:  # cannot happen by the count above; keep the limit
         for item in manifest["items"].values():
           item["state"], item["epochs"] = False, item["epochs"] if item["complete"] else 0
         _write(tmp, base, manifest)
 
-  files.write_atomic(path, write)
+  with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(path)),
+                                   prefix=".pack-") as tmpdir:
+    whole = os.path.join(tmpdir, "whole.tar.gz")
+    write(whole)
+    with open(whole, "rb") as f:
+      chunks = [f.read(limit_bytes) for _ in range(-(-os.path.getsize(whole) // limit_bytes))]
+  names = [path] + [f"{path}.{k}" for k in range(2, len(chunks) + 1)]
+  for name, chunk in reversed(list(zip(names, chunks))):  # the first volume last
+    files.write_atomic(name, lambda tmp, chunk=chunk: _write_bytes(tmp, chunk))
+  for stale in volumes(path)[len(names):]:
+    os.remove(stale)
   return manifest
+
+
+def _read(path: str) -> bytes:
+  """The archive at ``path``, its volumes joined."""
+  if not os.path.isfile(path):
+    raise ArchiveError(f"{path!r} does not exist or is not a file")
+  blob = b""
+  for name in volumes(path):
+    with open(name, "rb") as f:
+      blob += f.read()
+  return blob
+
+
+def _write_bytes(path: str, blob: bytes) -> None:
+  with open(path, "wb") as f:
+    f.write(blob)
 
 
 def _write(path: str, members: list[tuple[str, str]], manifest: dict) -> None:
@@ -127,10 +171,9 @@ def _write(path: str, members: list[tuple[str, str]], manifest: dict) -> None:
 def check(path: str) -> dict:
   """Read the whole archive at ``path`` (gzip CRC included) and return its manifest; raises
   ``ArchiveError`` naming what is wrong."""
-  if not os.path.isfile(path):
-    raise ArchiveError(f"{path!r} does not exist or is not a file")
+  blob = _read(path)
   try:
-    with tarfile.open(path, "r:gz") as tar:
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
       members = tar.getmembers()
       for m in members:
         ok = m.isfile() and (m.name in (MANIFEST, "results.json") or ITEM_FILE.match(m.name))
@@ -141,7 +184,11 @@ def check(path: str) -> dict:
         raise ArchiveError(f"{path!r} has no {MANIFEST}; it was not written by --pack")
       manifest = json.loads(tar.extractfile(MANIFEST).read())
   except (tarfile.TarError, OSError, EOFError, json.JSONDecodeError) as e:
-    raise ArchiveError(f"{path!r} is not a readable .tar.gz archive ({e})") from None
+    n = len(volumes(path))
+    hint = (f"; read with the {n - 1} volume(s) beside it" if n > 1 else
+            f"; if it is the first volume of a longer archive, {path + '.2'!r} and the rest "
+            "belong beside it")
+    raise ArchiveError(f"{path!r} is not a readable .tar.gz archive ({e}{hint})") from None
   if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
     raise ArchiveError(f"{path!r} is not a {FORMAT} archive of version {VERSION}")
   return manifest
@@ -154,7 +201,7 @@ def unpack(path: str, workdir: str, log=print) -> dict:
   os.makedirs(workdir, exist_ok=True)
   outcome = {}
   with tempfile.TemporaryDirectory(dir=workdir, prefix=".unpack-") as tmp:
-    with tarfile.open(path, "r:gz") as tar:
+    with tarfile.open(fileobj=io.BytesIO(_read(path)), mode="r:gz") as tar:
       tar.extractall(tmp, filter="data")
     for item in items(tmp):
       src, dst = os.path.join(tmp, item), os.path.join(workdir, item)

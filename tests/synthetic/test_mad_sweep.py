@@ -203,6 +203,7 @@ def test_cli_speed_times_and_keeps_nothing(tmp_path):
                                       ("--save_every_s=-2", "--save_every_s -2 must be"),
                                       ("--unpack=gone.tar.gz", "'gone.tar.gz' does not exist"),
                                       ("--pack=nowhere/a.tar.gz", "the folder"),
+                                      ("--pack_volumes=0", "--pack_volumes 0 must be 1 to 7"),
                                       ("--pack=WORKDIR/a.tar.gz", "is inside --workdir")])
 def test_cli_bad_flags(tmp_path, flag, msg):
   if flag.startswith("--plot") and HAVE_MPL:
@@ -283,6 +284,28 @@ def test_budget_stops_at_an_epoch_boundary_and_resumes(tmp_path):
   assert len(said) == 1 and "restart from epoch 0" in said[0]
   with pytest.raises(mad_archive.ArchiveError, match="over the"):
     mad_archive.pack(str(tmp_path / "b"), archive, 100)
+  # the same limit in volumes: the state travels cut across archive, archive.2, ... and resumes
+  state = os.path.getsize(tmp_path / "b" / "in_context_recall" / "toy" / "MHA" / "state_g0.npz")
+  cut = mad_archive.pack(str(tmp_path / "b"), archive, 40_000, log=lambda s: None,
+                         parts=-(-(state + 40_000) // 40_000))
+  vols = mad_archive.volumes(archive)
+  assert cut["items"]["in_context_recall/toy/MHA"]["state"] is True and len(vols) >= 2
+  assert all(os.path.getsize(v) <= 40_000 for v in vols)
+  assert mad_archive.unpack(archive, str(tmp_path / "e"), log=lambda s: None) == {
+      "in_context_recall/toy/MHA": "restored"}
+  again = mad_archive.pack(str(tmp_path / "e"), str(tmp_path / "e.tar.gz"), 2**24,
+                           log=lambda s: None)
+  assert again["items"]["in_context_recall/toy/MHA"] == cut["items"]["in_context_recall/toy/MHA"]
+  # a missing volume is named, not read as a short archive; a shorter archive removes the
+  # earlier one's stale volumes
+  last = open(vols[-1], "rb").read()
+  os.remove(vols[-1])
+  with pytest.raises(mad_archive.ArchiveError, match="volume"):
+    mad_archive.check(archive)
+  open(vols[-1], "wb").write(last)
+  mad_archive.check(archive)
+  mad_archive.pack(str(tmp_path / "b"), archive, 2**24, log=lambda s: None, parts=2)
+  assert mad_archive.volumes(archive) == [archive] and not os.path.exists(vols[1])
 
 
 def test_archive_check_refuses_what_pack_did_not_write(tmp_path):
