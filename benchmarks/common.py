@@ -49,6 +49,26 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
   return 2 * x.nbytes / t
 
 
+def read_bandwidth(nbytes: int = 1 << 30) -> float:
+  """Bytes per second of reading ``nbytes`` of bf16 once (a column sum: the output is one row),
+  the ceiling of a step that reads much and writes little, as a decode step does."""
+  x = jax.random.normal(jax.random.key(8), (nbytes // 2 // 8192, 8192), jnp.bfloat16)
+  t = timeit(jax.jit(lambda a: jnp.sum(a, axis=0, dtype=jnp.float32)), x, target_s=0.05)
+  return x.nbytes / t
+
+
+def gemv_bandwidth(d: int, batch: int = 1, nbytes: int = 1 << 30) -> float:
+  """Bytes per second (weights, input and output) of XLA's [batch, d] x [d, n] bf16 product
+  over ``nbytes`` of weights: the rate a decode step's projections get from the library."""
+  n = max(1, nbytes // 2 // d)
+  kx, kw = jax.random.split(jax.random.key(9))
+  x = jax.random.normal(kx, (batch, d), jnp.bfloat16)
+  w = jax.random.normal(kw, (d, n), jnp.bfloat16)
+  t = timeit(jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32
+                                          ).astype(jnp.bfloat16)), x, w, target_s=0.05)
+  return (w.nbytes + x.nbytes + batch * n * 2) / t
+
+
 def gemm_rate(n: int = 8192) -> float:
   """FLOP/s of a bf16 n x n x n matrix product through XLA (random data, f32 accumulation)."""
   ka, kb = jax.random.split(jax.random.key(11))

@@ -17,8 +17,10 @@ is updated in place); ms/token = median loop time / steps, tokens/s = batch / th
 Bytes a step must read (``inference.cache.decode_read_bytes``, at the loops' mean position):
 every parameter at its stored dtype, each attention layer's keys and values up to the position,
 the Hyena layers' histories and LI states; the achieved rate is those bytes per step time,
-reported against the elementwise copy rate (``common.copy_bandwidth``) measured in the same
-process. Kernels per step: the launch-worthy instructions (fusions, custom calls, copies, ...) of
+reported against three ceilings measured in the same process: the elementwise copy rate
+(``common.copy_bandwidth``), the read rate (``common.read_bandwidth``: a step reads much and
+writes little) and XLA's own GEMV rate at the model's width and the row's batch
+(``common.gemv_bandwidth``: what the projections can get from the library). Kernels per step: the launch-worthy instructions (fusions, custom calls, copies, ...) of
 the compiled loop's body, from the optimized HLO. ``--profile DIR`` traces one timed loop
 (jax.profiler) and prints device time and kernels per step by kernel class
 (``benchmarks/profiling.py``); DIR gets the trace, the table and the loop's optimized HLO.
@@ -214,9 +216,11 @@ def main(argv):
         f"{steps} steps x {FLAGS.reps} loops; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
         flush=True)
   t0 = time.perf_counter()
-  copy_Bps = common.copy_bandwidth(1 << 24 if FLAGS.small else 1 << 30)
-  print(f"elementwise copy rate {copy_Bps / 1e9:.0f} GB/s ({time.perf_counter() - t0:.1f}s)",
-        flush=True)
+  ceiling_bytes = 1 << 24 if FLAGS.small else 1 << 30
+  copy_Bps = common.copy_bandwidth(ceiling_bytes)
+  read_Bps = common.read_bandwidth(ceiling_bytes)
+  print(f"elementwise copy rate {copy_Bps / 1e9:.0f} GB/s, read rate {read_Bps / 1e9:.0f} GB/s "
+        f"({time.perf_counter() - t0:.1f}s)", flush=True)
   t0 = time.perf_counter()
   model = sync(build(cfg))
   graphdef, state = nnx.split(model)
@@ -299,6 +303,7 @@ def main(argv):
     need = decode_read_bytes(cfg, batch, position, max_len)
     need_total = sum(need.values())
     step_s = statistics.median(times) / steps
+    gemv_Bps = common.gemv_bandwidth(cfg.d_model, batch, ceiling_bytes)
     row = dict(batch=batch, prefill_s=prefill_s, step_ms=1e3 * step_s, tok_s=batch / step_s,
                gbs=need_total / step_s / 1e9, pct_copy=100 * need_total / step_s / copy_Bps,
                floor_ms=1e3 * need_total / copy_Bps,
@@ -306,7 +311,10 @@ def main(argv):
                cache_gib=hybrid_cache / 2**30,
                mha_cache_gib=cache_bytes(mha_cfg, batch, max_len) / 2**30,
                kernels=profiling.kernel_total(kernels), kernel_ops=dict(kernels.most_common()),
-               compile_s=(compile_prefill or 0) + compile_decode, copy_gbs=copy_Bps / 1e9)
+               compile_s=(compile_prefill or 0) + compile_decode, copy_gbs=copy_Bps / 1e9,
+               read_gbs=read_Bps / 1e9, gemv_gbs=gemv_Bps / 1e9,
+               pct_read=100 * need_total / step_s / read_Bps,
+               pct_gemv=100 * need_total / step_s / gemv_Bps)
     rows.append(row)
     print(f"batch {batch}: prefill compile+run {compile_prefill or 0:.1f}s, decode compile+"
           f"warm-up {compile_decode:.1f}s; step times {[round(1e3 * t / steps, 3) for t in times]}"
@@ -322,8 +330,9 @@ def main(argv):
 
   print(f"\n| batch | prefill {prompt_len} (s, all rows) | decode ms/token | tokens/s | GB/s "
         f"(must-read) | cache GiB (hybrid) | KV GiB (all-MHA) | ratio | must-read GB (params "
-        f"/ KV / states) | % of copy rate | floor ms | kernels/step |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        f"/ KV / states) | % of copy rate | floor ms | kernels/step | % of read rate | "
+        f"% of GEMV rate (GB/s) |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     g = r["read_gb"]
     prefill_col = "–" if r["prefill_s"] is None else f"{r['prefill_s']:.3f}"
@@ -331,10 +340,12 @@ def main(argv):
           f"{r['gbs']:.0f} | {r['cache_gib']:.3f} | {r['mha_cache_gib']:.3f} | "
           f"{r['mha_cache_gib'] / r['cache_gib']:.1f}x | {sum(g.values()):.3f} ({g['params']:.3f}"
           f" / {g['kv']:.3f} / {g['states']:.3f}) | {r['pct_copy']:.1f}% | {r['floor_ms']:.3f} | "
-          f"{r['kernels']} |")
+          f"{r['kernels']} | {r['pct_read']:.1f}% | {r['pct_gemv']:.1f}% ({r['gemv_gbs']:.0f}) |")
   print(f"\ncache sizes for {max_len} positions; parameters {param_bytes / 2**30:.2f} GiB; "
-        f"elementwise copy rate {copy_Bps / 1e9:.0f} GB/s (same process); floor = must-read "
-        f"bytes / copy rate.")
+        f"elementwise copy rate {copy_Bps / 1e9:.0f} GB/s, read rate (a column sum) "
+        f"{read_Bps / 1e9:.0f} GB/s, GEMV rate (XLA's [batch, {cfg.d_model}] x [{cfg.d_model}, n] "
+        f"product over {ceiling_bytes / 2**30:g} GiB of weights, per batch), all in this process;"
+        f" floor = must-read bytes / copy rate.")
 
 
 if __name__ == "__main__":

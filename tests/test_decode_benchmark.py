@@ -4,11 +4,13 @@ the copy rate, the kernel count from the compiled HLO, ``--profile`` (a trace re
 child per set; a set that fails is a row, not a crash), and bad input (one error line, exit 2,
 nothing written)."""
 
+import json
 import os
 import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,12 +24,21 @@ def _decode(*args, timeout=300):
 
 
 def test_decode_table_and_profile(tmp_path):
-  proc = _decode(*SMALL, "--batches", "2", "--profile", str(tmp_path / "prof"))
+  proc = _decode(*SMALL, "--batches", "2", "--profile", str(tmp_path / "prof"), "--json_rows")
   assert proc.returncode == 0, proc.stderr[-3000:]
   row = next(line for line in proc.stdout.splitlines() if line.startswith("| 2 |"))
   cells = [c.strip() for c in row.strip("|").split("|")]
   ms, gbs, pct, kernels = float(cells[2]), float(cells[4]), cells[9], int(cells[11])
   assert ms > 0 and gbs >= 0 and pct.endswith("%") and float(pct[:-1]) > 0 and kernels > 50
+  # the same bytes against the read and GEMV ceilings: each share is the copy share rescaled by
+  # the ratio of the ceilings printed
+  read, gemv = cells[12], re.match(r"([\d.]+)% \((\d+)\)", cells[13])
+  assert read.endswith("%") and float(read[:-1]) > 0 and gemv and float(gemv.group(2)) > 0, cells
+  rec = json.loads(next(line for line in proc.stdout.splitlines()
+                        if line.startswith("DECODE_JSON "))[len("DECODE_JSON "):])
+  for share, rate in (("pct_read", "read_gbs"), ("pct_gemv", "gemv_gbs")):
+    assert np.isclose(rec[share], rec["pct_copy"] * rec["copy_gbs"] / rec[rate], rtol=1e-9), rec
+  assert f"{rec['pct_read']:.1f}%" == read and float(gemv.group(1)) == round(rec["pct_gemv"], 1)
   # must-read GB = params + KV + states, each shown
   m = re.match(r"([\d.]+) \(([\d.]+) / ([\d.]+) / ([\d.]+)\)", cells[8])
   assert m and abs(float(m.group(1)) - sum(map(float, m.group(2, 3, 4)))) < 2e-3, cells[8]
