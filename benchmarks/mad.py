@@ -152,6 +152,9 @@ def parse(argv=None):
   ap.add_argument("--save_every_s", type=float, default=0.0,
                   help="save an unfinished group's state at most this often (and at a budget "
                   "stop; 0: after every epoch)")
+  ap.add_argument("--curves", default="",
+                  help="after the run: every run's per-epoch curves (losses, accuracies) of "
+                  "the workdir as one JSON file here")
   ap.add_argument("--pack", default="",
                   help="after the run: the workdir as a .tar.gz here (in volumes FILE, FILE.2, "
                   "... of at most 15 MiB each)")
@@ -203,6 +206,9 @@ def parse(argv=None):
       mad_archive.check(args.unpack)
     except mad_archive.ArchiveError as e:
       _fail(f"--unpack: {e}")
+  if args.curves and not os.path.isdir(os.path.dirname(os.path.abspath(args.curves))):
+    _fail(f"--curves {args.curves!r}: the folder "
+          f"{os.path.dirname(os.path.abspath(args.curves))!r} does not exist")
   if not 1 <= args.pack_volumes <= 7:
     _fail(f"--pack_volumes {args.pack_volumes} must be 1 to 7 (a device call returns 8 files)")
   if args.pack:
@@ -261,6 +267,32 @@ def collect(workdir: str, tasks, layouts) -> dict:
                                             "test_token_acc", "best_epoch", "test_acc_final",
                                             "done")} for r in rec["runs"]]}
   return results
+
+
+CURVE_KEYS = ("train_loss", "test_loss", "test_acc", "test_token_acc")
+
+
+def curves(workdir: str, tasks, layouts) -> dict:
+  """Every run's per-epoch curve under ``workdir``, the plateau the results rest on: task ->
+  setting -> layout -> {complete, best, runs: [{lr, weight_decay, seed, done, best_epoch,
+  <CURVE_KEYS>: one value per epoch, 4 significant digits}]}."""
+  from sh2_jax.synthetic import mad
+  out: dict = {}
+  for t in tasks:
+    for name, _ in mad.settings(t):
+      for lay in layouts:
+        path = os.path.join(workdir, t, name, lay, "curves.json")
+        if not os.path.exists(path):
+          continue
+        with open(path) as f:
+          rec = json.load(f)
+        out.setdefault(t, {}).setdefault(name, {})[lay] = {
+            "complete": rec.get("complete", False), "best": rec.get("best"),
+            "runs": [{**{k: r.get(k) for k in ("lr", "weight_decay", "seed", "done",
+                                               "best_epoch")},
+                      **{k: [float(f"{c[k]:.4g}") for c in r["curve"]] for k in CURVE_KEYS}}
+                     for r in rec["runs"]]}
+  return out
 
 
 def table(results: dict, tasks, layouts) -> str:
@@ -612,6 +644,10 @@ def main(argv=None) -> dict:
                     **(info if isinstance(info, dict) else {"note": info})}
                    for k, (kind, info) in status.items()]
   manifest = on_item(final=True)
+  if args.curves:
+    from sh2_jax import files
+    files.write_json(args.curves, {k: out[k] for k in ("device", "date", "command")}
+                     | {"curves": curves(args.workdir, tasks, layouts)})
   if args.plot:
     plot(out["results"], tasks, layouts, args.plot,
          f"{out['device']}, {out['date']}: best of the lr x wd grid")

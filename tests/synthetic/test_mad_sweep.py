@@ -156,7 +156,8 @@ def _cli(*args):
 
 
 def test_cli_smoke_autoencoder_and_resume(tmp_path):
-  args = ["--smoke", f"--workdir={tmp_path}", "--tasks=compression", "--layouts=Hyena-SE"]
+  args = ["--smoke", f"--workdir={tmp_path}", "--tasks=compression", "--layouts=Hyena-SE",
+          f"--curves={tmp_path / 'curves.json'}"]
   if HAVE_MPL:
     args.append(f"--plot={tmp_path / 'mad.png'}")
   proc = _cli(*args)
@@ -164,6 +165,14 @@ def test_cli_smoke_autoencoder_and_resume(tmp_path):
   out = json.load(open(tmp_path / "results.json"))
   entry = out["results"]["compression"]["baseline"]["Hyena-SE"]
   assert entry["complete"] and entry["epochs"] == 2 and 0 <= entry["best"]["test_acc"] <= 1
+  # the curves file: every run's per-epoch values; its best epoch's accuracy is the result's
+  cur = json.load(open(tmp_path / "curves.json"))
+  assert cur["command"] == out["command"] and cur["date"] == out["date"]
+  item = cur["curves"]["compression"]["baseline"]["Hyena-SE"]
+  assert item["complete"] and len(item["runs"]) == len(entry["runs"])
+  for run, res in zip(item["runs"], entry["runs"]):
+    assert all(len(run[k]) == 2 for k in ("train_loss", "test_loss", "test_acc"))
+    assert np.isclose(run["test_acc"][run["best_epoch"] - 1], res["test_acc"], rtol=1e-3)
   assert out["command"].startswith("mad.py --smoke") and out["date"]
   assert "| compression | Hyena-SE |" in proc.stdout and "| n/a | 0.452 | 0.472 |" in proc.stdout
   assert not HAVE_MPL or (tmp_path / "mad.png").stat().st_size > 1000
@@ -204,6 +213,7 @@ def test_cli_speed_times_and_keeps_nothing(tmp_path):
                                       ("--unpack=gone.tar.gz", "'gone.tar.gz' does not exist"),
                                       ("--pack=nowhere/a.tar.gz", "the folder"),
                                       ("--pack_volumes=0", "--pack_volumes 0 must be 1 to 7"),
+                                      ("--curves=nowhere/c.json", "the folder"),
                                       ("--pack=WORKDIR/a.tar.gz", "is inside --workdir")])
 def test_cli_bad_flags(tmp_path, flag, msg):
   if flag.startswith("--plot") and HAVE_MPL:
