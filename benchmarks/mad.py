@@ -246,26 +246,31 @@ def parse(argv=None):
   return args, tasks, layouts, plan, _floats("lrs", args.lrs), _floats("wds", args.wds), seeds
 
 
-def collect(workdir: str, tasks, layouts) -> dict:
-  """Every finished or partial setting under ``workdir`` (this command's or an earlier one's):
-  task -> setting -> layout -> {complete, best, kwargs, epochs, runs (final accuracies)}."""
+def _records(workdir: str, tasks, layouts):
+  """(task, setting, layout, curves.json record) of every setting under ``workdir`` that has
+  one (this command's or an earlier one's), in plan order."""
   from sh2_jax.synthetic import mad
-  results: dict = {}
   for t in tasks:
     for name, _ in mad.settings(t):
       for lay in layouts:
         path = os.path.join(workdir, t, name, lay, "curves.json")
-        if not os.path.exists(path):
-          continue
-        with open(path) as f:
-          rec = json.load(f)
-        results.setdefault(t, {}).setdefault(name, {})[lay] = {
-            "complete": rec.get("complete", False), "best": rec.get("best"),
-            "kwargs": rec["kwargs"],
-            "epochs": max((len(r["curve"]) for r in rec["runs"]), default=0),
-            "runs": [{k: r.get(k) for k in ("lr", "weight_decay", "seed", "test_acc",
-                                            "test_token_acc", "best_epoch", "test_acc_final",
-                                            "done")} for r in rec["runs"]]}
+        if os.path.exists(path):
+          with open(path) as f:
+            yield t, name, lay, json.load(f)
+
+
+def collect(workdir: str, tasks, layouts) -> dict:
+  """Every finished or partial setting under ``workdir``: task -> setting -> layout ->
+  {complete, best, kwargs, epochs, runs (final accuracies)}."""
+  results: dict = {}
+  for t, name, lay, rec in _records(workdir, tasks, layouts):
+    results.setdefault(t, {}).setdefault(name, {})[lay] = {
+        "complete": rec.get("complete", False), "best": rec.get("best"),
+        "kwargs": rec["kwargs"],
+        "epochs": max((len(r["curve"]) for r in rec["runs"]), default=0),
+        "runs": [{k: r.get(k) for k in ("lr", "weight_decay", "seed", "test_acc",
+                                        "test_token_acc", "best_epoch", "test_acc_final",
+                                        "done")} for r in rec["runs"]]}
   return results
 
 
@@ -276,22 +281,13 @@ def curves(workdir: str, tasks, layouts) -> dict:
   """Every run's per-epoch curve under ``workdir``, the plateau the results rest on: task ->
   setting -> layout -> {complete, best, runs: [{lr, weight_decay, seed, done, best_epoch,
   <CURVE_KEYS>: one value per epoch, 4 significant digits}]}."""
-  from sh2_jax.synthetic import mad
   out: dict = {}
-  for t in tasks:
-    for name, _ in mad.settings(t):
-      for lay in layouts:
-        path = os.path.join(workdir, t, name, lay, "curves.json")
-        if not os.path.exists(path):
-          continue
-        with open(path) as f:
-          rec = json.load(f)
-        out.setdefault(t, {}).setdefault(name, {})[lay] = {
-            "complete": rec.get("complete", False), "best": rec.get("best"),
-            "runs": [{**{k: r.get(k) for k in ("lr", "weight_decay", "seed", "done",
-                                               "best_epoch")},
-                      **{k: [float(f"{c[k]:.4g}") for c in r["curve"]] for k in CURVE_KEYS}}
-                     for r in rec["runs"]]}
+  for t, name, lay, rec in _records(workdir, tasks, layouts):
+    out.setdefault(t, {}).setdefault(name, {})[lay] = {
+        "complete": rec.get("complete", False), "best": rec.get("best"),
+        "runs": [{**{k: r.get(k) for k in ("lr", "weight_decay", "seed", "done", "best_epoch")},
+                  **{k: [float(f"{c[k]:.4g}") for c in r["curve"]] for k in CURVE_KEYS}}
+                 for r in rec["runs"]]}
   return out
 
 
