@@ -22,6 +22,26 @@ def write_atomic(path: str, write) -> None:
       os.remove(tmp)
 
 
+def write_bytes_atomic(blobs: dict[str, bytes]) -> None:
+  """Several files that belong together (``{path: bytes}``): every one written to a temporary
+  beside its path first, then all renamed one after the other, the first path last. A failure
+  while writing leaves every old file as it was and no temporary; the old and the new set can
+  only mix within the renames."""
+  temps = {}
+  try:
+    for path, blob in blobs.items():
+      root, ext = os.path.splitext(path)
+      temps[path] = f"{root}.tmp{os.getpid()}{ext}"
+      with open(temps[path], "wb") as f:
+        f.write(blob)
+    for path in reversed(list(blobs)):
+      os.replace(temps.pop(path), path)
+  finally:
+    for tmp in temps.values():
+      if os.path.exists(tmp):
+        os.remove(tmp)
+
+
 def write_json(path: str, obj, indent: int = 1) -> None:
   """``obj`` as JSON at ``path``, through ``write_atomic``."""
   def write(tmp):

@@ -32,3 +32,23 @@ def test_write_json(tmp_path):
   files.write_json(path, {"a": [1, 2]})
   files.write_json(path, {"b": 3})
   assert json.load(open(path)) == {"b": 3} and os.listdir(tmp_path) == ["r.json"]
+
+
+def test_write_bytes_atomic_writes_a_set_whole_or_not_at_all(tmp_path, monkeypatch):
+  a, b = str(tmp_path / "x.tar.gz"), str(tmp_path / "x.tar.gz.2")
+  files.write_bytes_atomic({a: b"old1", b: b"old2"})
+  real_open, seen = open, []
+
+  def failing_open(path, mode="r", *args, **kw):  # the second temporary cannot be written
+    seen.append(path)
+    if "w" in mode and len(seen) == 2:
+      raise OSError("disk full")
+    return real_open(path, mode, *args, **kw)
+  monkeypatch.setattr("builtins.open", failing_open)
+  with pytest.raises(OSError, match="disk full"):
+    files.write_bytes_atomic({a: b"new1", b: b"new2"})
+  monkeypatch.undo()
+  assert [open(p, "rb").read() for p in (a, b)] == [b"old1", b"old2"]
+  assert sorted(os.listdir(tmp_path)) == ["x.tar.gz", "x.tar.gz.2"]  # no temporary left
+  files.write_bytes_atomic({a: b"new1", b: b"new2"})
+  assert [open(p, "rb").read() for p in (a, b)] == [b"new1", b"new2"]

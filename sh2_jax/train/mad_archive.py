@@ -34,6 +34,7 @@ import numpy as np
 
 from sh2_jax import files
 
+
 FORMAT = "sh2_jax MAD workdir"
 VERSION = 1
 MANIFEST = "MANIFEST.json"
@@ -132,8 +133,7 @@ def pack(workdir: str, path: str, limit_bytes: int, log=print, parts: int = 1) -
     with open(whole, "rb") as f:
       chunks = [f.read(limit_bytes) for _ in range(-(-os.path.getsize(whole) // limit_bytes))]
   names = [path] + [f"{path}.{k}" for k in range(2, len(chunks) + 1)]
-  for name, chunk in reversed(list(zip(names, chunks))):  # the first volume last
-    files.write_atomic(name, lambda tmp, chunk=chunk: _write_bytes(tmp, chunk))
+  files.write_bytes_atomic(dict(zip(names, chunks)))  # a killed call leaves the old set whole
   for stale in volumes(path)[len(names):]:
     os.remove(stale)
   return manifest
@@ -148,11 +148,6 @@ def _read(path: str) -> bytes:
     with open(name, "rb") as f:
       blob += f.read()
   return blob
-
-
-def _write_bytes(path: str, blob: bytes) -> None:
-  with open(path, "wb") as f:
-    f.write(blob)
 
 
 def _write(path: str, members: list[tuple[str, str]], manifest: dict) -> None:
