@@ -20,8 +20,9 @@ the Hyena layers' histories and LI states; the achieved rate is those bytes per 
 reported against three ceilings measured in the same process: the elementwise copy rate
 (``common.copy_bandwidth``), the read rate (``common.read_bandwidth``: a step reads much and
 writes little) and XLA's own GEMV rate at the model's width and the row's batch
-(``common.gemv_bandwidth``: what the projections can get from the library). Kernels per step: the launch-worthy instructions (fusions, custom calls, copies, ...) of
-the compiled loop's body, from the optimized HLO. ``--profile DIR`` traces one timed loop
+(``common.gemv_bandwidth``: what the projections can get from the library). Kernels per step:
+the launch-worthy instructions (fusions, custom calls, copies, ...) of the compiled loop's body,
+from the optimized HLO. ``--profile DIR`` traces one timed loop
 (jax.profiler) and prints device time and kernels per step by kernel class
 (``benchmarks/profiling.py``); DIR gets the trace, the table and the loop's optimized HLO.
 ``--xla_flag_sets`` runs this benchmark once per set (``;``-separated, each a space-separated

@@ -8,12 +8,18 @@ import json
 import os
 
 
+def _temporary(path: str) -> str:
+  """This process's temporary name beside ``path``, with the same extension (np.savez keeps
+  the name as given)."""
+  root, ext = os.path.splitext(path)
+  return f"{root}.tmp{os.getpid()}{ext}"
+
+
 def write_atomic(path: str, write) -> None:
   """``write(tmp)`` to a temporary file beside ``path`` (this process's own name, the same
   extension), then rename it onto ``path``: the output is complete or absent, never
   half-written. An exception from ``write`` leaves ``path`` as it was and removes ``tmp``."""
-  root, ext = os.path.splitext(path)
-  tmp = f"{root}.tmp{os.getpid()}{ext}"  # same extension: np.savez keeps the name as given
+  tmp = _temporary(path)
   try:
     write(tmp)
     os.replace(tmp, path)
@@ -30,8 +36,7 @@ def write_bytes_atomic(blobs: dict[str, bytes]) -> None:
   temps = {}
   try:
     for path, blob in blobs.items():
-      root, ext = os.path.splitext(path)
-      temps[path] = f"{root}.tmp{os.getpid()}{ext}"
+      temps[path] = _temporary(path)
       with open(temps[path], "wb") as f:
         f.write(blob)
     for path in reversed(list(blobs)):

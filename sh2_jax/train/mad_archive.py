@@ -34,7 +34,6 @@ import numpy as np
 
 from sh2_jax import files
 
-
 FORMAT = "sh2_jax MAD workdir"
 VERSION = 1
 MANIFEST = "MANIFEST.json"
@@ -102,7 +101,7 @@ def pack(workdir: str, path: str, limit_bytes: int, log=print, parts: int = 1) -
   if os.path.exists(os.path.join(workdir, "results.json")):
     base.append((os.path.join(workdir, "results.json"), "results.json"))
 
-  def write(tmp):  # through a temporary file: a call killed while packing leaves the old one
+  def write(tmp):
     _write(tmp, base, manifest)
     size = os.path.getsize(tmp)
     if size > limit_bytes:
@@ -126,8 +125,7 @@ def pack(workdir: str, path: str, limit_bytes: int, log=print, parts: int = 1) -
           item["state"], item["epochs"] = False, item["epochs"] if item["complete"] else 0
         _write(tmp, base, manifest)
 
-  with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(path)),
-                                   prefix=".pack-") as tmpdir:
+  with tempfile.TemporaryDirectory(prefix="mad-pack-") as tmpdir:  # placed whole below
     whole = os.path.join(tmpdir, "whole.tar.gz")
     write(whole)
     with open(whole, "rb") as f:
@@ -143,11 +141,11 @@ def _read(path: str) -> bytes:
   """The archive at ``path``, its volumes joined."""
   if not os.path.isfile(path):
     raise ArchiveError(f"{path!r} does not exist or is not a file")
-  blob = b""
+  parts = []
   for name in volumes(path):
     with open(name, "rb") as f:
-      blob += f.read()
-  return blob
+      parts.append(f.read())
+  return b"".join(parts)
 
 
 def _write(path: str, members: list[tuple[str, str]], manifest: dict) -> None:
