@@ -28,6 +28,15 @@ workdir before training, so the sweep continues in a later session:
     python benchmarks/mad.py --workdir=runs/mad --parallel=2 --budget_s=520 \
         --save_every_s=60 --unpack=carry/mad.tar.gz --pack=out/mad.tar.gz
 
+A sweep whose workdir (and archive) is gone continues from its results instead: ``--merge
+RESULTS.json`` (a file this script wrote, with the same protocol) takes that call's finished
+items into the results, table and plot as they are, trains only the rest in the new workdir,
+and records where they came from under ``merged``; ``--merge_curves`` adds that call's
+``--curves`` file, so that the new ``--curves`` holds every item's curves:
+
+    python benchmarks/mad.py --workdir=runs/mad --patience=20 --merge=benchmarks/mad_h200.json \
+        --merge_curves=benchmarks/mad_h200_curves.json --curves=out/mad_curves.json
+
 The state of a group is saved after every epoch (``--save_every_s``: at most that often, and at
 a budget stop; the per-epoch save of tens of MB slows a GPU worker). Writes ``--json``
 (default ``<workdir>/results.json``: device, date, command, per setting the best run and every
@@ -164,6 +173,13 @@ def parse(argv=None):
   ap.add_argument("--unpack", default="",
                   help="before the run: merge a --pack archive (FILE, its volumes FILE.2, ... "
                   "read from beside it) into the workdir")
+  ap.add_argument("--merge", default="",
+                  help="an earlier call's results file (--json) of the same protocol: its "
+                  "finished items are taken into the results, table and plot as they are and "
+                  "not trained again (for a sweep whose workdir is gone)")
+  ap.add_argument("--merge_curves", default="",
+                  help="the --curves file of the --merge call: its merged items' curves join "
+                  "this call's --curves")
   args = ap.parse_args(argv)
 
   tasks = list(mad.TASKS) if args.tasks == "all" else args.tasks.split(",")
@@ -206,6 +222,9 @@ def parse(argv=None):
       mad_archive.check(args.unpack)
     except mad_archive.ArchiveError as e:
       _fail(f"--unpack: {e}")
+  args.merged = _merged(args, plan, layouts, _config(args, *_grid(args))) if args.merge else None
+  if args.merge_curves and not args.merge:
+    _fail(f"--merge_curves {args.merge_curves!r} needs --merge (the results it belongs to)")
   if args.curves and not os.path.isdir(os.path.dirname(os.path.abspath(args.curves))):
     _fail(f"--curves {args.curves!r}: the folder "
           f"{os.path.dirname(os.path.abspath(args.curves))!r} does not exist")
@@ -239,11 +258,84 @@ def parse(argv=None):
     if importlib.util.find_spec("matplotlib") is None:
       _fail(f"--plot {args.plot!r} needs matplotlib (the 'bench' extra); install it or leave "
             "--plot out")
+  return args, tasks, layouts, plan, *_grid(args)
+
+
+def _grid(args):
+  """The learning rates, weight decays and seeds of the flags."""
   try:
     seeds = tuple(int(s) for s in args.seeds.split(","))
   except ValueError:
     _fail(f"--seeds {args.seeds!r} is not a comma-separated list of integers")
-  return args, tasks, layouts, plan, _floats("lrs", args.lrs), _floats("wds", args.wds), seeds
+  return _floats("lrs", args.lrs), _floats("wds", args.wds), seeds
+
+
+def _read_json(flag: str, path: str, key: str) -> dict:
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except FileNotFoundError:
+    _fail(f"--{flag} {path!r} does not exist")
+  except (OSError, ValueError) as e:
+    _fail(f"--{flag} {path!r} is not a JSON file: {e}")
+  if not isinstance(data, dict) or not isinstance(data.get(key), dict):
+    _fail(f"--{flag} {path!r} has no {key!r}: it is not a file this script wrote")
+  return data
+
+
+def _merged(args, plan, layouts, cfg) -> dict:
+  """--merge: the earlier call's finished items of this plan, and their curves
+  (--merge_curves): {source: {date, device, command}, results: task -> setting -> layout ->
+  entry, curves: the same for the curves}. Refuses a file of another protocol (the training
+  fields of the config, the implementations aside) or whose items have other kwargs."""
+  import dataclasses
+  from sh2_jax.train.mad_sweep import IMPL_FIELDS
+  old = _read_json("merge", args.merge, "results")
+  protocol = lambda c: {k: v for k, v in (c or {}).items() if k not in IMPL_FIELDS}
+  ours = json.loads(json.dumps(protocol(dataclasses.asdict(cfg))))
+  theirs = protocol(old.get("config"))
+  if theirs != ours:
+    diff = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    _fail(f"--merge {args.merge!r} was trained with another protocol: "
+          + ", ".join(f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in diff))
+  cur = _read_json("merge_curves", args.merge_curves, "curves") if args.merge_curves else None
+  if cur is not None and (cur.get("date"), cur.get("command")) != (old.get("date"),
+                                                                  old.get("command")):
+    _fail(f"--merge_curves {args.merge_curves!r} is from another call ({cur.get('date')}) than "
+          f"--merge {args.merge!r} ({old.get('date')})")
+  results, curves_ = {}, {}
+  for task, name, kwargs in plan:
+    for lay in layouts:
+      entry = old["results"].get(task, {}).get(name, {}).get(lay)
+      if not entry or not entry.get("complete"):
+        continue
+      if json.loads(json.dumps(kwargs)) != entry.get("kwargs"):
+        _fail(f"--merge {args.merge!r}: {task} {name} {lay} was made with other data "
+              f"({entry.get('kwargs')}, here {kwargs})")
+      curve = (cur["curves"].get(task, {}).get(name, {}).get(lay) if cur else None)
+      if cur is not None and not (curve and curve.get("complete")):
+        _fail(f"--merge_curves {args.merge_curves!r} has no finished {task} {name} {lay}")
+      results.setdefault(task, {}).setdefault(name, {})[lay] = entry
+      if curve:
+        curves_.setdefault(task, {}).setdefault(name, {})[lay] = curve
+  return {"source": {k: old.get(k) for k in ("date", "device", "command")},
+          "results": results, "curves": curves_}
+
+
+def _merged_items(merged) -> set:
+  return {(t, n, lay) for t, per in (merged or {}).get("results", {}).items()
+          for n, lays in per.items() for lay in lays}
+
+
+def _fold(mine: dict, theirs: dict) -> dict:
+  """``theirs`` (task -> setting -> layout -> entry) where ``mine`` has no finished entry."""
+  out = {t: {n: dict(lays) for n, lays in per.items()} for t, per in mine.items()}
+  for t, per in theirs.items():
+    for n, lays in per.items():
+      for lay, entry in lays.items():
+        if not (out.get(t, {}).get(n, {}).get(lay) or {}).get("complete"):
+          out.setdefault(t, {}).setdefault(n, {})[lay] = entry
+  return out
 
 
 def _records(workdir: str, tasks, layouts):
@@ -450,10 +542,11 @@ def _train_parallel(cfg, items, workdir: str, n: int, deadline, save_every_s,
   return status
 
 
-def _write_results(out: dict, out_path: str, plan_items, tasks, layouts) -> None:
-  """results.json from everything under the workdir, and the items of this command that are
-  not finished."""
-  out["results"] = collect(out["workdir"], tasks, layouts)
+def _write_results(out: dict, out_path: str, plan_items, tasks, layouts, merged=None) -> None:
+  """results.json from everything under the workdir (and the finished items of ``merged``
+  that it lacks), and the items of this command that are not finished."""
+  out["results"] = _fold(collect(out["workdir"], tasks, layouts),
+                         (merged or {}).get("results", {}))
   out["table"] = table(out["results"], tasks, layouts)
   out["unfinished"] = []
   for task, name, _, lay in plan_items:
@@ -605,11 +698,17 @@ def main(argv=None) -> dict:
   out = {**device_info(), "command": _command(argv),
          "config": dataclasses.asdict(cfg), "results": {}, "workdir": args.workdir}
   items = [(task, name, kwargs, lay) for task, name, kwargs in plan for lay in layouts]
+  if args.merged:  # taken from the earlier call: not trained here
+    done = _merged_items(args.merged)
+    out["merged"] = {**args.merged["source"], "items": [list(k) for k in sorted(done)]}
+    items = [i for i in items if (i[0], i[1], i[3]) not in done]
+    print(f"merge: {len(done)} finished items from {os.path.basename(args.merge)} "
+          f"({args.merged['source']['date']}), {len(items)} to train", flush=True)
 
   def on_item(final=False):
     """After every item: results.json and the archive, so that a call killed at its time limit
     still leaves both behind."""
-    _write_results(out, out_path, items, tasks, layouts)
+    _write_results(out, out_path, items, tasks, layouts, args.merged)
     if not args.pack:
       return None
     try:
@@ -643,10 +742,14 @@ def main(argv=None) -> dict:
   if args.curves:
     from sh2_jax import files
     files.write_json(args.curves, {k: out[k] for k in ("device", "date", "command")}
-                     | {"curves": curves(args.workdir, tasks, layouts)})
+                     | {"curves": _fold(curves(args.workdir, tasks, layouts),
+                                        (args.merged or {}).get("curves", {}))}
+                     | ({"merged": out["merged"]} if args.merged else {}))
   if args.plot:
     plot(out["results"], tasks, layouts, args.plot,
-         f"{out['device']}, {out['date']}: best of the lr x wd grid")
+         f"{out['device']}, {out['date']}: best of the lr x wd grid"
+         + (f" ({len(_merged_items(args.merged))} items from {args.merged['source']['date']})"
+            if args.merged else ""))
   steps = sum(i["epochs"] * i["steps_per_epoch"] for _, i in status.values()
               if isinstance(i, dict))
   wall = time.time() - t_start

@@ -213,6 +213,8 @@ def test_cli_speed_times_and_keeps_nothing(tmp_path):
                                       ("--unpack=gone.tar.gz", "'gone.tar.gz' does not exist"),
                                       ("--pack=nowhere/a.tar.gz", "the folder"),
                                       ("--pack_volumes=0", "--pack_volumes 0 must be 1 to 7"),
+                                      ("--merge=gone.json", "--merge 'gone.json' does not exist"),
+                                      ("--merge_curves=c.json", "needs --merge"),
                                       ("--curves=nowhere/c.json", "the folder"),
                                       ("--pack=WORKDIR/a.tar.gz", "is inside --workdir")])
 def test_cli_bad_flags(tmp_path, flag, msg):
@@ -223,6 +225,46 @@ def test_cli_bad_flags(tmp_path, flag, msg):
   assert proc.returncode == 2
   assert proc.stderr.strip().startswith("error: ") and msg in proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "w").exists()
+
+
+def test_cli_merge_takes_an_earlier_calls_finished_items(tmp_path):
+  """--merge: a fresh workdir takes the finished items of an earlier results file as they are
+  (results, table, and with --merge_curves their curves) and trains only the rest; a file of
+  another protocol or a curves file of another call is refused with one line."""
+  a = ["--smoke", "--tasks=in_context_recall", f"--workdir={tmp_path / 'a'}",
+       "--layouts=MHA,Hyena-SE", f"--curves={tmp_path / 'a.json'}"]
+  first = _cli(*a)
+  assert first.returncode == 0, first.stderr[-3000:]
+  merge = [f"--merge={tmp_path / 'a' / 'results.json'}", f"--merge_curves={tmp_path / 'a.json'}"]
+  b = ["--smoke", "--tasks=in_context_recall", f"--workdir={tmp_path / 'b'}",
+       "--layouts=MHA,Hyena-SE,Hyena-LI", f"--curves={tmp_path / 'b.json'}", *merge]
+  second = _cli(*b)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert "merge: 2 finished items from results.json" in second.stdout
+  trained = {line.split()[2] for line in second.stdout.splitlines() if " epoch 1/" in line}
+  assert trained == {"Hyena-LI"}, second.stdout[-3000:]
+  ra = json.load(open(tmp_path / "a" / "results.json"))
+  rb = json.load(open(tmp_path / "b" / "results.json"))
+  for lay in ("MHA", "Hyena-SE"):
+    assert rb["results"]["in_context_recall"]["baseline"][lay] == \
+        ra["results"]["in_context_recall"]["baseline"][lay]
+  assert rb["results"]["in_context_recall"]["baseline"]["Hyena-LI"]["complete"]
+  assert rb["merged"]["date"] == ra["date"] and rb["unfinished"] == []
+  assert sorted(lay for _, _, lay in rb["merged"]["items"]) == ["Hyena-SE", "MHA"]
+  assert "| in_context_recall | Hyena-LI |" in rb["table"]
+  ca = json.load(open(tmp_path / "a.json"))["curves"]["in_context_recall"]["baseline"]
+  cb = json.load(open(tmp_path / "b.json"))
+  assert cb["merged"]["items"] == rb["merged"]["items"]
+  assert cb["curves"]["in_context_recall"]["baseline"]["MHA"] == ca["MHA"]
+  assert cb["curves"]["in_context_recall"]["baseline"]["Hyena-LI"]["complete"]
+  other = _cli(*b[:-2], f"--workdir={tmp_path / 'c'}", merge[0], "--lrs=0.01")
+  assert other.returncode == 2 and not (tmp_path / "c").exists()
+  assert other.stderr.startswith("error: --merge ") and "another protocol: learning_rates" \
+      in other.stderr and len(other.stderr.strip().splitlines()) == 1
+  (tmp_path / "x.json").write_text(json.dumps({"date": "then", "command": "x", "curves": {}}))
+  wrong = _cli(*b[:-1], f"--merge_curves={tmp_path / 'x.json'}", f"--workdir={tmp_path / 'c'}")
+  assert wrong.returncode == 2 and "is from another call (then)" in wrong.stderr
+  assert not (tmp_path / "c").exists()
 
 
 def test_run_scores_take_the_lowest_test_loss():
