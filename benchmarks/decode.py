@@ -72,6 +72,8 @@ flags.DEFINE_integer("prefill_rows", 4, "rows per prefill call (the 8K prefill's
 flags.DEFINE_enum("param_dtype", "bfloat16", ["bfloat16", "float32"], "stored parameter dtype "
                   "(compute is bf16): float32 shows whether the loop re-reads f32 weights")
 flags.DEFINE_string("conv_impl", "xla", "SE/MR implementation of the prefill (decode needs none)")
+flags.DEFINE_string("decode_attention_impl", "auto", "the model's decode_attention_impl: auto | "
+                    "xla | split | cudnn (one query over the KV cache)")
 flags.DEFINE_string("profile", "", "trace one timed loop per batch size into this folder and "
                     "print device time and kernels per step by kernel class")
 flags.DEFINE_string("xla_flag_sets", None, "';'-separated XLA flag sets (each space-separated "
@@ -131,6 +133,8 @@ def check_flags() -> list[int]:
     parse_flag_sets(FLAGS.xla_flag_sets)
     if FLAGS.profile:
       raise ValueError("--profile and --xla_flag_sets do not go together; profile one set")
+  from sh2_jax import dispatch
+  dispatch.resolve_decode_attention_impl(FLAGS.decode_attention_impl, "bfloat16")
   if FLAGS.profile and os.path.exists(FLAGS.profile) and not os.path.isdir(FLAGS.profile):
     raise ValueError(f"--profile {FLAGS.profile!r} exists and is not a folder")
   return batches
@@ -196,6 +200,8 @@ def sweep() -> None:
 
 
 def main(argv):
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)  # JAX's INFO lines (backends it looked for) stay out
   try:
     batches = check_flags()
   except ValueError as err:
@@ -203,7 +209,8 @@ def main(argv):
     sys.exit(2)
   if FLAGS.xla_flag_sets is not None:
     return sweep()
-  overrides = dict(dtype="bfloat16", param_dtype=FLAGS.param_dtype, conv_impl=FLAGS.conv_impl)
+  overrides = dict(dtype="bfloat16", param_dtype=FLAGS.param_dtype, conv_impl=FLAGS.conv_impl,
+                   decode_attention_impl=FLAGS.decode_attention_impl)
   if FLAGS.small:
     overrides.update(d_model=256, num_layers=8, num_heads=2, mlp_hidden=512, se_groups=16,
                      mr_groups=16, layer_idxs=evo2_layer_idxs(8, (3, 7)))
@@ -305,7 +312,8 @@ def main(argv):
     need_total = sum(need.values())
     step_s = statistics.median(times) / steps
     gemv_Bps = common.gemv_bandwidth(cfg.d_model, batch, ceiling_bytes)
-    row = dict(batch=batch, prefill_s=prefill_s, step_ms=1e3 * step_s, tok_s=batch / step_s,
+    row = dict(batch=batch, decode_attention_impl=FLAGS.decode_attention_impl,
+               prefill_s=prefill_s, step_ms=1e3 * step_s, tok_s=batch / step_s,
                gbs=need_total / step_s / 1e9, pct_copy=100 * need_total / step_s / copy_Bps,
                floor_ms=1e3 * need_total / copy_Bps,
                read_gb={k: v / 1e9 for k, v in need.items()},

@@ -38,6 +38,7 @@ class Attention(nnx.Module):
     self.rope_base = cfg.rope_base
     self.rope_scale = cfg.rope_scale
     self.impl = cfg.attention_impl
+    self.decode_impl = cfg.decode_attention_impl
     self.dtype = dt
 
   def qkv(self, x: jax.Array, positions: jax.Array):
@@ -61,14 +62,14 @@ class Attention(nnx.Module):
     scale = self.head_dim ** -0.5
     attend = dispatch.attention_fn(self.impl, self.dtype)
     if isinstance(mode, Decode):
-      # Each row writes its K/V at its own position and attends to the keys before it (XLA's:
-      # a single-query step only streams the cache).
+      # Each row writes its K/V at its own position and attends to the keys before it (a
+      # single-query step only streams the cache: decode_attention_impl).
       positions = mode.positions
       q, k, v = self.qkv(x, positions[:, None])
       cache = KVCache(write_rows(cache.k, positions, k[:, 0]),
                       write_rows(cache.v, positions, v[:, 0]))
-      o = dispatch.attention_fn("xla", self.dtype)(q, cache.k, cache.v, positions + 1, False,
-                                                   scale, False)
+      o = dispatch.decode_attention_fn(self.decode_impl, self.dtype)(
+          q, cache.k, cache.v, positions + 1, scale)
     elif isinstance(mode, Segment):
       q, k, v = self.qkv(x, mode.offset + jnp.arange(length))
       if mode.kv is None:

@@ -36,11 +36,12 @@ LOAD_HINT = "; load it on a device with more memory"
 
 
 def backend(cfg: ModelConfig) -> None:
-  """The model's ``conv_impl``, ``li_impl``, ``attention_impl`` and compute ``dtype`` can run on
-  this backend (``sh2_jax.dispatch`` decides)."""
+  """The model's ``conv_impl``, ``li_impl``, ``attention_impl``, ``decode_attention_impl`` and
+  compute ``dtype`` can run on this backend (``sh2_jax.dispatch`` decides)."""
   dispatch.resolve_conv_impl(cfg.conv_impl)
   dispatch.resolve_li_impl(cfg.li_impl)
   dispatch.resolve_attention_impl(cfg.attention_impl, cfg.dtype)  # named, so it must run here
+  dispatch.resolve_decode_attention_impl(cfg.decode_attention_impl, cfg.dtype)
   dispatch.check_compute_dtype(cfg.dtype)
 
 

@@ -15,6 +15,8 @@ OPS = ("SE", "MR", "LI", "MHA")
 CONV_IMPLS = ("auto", "pallas", "pallas_mgpu", "xla", "fft")
 LI_IMPLS = ("auto", "modal_scan", "modal_serial", "modal_fast", "fft")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+# one query per row over the KV cache (decoding): see dispatch.decode_attention_fn
+DECODE_ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
 MR_DECAYS = ("weak", "normal", "strong", "none")
 FP8_MODES = ("off", "checkpoint_scales", "current_scaling")
@@ -92,6 +94,7 @@ class ModelConfig:
   conv_impl: str = "auto"  # SE/MR inner filters: auto | pallas | pallas_mgpu | xla | fft
   li_impl: str = "auto"  # LI: auto | modal_scan | modal_serial | modal_fast (FFT-free Pallas) | fft
   attention_impl: str = "auto"
+  decode_attention_impl: str = "auto"  # decoding's attention: auto | xla | cudnn
   max_seqlen: int = 8192
 
   @property
@@ -129,6 +132,8 @@ class ModelConfig:
                                 ("conv_impl", self.conv_impl, CONV_IMPLS),
                                 ("li_impl", self.li_impl, LI_IMPLS),
                                 ("attention_impl", self.attention_impl, ATTENTION_IMPLS),
+                                ("decode_attention_impl", self.decode_attention_impl,
+                                 DECODE_ATTENTION_IMPLS),
                                 ("dtype", self.dtype, DTYPES),
                                 ("param_dtype", self.param_dtype, DTYPES),
                                 ("mlp_activation", self.mlp_activation, ("gelu", "identity"))):
@@ -159,8 +164,9 @@ class ModelConfig:
 
 # Fields that change no parameter's shape or dtype (numerics and implementation choices): a
 # checkpoint's weights load into a model that differs from it only in these.
-RUNTIME_FIELDS = ("dtype", "conv_impl", "li_impl", "attention_impl", "max_seqlen", "mr_decay",
-                  "mr_decay_length", "rope_base", "rope_scale", "eps", "fp8_projections")
+RUNTIME_FIELDS = ("dtype", "conv_impl", "li_impl", "attention_impl", "decode_attention_impl",
+                  "max_seqlen", "mr_decay", "mr_decay_length", "rope_base", "rope_scale", "eps",
+                  "fp8_projections")
 
 
 def shape_diffs(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:

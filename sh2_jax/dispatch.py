@@ -2,7 +2,8 @@
 
 The only reader of ``conv_impl``, ``li_impl`` and ``attention_impl`` (their valid names are
 defined in ``config.py``); the modules ask it for callables (``fir_fn``, ``modal_fn``,
-``modal_with_state_fn``, ``attention_fn``) and never branch on a name themselves.
+``modal_with_state_fn``, ``attention_fn``, ``decode_attention_fn``) and never branch on a name
+themselves.
 
 ``conv_impl`` (SE, MR): ``xla`` is the direct grouped convolution of ``ops.fir.fir_conv``,
 ``fft`` the FFT convolution, ``pallas`` the two-stage blocked kernels of ``kernels/fir_conv.py``
@@ -12,7 +13,9 @@ picks per layer: ``pallas_mgpu`` on Hopper where it fits, else ``pallas`` where 
 kernels fit the chip, else ``xla`` (one warning); XLA off GPU (``fir_choice`` says why).
 ``li_impl`` (LI): ``fft`` (the reference), ``modal_scan``, ``modal_serial`` and ``modal_fast``
 (FFT-free Pallas recurrences), ``auto`` (``modal_scan`` on
-GPU, ``fft`` elsewhere). ``attention_impl``: ``xla`` | ``cudnn`` | ``auto``. The compute dtype
+GPU, ``fft`` elsewhere). ``attention_impl``: ``xla`` | ``cudnn`` | ``auto``;
+``decode_attention_impl`` (one query over the KV cache): ``xla`` | ``cudnn`` | ``auto`` (cuDNN on
+GPU from 512 query rows). The compute dtype
 float16 needs a GPU (``check_compute_dtype``). ``sh2_jax.checks.backend`` asks all of these
 up front, before a model is built.
 """
@@ -25,7 +28,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from sh2_jax.config import ATTENTION_IMPLS, CONV_IMPLS, LI_IMPLS
+from sh2_jax.config import ATTENTION_IMPLS, CONV_IMPLS, DECODE_ATTENTION_IMPLS, LI_IMPLS
 from sh2_jax.kernels import cudnn_attention, modal_fast, modal_scan, modal_scan_serial
 from sh2_jax.kernels import fir_conv as fir_kernels
 from sh2_jax.kernels import fir_conv_mgpu
@@ -217,11 +220,15 @@ def resolve_attention_impl(impl: str, dtype) -> str:
     on_gpu = jax.default_backend() == "gpu"
     return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
   if impl == "cudnn":
-    if jax.default_backend() != "gpu":
-      raise ValueError(f"attention_impl 'cudnn' needs a GPU backend, not {jax.default_backend()!r}")
-    if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
-      raise ValueError(f"attention_impl 'cudnn' needs dtype bfloat16 or float16, not {dtype}")
+    _check_cudnn("attention_impl", dtype)
   return impl
+
+
+def _check_cudnn(field: str, dtype) -> None:
+  if jax.default_backend() != "gpu":
+    raise ValueError(f"{field} 'cudnn' needs a GPU backend, not {jax.default_backend()!r}")
+  if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"{field} 'cudnn' needs dtype bfloat16 or float16, not {dtype}")
 
 
 @functools.cache
@@ -244,3 +251,38 @@ def _attend(impl: str):
 def attention_fn(impl: str, dtype):
   """The softmax attention for ``attention_impl`` at compute ``dtype`` (see ``_attend``)."""
   return _attend(resolve_attention_impl(impl, dtype))
+
+
+# batch x heads from which cuDNN's attention kernel decodes faster than XLA's (one H200,
+# evo2_7b at 8K: 512 rows (batch 16) 7.30 against 8.42 ms per token; 32 rows (batch 1) 4.79
+# against 4.41): below it the kernel has too few (row, head) programs to fill the card
+CUDNN_DECODE_MIN_ROWS = 512
+
+
+def resolve_decode_attention_impl(impl: str, dtype, rows: int | None = None) -> str:
+  """``decode_attention_impl`` -> ``xla`` | ``cudnn`` for a step of ``rows`` = batch x heads
+  queries (None: the name is only checked, ``auto`` returned as it is). ``auto`` is cuDNN on a
+  GPU for bf16/fp16 from ``CUDNN_DECODE_MIN_ROWS`` rows, XLA otherwise; ``cudnn`` as for
+  ``attention_impl``."""
+  if impl not in DECODE_ATTENTION_IMPLS:
+    raise ValueError(f"decode_attention_impl {impl!r} is not one of "
+                     f"{', '.join(DECODE_ATTENTION_IMPLS)}")
+  if impl == "cudnn":
+    _check_cudnn("decode_attention_impl", dtype)
+  if impl == "auto" and rows is not None:
+    cudnn_ok = (jax.default_backend() == "gpu"
+                and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16))
+    return "cudnn" if cudnn_ok and rows >= CUDNN_DECODE_MIN_ROWS else "xla"
+  return impl
+
+
+def decode_attention_fn(impl: str, dtype):
+  """Decoding's attention for ``decode_attention_impl``: ``f(q [B, 1, H, d], k, v [B, S, H, d],
+  kv_len [B], scale) -> [B, 1, H, d]``, ``jax.nn.dot_product_attention``'s XLA path or the cuDNN
+  kernel (``auto``: chosen from B x H when the step is traced)."""
+  resolve_decode_attention_impl(impl, dtype)
+
+  def attend(q, k, v, kv_len, scale):
+    name = resolve_decode_attention_impl(impl, dtype, q.shape[0] * q.shape[2])
+    return _attend(name)(q, k, v, kv_len, False, scale, False)
+  return attend

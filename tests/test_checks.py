@@ -32,6 +32,7 @@ def test_backend_names_what_cannot_run_on_cpu():
       ("conv_impl", "pallas", "conv_impl 'pallas' needs a GPU backend"),
       ("li_impl", "modal_scan", "li_impl 'modal_scan' needs a GPU backend"),
       ("attention_impl", "cudnn", "attention_impl 'cudnn' needs a GPU backend"),
+      ("decode_attention_impl", "cudnn", "decode_attention_impl 'cudnn' needs a GPU backend"),
       ("dtype", "float16", "dtype 'float16' needs a GPU backend, but JAX runs on 'cpu'; use "
                            "float32 or bfloat16")]:
     with pytest.raises(ValueError, match=message):

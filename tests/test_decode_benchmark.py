@@ -24,7 +24,8 @@ def _decode(*args, timeout=300):
 
 
 def test_decode_table_and_profile(tmp_path):
-  proc = _decode(*SMALL, "--batches", "2", "--profile", str(tmp_path / "prof"), "--json_rows")
+  proc = _decode(*SMALL, "--batches", "2", "--profile", str(tmp_path / "prof"), "--json_rows",
+                 "--decode_attention_impl", "xla")
   assert proc.returncode == 0, proc.stderr[-3000:]
   row = next(line for line in proc.stdout.splitlines() if line.startswith("| 2 |"))
   cells = [c.strip() for c in row.strip("|").split("|")]
@@ -36,6 +37,7 @@ def test_decode_table_and_profile(tmp_path):
   assert read.endswith("%") and float(read[:-1]) > 0 and gemv and float(gemv.group(2)) > 0, cells
   rec = json.loads(next(line for line in proc.stdout.splitlines()
                         if line.startswith("DECODE_JSON "))[len("DECODE_JSON "):])
+  assert rec["decode_attention_impl"] == "xla"
   for share, rate in (("pct_read", "read_gbs"), ("pct_gemv", "gemv_gbs")):
     assert np.isclose(rec[share], rec["pct_copy"] * rec["copy_gbs"] / rec[rate], rtol=1e-9), rec
   assert f"{rec['pct_read']:.1f}%" == read and float(gemv.group(1)) == round(rec["pct_gemv"], 1)
@@ -61,6 +63,8 @@ def test_decode_flag_sets_one_child_each():
     (["--steps", "0"], "--steps 0"),
     (["--xla_flag_sets", "--xla_ok=1;--bogus"], "'--bogus'"),
     (["--param_dtype", "float16"], "float16"),
+    (["--decode_attention_impl", "fast"], "decode_attention_impl 'fast' is not one of"),
+    (["--decode_attention_impl", "cudnn"], "decode_attention_impl 'cudnn' needs a GPU"),
 ])
 def test_decode_bad_input(tmp_path, argv, needle):
   prof = tmp_path / "prof"

@@ -1,8 +1,10 @@
 """Decoding's numerics are pinned: tokens and logits of ``generate`` (greedy and sampled with a
 fixed seed; float32 and bfloat16 compute, prompts shorter and longer than every filter) and of a
-bfloat16 prefill -> segment -> decode chain equal, bit for bit, what the implementation before the
-ring-buffer caches produced (``tests/fixtures/decode_golden/outputs.npz``, written by
-``golden_outputs`` at that commit). A change to the decoding path that moves a bit fails here;
+bfloat16 prefill -> segment -> decode chain equal what the implementation before the ring-buffer
+caches produced (``tests/fixtures/decode_golden/outputs.npz``, written by ``golden_outputs`` at
+that commit): the tokens exactly, the logits to 4 float32 ulps of the largest (the fixture's
+machine and another processor's XLA CPU code differ in the last bit of 3% of the bf16 chain's
+logits, by 3e-8). A change to the decoding path that moves more than that fails here;
 one that means to change the numerics rewrites the fixture (``python -m
 tests.inference.test_decode_golden``) and says why.
 """
@@ -84,7 +86,11 @@ def test_decoding_is_bitwise_unchanged():
   got = golden_outputs()
   assert sorted(got) == sorted(want.files)
   for key in sorted(got):
-    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    if key.endswith("_tokens"):
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    else:  # XLA's CPU code rounds a last bit differently on another processor
+      ulps = 4 * np.spacing(np.max(np.abs(want[key])))
+      np.testing.assert_allclose(got[key], want[key], rtol=0, atol=ulps, err_msg=key)
 
 
 if __name__ == "__main__":

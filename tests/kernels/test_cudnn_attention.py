@@ -1,7 +1,8 @@
 """``cudnn_attention.even_lengths`` (the odd-length padding in front of cuDNN attention, whose
 backward refuses odd lengths in JAX 0.11) on CPU around the XLA softmax attention: every odd /
 even mix of query and key lengths, causal or not, with and without ``kv_len``, gives the
-unpadded attention's output, log-sum-exp and gradients."""
+unpadded attention's output, log-sum-exp and gradients; decoding's ``auto`` takes cuDNN on a
+GPU from 512 (row, head) queries, XLA below and off GPU."""
 
 from __future__ import annotations
 
@@ -44,3 +45,19 @@ def test_even_lengths_is_the_unpadded_attention(t, s, causal, with_kv_len):
   for g, r in zip(got, want):
     assert bool(jnp.all(jnp.isfinite(g)))
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_decode_auto_takes_cudnn_from_512_query_rows(monkeypatch):
+  pick = lambda dt, rows: dispatch.resolve_decode_attention_impl("auto", dt, rows)
+  assert pick(jnp.bfloat16, 4096) == "xla"  # this CPU
+  monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "gpu")
+  assert pick(jnp.bfloat16, 512) == "cudnn" and pick(jnp.float16, 600) == "cudnn"
+  assert pick(jnp.bfloat16, 511) == "xla" and pick(jnp.float32, 4096) == "xla"
+  assert dispatch.resolve_decode_attention_impl("xla", jnp.bfloat16, 4096) == "xla"
+  seen = []  # the decode step's callable decides from its traced shapes
+  monkeypatch.setattr(dispatch, "_attend", lambda name: seen.append(name) or XLA)
+  step = dispatch.decode_attention_fn("auto", jnp.bfloat16)
+  q, k = jnp.ones((16, 1, 32, 8), jnp.bfloat16), jnp.ones((16, 5, 32, 8), jnp.bfloat16)
+  out = step(q, k, k, jnp.full((16,), 3, jnp.int32), 0.3)
+  step(q[:1], k[:1], k[:1], jnp.full((1,), 3, jnp.int32), 0.3)
+  assert seen == ["cudnn", "xla"] and out.shape == q.shape
