@@ -259,10 +259,13 @@ def attention_fn(impl: str, dtype):
 CUDNN_DECODE_MIN_ROWS = 512
 
 
-def resolve_decode_attention_impl(impl: str, dtype, rows: int | None = None) -> str:
+def resolve_decode_attention_impl(impl: str, dtype, rows: int | None = None,
+                                  cache_len: int = 0) -> str:
   """``decode_attention_impl`` -> ``xla`` | ``cudnn`` for a step of ``rows`` = batch x heads
-  queries (None: the name is only checked, ``auto`` returned as it is). ``auto`` is cuDNN on a
-  GPU for bf16/fp16 from ``CUDNN_DECODE_MIN_ROWS`` rows, XLA otherwise; ``cudnn`` as for
+  queries over a cache of ``cache_len`` positions (rows None: the name is only checked, ``auto``
+  returned as it is). ``auto`` is cuDNN on a GPU for bf16/fp16 from ``CUDNN_DECODE_MIN_ROWS``
+  rows and an even cache length (an odd one would reach cuDNN through a padded copy of the
+  whole cache every step: ``cudnn_attention.even_lengths``), XLA otherwise; ``cudnn`` as for
   ``attention_impl``."""
   if impl not in DECODE_ATTENTION_IMPLS:
     raise ValueError(f"decode_attention_impl {impl!r} is not one of "
@@ -272,7 +275,8 @@ def resolve_decode_attention_impl(impl: str, dtype, rows: int | None = None) -> 
   if impl == "auto" and rows is not None:
     cudnn_ok = (jax.default_backend() == "gpu"
                 and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16))
-    return "cudnn" if cudnn_ok and rows >= CUDNN_DECODE_MIN_ROWS else "xla"
+    fits = rows >= CUDNN_DECODE_MIN_ROWS and cache_len % 2 == 0
+    return "cudnn" if cudnn_ok and fits else "xla"
   return impl
 
 
@@ -283,6 +287,6 @@ def decode_attention_fn(impl: str, dtype):
   resolve_decode_attention_impl(impl, dtype)
 
   def attend(q, k, v, kv_len, scale):
-    name = resolve_decode_attention_impl(impl, dtype, q.shape[0] * q.shape[2])
+    name = resolve_decode_attention_impl(impl, dtype, q.shape[0] * q.shape[2], k.shape[1])
     return _attend(name)(q, k, v, kv_len, False, scale, False)
   return attend

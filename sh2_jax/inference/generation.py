@@ -136,6 +136,7 @@ def _decode_loop(graphdef, state, logits, cache, stop, key, temperature, top_k, 
 def _prefill_rows(graphdef, state, rows, max_new: int, prefill_rows):
   tokens, lengths = pad_rows(rows, PROMPT_BUCKET)
   max_len = tokens.shape[1] + max_new
+  max_len += max_len % 2  # an even KV cache: decoding's attention can be cuDNN without a copy
   rows_per = len(rows) if prefill_rows is None else prefill_rows
   if not isinstance(rows_per, (int, np.integer)) or rows_per < 1:
     raise ValueError(f"prefill_rows {prefill_rows!r} must be None or a positive integer")

@@ -2,7 +2,7 @@
 backward refuses odd lengths in JAX 0.11) on CPU around the XLA softmax attention: every odd /
 even mix of query and key lengths, causal or not, with and without ``kv_len``, gives the
 unpadded attention's output, log-sum-exp and gradients; decoding's ``auto`` takes cuDNN on a
-GPU from 512 (row, head) queries, XLA below and off GPU."""
+GPU from 512 (row, head) queries over an even cache length, XLA otherwise and off GPU."""
 
 from __future__ import annotations
 
@@ -53,6 +53,8 @@ def test_decode_auto_takes_cudnn_from_512_query_rows(monkeypatch):
   monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "gpu")
   assert pick(jnp.bfloat16, 512) == "cudnn" and pick(jnp.float16, 600) == "cudnn"
   assert pick(jnp.bfloat16, 511) == "xla" and pick(jnp.float32, 4096) == "xla"
+  odd = dispatch.resolve_decode_attention_impl("auto", jnp.bfloat16, 512, 8641)
+  assert odd == "xla"  # cuDNN only through a padded copy of the cache: not by default
   assert dispatch.resolve_decode_attention_impl("xla", jnp.bfloat16, 4096) == "xla"
   seen = []  # the decode step's callable decides from its traced shapes
   monkeypatch.setattr(dispatch, "_attend", lambda name: seen.append(name) or XLA)
@@ -60,4 +62,5 @@ def test_decode_auto_takes_cudnn_from_512_query_rows(monkeypatch):
   q, k = jnp.ones((16, 1, 32, 8), jnp.bfloat16), jnp.ones((16, 5, 32, 8), jnp.bfloat16)
   out = step(q, k, k, jnp.full((16,), 3, jnp.int32), 0.3)
   step(q[:1], k[:1], k[:1], jnp.full((1,), 3, jnp.int32), 0.3)
-  assert seen == ["cudnn", "xla"] and out.shape == q.shape
+  step(q, k[:, :4], k[:, :4], jnp.full((16,), 3, jnp.int32), 0.3)
+  assert seen == ["xla", "xla", "cudnn"] and out.shape == q.shape  # odd 5, 1 row, even 4
