@@ -73,7 +73,7 @@ flags.DEFINE_enum("param_dtype", "bfloat16", ["bfloat16", "float32"], "stored pa
                   "(compute is bf16): float32 shows whether the loop re-reads f32 weights")
 flags.DEFINE_string("conv_impl", "xla", "SE/MR implementation of the prefill (decode needs none)")
 flags.DEFINE_string("decode_attention_impl", "auto", "the model's decode_attention_impl: auto | "
-                    "xla | split | cudnn (one query over the KV cache)")
+                    "xla | cudnn (one query over the KV cache)")
 flags.DEFINE_string("profile", "", "trace one timed loop per batch size into this folder and "
                     "print device time and kernels per step by kernel class")
 flags.DEFINE_string("xla_flag_sets", None, "';'-separated XLA flag sets (each space-separated "

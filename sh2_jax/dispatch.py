@@ -1,9 +1,9 @@
-"""The one config -> implementation dispatch for the Hyena inner filters.
+"""The one config -> implementation dispatch for the Hyena inner filters and attention.
 
-The only reader of ``conv_impl``, ``li_impl`` and ``attention_impl`` (their valid names are
-defined in ``config.py``); the modules ask it for callables (``fir_fn``, ``modal_fn``,
-``modal_with_state_fn``, ``attention_fn``, ``decode_attention_fn``) and never branch on a name
-themselves.
+The only reader of ``conv_impl``, ``li_impl``, ``attention_impl`` and ``decode_attention_impl``
+(their valid names are defined in ``config.py``); the modules ask it for callables (``fir_fn``,
+``modal_fn``, ``modal_with_state_fn``, ``attention_fn``, ``decode_attention_fn``) and never
+branch on a name themselves.
 
 ``conv_impl`` (SE, MR): ``xla`` is the direct grouped convolution of ``ops.fir.fir_conv``,
 ``fft`` the FFT convolution, ``pallas`` the two-stage blocked kernels of ``kernels/fir_conv.py``
@@ -12,12 +12,11 @@ themselves.
 picks per layer: ``pallas_mgpu`` on Hopper where it fits, else ``pallas`` where the Triton
 kernels fit the chip, else ``xla`` (one warning); XLA off GPU (``fir_choice`` says why).
 ``li_impl`` (LI): ``fft`` (the reference), ``modal_scan``, ``modal_serial`` and ``modal_fast``
-(FFT-free Pallas recurrences), ``auto`` (``modal_scan`` on
-GPU, ``fft`` elsewhere). ``attention_impl``: ``xla`` | ``cudnn`` | ``auto``;
-``decode_attention_impl`` (one query over the KV cache): ``xla`` | ``cudnn`` | ``auto`` (cuDNN on
-GPU from 512 query rows). The compute dtype
-float16 needs a GPU (``check_compute_dtype``). ``sh2_jax.checks.backend`` asks all of these
-up front, before a model is built.
+(FFT-free Pallas recurrences), ``auto`` (``modal_scan`` on GPU, ``fft`` elsewhere).
+``attention_impl``: ``xla`` | ``cudnn`` | ``auto``; ``decode_attention_impl`` (one query over
+the KV cache): ``xla`` | ``cudnn`` | ``auto`` (cuDNN on GPU from 512 query rows over an even
+cache length). The compute dtype float16 needs a GPU (``check_compute_dtype``).
+``sh2_jax.checks.backend`` asks all of these up front, before a model is built.
 """
 
 from __future__ import annotations
@@ -217,11 +216,14 @@ def resolve_attention_impl(impl: str, dtype) -> str:
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"attention_impl {impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
   if impl == "auto":
-    on_gpu = jax.default_backend() == "gpu"
-    return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+    return "cudnn" if _cudnn_usable(dtype) else "xla"
   if impl == "cudnn":
     _check_cudnn("attention_impl", dtype)
   return impl
+
+
+def _cudnn_usable(dtype) -> bool:
+  return jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
 
 
 def _check_cudnn(field: str, dtype) -> None:
@@ -273,10 +275,8 @@ def resolve_decode_attention_impl(impl: str, dtype, rows: int | None = None,
   if impl == "cudnn":
     _check_cudnn("decode_attention_impl", dtype)
   if impl == "auto" and rows is not None:
-    cudnn_ok = (jax.default_backend() == "gpu"
-                and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16))
     fits = rows >= CUDNN_DECODE_MIN_ROWS and cache_len % 2 == 0
-    return "cudnn" if cudnn_ok and fits else "xla"
+    return "cudnn" if _cudnn_usable(dtype) and fits else "xla"
   return impl
 
 
