@@ -14,7 +14,12 @@ def small_model(seed: int = 0, **kw) -> StripedHyena:
   which would let a padding or batching bug hide behind the residual stream)."""
   cfg = ModelConfig(d_model=24, num_layers=4, layout="SE-MR-LI-MHA", num_heads=2,
                     mlp_hidden=40, se_groups=4, mr_groups=3, mr_len=20, max_seqlen=256, **kw)
-  model = StripedHyena(cfg, rngs=nnx.Rngs(seed))
+  return perturb_params(StripedHyena(cfg, rngs=nnx.Rngs(seed)), seed)
+
+
+def perturb_params(model: StripedHyena, seed: int) -> StripedHyena:
+  """Every parameter plus O(1) noise (0.5 / sqrt(fan-in) for matrices, 0.3 otherwise), the LI
+  poles kept; in place, returned."""
   rng = np.random.default_rng(seed)
   state = nnx.state(model, nnx.Param)
 

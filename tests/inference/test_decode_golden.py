@@ -19,6 +19,7 @@ from flax import nnx
 from sh2_jax import ModelConfig, StripedHyena
 from sh2_jax.inference import decode_step, generate, prefill
 from sh2_jax.modes import KVCache, Segment
+from tests.inference.conftest import perturb_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "decode_golden", "outputs.npz")
@@ -30,19 +31,7 @@ def golden_model(dtype: str) -> StripedHyena:
   cfg = ModelConfig(d_model=24, num_layers=5, layout="SE-MR-LI-MHA", num_heads=2, mlp_hidden=40,
                     se_groups=4, mr_groups=3, mr_len=20, max_seqlen=256, dtype=dtype)
   model = nnx.jit(lambda: StripedHyena(cfg, rngs=nnx.Rngs(3)))()  # one compile, not op by op
-  rng = np.random.default_rng(3)
-  state = nnx.state(model, nnx.Param)
-
-  def perturb(path, x):
-    if str(path[-1].key) == "log_rates":
-      return x
-    scale = 0.5 / np.sqrt(x.shape[0]) if x.ndim == 2 else 0.3
-    return jnp.asarray(np.asarray(x) + rng.normal(size=x.shape) * scale, x.dtype)
-
-  nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(perturb,
-                                                                   nnx.to_pure_dict(state)))
-  nnx.update(model, state)
-  return model
+  return perturb_params(model, 3)
 
 
 def _chain(model):
