@@ -289,11 +289,9 @@ def _merged(args, plan, layouts, cfg) -> dict:
   entry, curves: the same for the curves}. Refuses a file of another protocol (the training
   fields of the config, the implementations aside) or whose items have other kwargs."""
   import dataclasses
-  from sh2_jax.train.mad_sweep import IMPL_FIELDS
+  from sh2_jax.train.mad_sweep import protocol
   old = _read_json("merge", args.merge, "results")
-  protocol = lambda c: {k: v for k, v in (c or {}).items() if k not in IMPL_FIELDS}
-  ours = json.loads(json.dumps(protocol(dataclasses.asdict(cfg))))
-  theirs = protocol(old.get("config"))
+  ours, theirs = protocol(dataclasses.asdict(cfg)), protocol(old.get("config"))
   if theirs != ours:
     diff = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
     _fail(f"--merge {args.merge!r} was trained with another protocol: "

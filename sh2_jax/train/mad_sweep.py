@@ -86,6 +86,14 @@ LAYOUTS = {"MHA": "MHA", "Hyena-SE": "SE", "Hyena-MR": "MR", "Hyena-LI": "LI",
 IMPL_FIELDS = ("attention_impl", "conv_impl", "li_impl", "compact_runs")
 
 
+def protocol(config: dict | None) -> dict:
+  """A ``MADTrainConfig`` as a JSON-ready dict (``dataclasses.asdict``, or read back from a
+  file) without its ``IMPL_FIELDS``: what two runs must share for one to resume or stand in for
+  the other."""
+  return json.loads(json.dumps({k: v for k, v in (config or {}).items()
+                                if k not in IMPL_FIELDS}))
+
+
 @dataclasses.dataclass(frozen=True)
 class MADTrainConfig:
   """Model size and training protocol shared by every run of a sweep (defaults: MAD's)."""
@@ -367,8 +375,7 @@ def train_setting(cfg: MADTrainConfig, task: str, setting: str, kwargs: dict, la
   if os.path.exists(curves_path):
     with open(curves_path) as f:
       old = json.load(f)
-    protocol = lambda c: {k: v for k, v in (c or {}).items() if k not in IMPL_FIELDS}
-    same = json.loads(json.dumps({"config": protocol(record["config"]), "kwargs": kwargs}))
+    same = {"config": protocol(record["config"]), "kwargs": json.loads(json.dumps(kwargs))}
     if {"config": protocol(old.get("config")), "kwargs": old.get("kwargs")} != same:
       raise ValueError(f"{out_dir} holds a run of another configuration; use a new workdir")
     record["runs"] = old["runs"]

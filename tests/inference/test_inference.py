@@ -133,6 +133,19 @@ def test_decode_matches_parallel_forward(layout, num_layers):
   np.testing.assert_array_equal(np.asarray(cache.lengths), lengths + steps)
 
 
+def test_generate_sizes_an_even_kv_cache():
+  """64 prompt positions + 5 new tokens would be 69: the cache gets 70 (decoding's attention
+  takes cuDNN only over an even length); one greedy token more than asked is never made."""
+  from sh2_jax.inference.generation import _prefill_rows
+  from sh2_jax.modes import KVCache
+  model = tiny("SE-MR-LI-MHA", num_layers=5, seed=6)
+  graphdef, state = nnx.split(model)
+  _, cache = _prefill_rows(graphdef, state, [[5, 6, 7]], 5, None)
+  kv = [c for c in cache.layers if isinstance(c, KVCache)]
+  assert kv and {c.k.shape[1] for c in kv} == {70}
+  assert sh2_jax.generate(model, [[5, 6, 7]], 5).shape == (1, 5)
+
+
 def test_vortex_fixture_generation(tmp_path):
   """Evo 2 weights end to end: reference .pt -> converted checkpoint dir -> load -> generate."""
   from sh2_jax.checkpoint import save_model
