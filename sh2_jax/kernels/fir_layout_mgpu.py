@@ -102,12 +102,14 @@ def default_block_sizes(group_size: int, taps: int, backward: bool = False,
   """The forward's (or ``backward``'s) block sizes: chunk 64, the widest channel tile that
   divides the group and fits the backward's shared memory, and at the 16-channel tile (every
   Evo 2 preset's group) the variants measured fastest per direction and filter length
-  (``benchmarks/fir_conv.py --mode mgpu_variants``, H200, 16K, D 4096, bf16; RESULTS,
-  "Mosaic GPU FIR on the H200"): the forward two tiles per program in wide boxes, ring windows,
-  3 stages, 128-chunk programs (SE 0.205 ms, MR 0.215); the SE backward (one past chunk) two
-  tiles, ring, two store slots, 32-chunk programs (0.410 ms); the MR backward (two past chunks:
-  two tiles halve its programs per SM) one tile, ring, 3 stages, 128-chunk programs (0.48 ms).
-  Two tiles need an even tile count: with ``channels`` unknown or odd tiles, one tile."""
+  (H200, D 4096, bf16, at 16K, 64K and 128K; RESULTS, "FIR defaults at 16K-128K"): the
+  forward four tiles per program in wide boxes, ring windows, 3 stages, 128-chunk programs (SE
+  0.192 / 1.45 ms, MR 0.204 / 1.51 ms at 16K / 128K: 85-90% of the floor; two tiles fell from
+  80% to 69% with length); the SE backward (one past chunk) two tiles, ring, two store slots,
+  128-chunk programs; the MR backward (two past chunks: two tiles halve its programs per SM) one
+  tile, ring, 3 stages, 512-chunk programs (its dh partials, one per program, shrink: 1.4x faster
+  at 128K than 128-chunk programs). Four (two) tiles need a tile count divisible by four (two):
+  otherwise two or one; with ``channels`` unknown, one."""
   base = MgpuBlockSizes(chunk=64, width=16)
   for w in (64, 32, 16):
     bs = MgpuBlockSizes(chunk=64, width=w)
@@ -116,13 +118,16 @@ def default_block_sizes(group_size: int, taps: int, backward: bool = False,
       break
   if base.width != 16:
     return base  # not measured: the first choice
-  two = 2 if channels is not None and (channels // 16) % 2 == 0 else 1
+  n_tiles = channels // 16 if channels is not None else 1
+  two = 2 if n_tiles % 2 == 0 else 1
   if not backward:
-    return dataclasses.replace(base, tiles=two, wide=two > 1, ring=True, stages=3,
+    four = 4 if n_tiles % 4 == 0 else two
+    return dataclasses.replace(base, tiles=four, wide=four > 1, ring=True, stages=3,
                                seg_chunks=128)
   if bands(taps, base.chunk) == 1:
-    return dataclasses.replace(base, tiles=two, wide=two > 1, ring=True, store_slots=2)
-  return dataclasses.replace(base, ring=True, stages=3, seg_chunks=128)
+    return dataclasses.replace(base, tiles=two, wide=two > 1, ring=True, store_slots=2,
+                               seg_chunks=128)
+  return dataclasses.replace(base, ring=True, stages=3, seg_chunks=512)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -367,8 +372,16 @@ def prologue(geo: Geometry, b, tiles, copies, skip_gmem, fills):
       jax.lax.cond((chunk >= 0) & (chunk <= geo.last), fill,
                    lambda dsts=dsts: put(dsts, [jnp.zeros((c, w), f32)] * len(dsts)))
     return None if skip_gmem is None else [skip_buf[i] for i in range(len(tiles))]
-  return pl.run_scoped(run, plgpu.SMEM((len(tiles), c, w), f32),
-                       smem((max(len(fills), 1), 2, c, w)))
+  skips = pl.run_scoped(run, plgpu.SMEM((len(tiles), c, w), f32),
+                        smem((max(len(fills), 1), 2, c, w)))
+  # The input pipeline's first TMA loads reuse this scoped memory: without a proxy fence and a
+  # barrier after the skip rows' loads (generic proxy), a lagging warp could read its rows after
+  # a TMA load (async proxy) overwrote them, and keep the wrong values for the whole program.
+  # Measured on the H200 before this fence: the MR forward at L = 131072 had 1.5K-20K wrong
+  # outputs per call (the first segment, whose pipeline loads hit L2 from its halo copies), none
+  # after (RESULTS, "A race in the FIR prologue"); interpret mode does not model it.
+  plgpu.commit_smem()
+  return skips
 
 
 def put(refs, vals):
