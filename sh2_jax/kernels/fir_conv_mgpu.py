@@ -60,8 +60,8 @@ SE 50 KiB, 4 programs per SM; the forward 28 KiB, 7); the variants in ``MgpuBloc
 (``tiles``, ``ring``, ``store_slots``, ``wide``, ``stages``, ``seg_chunks``; the backward's
 may differ: ``bwd_block_sizes``) attack the rest; ``benchmarks/fir_conv.py --mode
 mgpu_variants`` times them against the floor, and ``default_block_sizes`` takes the fastest per
-direction and filter length (H200, 16K, fwd / fwd+bwd: SE 0.204 / 0.609 ms, MR 0.210 / 0.692 ms,
-benchmarks/RESULTS.md). Still one warpgroup per program (no warp
+direction and filter length (H200, fwd / fwd+bwd: SE 0.188 / 0.590 ms, MR 0.202 / 0.696 ms at
+16K, 1.447 / 4.935 and 1.495 / 5.165 ms at 128K; benchmarks/RESULTS.md). Still one warpgroup per program (no warp
 specialisation: the TMA loads are already asynchronous, and concurrency comes from programs per
 SM, which shared memory bounds); the dh partials are [c, (n+1)c] float32 per program (~67 MB SE
 / ~100 MB MR at L = 16K, D = 4096, 32 chunks per program, beside 512 MB of inputs; longer

@@ -379,7 +379,8 @@ def prologue(geo: Geometry, b, tiles, copies, skip_gmem, fills):
   # a TMA load (async proxy) overwrote them, and keep the wrong values for the whole program.
   # Measured on the H200 before this fence: the MR forward at L = 131072 had 1.5K-20K wrong
   # outputs per call (the first segment, whose pipeline loads hit L2 from its halo copies), none
-  # after (RESULTS, "A race in the FIR prologue"); interpret mode does not model it.
+  # after (RESULTS, "FIR defaults at 16K-128K, and a race in the prologue"); interpret mode
+  # does not model it.
   plgpu.commit_smem()
   return skips
 
