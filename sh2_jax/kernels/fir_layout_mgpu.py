@@ -105,10 +105,11 @@ def default_block_sizes(group_size: int, taps: int, backward: bool = False,
   (H200, D 4096, bf16, at 16K, 64K and 128K; RESULTS, "FIR defaults at 16K-128K"): the
   forward four tiles per program in wide boxes, ring windows, 3 stages, 128-chunk programs (SE
   0.192 / 1.45 ms, MR 0.204 / 1.51 ms at 16K / 128K: 85-90% of the floor; two tiles fell from
-  80% to 69% with length); the SE backward (one past chunk) two tiles, ring, two store slots,
-  128-chunk programs; the MR backward (two past chunks: two tiles halve its programs per SM) one
-  tile, ring, 3 stages, 512-chunk programs (its dh partials, one per program, shrink: 1.4x faster
-  at 128K than 128-chunk programs). Four (two) tiles need a tile count divisible by four (two):
+  80% to 69% with length; four take 136 KiB (SE) / 200 KiB (MR) of shared memory, one program
+  per SM, and stream 4x wider boxes per step); the SE backward (one past chunk) two tiles, ring,
+  two store slots, 128-chunk programs; the MR backward (two past chunks: two tiles halve its
+  programs per SM) one tile, ring, 3 stages, 512-chunk programs (its dh partials, one per
+  program, shrink: 1.4x faster at 128K than 128-chunk programs). Four (two) tiles need a tile count divisible by four (two):
   otherwise two or one; with ``channels`` unknown, one."""
   base = MgpuBlockSizes(chunk=64, width=16)
   for w in (64, 32, 16):
