@@ -15,8 +15,8 @@ OPS = ("SE", "MR", "LI", "MHA")
 CONV_IMPLS = ("auto", "pallas", "pallas_mgpu", "xla", "fft")
 LI_IMPLS = ("auto", "modal_scan", "modal_serial", "modal_fast", "fft")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
-# one query per row over the KV cache (decoding): see dispatch.decode_attention_fn
-DECODE_ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+# one query per row over the KV cache (decoding; the same kernels): dispatch.decode_attention_fn
+DECODE_ATTENTION_IMPLS = ATTENTION_IMPLS
 DTYPES = ("float32", "bfloat16", "float16")
 MR_DECAYS = ("weak", "normal", "strong", "none")
 FP8_MODES = ("off", "checkpoint_scales", "current_scaling")

@@ -61,11 +61,12 @@ SE 50 KiB, 4 programs per SM; the forward 28 KiB, 7); the variants in ``MgpuBloc
 may differ: ``bwd_block_sizes``) attack the rest; ``benchmarks/fir_conv.py --mode
 mgpu_variants`` times them against the floor, and ``default_block_sizes`` takes the fastest per
 direction and filter length (H200, fwd / fwd+bwd: SE 0.188 / 0.590 ms, MR 0.202 / 0.696 ms at
-16K, 1.447 / 4.935 and 1.495 / 5.165 ms at 128K; benchmarks/RESULTS.md). Still one warpgroup per program (no warp
-specialisation: the TMA loads are already asynchronous, and concurrency comes from programs per
-SM, which shared memory bounds); the dh partials are [c, (n+1)c] float32 per program (~67 MB SE
-/ ~100 MB MR at L = 16K, D = 4096, 32 chunks per program, beside 512 MB of inputs; longer
-segments divide them, and the SE reduction gathers only its 7 diagonals).
+16K, 1.447 / 4.935 and 1.495 / 5.165 ms at 128K; benchmarks/RESULTS.md). Still one warpgroup
+per program (no warp specialisation: the TMA loads are already asynchronous; the default
+forward runs one 4-tile program per SM, 136 / 200 KiB of shared memory, and wins by its wide
+boxes); the dh partials are [c, (n+1)c] float32 per program (~17 MB SE / ~13 MB MR at L = 16K,
+D = 4096, with the default 128- / 512-chunk programs, beside 512 MB of inputs; longer segments
+divide them, and the SE reduction gathers only its 7 diagonals).
 
 Interpret mode (``interpret=True``: ``plgpu.InterpretGPUParams``, CPU tests) in JAX 0.11.2 has
 gaps this file works around, so that the same code runs compiled and interpreted:

@@ -109,8 +109,8 @@ def default_block_sizes(group_size: int, taps: int, backward: bool = False,
   per SM, and stream 4x wider boxes per step); the SE backward (one past chunk) two tiles, ring,
   two store slots, 128-chunk programs; the MR backward (two past chunks: two tiles halve its
   programs per SM) one tile, ring, 3 stages, 512-chunk programs (its dh partials, one per
-  program, shrink: 1.4x faster at 128K than 128-chunk programs). Four (two) tiles need a tile count divisible by four (two):
-  otherwise two or one; with ``channels`` unknown, one."""
+  program, shrink: 1.4x faster at 128K than 128-chunk programs). Four (two) tiles need a tile
+  count divisible by four (two): otherwise two or one; with ``channels`` unknown, one."""
   base = MgpuBlockSizes(chunk=64, width=16)
   for w in (64, 32, 16):
     bs = MgpuBlockSizes(chunk=64, width=w)

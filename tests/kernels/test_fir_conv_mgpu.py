@@ -143,10 +143,9 @@ def test_no_wrong_outputs_at_length_on_the_gpu():
   h = jax.random.normal(ks[3], (256, 128), jnp.float32) / np.sqrt(128)
   dskip = jax.random.normal(ks[4], (4096,), jnp.float32)
   ref = jax.jit(lambda *a: dispatch.gated_fir(*a, "xla"))(x1, v, x2, h, dskip)
+  from benchmarks.fir_conv import wrong_elements  # the count the variants benchmark reports
   fn = jax.jit(gated_fir_conv_mgpu)
-  bad = jax.jit(lambda y, r: jnp.sum(jnp.abs(y.astype(jnp.float32) - r.astype(jnp.float32))
-                                     > 0.05 * jnp.abs(r.astype(jnp.float32)) + 0.05))
-  counts = [int(bad(fn(x1, v, x2, h, dskip), ref)) for _ in range(3)]
+  counts = [int(wrong_elements(fn(x1, v, x2, h, dskip), ref)) for _ in range(3)]
   assert counts == [0, 0, 0], counts
 
 
@@ -197,10 +196,20 @@ def test_off_gpu_is_a_clear_error():
 
 
 def test_footprint_fits_hopper_for_the_defaults():
-  """The default launches of the model geometries fit Hopper's shared memory (a limit only the
-  GPU compiler enforces), and a launch over it is refused by name."""
-  for d, g, k in ((4096, 256, 7), (4096, 256, 128), (1024, 32, 7), (1024, 32, 128)):
-    assert fir_conv_mgpu.mgpu_misfit((1, 1024, d), (g, k), jnp.bfloat16) is None
+  """The default launches of every preset's SE / MR geometry that takes these kernels fit
+  Hopper's shared memory (a limit only the GPU compiler enforces), and a launch over it is
+  refused by name."""
+  from sh2_jax.presets import PRESETS, get_preset
+  geometries = {(1024, 32, 7), (1024, 32, 128)}
+  for name in PRESETS:
+    cfg = get_preset(name)
+    geometries |= {(cfg.d_model, cfg.se_groups, cfg.se_len), (cfg.d_model, cfg.mr_groups,
+                                                               cfg.mr_len)}
+  assert (8192, 512, 128) in geometries  # the 20B / 40B MR layers
+  for d, g, k in sorted(geometries):
+    if (d // g) % 16:
+      continue  # Evo 2 1B's 15 channels per group: the Triton kernels (dispatch.fir_choice)
+    assert fir_conv_mgpu.mgpu_misfit((1, 1024, d), (g, k), jnp.bfloat16) is None, (d, g, k)
   too_big = MgpuBlockSizes(chunk=128, width=128)
   x = jnp.ones((1, 64, 128), jnp.bfloat16)
   with pytest.raises(ValueError, match="bytes of shared memory"):
