@@ -17,8 +17,11 @@ against the bf16 GEMM rate measured in the same process; model FLOPs from ``sh2_
 ``--remat auto`` (the default) runs each model at the fastest rematerialisation setting that
 fits the card: ``none``, then ``dots``, then ``blocks``, each compiled before anything is
 allocated and taken when XLA's memory analysis of the compiled step (arguments + temporaries +
-output - donated) is within 95% of the device's memory; the row records the setting and every
-total tried.
+output - donated) is within the allocator's limit, then tried: a setting whose first step runs
+out of memory falls through to the next. The row records the setting and every total tried.
+The allocator gets ``--mem_fraction`` of the card (``XLA_PYTHON_CLIENT_MEM_FRACTION``, 0.92 by
+default: JAX's own default, 0.75, hid 35 GiB of the H200 and sent 128K steps that fit the card
+to ``blocks``).
 
 The points run in priority order (``--lengths``) and a point whose predicted cost exceeds the
 time left (``--budget_s``) is skipped with a note, so a hard-limited call still prints its table.
@@ -64,7 +67,8 @@ def li_impl_choice(requested: str) -> str:
 
 
 REMAT_ORDER = ("none", "dots", "blocks")  # fastest first: less recomputation, more memory
-FIT_SHARE = 0.95  # of the device's memory limit, left to the step's total
+FIT_SHARE = 1.0  # of the allocator's limit, left to the step's total (then tried: see run)
+MEM_FRACTION = 0.92  # of the card's memory for the allocator (XLA_PYTHON_CLIENT_MEM_FRACTION)
 
 
 def device_memory_limit() -> int | None:
@@ -73,18 +77,25 @@ def device_memory_limit() -> int | None:
   return stats.get("bytes_limit")
 
 
-def remat_candidates(requested: str) -> tuple[str, ...]:
-  """``auto``: every setting, fastest first (the first whose compiled step fits is taken)."""
-  return REMAT_ORDER if requested == "auto" else (requested,)
+def remat_candidates(requested: str, skip: tuple[str, ...] = ()) -> tuple[str, ...]:
+  """``auto``: every setting, fastest first (the first whose compiled step fits is taken),
+  less those in ``skip`` (tried and out of memory)."""
+  order = REMAT_ORDER if requested == "auto" else (requested,)
+  return tuple(r for r in order if r not in skip)
+
+
+def out_of_memory(e: Exception) -> bool:
+  return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
 
 
 class Point:
   """One model at one length: compiled step, live state, timings."""
 
-  def __init__(self, cfg, length: int, remat: str, mesh, seed: int = 0):
-    """``remat``: a setting, or ``auto``: the fastest whose compiled step (XLA's memory
-    analysis: arguments + temporaries + output - donated) fits the device; each setting tried
-    is in ``self.memory`` (bytes per device)."""
+  def __init__(self, cfg, length: int, remat: str, mesh, seed: int = 0,
+               skip: tuple[str, ...] = ()):
+    """``remat``: a setting, or ``auto``: the fastest not in ``skip`` whose compiled step
+    (XLA's memory analysis: arguments + temporaries + output - donated) fits the device; each
+    setting tried is in ``self.memory`` (bytes per device)."""
     from flax import nnx
     from sh2_jax.model import StripedHyena
     from sh2_jax.train import mesh as mesh_lib
@@ -121,7 +132,7 @@ class Point:
     limit = device_memory_limit()
     self.memory: dict[str, int] = {}
     t0 = time.perf_counter()
-    for r in remat_candidates(remat):  # compile before anything is allocated
+    for r in remat_candidates(remat, skip):  # compile before anything is allocated
       step = functools.partial(train_step, graphdef=graphdef, tx=tx, remat=r, accum=1,
                                mesh=mesh)
       # the trainer's XLA options (the latency-hiding scheduler off on a context mesh)
@@ -232,10 +243,22 @@ def run(a) -> None:
           continue
       t0 = time.perf_counter()
       try:
-        p = Point(cfg, length, a.remat, mesh)
+        skip, memory = (), {}
+        while True:  # a setting whose first step runs out of memory gives way to the next
+          p = Point(cfg, length, a.remat, mesh, skip=skip)
+          memory.update(p.memory)
+          try:
+            p.run(1)  # warm-up
+            break
+          except Exception as e:  # noqa: BLE001 - only out-of-memory is retried
+            if a.remat != "auto" or not out_of_memory(e):
+              raise
+            print(f"{label} L={length}: remat={p.remat} ran out of memory; next", flush=True)
+            skip += (p.remat,)
+            del p
         remat = p.remat
-        row.update(remat=remat, memory_gib={k: round(v / 2**30, 2) for k, v in p.memory.items()})
-        p.run(1)  # warm-up
+        row.update(remat=remat, memory_gib={k: round(v / 2**30, 2) for k, v in memory.items()},
+                   oom=list(skip))
         est_step = p.run(1)
         n = int(np.clip(a.target_s / est_step, 1, 10))  # long steps: one more, mean of two
         step_s = p.run(n) if n > 1 else (est_step + p.run(1)) / 2
@@ -362,7 +385,12 @@ if __name__ == "__main__":
   p.add_argument("--target_s", type=float, default=3.0, help="timed seconds per point")
   p.add_argument("--profile_len", type=int, default=32768)
   p.add_argument("--plot", default="", help="redraw table + plot from a train_step*.jsonl")
+  p.add_argument("--mem_fraction", type=float, default=float(os.environ.get(
+      "XLA_PYTHON_CLIENT_MEM_FRACTION", MEM_FRACTION)), help="of the card for the allocator")
   a = p.parse_args()
+  if not 0.1 <= a.mem_fraction <= 0.98:
+    p.error(f"--mem_fraction {a.mem_fraction} is outside 0.1..0.98")
+  os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(a.mem_fraction)  # before the backend starts
   if a.plot:
     with open(a.plot) as fh:
       rows = [json.loads(line) for line in fh if line.strip()]
