@@ -49,6 +49,18 @@ def test_train_step_takes_the_fastest_remat_that_fits(monkeypatch):
   monkeypatch.setattr(ts, "device_memory_limit", lambda: 1)
   with pytest.raises(MemoryError, match="no remat setting fits"):
     ts.Point(cfg, 512, "auto", None)
+  # a setting that ran out of memory on its first step is skipped on the retry
+  monkeypatch.setattr(ts, "device_memory_limit", lambda: None)
+  retry = ts.Point(cfg, 512, "auto", None, skip=("none",))
+  assert retry.remat == "dots" and list(retry.memory) == ["dots"]
+  assert ts.out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 2.0GiB"))
+  assert not ts.out_of_memory(ValueError("shapes do not match"))
+
+
+def test_train_step_rejects_a_bad_memory_fraction():
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_step.py"),
+                         "--smoke", "--mem_fraction", "1.5"], capture_output=True, text=True)
+  assert proc.returncode == 2 and "--mem_fraction 1.5 is outside 0.1..0.98" in proc.stderr
 
 
 # ----------------------------------------------------------------------------- vortex_peer
