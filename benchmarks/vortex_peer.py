@@ -120,6 +120,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--prompt_len", type=int, default=0, help="prompt before decoding (8192)")
   p.add_argument("--steps", type=int, default=0, help="decode steps per timed loop (64)")
   p.add_argument("--reps", type=int, default=0, help="timed loops per batch size (5)")
+  p.add_argument("--li_impl", default="auto", help="our LI implementation in the parallel forward (config li_impl)")
   p.add_argument("--attn", default="sdpa", help="vortex attention: sdpa (its use_flash_attn=False "
                  "path) or flash (needs flash_attn)")
   p.add_argument("--set", action="append", default=[], help="KEY=VALUE vortex config override")
@@ -140,6 +141,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     fail(f"--side {a.side!r}: expected one of {', '.join(SIDES)}")
   if a.attn not in ("sdpa", "flash"):
     fail(f"--attn {a.attn!r}: expected sdpa or flash")
+  from sh2_jax.config import LI_IMPLS
+  if a.li_impl not in LI_IMPLS:
+    fail(f"--li_impl {a.li_impl!r}: expected one of {', '.join(LI_IMPLS)}")
   for flag, value, lo, hi in (("--budget_s", a.budget_s, 0, float("inf")),
                               ("--vortex_share", a.vortex_share, 0, 1),
                               ("--mem_fraction", a.mem_fraction, 0, 1)):
@@ -187,7 +191,7 @@ def child_argv(args, side: str, budget_s: float, out: str) -> list[str]:
   argv = [sys.executable, os.path.abspath(__file__), "--side", side, "--out", out,
           "--budget_s", f"{max(budget_s, 1.0):.0f}", "--lengths", ",".join(map(str, args.lengths)),
           "--batches", ",".join(map(str, args.batches)), "--prompt_len", str(args.prompt_len),
-          "--steps", str(args.steps), "--reps", str(args.reps), "--attn", args.attn,
+          "--steps", str(args.steps), "--reps", str(args.reps), "--attn", args.attn, "--li_impl", args.li_impl,
           "--command", args.command, "--child"]
   if args.vortex_src:
     argv += ["--vortex_src", os.path.abspath(args.vortex_src), "--config",
@@ -333,7 +337,7 @@ def ours_forward(args) -> None:
   from benchmarks import common
   from benchmarks import decode as our_decode
   from sh2_jax.presets import evo2_layer_idxs, get_preset
-  overrides = dict(dtype="bfloat16", param_dtype="bfloat16")
+  overrides = dict(dtype="bfloat16", param_dtype="bfloat16", li_impl=args.li_impl)
   if args.smoke:
     overrides.update(OUR_SMALL, layer_idxs=evo2_layer_idxs(8, (3, 7)))
   cfg = get_preset(OUR_PRESET, **overrides)
