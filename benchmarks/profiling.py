@@ -122,6 +122,22 @@ def profile_summary(trace_dir: str, steps: int, label: str, top: int = 15) -> st
   return "\n".join(lines)
 
 
+def _computations(hlo_text: str) -> dict[str, list[str]]:
+  """An optimized HLO module's computations: name -> its instruction lines."""
+  comps: dict[str, list[str]] = {}
+  cur = None
+  for line in hlo_text.splitlines():
+    m = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if m and not line.startswith(" "):
+      cur = m.group(2)
+      comps[cur] = []
+    elif line.strip() == "}":
+      cur = None
+    elif cur is not None:  # backend configs (launch dimensions, tiling) are noise here
+      comps[cur].append(re.sub(r", backend_config=.*$", "", line.strip()))
+  return comps
+
+
 NOT_KERNELS = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "call", "while",
                "conditional", "after-all", "partition-id", "replica-id", "opt-barrier"}
 
@@ -132,18 +148,7 @@ def hlo_kernels(hlo_text: str) -> collections.Counter:
   the body calls (command buffers, nested loops) are counted in. Fusions and custom calls
   (GEMMs, cuDNN) are one kernel each on GPU. ``(command buffers)`` counts the body's calls of
   XLA GPU's command-buffer (CUDA graph) regions, not kernels: ``kernel_total`` leaves it out."""
-  comps: dict[str, list[str]] = {}
-  cur = None
-  for line in hlo_text.splitlines():
-    m = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{$", line)
-    if m and not line.startswith(" "):
-      cur = m.group(2)
-      comps[cur] = []
-      continue
-    if line.strip() == "}":
-      cur = None
-    elif cur is not None:
-      comps[cur].append(line)
+  comps = _computations(hlo_text)
   # The loop may sit inside a command buffer of its own (a WHILE command): the while whose
   # body is largest, wherever it is.
   bodies = [m.group(1) for lines in comps.values() for line in lines
@@ -175,3 +180,44 @@ def hlo_kernels(hlo_text: str) -> collections.Counter:
 
 def kernel_total(counts: collections.Counter) -> int:
   return sum(n for op, n in counts.items() if not op.startswith("("))
+
+
+def fusion_sources(hlo_text: str, kernels: list[str], max_lines: int = 24) -> dict[str, str]:
+  """What each named GPU kernel computes: for a kernel of an XLA fusion (its name is the
+  fusion instruction's, ``.`` written ``_``; identical fusions share the first one's kernel),
+  the fusion instruction (operand and result shapes) and, shortened to ``max_lines``, the
+  instructions of the computation it calls, from the optimized HLO (``compiled.as_text()``).
+  Kernels that name no fusion (GEMMs, cuDNN, Pallas) are left out."""
+  comps = _computations(hlo_text)
+  by_kernel: dict[str, tuple[str, str]] = {}
+  for lines in comps.values():
+    for line in lines:
+      m = re.match(r"(?:ROOT )?%?([\w.\-]+) = .*? fusion\(.*calls=%?([\w.\-]+)", line)
+      if m:  # GPU kernels write the name with underscores, CPU thunks as it is
+        for key in (m.group(1), m.group(1).replace(".", "_").replace("-", "_")):
+          by_kernel.setdefault(key, (line, m.group(2)))
+  out = {}
+  for name in kernels:
+    if name not in by_kernel:
+      continue
+    line, callee = by_kernel[name]
+    body = comps.get(callee, [])
+    shown = body if len(body) <= max_lines else body[:max_lines - 1] + [
+        f"... {len(body) - max_lines + 1} more, then: {body[-1]}"]
+    out[name] = "\n".join([line, f"{callee}:"] + ["  " + x for x in shown])
+  return out
+
+
+def fusion_report(hlo_text: str, trace_dir: str, steps: int, top: int = 8) -> str:
+  """Markdown: the HLO of the ``top`` slowest fusion kernels of the trace (``fusion_sources``),
+  each under its time per step, so a profile's kernel names say what they compute."""
+  kt = read_trace(trace_dir)
+  if kt is None or not kt.seconds:
+    return ""
+  ranked = [n for n, _ in sorted(kt.seconds.items(), key=lambda kv: -kv[1])]
+  src = fusion_sources(hlo_text, ranked)
+  lines = ["", "fusion kernels, slowest first (the optimized HLO each runs):", ""]
+  for name in [n for n in ranked if n in src][:top]:
+    lines += [f"**{name}**: {kt.seconds[name] / steps * 1e3:.3f} ms/step, "
+              f"{kt.counts[name] / steps:.1f}/step", "", "```", src[name], "```", ""]
+  return "\n".join(lines) if len(lines) > 3 else ""

@@ -48,7 +48,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
-from benchmarks.profiling import profile_summary  # noqa: E402
+from benchmarks.profiling import fusion_report, profile_summary  # noqa: E402
 from benchmarks.transformer import evo2_7b_layout, transformer_like  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
@@ -191,11 +191,13 @@ class Point:
 # ----------------------------------------------------------------------------- profile
 
 def profile(point: Point, label: str) -> str:
+  """The trace of two steps: time per kernel class, the top kernels, and the optimized HLO of
+  the slowest fusions (what each kernel name computes)."""
   point.run(1)
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d):
       point.run(2)
-    return profile_summary(d, 2, label)
+    return profile_summary(d, 2, label) + fusion_report(point.compiled.as_text(), d, 2)
 
 
 # ----------------------------------------------------------------------------- driver

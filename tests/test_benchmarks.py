@@ -26,6 +26,10 @@ def test_train_step_smoke(tmp_path):
     # random bytes: a fresh batch's loss stays near ln 256 = 5.55 after a few steps
     assert 4.5 < r["heldout_loss"] < 8.0, r
   assert "| L | SH2 ms/step" in proc.stdout
+  # the profile names what its slowest fusions compute (CPU thunks stand in for kernels)
+  prof = (tmp_path / "profile.md").read_text()
+  assert "### profile: SH2" in prof and "### profile: Transformer" in prof
+  assert prof.count("fusion kernels, slowest first") == 2 and " fusion(" in prof
 
 
 def test_train_step_takes_the_fastest_remat_that_fits(monkeypatch):

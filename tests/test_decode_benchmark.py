@@ -123,3 +123,35 @@ ENTRY %main (a: (s32[], f32[4])) -> (s32[], f32[4]) {
   assert counts == {"fusion:kLoop": 1, "fusion:kInput": 1, "custom-call:__cublas$gemm": 1,
                     "copy": 1, "(command buffers)": 1}, counts
   assert kernel_total(counts) == 4
+
+
+def test_fusion_sources_names_what_a_kernel_computes():
+  """A GPU kernel is named after its fusion with ``.`` as ``_`` (a CPU thunk keeps the dot);
+  its instruction and called computation come back, long bodies shortened, and kernels that
+  are no fusion (a GEMM) are left out."""
+  sys.path.insert(0, ROOT)
+  from benchmarks.profiling import fusion_sources
+  body = "\n".join(f"  %s{i} = bf16[8,4]{{1,0}} slice(%p), slice={{[0:8], [{i}:{i + 4}]}}"
+                   for i in range(30))
+  hlo = f"""HloModule m
+
+%fused_slice (p: bf16[8,12]) -> bf16[8,4] {{
+  %p = bf16[8,12]{{1,0}} parameter(0)
+{body}
+  ROOT %r = bf16[8,4]{{1,0}} slice(%p), slice={{[0:8], [0:12:3]}}
+}}
+
+ENTRY %main (a: bf16[8,12]) -> bf16[8,4] {{
+  %a = bf16[8,12]{{1,0}} parameter(0)
+  ROOT %loop_slice_fusion.1 = bf16[8,4]{{1,0}} fusion(%a), kind=kLoop, calls=%fused_slice, backend_config={{"x":1}}
+}}
+"""
+  src = fusion_sources(hlo, ["loop_slice_fusion_1", "nvjet_sm90_gemm", "loop_slice_fusion.1"],
+                       max_lines=6)
+  assert set(src) == {"loop_slice_fusion_1", "loop_slice_fusion.1"}
+  text = src["loop_slice_fusion_1"]
+  assert text.startswith("ROOT %loop_slice_fusion.1 = bf16[8,4]{1,0} fusion(%a), kind=kLoop")
+  assert "backend_config" not in text and "fused_slice:" in text
+  assert "%s3 = " in text and "%s10 = " not in text  # shortened to 6 lines
+  assert text.endswith("slice={[0:8], [0:12:3]}")  # ... and the root last
+  assert len(text.splitlines()) == 2 + 6
