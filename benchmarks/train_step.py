@@ -84,10 +84,6 @@ def remat_candidates(requested: str, skip: tuple[str, ...] = ()) -> tuple[str, .
   return tuple(r for r in order if r not in skip)
 
 
-def out_of_memory(e: Exception) -> bool:
-  return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
-
-
 class Point:
   """One model at one length: compiled step, live state, timings."""
 
@@ -253,7 +249,7 @@ def run(a) -> None:
             p.run(1)  # warm-up
             break
           except Exception as e:  # noqa: BLE001 - only out-of-memory is retried
-            if a.remat != "auto" or not out_of_memory(e):
+            if a.remat != "auto" or not common.is_oom(e):
               raise
             print(f"{label} L={length}: remat={p.remat} ran out of memory; next", flush=True)
             skip += (p.remat,)

@@ -113,6 +113,13 @@ def _featurize_bwd(res, g):
   z, w = res
   b, length, c3 = z.shape
   gy = jnp.stack([gi.astype(jnp.float32) for gi in g], axis=-1).reshape(b, length, c3)
+  return featurizer_conv_grads(z, w, gy)
+
+
+def featurizer_conv_grads(z: jax.Array, w: jax.Array, gy: jax.Array):
+  """The gradients of ``featurizer_conv(z, w)`` for its output's cotangent ``gy`` [B, L, C]
+  (float32): (dz in z's dtype, dw [C, K] in w's dtype), written out (see ``featurize``)."""
+  b, length, c3 = z.shape
   zf = z.astype(jnp.float32)
   wf = w.astype(jnp.float32)
   rows = -(-length // REDUCE_ROWS) * REDUCE_ROWS
