@@ -106,6 +106,25 @@ def _override(text: str) -> tuple[str, object]:
   return key.strip(), yaml.safe_load(value)
 
 
+def portable_command(argv: list[str]) -> str:
+  """The command line as recorded in the result files: the output folder as ``OUT`` and an
+  absolute vortex source or config by role, so a result names no folder of the machine it ran
+  on."""
+  roles = {"--out": lambda v: "OUT",
+           "--vortex_src": lambda v: "VORTEX_SRC" if os.path.isabs(v) else v,
+           "--config": lambda v: os.path.basename(v) if os.path.isabs(v) else v}
+  words, rest = [], list(argv)
+  while rest:
+    word = rest.pop(0)
+    flag, eq, value = word.partition("=")
+    if flag in roles and (eq or rest):
+      value = value if eq else rest.pop(0)
+      words += [flag, roles[flag](value)]
+    else:
+      words.append(word)
+  return "python benchmarks/vortex_peer.py " + " ".join(map(shlex.quote, words))
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
   p = Parser(description=__doc__.split("\n")[0])
   p.add_argument("--vortex_src", default="", help="a vortex source checkout (holds vortex/)")
@@ -120,7 +139,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--prompt_len", type=int, default=0, help="prompt before decoding (8192)")
   p.add_argument("--steps", type=int, default=0, help="decode steps per timed loop (64)")
   p.add_argument("--reps", type=int, default=0, help="timed loops per batch size (5)")
-  p.add_argument("--li_impl", default="auto", help="our LI implementation in the parallel forward (config li_impl)")
+  p.add_argument("--li_impl", default="auto",
+                 help="our LI implementation in the parallel forward (config li_impl)")
   p.add_argument("--attn", default="sdpa", help="vortex attention: sdpa (its use_flash_attn=False "
                  "path) or flash (needs flash_attn)")
   p.add_argument("--set", action="append", default=[], help="KEY=VALUE vortex config override")
@@ -158,7 +178,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
       fail(f"--{name} {value}: expected a positive integer")
     setattr(a, name, value or defaults[name])
   a.set = dict(_override(s) for s in a.set)
-  a.command = a.command or "python benchmarks/vortex_peer.py " + " ".join(map(shlex.quote, argv))
+  a.command = a.command or portable_command(argv)
   a.vortex_skip = ""  # why the vortex side cannot run here (--smoke only; otherwise an error)
   if a.vortex_src:  # also with --side ours: the shape check reads its YAML
     if not os.path.isfile(os.path.join(a.vortex_src, "vortex", "model", "model.py")):
@@ -191,8 +211,8 @@ def child_argv(args, side: str, budget_s: float, out: str) -> list[str]:
   argv = [sys.executable, os.path.abspath(__file__), "--side", side, "--out", out,
           "--budget_s", f"{max(budget_s, 1.0):.0f}", "--lengths", ",".join(map(str, args.lengths)),
           "--batches", ",".join(map(str, args.batches)), "--prompt_len", str(args.prompt_len),
-          "--steps", str(args.steps), "--reps", str(args.reps), "--attn", args.attn, "--li_impl", args.li_impl,
-          "--command", args.command, "--child"]
+          "--steps", str(args.steps), "--reps", str(args.reps), "--attn", args.attn,
+          "--li_impl", args.li_impl, "--command", args.command, "--child"]
   if args.vortex_src:
     argv += ["--vortex_src", os.path.abspath(args.vortex_src), "--config",
              os.path.abspath(args.config)]

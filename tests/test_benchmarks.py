@@ -14,10 +14,14 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _bench(script: str, *args, timeout=600) -> subprocess.CompletedProcess:
+  """``python benchmarks/SCRIPT ARGS`` from the repository root, output captured."""
+  return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
+                        capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
 def test_train_step_smoke(tmp_path):
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_step.py"),
-                         "--smoke", "--out", str(tmp_path)], capture_output=True, text=True,
-                        timeout=600, cwd=ROOT)
+  proc = _bench("train_step.py", "--smoke", "--out", str(tmp_path))
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(line) for line in open(tmp_path / "train_step.jsonl")]
   steps = [r for r in rows if r.get("kind") == "step"]
@@ -61,14 +65,12 @@ def test_train_step_takes_the_fastest_remat_that_fits(monkeypatch):
 
 
 def test_train_step_rejects_a_bad_memory_fraction():
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_step.py"),
-                         "--smoke", "--mem_fraction", "1.5"], capture_output=True, text=True)
+  proc = _bench("train_step.py", "--smoke", "--mem_fraction", "1.5")
   assert proc.returncode == 2 and "--mem_fraction 1.5 is outside 0.1..0.98" in proc.stderr
 
 
 # ----------------------------------------------------------------------------- vortex_peer
 
-VORTEX_PEER = os.path.join(ROOT, "benchmarks", "vortex_peer.py")
 # The shape fields of vortex's configs/evo2-7b-8k.yml (what our converter reads).
 EVO2_7B_8K = dict(hidden_size=4096, num_layers=32, vocab_size=512, num_attention_heads=32,
                   inner_mlp_size=11008, hcs_filter_groups=256, hcm_filter_groups=256,
@@ -83,8 +85,7 @@ EVO2_7B_8K = dict(hidden_size=4096, num_layers=32, vocab_size=512, num_attention
 
 
 def _vortex_peer(*args, timeout=300):
-  return subprocess.run([sys.executable, VORTEX_PEER, *args], capture_output=True, text=True,
-                        timeout=timeout, cwd=ROOT)
+  return _bench("vortex_peer.py", *args, timeout=timeout)
 
 
 def test_vortex_peer_smoke(tmp_path):
@@ -107,6 +108,21 @@ def test_vortex_peer_smoke(tmp_path):
     assert r["command"].startswith("python benchmarks/vortex_peer.py --smoke")
   md = open(tmp_path / "vortex_peer.md").read()
   assert "| L | vortex ms |" in md and "| batch | vortex ms/step |" in md
+  # the result files name no folder of this machine: the output folder is recorded as OUT
+  assert {r["command"] for r in rows if "command" in r} == {
+      "python benchmarks/vortex_peer.py --smoke --out OUT"}
+  assert str(tmp_path) not in open(tmp_path / "vortex_peer.jsonl").read() + md
+
+
+def test_vortex_peer_records_paths_by_role():
+  sys.path.insert(0, ROOT)
+  from benchmarks.vortex_peer import portable_command
+  assert portable_command(["--out=/a/b", "--vortex_src", "/c/vortex", "--config",
+                           "/c/vortex/configs/evo2-7b-8k.yml", "--lengths", "8192"]) == (
+      "python benchmarks/vortex_peer.py --out OUT --vortex_src VORTEX_SRC --config "
+      "evo2-7b-8k.yml --lengths 8192")
+  assert portable_command(["--vortex_src", ".vortex", "--out"]) == (
+      "python benchmarks/vortex_peer.py --vortex_src .vortex --out")  # a flag without value
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -188,9 +204,7 @@ def test_featurizer_blocked_layout_is_the_same_math(monkeypatch):
 
 
 def test_featurizer_smoke(tmp_path):
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "featurizer.py"),
-                         "--smoke", "--out", str(tmp_path)], capture_output=True, text=True,
-                        timeout=600, cwd=ROOT)
+  proc = _bench("featurizer.py", "--smoke", "--out", str(tmp_path))
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(line) for line in open(tmp_path / "featurizer.jsonl")]
   layouts = [r["layout"] for r in rows if r["kind"] == "featurizer"]
