@@ -193,7 +193,7 @@ def profile(point: Point, label: str) -> str:
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d):
       point.run(2)
-    return profile_summary(d, 2, label) + fusion_report(point.compiled.as_text(), d, 2)
+    return profile_summary(d, 2, label) + fusion_report(point.compiled.as_text(), d, 2, top=16)
 
 
 # ----------------------------------------------------------------------------- driver

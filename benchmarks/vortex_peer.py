@@ -145,6 +145,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                  "path) or flash (needs flash_attn)")
   p.add_argument("--set", action="append", default=[], help="KEY=VALUE vortex config override")
   p.add_argument("--mem_fraction", type=float, default=0.9, help="XLA_PYTHON_CLIENT_MEM_FRACTION")
+  p.add_argument("--profile_len", type=int, default=0, help="trace two of our forwards at this "
+                 "length (one of --lengths): OUT/vortex_peer_ours_profile.md, kernel classes and "
+                 "the HLO of the slowest fusions")
   p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU plumbing check)")
   p.add_argument("--report", default="", help="redraw the tables from vortex_peer.jsonl files "
                  "(a comma list merges the rows of separate calls)")
@@ -178,6 +181,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
       fail(f"--{name} {value}: expected a positive integer")
     setattr(a, name, value or defaults[name])
   a.set = dict(_override(s) for s in a.set)
+  if a.profile_len and a.profile_len not in a.lengths:
+    fail(f"--profile_len {a.profile_len}: expected 0 or one of --lengths "
+         f"{','.join(map(str, a.lengths))}")
   a.command = a.command or portable_command(argv)
   a.vortex_skip = ""  # why the vortex side cannot run here (--smoke only; otherwise an error)
   if a.vortex_src:  # also with --side ours: the shape check reads its YAML
@@ -212,7 +218,8 @@ def child_argv(args, side: str, budget_s: float, out: str) -> list[str]:
           "--budget_s", f"{max(budget_s, 1.0):.0f}", "--lengths", ",".join(map(str, args.lengths)),
           "--batches", ",".join(map(str, args.batches)), "--prompt_len", str(args.prompt_len),
           "--steps", str(args.steps), "--reps", str(args.reps), "--attn", args.attn,
-          "--li_impl", args.li_impl, "--command", args.command, "--child"]
+          "--li_impl", args.li_impl, "--profile_len", str(args.profile_len),
+          "--command", args.command, "--child"]
   if args.vortex_src:
     argv += ["--vortex_src", os.path.abspath(args.vortex_src), "--config",
              os.path.abspath(args.config)]
@@ -386,7 +393,8 @@ def ours_forward(args) -> None:
     t0 = time.perf_counter()
     try:
       tokens = jax.random.randint(jax.random.key(length), (1, length), 0, 256)
-      s = common.timeit(fwd, state, tokens)
+      compiled = fwd.lower(state, tokens).compile()  # once: the timing and the profile's HLO
+      s = common.timeit(compiled, state, tokens)
       row.update(ms=1e3 * s, tokens_per_s=length / s)
     except Exception as e:  # an OOM is a table note
       row.update(ms=None, note=common.short_error(e))
@@ -395,6 +403,25 @@ def ours_forward(args) -> None:
     rec.add(**row)
     print(f"sh2_jax forward L={length}: {row.get('ms')} ms ({row['wall_s']} s) "
           f"{row.get('note', '')}", flush=True)
+    if length == args.profile_len and row.get("ms") is not None:
+      profile_forward(compiled, state, tokens, length, args.out)
+
+
+def profile_forward(compiled, state, tokens, length: int, out: str) -> None:
+  """Two traced forwards: time per kernel class, top kernels, the HLO of the slowest fusions."""
+  import jax
+  from benchmarks.profiling import fusion_report, profile_summary
+  label = f"sh2_jax forward ({OUR_PRESET}, random weights, bf16), L={length}, B=1"
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      for _ in range(2):
+        jax.block_until_ready(compiled(state, tokens))
+    text = (profile_summary(d, 2, label) + "\n"
+            + fusion_report(compiled.as_text(), d, 2, top=16))
+  print(text, flush=True)
+  if out:
+    with open(os.path.join(out, "vortex_peer_ours_profile.md"), "w") as f:
+      f.write(text + "\n")
 
 
 def vortex_side(args) -> None:

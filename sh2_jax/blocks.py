@@ -21,6 +21,7 @@ from sh2_jax.config import ModelConfig
 from sh2_jax.hyena import FirFilter, ModalFilter
 from sh2_jax.layers import MLP, Dense, RMSNorm, small_init, wang_init
 from sh2_jax.modes import FULL
+from sh2_jax.ops import fir
 
 
 def norm(cfg: ModelConfig, rngs: nnx.Rngs) -> RMSNorm:
@@ -70,7 +71,8 @@ class HyenaBlock(_ResidualBlock):
 
   def mix(self, x: jax.Array, mode=FULL, cache=None):
     """The Hyena operator: x [B, L, D] -> (y [B, L, D], HyenaCache or None)."""
-    y, cache = self.filter(self.projections(x), mode, cache)
+    z = self.projections(x, columns=(fir.to_blocked, fir.to_interleaved))  # [x2 | x1 | v]
+    y, cache = self.filter(z, mode, cache)
     return self.out_filter_dense(y), cache
 
   def init_cache(self, batch: int, max_len: int):
