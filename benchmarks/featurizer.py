@@ -1,18 +1,17 @@
-"""The Hyena featurizer and its split at the 7B shape: the checkpoint's interleaved channels
-against the blocked order the model uses.
+"""The Hyena featurizer and its split at the 7B shape: what the checkpoint's interleaved channels
+cost against the same channels blocked.
 
-The projection z = x W [B, L, 3D] holds (x2, x1, v) interleaved in the checkpoint, at columns
-0::3, 1::3, 2::3. The model permutes W's columns (and the featurizer's rows) at use
-(``ops.fir.to_blocked``), so z is [x2 | x1 | v] blocked and ``ops.fir.featurize`` splits it by
-contiguous slices; the interleaved form (stride-3 slices, its backward interleaving the three
-gradients again) is kept here as the baseline. Variants: the interleaved baseline,
-``fir.featurize`` (blocked; backward: the three float32 cotangents concatenated, one pass), and a
-blocked backward run per part (dz and dw of each third, then concatenated). All compute the same
-numbers (checked first: equal after the permutation, forward and gradients). Timed per layer,
-forward and forward+backward (``jax.vjp`` with a fixed cotangent), against the copy-rate floor of
-the bytes each must move (forward: read z, write x2, x1, v; backward: read the three cotangents
-and z, write dz), beside the cost of permuting the projection weight at use (float32 [D, 3D] ->
-bf16, and its gradient back).
+The projection z = x W [B, L, 3D] holds (x2, x1, v) interleaved, at columns 0::3, 1::3, 2::3
+(the Evo 2 checkpoint's layout); ``ops.fir.featurize`` convolves z with its 3-tap filter and
+splits it with stride-3 column slices (its backward interleaves the three gradients again). A
+projection whose columns were permuted at use (W[:, perm], the filter rows likewise) would give
+[x2 | x1 | v] blocked, split by contiguous slices. Both compute the same numbers (checked first:
+equal after the permutation, forward and gradients). Timed per layer, forward and
+forward+backward (``jax.vjp`` with a fixed cotangent), against the copy-rate floor of the bytes
+each must move (forward: read z, write x2, x1, v; backward: read the three cotangents and z, write
+dz), beside the cost of permuting the projection weight at use (float32 [D, 3D] -> bf16, and
+its gradient back). Asks: what would the 128K train step gain from the blocked layout (RESULTS,
+"128K: ... what bounds the training ratio": ``loop_slice_fusion_1``, 12 per step x 6.0 ms)?
 
   python benchmarks/featurizer.py [--lengths 32768,131072] [--width 4096] [--out DIR]
   python benchmarks/featurizer.py --smoke     # CPU plumbing check
@@ -21,6 +20,7 @@ bf16, and its gradient back).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -39,75 +39,45 @@ def blocked_perm(d: int) -> np.ndarray:
 
 
 @jax.custom_vjp
-def featurize_interleaved(z, w):
-  """The checkpoint's order: z [B, L, 3D] interleaved -> (x2, x1, v) by stride-3 slices."""
-  zc = fir.featurizer_conv(z, w)
-  return zc[..., 0::3], zc[..., 1::3], zc[..., 2::3]
-
-
-def _interleaved_fwd(z, w):
-  return featurize_interleaved(z, w), (z, w)
-
-
-def _interleaved_bwd(res, g):
-  z, w = res
-  b, length, c3 = z.shape
-  gy = jnp.stack([gi.astype(jnp.float32) for gi in g], axis=-1).reshape(b, length, c3)
-  return fir.featurizer_conv_grads(z, w, gy)
-
-
-featurize_interleaved.defvjp(_interleaved_fwd, _interleaved_bwd)
-
-
-@jax.custom_vjp
-def featurize_per_part(z, w):
-  """``fir.featurize`` with its backward run per third (dz, dw of each, then concatenated)."""
-  return fir.featurize(z, w)
-
-
-def _per_part_fwd(z, w):
-  return featurize_per_part(z, w), (z, w)
-
-
-def _per_part_bwd(res, g):
-  z, w = res
+def featurize_blocked(z, w):
+  """``featurize`` for blocked channels: z [B, L, 3D] = [x2 | x1 | v] -> (x2, x1, v)."""
   d = z.shape[-1] // 3
-  parts = [fir.featurizer_conv_grads(z[..., p * d:(p + 1) * d], w[p * d:(p + 1) * d],
-                                     g[p].astype(jnp.float32)) for p in range(3)]
-  return (jnp.concatenate([dz for dz, _ in parts], axis=-1),
-          jnp.concatenate([dw for _, dw in parts], axis=0))
+  zc = fir.featurizer_conv(z, w)
+  return zc[..., :d], zc[..., d:2 * d], zc[..., 2 * d:]
 
 
-featurize_per_part.defvjp(_per_part_fwd, _per_part_bwd)
-
-VARIANTS = (("interleaved (checkpoint order)", featurize_interleaved, False),
-            ("blocked (fir.featurize)", fir.featurize, True),
-            ("blocked, backward per part", featurize_per_part, True))
+def _blocked_fwd(z, w):
+  return featurize_blocked(z, w), (z, w)
 
 
-def permuted_weight(w):
-  """The projection weight at use: float32 master [D, 3D] -> blocked columns, in bf16."""
-  return fir.to_blocked(w).astype(jnp.bfloat16)
+def _blocked_bwd(res, g):
+  z, w = res
+  return fir.featurizer_conv_grads(z, w, jnp.concatenate([gi.astype(jnp.float32) for gi in g],
+                                                         axis=-1))
+
+
+featurize_blocked.defvjp(_blocked_fwd, _blocked_bwd)
+
+
+def permuted_weight(w, perm):
+  """The projection weight at use: float32 master [D, 3D] -> its columns permuted, in bf16."""
+  return w[:, perm].astype(jnp.bfloat16)
 
 
 def check(d: int, length: int) -> dict:
-  """Every variant on the same random inputs (float32, small) against the interleaved baseline
-  after the permutation: the largest differences."""
+  """Both layouts on the same random inputs (float32, small): the largest differences."""
   rng = np.random.default_rng(0)
   z = jnp.asarray(rng.standard_normal((2, length, 3 * d)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((3 * d, 3)), jnp.float32)
   perm = blocked_perm(d)
   g = tuple(jnp.asarray(rng.standard_normal((2, length, d)), jnp.float32) for _ in range(3))
-  y_i, vjp_i = jax.vjp(featurize_interleaved, z, w)
+  y_i, vjp_i = jax.vjp(fir.featurize, z, w)
+  y_b, vjp_b = jax.vjp(featurize_blocked, z[..., perm], w[perm])
   dz_i, dw_i = vjp_i(g)
-  err = dict(y=0.0, dz=0.0, dw=0.0)
-  for _, fn, _ in VARIANTS[1:]:
-    y_b, vjp_b = jax.vjp(fn, z[..., perm], w[perm])
-    dz_b, dw_b = vjp_b(g)
-    err["y"] = max(err["y"], *(float(jnp.max(jnp.abs(a - b))) for a, b in zip(y_i, y_b)))
-    err["dz"] = max(err["dz"], float(jnp.max(jnp.abs(dz_i[..., perm] - dz_b))))
-    err["dw"] = max(err["dw"], float(jnp.max(jnp.abs(dw_i[perm] - dw_b))))
-  return err
+  dz_b, dw_b = vjp_b(g)
+  return dict(y=max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(y_i, y_b)),
+              dz=float(jnp.max(jnp.abs(dz_i[..., perm] - dz_b))),
+              dw=float(jnp.max(jnp.abs(dw_i[perm] - dw_b))))
 
 
 def run(a) -> list[dict]:
@@ -132,8 +102,8 @@ def run(a) -> list[dict]:
               for i in range(3))
     nbytes = z.size * z.dtype.itemsize  # one [B, L, 3D] bf16 pass
     floors = {"fwd": 2 * nbytes / copy, "fwd+bwd": (2 + 3) * nbytes / copy}
-    for name, fn, blocked in VARIANTS:
-      zz, ww = (z[..., perm], w[perm]) if blocked else (z, w)
+    for name, fn, zz, ww in (("interleaved (fir.featurize)", fir.featurize, z, w),
+                             ("blocked", featurize_blocked, z[..., perm], w[perm])):
       fwd = jax.jit(fn)
       both = jax.jit(lambda zz, ww, fn=fn: jax.vjp(fn, zz, ww)[1](g))
       t_f = common.timeit(fwd, zz, ww)
@@ -142,8 +112,9 @@ def run(a) -> list[dict]:
                           fwd_bwd_s=t_b, pct_floor_fwd=100 * floors["fwd"] / t_f,
                           pct_floor_fwd_bwd=100 * floors["fwd+bwd"] / t_b))
     wm = jax.random.normal(jax.random.key(9), (d, 3 * d), jnp.float32)
-    at_use = jax.jit(permuted_weight)
-    grad_back = jax.jit(jax.grad(lambda wm: jnp.sum(permuted_weight(wm).astype(jnp.float32))))
+    at_use = jax.jit(functools.partial(permuted_weight, perm=perm))
+    grad_back = jax.jit(jax.grad(lambda wm: jnp.sum(permuted_weight(wm, perm)
+                                                    .astype(jnp.float32))))
     t_w, t_wb = common.timeit(at_use, wm), common.timeit(grad_back, wm)
     rows.append(rec.add(kind="featurizer", layout="weight permuted at use (D x 3D)", L=length,
                         width=d, fwd_s=t_w, fwd_bwd_s=t_w + t_wb, pct_floor_fwd=None,

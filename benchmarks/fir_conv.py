@@ -187,9 +187,9 @@ def featurizer(length=16384):
     op = ops(taps)["pallas"]
 
     def full(z, w, h, d):
-      x2, x1, v = fir.blocked_split(fir.featurizer_conv(z, w))
+      x2, x1, v = fir.interleaved_split(fir.featurizer_conv(z, w))
       return op(x1, v, x2, h, d)
-    split = jax.jit(lambda z, w: fir.blocked_split(fir.featurizer_conv(z, w)))
+    split = jax.jit(lambda z, w: fir.interleaved_split(fir.featurizer_conv(z, w)))
     x2, x1, v = split(z, w)
     t_full = timeit(jax.jit(full), z, w, h, dskip)
     t_feat = timeit(split, z, w)

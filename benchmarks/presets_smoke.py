@@ -6,6 +6,7 @@ presets named. Run it whenever a kernel changes.
 
   python benchmarks/presets_smoke.py [--length 8192] [--presets evo2_1b_base,evo2_7b_base]
   python benchmarks/presets_smoke.py --conv_impl pallas_mgpu   # the Mosaic GPU FIR kernels
+  python benchmarks/presets_smoke.py --li_impl modal_fast       # the token-serial LI kernels
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import device_info  # noqa: E402
-from sh2_jax.config import CONV_IMPLS  # noqa: E402
+from sh2_jax.config import CONV_IMPLS, LI_IMPLS  # noqa: E402
 from sh2_jax.model import StripedHyena  # noqa: E402
 from sh2_jax.presets import PRESETS, evo2_layer_idxs, get_preset  # noqa: E402
 from sh2_jax.train.step import loss_sums  # noqa: E402
@@ -34,13 +35,16 @@ warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecat
                         category=DeprecationWarning)
 
 
-def reduced(name: str, layers: int, length: int, conv_impl: str | None = None):
+def reduced(name: str, layers: int, length: int, conv_impl: str | None = None,
+            li_impl: str | None = None):
   """The preset with ``layers`` layers (MHA last, SE/MR/LI before it), positions for
-  ``length`` tokens, and ``conv_impl`` when given."""
+  ``length`` tokens, and ``conv_impl`` / ``li_impl`` when given."""
   spec = PRESETS[name]
   kw = dict(dtype="bfloat16", num_layers=layers)
   if conv_impl:
     kw["conv_impl"] = conv_impl
+  if li_impl:
+    kw["li_impl"] = li_impl
   if spec.get("max_seqlen", 0) < length and name != "tiny":  # tiny keeps its 256 positions
     kw["max_seqlen"] = length
   if spec.get("layer_idxs") is not None:
@@ -48,8 +52,9 @@ def reduced(name: str, layers: int, length: int, conv_impl: str | None = None):
   return get_preset(name, **kw)
 
 
-def check(name: str, length: int, layers: int, conv_impl: str | None = None) -> dict:
-  cfg = reduced(name, layers, length, conv_impl)
+def check(name: str, length: int, layers: int, conv_impl: str | None = None,
+          li_impl: str | None = None) -> dict:
+  cfg = reduced(name, layers, length, conv_impl, li_impl)
   length = min(length, cfg.max_seqlen)
   model = StripedHyena(cfg, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
@@ -83,7 +88,7 @@ def check(name: str, length: int, layers: int, conv_impl: str | None = None) -> 
   if not np.isfinite(float(loss)):
     raise RuntimeError(f"non-finite loss {float(loss)}")
   return dict(d_model=cfg.d_model, groups=cfg.mr_groups, loss=float(loss), length=length,
-              fwd_s=t_fwd, step_s=t_step, conv=cfg.conv_impl)
+              fwd_s=t_fwd, step_s=t_step, conv=cfg.conv_impl, li=cfg.li_impl)
 
 
 def main():
@@ -93,16 +98,19 @@ def main():
   p.add_argument("--presets", default=",".join(n for n in PRESETS))
   p.add_argument("--conv_impl", default=None, choices=CONV_IMPLS,
                  help="override the presets' conv_impl (default: theirs, auto)")
+  p.add_argument("--li_impl", default=None, choices=LI_IMPLS,
+                 help="override the presets' li_impl (default: theirs, auto)")
   args = p.parse_args()
   print(device_info())
   failed = []
-  print("| preset | width | groups | length | conv_impl | forward (compile+run) s | "
+  print("| preset | width | groups | length | conv_impl | li_impl | forward (compile+run) s | "
         "train step (compile+run) s | loss |")
-  print("|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|")
   for name in args.presets.split(","):
     try:
-      r = check(name, args.length, args.layers, args.conv_impl)
+      r = check(name, args.length, args.layers, args.conv_impl, args.li_impl)
       print(f"| {name} | {r['d_model']} | {r['groups']} | {r['length']} | {r['conv']} | "
+            f"{r['li']} | "
             f"{r['fwd_s']:.1f} | "
             f"{r['step_s']:.1f} | {r['loss']:.3f} |", flush=True)
     except Exception as err:  # noqa: BLE001 - report every preset, then fail

@@ -59,11 +59,18 @@ OPT = types.SimpleNamespace(learning_rate=1e-4, warmup_steps=10, min_lr_ratio=0.
 
 
 def li_impl_choice(requested: str) -> str:
-  from sh2_jax.config import LI_IMPLS
-  if requested != "best":
-    return requested
-  gpu = jax.default_backend() == "gpu"
-  return "modal_scan" if gpu and "modal_scan" in LI_IMPLS else "fft"
+  """``best`` is the config's ``auto`` (``dispatch.resolve_li_impl``: on GPU by length); any
+  other name is checked and kept."""
+  from sh2_jax import dispatch
+  requested = "auto" if requested == "best" else requested
+  dispatch.resolve_li_impl(requested)
+  return requested
+
+
+def li_impl_used(li: str, length: int) -> str:
+  """The LI implementation a step at ``length`` tokens runs (``auto`` resolved)."""
+  from sh2_jax import dispatch
+  return dispatch.resolve_li_impl(li, length=length)
 
 
 REMAT_ORDER = ("none", "dots", "blocks")  # fastest first: less recomputation, more memory
@@ -229,7 +236,7 @@ def run(a) -> None:
   for length in lengths:
     for label, cfg in models:
       row = dict(kind="step", model=label, L=length, width=a.width, layers=a.layers, cp=a.cp,
-                 remat=a.remat, li_impl=li, step_s=None, note="")
+                 remat=a.remat, li_impl=li_impl_used(li, length), step_s=None, note="")
       if label in est:  # predicted cost: compile + ~3 steps, attention-heavy steps ~ L^2
         c_s, s_s, l0 = est[label]
         power = 2.0 if label.startswith("Transformer") else 1.3
@@ -298,7 +305,7 @@ def report(rows: list[dict], out_dir: str, cp: int = 1) -> str:
   head = (f"Card: {ceil.get('count')} x {ceil.get('device')}; {ceil.get('date')}; JAX "
           f"{ceil.get('jax')}; bf16 GEMM {ceil.get('gemm_flops', 0) / 1e12:.0f} TFLOP/s per "
           f"device (measured, the MFU denominator). Width {r0['width']}, {r0['layers']} layers, "
-          f"batch 1, LI {r0['li_impl']}"
+          f"batch 1, LI {', '.join(sorted({r['li_impl'] for r in steps}))}"
           + (f", context parallel over {cp} GPUs with FSDP over the same ranks" if cp > 1 else "")
           + ".")
   table = []

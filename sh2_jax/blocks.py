@@ -21,7 +21,6 @@ from sh2_jax.config import ModelConfig
 from sh2_jax.hyena import FirFilter, ModalFilter
 from sh2_jax.layers import MLP, Dense, RMSNorm, small_init, wang_init
 from sh2_jax.modes import FULL
-from sh2_jax.ops import fir
 
 
 def norm(cfg: ModelConfig, rngs: nnx.Rngs) -> RMSNorm:
@@ -71,8 +70,7 @@ class HyenaBlock(_ResidualBlock):
 
   def mix(self, x: jax.Array, mode=FULL, cache=None):
     """The Hyena operator: x [B, L, D] -> (y [B, L, D], HyenaCache or None)."""
-    z = self.projections(x, columns=(fir.to_blocked, fir.to_interleaved))  # [x2 | x1 | v]
-    y, cache = self.filter(z, mode, cache)
+    y, cache = self.filter(self.projections(x), mode, cache)
     return self.out_filter_dense(y), cache
 
   def init_cache(self, batch: int, max_len: int):

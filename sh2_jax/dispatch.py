@@ -12,7 +12,8 @@ branch on a name themselves.
 picks per layer: ``pallas_mgpu`` on Hopper where it fits, else ``pallas`` where the Triton
 kernels fit the chip, else ``xla`` (one warning); XLA off GPU (``fir_choice`` says why).
 ``li_impl`` (LI): ``fft`` (the reference), ``modal_scan``, ``modal_serial`` and ``modal_fast``
-(FFT-free Pallas recurrences), ``auto`` (``modal_scan`` on GPU, ``fft`` elsewhere).
+(FFT-free Pallas recurrences), ``auto`` (on GPU ``modal_fast`` from ``LI_FAST_MIN_LEN``
+tokens, ``modal_scan`` below; ``fft`` elsewhere).
 ``attention_impl``: ``xla`` | ``cudnn`` | ``auto``; ``decode_attention_impl`` (one query over
 the KV cache): ``xla`` | ``cudnn`` | ``auto`` (cuDNN on GPU from 512 query rows over an even
 cache length). The compute dtype float16 needs a GPU (``check_compute_dtype``).
@@ -132,26 +133,36 @@ def gated_fir(x1, v, x2, h, dskip, impl: str, interpret: bool = False):
   raise ValueError(f"conv_impl {impl!r} is not one of {', '.join(CONV_IMPLS)}")
 
 
-def resolve_li_impl(impl: str, interpret: bool = False) -> str:
+LI_FAST_MIN_LEN = 65536  # ``li_impl='auto'`` on GPU: ``modal_fast`` from this many tokens
+
+
+def resolve_li_impl(impl: str, interpret: bool = False, length: int | None = None) -> str:
   """``li_impl``: ``modal_scan`` (the FFT-free chunked recurrence, ``kernels/
   modal_scan.py``), ``modal_serial`` (the token-serial recurrence, ``modal_scan_serial.py``;
   on the H100 within run-to-run noise of ``modal_scan``, so not the default), ``modal_fast``
   (the token-serial recurrence with its N states as N separate vectors, two passes forward and
-  two backward, ``modal_fast.py``; 4.4x / 3.1x ``modal_scan`` on an H200 at 16K, but its
-  kernels compile for ~50 s per train step — tiny preset 62 s against 8 s — so opt-in),
-  ``fft`` (float32
-  FFT of the modal filter, the reference), ``auto``.
+  two backward, ``modal_fast.py``), ``fft`` (float32 FFT of the modal filter, the reference),
+  ``auto``.
 
-  ``auto`` -> ``modal_scan`` on GPU (H100, width 4096, B = 1, bf16: 2.7x / 3.0x faster than
-  fft forward / forward+backward at 16K, 4.6x / 4.4x at 64K; benchmarks/RESULTS.md, "FFT-free
-  LI"), ``fft`` elsewhere: on CPU Pallas runs only in its interpreter, and neither wins clearly
-  (2 shared cores, f32, fwd / fwd+bwd: B=1 L=2048 D=64 fft 17.9 / 34.1 ms, interpreted
-  modal_scan 13.2 / 46.5 ms; B=1 L=8192 D=256 fft 285 / 1283 ms, modal_scan 183 / 1110 ms),
-  so the reference stays. ``modal_scan`` off GPU is an error unless ``interpret=True`` (tests)."""
+  ``auto`` on GPU is ``modal_fast`` for sequences of ``length >= LI_FAST_MIN_LEN`` tokens and
+  ``modal_scan`` for shorter ones (and where the length is not given). The kernels of
+  ``modal_fast`` are 4.4x / 3.1x ``modal_scan``'s at 16K and ~5x / ~3x at 128K (H200, width
+  4096, B = 1, bf16), but they compile for ~50 s longer per program (the tiny preset's train
+  step: 60 s against 8 s), which short sequences do not win back; at 128K the whole 7-layer
+  train step is 2801 ms against 2862 and the 32-layer evo2_7b_base forward 3946 ms against
+  4032, each pair in one call (benchmarks/RESULTS.md, "LI's default from 64K"). ``modal_scan``
+  (H100: 2.7x / 3.0x faster than fft at 16K, 4.6x / 4.4x at 64K; RESULTS, "FFT-free LI")
+  serves the rest. ``fft`` elsewhere: on CPU Pallas runs only in its interpreter, and neither
+  wins clearly (2 shared cores, f32, fwd / fwd+bwd: B=1 L=2048 D=64 fft 17.9 / 34.1 ms,
+  interpreted modal_scan 13.2 / 46.5 ms; B=1 L=8192 D=256 fft 285 / 1283 ms, modal_scan 183 /
+  1110 ms), so the reference stays. The Pallas forms off GPU are an error unless
+  ``interpret=True`` (tests)."""
   if impl not in LI_IMPLS:
     raise ValueError(f"li_impl {impl!r} is not one of {', '.join(LI_IMPLS)}")
   if impl == "auto":
-    return "modal_scan" if jax.default_backend() == "gpu" else "fft"
+    if jax.default_backend() != "gpu":
+      return "fft"
+    return "modal_fast" if length is not None and length >= LI_FAST_MIN_LEN else "modal_scan"
   if (impl in ("modal_scan", "modal_serial", "modal_fast") and jax.default_backend() != "gpu"
       and not interpret):
     raise ValueError(f"li_impl {impl!r} needs a GPU backend, but JAX runs on "
@@ -161,8 +172,8 @@ def resolve_li_impl(impl: str, interpret: bool = False) -> str:
 
 def gated_modal(x1, v, x2, log_poles, residues, dskip, impl: str, interpret: bool = False):
   """LI: ``x2 * (h_modal * (x1 * v) + dskip * x1 * v)`` with h_modal from poles/residues [D, N];
-  x1, v, x2: [B, L, D]. ``impl`` is ``li_impl`` (see ``resolve_li_impl``)."""
-  impl = resolve_li_impl(impl, interpret)
+  x1, v, x2: [B, L, D]. ``impl`` is ``li_impl`` (see ``resolve_li_impl``; ``auto`` by L)."""
+  impl = resolve_li_impl(impl, interpret, x1.shape[1])
   if impl == "modal_scan":
     return modal_scan.gated_modal_scan(x1, v, x2, log_poles, residues, dskip,
                                        interpret=interpret)
@@ -199,7 +210,13 @@ def _fft_modal_with_state(x1, v, x2, log_poles, residues, dskip=None):
 
 def modal_with_state_fn(impl: str, interpret: bool = False):
   """The gated LI core from a zero state with its final state out, for ``li_impl``:
-  ``f(x1, v, x2, log_poles, residues, dskip) -> (y, state [B, D, N] float32)``."""
+  ``f(x1, v, x2, log_poles, residues, dskip) -> (y, state [B, D, N] float32)``; ``auto``
+  chooses by the length of x1 when called."""
+  if impl == "auto" and jax.default_backend() == "gpu":
+    def by_length(x1, *args, **kwargs):
+      return modal_with_state_fn(resolve_li_impl(impl, interpret, x1.shape[1]), interpret)(
+          x1, *args, **kwargs)
+    return by_length
   impl = resolve_li_impl(impl, interpret)
   if impl == "modal_scan":
     return functools.partial(modal_scan.modal_scan, interpret=interpret)

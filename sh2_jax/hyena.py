@@ -1,9 +1,9 @@
 """The Hyena operator's filters (SE, MR, LI share everything but the inner filter).
 
 x: [B, L, D] -> [B, L, D] (``HyenaBlock.mix`` in ``blocks.py``):
-  z = projections(x)                  [B, L, 3D], no bias, columns blocked: [x2 | x1 | v]
+  z = projections(x)                  [B, L, 3D], no bias
   zc = featurizer(z)                  depthwise causal 3-tap FIR (checkpoint: cross-correlation)
-  x2, x1, v = zc[..., :D], zc[..., D:2D], zc[..., 2D:]
+  x2, x1, v = zc[..., 0::3], zc[..., 1::3], zc[..., 2::3]
   y = x2 * (inner(x1 * v) [+ D * x1 * v])        <- the filter module, ``filter(z) -> y``
   out = out_filter_dense(y)           D -> D with bias
 
@@ -12,11 +12,6 @@ long filter). Both own the featurizer weights (module path ``filter``, as in the
 run in every mode of ``sh2_jax.modes`` through one call ``filter(z, mode, cache) ->
 (y, cache)``, and own their cache's shape (``init_cache``). The math is ``sh2_jax.ops``; the
 implementation (XLA, FFT, Pallas) comes from ``dispatch`` as a callable.
-
-The checkpoint stores the projection's columns and the featurizer's rows interleaved (x2, x1, v
-at 3c, 3c+1, 3c+2); both are permuted to the blocked order at use (``fir.to_blocked``: one pass
-over each weight), so every activation and cache in every mode holds z blocked and splits by
-contiguous slices. The parameters, and what ``capture`` records, keep the checkpoint's order.
 """
 
 from __future__ import annotations
@@ -50,16 +45,14 @@ class _HyenaFilter(nnx.Module):
     self.short_filter_weight[...] = self.short_filter_weight[...] - 1 / math.sqrt(k)
 
   def featurizer_taps(self) -> jax.Array:
-    """[3D, 3] in true-convolution orientation, h[:, 0] = current token, rows blocked
-    (``fir.to_blocked``, as z is)."""
-    return fir.to_blocked(jnp.flip(self.short_filter_weight[...], axis=1), axis=0)
+    """[3D, 3] in true-convolution orientation, h[:, 0] = current token."""
+    return jnp.flip(self.short_filter_weight[...], axis=1)
 
   def dskip(self) -> jax.Array | None:
     return None if self.D is None else self.D[...]
 
   def _featurize(self, z, mode, cache):
-    """Blocked z [B, L, 3D] -> ((x2, x1, v) each [B, L, D], the featurizer history for the
-    cache)."""
+    """z [B, L, 3D] -> ((x2, x1, v) each [B, L, D], the featurizer history for the cache)."""
     taps = self.featurizer_taps()
     k = self.cfg.featurizer_len
     hist = None
@@ -76,10 +69,10 @@ class _HyenaFilter(nnx.Module):
       if isinstance(mode, Prefill):
         hist = to_ring(last_steps(z, mode.lengths, k), mode.lengths)
       return fir.featurize(z, taps), hist
-    return fir.blocked_split(zc), hist
+    return fir.interleaved_split(zc), hist
 
   def __call__(self, z: jax.Array, mode=FULL, cache: HyenaCache | None = None):
-    """Blocked z = projections(x) [B, L, 3D] -> (y [B, L, D], the new HyenaCache or None)."""
+    """z = projections(x) [B, L, 3D] -> (y [B, L, D], the new HyenaCache or None)."""
     (x2, x1, v), hist = self._featurize(z, mode, cache)
     y, state = self._inner(x1, v, x2, mode, None if cache is None else cache.state)
     new = None if cache is None else HyenaCache(hist, state.astype(cache.state.dtype))

@@ -48,15 +48,8 @@ class Dense(nnx.Module):
                                         eager_sharding=False)
                        if fp8 == "checkpoint_scales" else None)
 
-  def __call__(self, x: jax.Array, columns=None) -> jax.Array:
-    """``columns``: (permute, invert), a permutation of the output columns applied to the
-    kernel (and bias) at use; the output is in the permuted order, ``capture`` records it in
-    the stored order."""
+  def __call__(self, x: jax.Array) -> jax.Array:
     x, kernel = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
-    bias = None if self.bias is None else self.bias[...]
-    if columns is not None:
-      kernel = columns[0](kernel)
-      bias = None if bias is None else columns[0](bias)
     if self.fp8 == "off":
       # Output in the compute dtype (GPU GEMMs accumulate in float32 and round once): the
       # backward GEMMs then take compute-dtype cotangents. A float32 output here made the
@@ -66,12 +59,9 @@ class Dense(nnx.Module):
       scales = (jax.lax.stop_gradient(self.fp8_scales[...]) if self.fp8_scales is not None
                 else fp8lib.current_scales(x, kernel))
       y = fp8lib.fp8_matmul(x, kernel, scales)
-    if bias is not None:
-      y = y + bias.astype(jnp.float32)
-    y = y.astype(self.dtype)
-    if capture.active():
-      capture.record(self, y if columns is None else columns[1](y))
-    return y
+    if self.bias is not None:
+      y = y + self.bias[...].astype(jnp.float32)
+    return capture.record(self, y.astype(self.dtype))
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:

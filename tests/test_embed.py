@@ -27,8 +27,7 @@ def manual_intermediates(model, tokens):
       out[p + "inner_mha_cls.out_proj"] = y
     else:
       z = out[p + "projections"] = b.projections(h)
-      zb = fir.to_blocked(z)  # capture records the checkpoint's order; the filter takes blocked
-      x2, x1, v = fir.blocked_split(fir.featurizer_conv(zb, b.filter.featurizer_taps()))
+      x2, x1, v = fir.interleaved_split(fir.featurizer_conv(z, b.filter.featurizer_taps()))
       f = out[p + "filter"] = b.filter._inner(x1, v, x2, FULL, None)[0]
       y = out[p + "out_filter_dense"] = b.out_filter_dense(f)
     zres = x + y

@@ -84,34 +84,9 @@ def featurizer_conv(z: jax.Array, w: jax.Array) -> jax.Array:
   return fir_conv_shifted(z, w)
 
 
-def to_blocked(a: jax.Array, axis: int = -1) -> jax.Array:
-  """The checkpoint's interleaved channels -> blocked, along ``axis`` (size 3D).
-
-  The projection's columns hold (x2, x1, v) interleaved: channel c of part p at column
-  ``3c + p``. Blocked puts it at ``pD + c``: ``[x2 | x1 | v]``, three contiguous slabs. A
-  reshape and a transpose, so permuting the [D, 3D] projection weight at use costs one pass over
-  the weight, while the split of every [B, L, 3D] activation becomes contiguous slices (the
-  stride-3 split and the interleaving of its gradients were one of the slowest fusions of the
-  128K train step on an H200: benchmarks/RESULTS.md, "The featurizer's split").
-  """
-  a = jnp.moveaxis(a, axis, -1)
-  lead, c3 = a.shape[:-1], a.shape[-1]
-  a = a.reshape(*lead, c3 // 3, 3).swapaxes(-1, -2).reshape(*lead, c3)
-  return jnp.moveaxis(a, -1, axis)
-
-
-def to_interleaved(a: jax.Array, axis: int = -1) -> jax.Array:
-  """The inverse of ``to_blocked``: ``[x2 | x1 | v]`` -> the checkpoint's interleaved order."""
-  a = jnp.moveaxis(a, axis, -1)
-  lead, c3 = a.shape[:-1], a.shape[-1]
-  a = a.reshape(*lead, 3, c3 // 3).swapaxes(-1, -2).reshape(*lead, c3)
-  return jnp.moveaxis(a, -1, axis)
-
-
-def blocked_split(zc: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Blocked [.., 3D] = ``[x2 | x1 | v]`` -> (x2, x1, v), contiguous slices."""
-  d = zc.shape[-1] // 3
-  return zc[..., :d], zc[..., d:2 * d], zc[..., 2 * d:]
+def interleaved_split(zc: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """[.., 3D] -> (x2, x1, v) from the interleaved channels 0::3, 1::3, 2::3."""
+  return zc[..., 0::3], zc[..., 1::3], zc[..., 2::3]
 
 
 REDUCE_ROWS = 256  # tokens summed per partial in the featurizer's filter gradient
@@ -119,17 +94,15 @@ REDUCE_ROWS = 256  # tokens summed per partial in the featurizer's filter gradie
 
 @jax.custom_vjp
 def featurize(z: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """``blocked_split(featurizer_conv(z, w))``: blocked z [B, L, 3D] and taps w [3D, K] (both
-  ``to_blocked``) -> (x2, x1, v), each [B, L, D].
+  """``interleaved_split(featurizer_conv(z, w))``: z [B, L, 3D] -> (x2, x1, v), each [B, L, D].
 
   The same forward, with the backward written out: autodiff fused the filter gradient (a sum
   over all B·L tokens per channel and tap) and dz into one multi-output XLA reduction that took
   ~18 ms per Hyena layer of the 7B train step at 32K on an H200 (17% of the step). Here dz is
-  one elementwise pass (``dz[t] = sum_k w_k g[t + k]``, float32, rounded once) over the three
-  cotangents side by side and dw sums ``g[t] z[t - k]`` over rows of ``REDUCE_ROWS`` tokens,
-  then over the partials.
+  one elementwise pass (``dz[t] = sum_k w_k g[t + k]``, float32, rounded once) and dw sums
+  ``g[t] z[t - k]`` over rows of ``REDUCE_ROWS`` tokens, then over the partials.
   """
-  return blocked_split(featurizer_conv(z, w))
+  return interleaved_split(featurizer_conv(z, w))
 
 
 def _featurize_fwd(z, w):
@@ -138,7 +111,8 @@ def _featurize_fwd(z, w):
 
 def _featurize_bwd(res, g):
   z, w = res
-  gy = jnp.concatenate([gi.astype(jnp.float32) for gi in g], axis=-1)
+  b, length, c3 = z.shape
+  gy = jnp.stack([gi.astype(jnp.float32) for gi in g], axis=-1).reshape(b, length, c3)
   return featurizer_conv_grads(z, w, gy)
 
 

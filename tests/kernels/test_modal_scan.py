@@ -188,6 +188,18 @@ def test_reference_matches_float64():
   assert rel_err(y, y_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
 
 
+def test_li_auto_by_length(monkeypatch):
+  """On a GPU ``auto`` takes ``modal_fast`` from ``LI_FAST_MIN_LEN`` tokens, ``modal_scan``
+  below it and where no length is given; elsewhere the FFT reference at any length."""
+  n = dispatch.LI_FAST_MIN_LEN
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  assert {dispatch.resolve_li_impl("auto", length=m) for m in (None, n - 1, n)} == {"fft"}
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert [dispatch.resolve_li_impl("auto", length=m) for m in (None, n - 1, n, 2 * n)] == [
+      "modal_scan", "modal_scan", "modal_fast", "modal_fast"]
+  assert dispatch.resolve_li_impl("modal_scan", length=2 * n) == "modal_scan"
+
+
 def test_dispatch_li_impl():
   args = make_inputs(7, 1, 90, 16)[:6]
   ref = dispatch.gated_modal(*args, "fft")

@@ -81,25 +81,8 @@ def test_featurizer_and_split():
   w = rng.standard_normal((9, 3)).astype(np.float32)
   zc = fir.featurizer_conv(jnp.asarray(z), jnp.asarray(w))
   assert rel(zc, np_causal_conv(z, w)) < 1e-6
-  x2, x1, v = fir.blocked_split(zc)
-  np.testing.assert_array_equal(np.asarray(x1), np.asarray(zc)[..., 3:6])
-
-
-def test_blocked_layout():
-  """``to_blocked`` moves interleaved column 3c + p to pD + c, along any axis, and
-  ``to_interleaved`` undoes it; a projection permuted at use gives the blocked z exactly."""
-  d = 5
-  cols = np.arange(3 * d)
-  blocked = np.asarray(fir.to_blocked(jnp.asarray(cols)))
-  np.testing.assert_array_equal(blocked, np.concatenate([cols[0::3], cols[1::3], cols[2::3]]))
-  a = np.random.default_rng(2).standard_normal((3 * d, 4, 2)).astype(np.float32)
-  b = np.asarray(fir.to_blocked(jnp.asarray(a), axis=0))
-  np.testing.assert_array_equal(b[d:2 * d], a[1::3])
-  np.testing.assert_array_equal(np.asarray(fir.to_interleaved(jnp.asarray(b), axis=0)), a)
-  x = np.random.default_rng(3).standard_normal((7, 4)).astype(np.float32)
-  w = np.random.default_rng(4).standard_normal((4, 3 * d)).astype(np.float32)
-  np.testing.assert_array_equal(np.asarray(x @ np.asarray(fir.to_blocked(jnp.asarray(w)))),
-                                np.asarray(fir.to_blocked(jnp.asarray(x @ w))))
+  x2, x1, v = fir.interleaved_split(zc)
+  np.testing.assert_array_equal(np.asarray(x1), np.asarray(zc)[..., 1::3])
 
 
 def test_mr_decay_presets():
@@ -149,7 +132,7 @@ def test_featurize_matches_autodiff(b, length, d, dtype):
   def loss(f):
     return lambda z, w: sum(jnp.sum(o.astype(jnp.float32) * g) for o, g in zip(f(z, w), gs))
 
-  plain = lambda z, w: fir.blocked_split(fir.featurizer_conv(z, w))
+  plain = lambda z, w: fir.interleaved_split(fir.featurizer_conv(z, w))
   got, want = (jax.grad(loss(f), argnums=(0, 1))(z, w) for f in (fir.featurize, plain))
   for a, e in zip(fir.featurize(z, w), plain(z, w)):
     assert jnp.array_equal(a, e)
