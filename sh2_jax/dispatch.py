@@ -146,8 +146,8 @@ def resolve_li_impl(impl: str, interpret: bool = False, length: int | None = Non
 
   ``auto`` on GPU is ``modal_fast`` for sequences of ``length >= LI_FAST_MIN_LEN`` tokens and
   ``modal_scan`` for shorter ones (and where the length is not given). The kernels of
-  ``modal_fast`` are 4.4x / 3.1x ``modal_scan``'s at 16K and ~5x / ~3x at 128K (H200, width
-  4096, B = 1, bf16), but they compile for ~50 s longer per program (the tiny preset's train
+  ``modal_fast`` are 4.4x / 3.1x ``modal_scan``'s at 16K (H200, width 4096, B = 1, bf16; at
+  128K ~5x / ~4x by the traces of whole forwards and train steps), but they compile for ~50 s longer per program (the tiny preset's train
   step: 60 s against 8 s), which short sequences do not win back; at 128K the whole 7-layer
   train step is 2801 ms against 2862 and the 32-layer evo2_7b_base forward 3946 ms against
   4032, each pair in one call (benchmarks/RESULTS.md, "LI's default from 64K"). ``modal_scan``
