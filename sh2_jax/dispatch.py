@@ -147,8 +147,9 @@ def resolve_li_impl(impl: str, interpret: bool = False, length: int | None = Non
   ``auto`` on GPU is ``modal_fast`` for sequences of ``length >= LI_FAST_MIN_LEN`` tokens and
   ``modal_scan`` for shorter ones (and where the length is not given). The kernels of
   ``modal_fast`` are 4.4x / 3.1x ``modal_scan``'s at 16K (H200, width 4096, B = 1, bf16; at
-  128K ~5x / ~4x by the traces of whole forwards and train steps), but they compile for ~50 s longer per program (the tiny preset's train
-  step: 60 s against 8 s), which short sequences do not win back; at 128K the whole 7-layer
+  128K ~5x / ~4x by the traces of whole forwards and train steps), but they compile for ~50 s
+  longer per program (the tiny preset's train step: 60 s against 8 s), which short sequences
+  do not win back; at 128K the whole 7-layer
   train step is 2801 ms against 2862 and the 32-layer evo2_7b_base forward 3946 ms against
   4032, each pair in one call (benchmarks/RESULTS.md, "LI's default from 64K"). ``modal_scan``
   (H100: 2.7x / 3.0x faster than fft at 16K, 4.6x / 4.4x at 64K; RESULTS, "FFT-free LI")
@@ -203,28 +204,27 @@ def modal_fn(impl: str, interpret: bool = False):
   return functools.partial(gated_modal, impl=impl, interpret=interpret)
 
 
-def _fft_modal_with_state(x1, v, x2, log_poles, residues, dskip=None):
+def gated_modal_with_state(x1, v, x2, log_poles, residues, dskip=None, *, impl: str,
+                           interpret: bool = False):
+  """``gated_modal`` from a zero state with its final state out: (y, state [B, D, N] float32).
+  ``impl`` is ``li_impl`` (``auto`` by L, as in ``gated_modal``)."""
+  impl = resolve_li_impl(impl, interpret, x1.shape[1])
+  if impl == "modal_scan":
+    return modal_scan.modal_scan(x1, v, x2, log_poles, residues, dskip, interpret=interpret)
+  if impl == "modal_serial":
+    return modal_scan_serial.modal_scan_serial(x1, v, x2, log_poles, residues, dskip,
+                                               interpret=interpret)
+  if impl == "modal_fast":
+    return modal_fast.modal_fast(x1, v, x2, log_poles, residues, dskip, interpret=interpret)
   y = gated_modal(x1, v, x2, log_poles, residues, dskip, "fft")
   return y, modal.modal_state(x1 * v, log_poles)
 
 
 def modal_with_state_fn(impl: str, interpret: bool = False):
   """The gated LI core from a zero state with its final state out, for ``li_impl``:
-  ``f(x1, v, x2, log_poles, residues, dskip) -> (y, state [B, D, N] float32)``; ``auto``
-  chooses by the length of x1 when called."""
-  if impl == "auto" and jax.default_backend() == "gpu":
-    def by_length(x1, *args, **kwargs):
-      return modal_with_state_fn(resolve_li_impl(impl, interpret, x1.shape[1]), interpret)(
-          x1, *args, **kwargs)
-    return by_length
-  impl = resolve_li_impl(impl, interpret)
-  if impl == "modal_scan":
-    return functools.partial(modal_scan.modal_scan, interpret=interpret)
-  if impl == "modal_serial":
-    return functools.partial(modal_scan_serial.modal_scan_serial, interpret=interpret)
-  if impl == "modal_fast":
-    return functools.partial(modal_fast.modal_fast, interpret=interpret)
-  return _fft_modal_with_state
+  ``f(x1, v, x2, log_poles, residues, dskip) -> (y, state [B, D, N] float32)``."""
+  resolve_li_impl(impl, interpret)
+  return functools.partial(gated_modal_with_state, impl=impl, interpret=interpret)
 
 
 def resolve_attention_impl(impl: str, dtype) -> str:
