@@ -13,8 +13,15 @@ dz), beside the cost of permuting the projection weight at use (float32 [D, 3D] 
 its gradient back). Asks: what would the 128K train step gain from the blocked layout (RESULTS,
 "128K: ... what bounds the training ratio": ``loop_slice_fusion_1``, 12 per step x 6.0 ms)?
 
+``--mode variants`` times candidate formulations of the same math as the model calls them
+(float32 master taps flipped inside the jit; bf16 taps for the inference forward), each checked
+against ``fir.featurize`` first: the taps as contiguous [K, C] rows behind an optimisation
+barrier (the 128K train step's featurizer fusion reads them as stride-3 columns of [C, K]), the
+backward by parts (per output, no stacked float32 cotangent), and both.
+
   python benchmarks/featurizer.py [--lengths 32768,131072] [--width 4096] [--out DIR]
-  python benchmarks/featurizer.py --smoke     # CPU plumbing check
+  python benchmarks/featurizer.py --mode variants [--lengths 131072,32768] [--out DIR]
+  python benchmarks/featurizer.py --smoke [--mode variants]    # CPU plumbing check
 """
 
 from __future__ import annotations
@@ -80,6 +87,146 @@ def check(d: int, length: int) -> dict:
               dw=float(jnp.max(jnp.abs(dw_i[perm] - dw_b))))
 
 
+# ---- candidate featurizer implementations (scratch; the winner moves to ops/fir.py)
+F32 = jnp.float32
+
+
+def _shift(x, k):
+  """x[:, t - k] (zeros before the start), along axis 1."""
+  return jnp.pad(x, ((0, 0), (k, 0), (0, 0)))[:, :x.shape[1]] if k else x
+
+
+def _ahead(x, k):
+  """x[:, t + k] (zeros past the end), along axis 1."""
+  return jnp.pad(x, ((0, 0), (0, k), (0, 0)))[:, k:] if k else x
+
+
+def tap_rows(w, barrier: bool):
+  """w [C, K] -> [K, C] float32 (one contiguous row per tap)."""
+  wt = w.astype(F32).T
+  return jax.lax.optimization_barrier(wt) if barrier else wt
+
+
+def parts_fwd(z, wt):
+  length = z.shape[1]
+  outs = []
+  for j in range(3):
+    zj = z[..., j::3].astype(F32)
+    y = jnp.zeros_like(zj)
+    for k in range(min(wt.shape[0], length)):
+      y = y + wt[k, j::3] * _shift(zj, k)
+    outs.append(y.astype(z.dtype))
+  return tuple(outs)
+
+
+def parts_bwd(z, wt, g):
+  b, length, c3 = z.shape
+  rows = -(-length // fir.REDUCE_ROWS) * fir.REDUCE_ROWS
+  dzs, dws = [], []
+  for j in range(3):
+    gj = g[j].astype(F32)
+    zj = z[..., j::3].astype(F32)
+    dz = jnp.zeros_like(gj)
+    dw = []
+    for k in range(wt.shape[0]):
+      if k >= length:
+        dw.append(jnp.zeros((c3 // 3,), F32))
+        continue
+      dz = dz + wt[k, j::3] * _ahead(gj, k)
+      prod = jnp.pad(gj * _shift(zj, k), ((0, 0), (0, rows - length), (0, 0)))
+      dw.append(prod.reshape(b, rows // fir.REDUCE_ROWS, fir.REDUCE_ROWS, -1).sum(axis=2)
+                .sum(axis=(0, 1)))
+    dzs.append(dz)
+    dws.append(jnp.stack(dw, axis=1))            # [D, K]
+  dz = jnp.stack(dzs, axis=-1).reshape(b, length, c3).astype(z.dtype)
+  dw = jnp.stack(dws, axis=1).reshape(c3, wt.shape[0])  # [D, 3, K] -> [3D, K]
+  return dz, dw
+
+
+def make_parts(barrier: bool):
+  @jax.custom_vjp
+  def f(z, w):
+    return parts_fwd(z, tap_rows(w, barrier))
+
+  def fwd(z, w):
+    wt = tap_rows(w, barrier)
+    return parts_fwd(z, wt), (z, wt, w)
+
+  def bwd(res, g):
+    z, wt, w = res
+    dz, dw = parts_bwd(z, wt, g)
+    return dz, dw.astype(w.dtype)
+
+  f.defvjp(fwd, bwd)
+  return f
+
+
+@jax.custom_vjp
+def v0_tapfix(z, w):
+  """fir.featurize with the forward's taps as barrier'd [K, C] rows; its backward unchanged."""
+  wt = tap_rows(w, True)
+  zf = z.astype(F32)
+  y = jnp.zeros_like(zf)
+  for k in range(min(wt.shape[0], z.shape[1])):
+    y = y + wt[k] * _shift(zf, k)
+  return fir.interleaved_split(y.astype(z.dtype))
+
+
+v0_tapfix.defvjp(lambda z, w: (v0_tapfix(z, w), (z, w)),
+                 lambda res, g: fir._featurize_bwd(res, g))
+
+def rows_grads(z, wt, gy):
+  """``fir.featurizer_conv_grads`` with the taps as [K, C] rows."""
+  b, length, c3 = z.shape
+  zf = z.astype(F32)
+  rows = -(-length // fir.REDUCE_ROWS) * fir.REDUCE_ROWS
+  dz = jnp.zeros_like(gy)
+  dw = []
+  for k in range(min(wt.shape[0], length)):
+    dz = dz + wt[k] * _ahead(gy, k)
+    prod = jnp.pad(gy * _shift(zf, k), ((0, 0), (0, rows - length), (0, 0)))
+    dw.append(prod.reshape(b, rows // fir.REDUCE_ROWS, fir.REDUCE_ROWS, c3).sum(axis=2)
+              .sum(axis=(0, 1)))
+  dw += [jnp.zeros((c3,), F32)] * (wt.shape[0] - len(dw))
+  return dz.astype(z.dtype), jnp.stack(dw, axis=1)
+
+
+def _rows_fwd_only(z, wt):
+  zf = z.astype(F32)
+  y = jnp.zeros_like(zf)
+  for k in range(min(wt.shape[0], z.shape[1])):
+    y = y + wt[k] * _shift(zf, k)
+  return fir.interleaved_split(y.astype(z.dtype))
+
+
+def make_rows(bwd_kind: str):
+  @jax.custom_vjp
+  def f(z, w):
+    return _rows_fwd_only(z, tap_rows(w, True))
+
+  def fwd(z, w):
+    wt = tap_rows(w, True)
+    return _rows_fwd_only(z, wt), (z, wt, w)
+
+  def bwd(res, g):
+    z, wt, w = res
+    if bwd_kind == "parts":
+      dz, dw = parts_bwd(z, wt, g)
+    else:
+      b, length, c3 = z.shape
+      gy = jnp.stack([gi.astype(F32) for gi in g], axis=-1).reshape(b, length, c3)
+      dz, dw = rows_grads(z, wt, gy)
+    return dz, dw.astype(w.dtype)
+
+  f.defvjp(fwd, bwd)
+  return f
+
+
+VARIANTS = {"v0 (fir.featurize)": fir.featurize, "v0 + tap rows (fwd)": v0_tapfix,
+            "tap rows (fwd + bwd)": make_rows("stack"), "tap rows + parts bwd": make_rows("parts"),
+            "parts": make_parts(False), "parts + barrier": make_parts(True)}
+
+
 def run(a) -> list[dict]:
   info = common.device_info()
   print(info, flush=True)
@@ -131,12 +278,77 @@ def run(a) -> list[dict]:
   return rows
 
 
+def check_variants(d: int, length: int) -> dict:
+  """Each variant against ``fir.featurize`` (float32, small, B = 2): the largest differences."""
+  rng = np.random.default_rng(1)
+  z = jnp.asarray(rng.standard_normal((2, length, 3 * d)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((3 * d, 3)), jnp.float32)
+  g = tuple(jnp.asarray(rng.standard_normal((2, length, d)), jnp.float32) for _ in range(3))
+  y0, vjp0 = jax.vjp(fir.featurize, z, w)
+  dz0, dw0 = vjp0(g)
+  errs = {}
+  for name, fn in VARIANTS.items():
+    y, vjp = jax.vjp(fn, z, w)
+    dz, dw = vjp(g)
+    errs[name] = max([float(jnp.max(jnp.abs(a - b))) for a, b in zip(y, y0)]
+                     + [float(jnp.max(jnp.abs(dz - dz0))), float(jnp.max(jnp.abs(dw - dw0)))])
+  return errs
+
+
+def run_variants(a) -> list[dict]:
+  """Each candidate as the model calls it: float32 master taps [3D, 3] flipped inside the jit
+  (training), and bf16 taps (inference forward)."""
+  info = common.device_info()
+  print(info, flush=True)
+  errs = check_variants(8 if a.smoke else 64, 37)
+  print("check against fir.featurize (float32, L 37, B 2): max |diff| "
+        + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()), flush=True)
+  if max(errs.values()) > 1e-4:
+    raise SystemExit(f"a variant does not reproduce fir.featurize: {errs}")
+  copy = common.copy_bandwidth(1 << 24 if a.smoke else 1 << 30)
+  rec = common.Recorder(a.out, "featurizer_variants")
+  rec.add(kind="ceiling", copy_Bps=copy, check=errs, **info)
+  d = a.width
+  rows = []
+  for length in a.lengths:
+    z = jax.random.normal(jax.random.key(length), (1, length, 3 * d), jnp.bfloat16)
+    w32 = jax.random.normal(jax.random.key(1), (3 * d, 3), jnp.float32)
+    g = tuple(jax.random.normal(jax.random.key(2 + i), (1, length, d), jnp.bfloat16)
+              for i in range(3))
+    nbytes = z.size * z.dtype.itemsize
+    floors = {"fwd": 2 * nbytes / copy, "fwd+bwd": (2 + 3) * nbytes / copy}
+    for name, fn in VARIANTS.items():
+      fwd32 = jax.jit(lambda zz, ww, fn=fn: fn(zz, jnp.flip(ww, axis=1)))
+      fwd16 = jax.jit(lambda zz, ww, fn=fn: fn(zz, jnp.flip(ww, axis=1).astype(jnp.bfloat16)))
+      both = jax.jit(lambda zz, ww, fn=fn: jax.vjp(lambda a, b: fn(a, jnp.flip(b, axis=1)),
+                                                   zz, ww)[1](g))
+      t_f, t_16, t_b = (common.timeit(f, z, w32) for f in (fwd32, fwd16, both))
+      rows.append(rec.add(kind="featurizer_variant", variant=name, L=length, width=d,
+                          fwd_s=t_f, fwd_bf16_taps_s=t_16, fwd_bwd_s=t_b,
+                          pct_floor_fwd=100 * floors["fwd"] / t_f,
+                          pct_floor_fwd_bwd=100 * floors["fwd+bwd"] / t_b))
+      print(f"L={length} {name}: fwd {t_f * 1e3:.3f} ms (bf16 taps {t_16 * 1e3:.3f}), "
+            f"fwd+bwd {t_b * 1e3:.3f} ms", flush=True)
+  table = [[f"{r['L'] // 1024}K" if r["L"] >= 1024 else r["L"], r["variant"],
+            common.fmt_ms(r["fwd_s"]), common.fmt_ms(r["fwd_bf16_taps_s"]),
+            common.fmt_ms(r["fwd_bwd_s"]), f"{r['pct_floor_fwd']:.0f}%",
+            f"{r['pct_floor_fwd_bwd']:.0f}%"] for r in rows]
+  print(f"\nCard: {info['device']}; {info['date']}; JAX {info['jax']}; copy "
+        f"{copy / 1e12:.2f} TB/s (measured, the floor's rate). Width {d}, B = 1, bf16 z.\n")
+  print(common.markdown_table(["L", "variant", "fwd ms (f32 taps)", "fwd ms (bf16 taps)",
+                               "fwd+bwd ms", "fwd % of floor", "fwd+bwd % of floor"], table),
+        flush=True)
+  return rows
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--lengths", default="32768,131072", help="comma list of sequence lengths")
   p.add_argument("--width", type=int, default=4096, help="D (z has 3D channels)")
   p.add_argument("--out", default=os.environ.get("OUT", ""))
   p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (plumbing check)")
+  p.add_argument("--mode", default="layouts", choices=["layouts", "variants"],
+                 help="layouts: interleaved against blocked; variants: the implementations")
   a = p.parse_args(argv)
   try:
     a.lengths = [int(x) for x in a.lengths.split(",")]
@@ -147,7 +359,7 @@ def main(argv=None) -> None:
   if a.smoke:
     jax.config.update("jax_platforms", "cpu")
     a.lengths, a.width = [300], 64
-  run(a)
+  (run_variants if a.mode == "variants" else run)(a)
 
 
 if __name__ == "__main__":

@@ -203,6 +203,23 @@ def test_featurizer_blocked_layout_is_the_same_math(monkeypatch):
   assert min(featurizer.check(8, 37).values()) > 0.1
 
 
+def test_featurizer_variants_are_the_same_math(monkeypatch):
+  """Every candidate formulation reproduces ``fir.featurize`` (forward, dz, dw; odd L, B 2), and
+  the check sees a wrong one (a tap dropped)."""
+  sys.path.insert(0, ROOT)
+  from benchmarks import featurizer
+  err = featurizer.check_variants(8, 37)
+  assert set(err) == set(featurizer.VARIANTS) and max(err.values()) < 1e-4, err
+  wrong = lambda z, w: fir_featurize(z, w.at[:, 2].set(0.0))  # noqa: E731
+  monkeypatch.setattr(featurizer, "VARIANTS", {"wrong": wrong})
+  assert featurizer.check_variants(8, 37)["wrong"] > 0.1
+
+
+def fir_featurize(z, w):
+  from sh2_jax.ops import fir
+  return fir.featurize(z, w)
+
+
 def test_featurizer_smoke(tmp_path):
   proc = _bench("featurizer.py", "--smoke", "--out", str(tmp_path))
   assert proc.returncode == 0, proc.stderr[-3000:]
