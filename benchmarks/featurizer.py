@@ -182,30 +182,39 @@ def rows_grads(z, wt, gy):
   rows = -(-length // fir.REDUCE_ROWS) * fir.REDUCE_ROWS
   dz = jnp.zeros_like(gy)
   dw = []
-  for k in range(min(wt.shape[0], length)):
+  for k in range(min(len(wt), length)):
     dz = dz + wt[k] * _ahead(gy, k)
     prod = jnp.pad(gy * _shift(zf, k), ((0, 0), (0, rows - length), (0, 0)))
     dw.append(prod.reshape(b, rows // fir.REDUCE_ROWS, fir.REDUCE_ROWS, c3).sum(axis=2)
               .sum(axis=(0, 1)))
-  dw += [jnp.zeros((c3,), F32)] * (wt.shape[0] - len(dw))
+  dw += [jnp.zeros((c3,), F32)] * (len(wt) - len(dw))
   return dz.astype(z.dtype), jnp.stack(dw, axis=1)
 
 
 def _rows_fwd_only(z, wt):
   zf = z.astype(F32)
   y = jnp.zeros_like(zf)
-  for k in range(min(wt.shape[0], z.shape[1])):
+  for k in range(min(len(wt), z.shape[1])):
     y = y + wt[k] * _shift(zf, k)
   return fir.interleaved_split(y.astype(z.dtype))
 
 
-def make_rows(bwd_kind: str):
+def tap_vectors(w):
+  """w [C, K] -> K separate contiguous float32 [C] vectors, each behind a barrier (a [K, C]
+  array behind one barrier is not enough: XLA's layout assignment gives it the column-major
+  layout that makes the transpose a bitcast, so the fusion reads stride-K columns again)."""
+  return tuple(jax.lax.optimization_barrier(w[:, k].astype(F32)) for k in range(w.shape[1]))
+
+
+def make_rows(bwd_kind: str, taps=None):
+  taps = taps or (lambda w: tap_rows(w, True))
+
   @jax.custom_vjp
   def f(z, w):
-    return _rows_fwd_only(z, tap_rows(w, True))
+    return _rows_fwd_only(z, taps(w))
 
   def fwd(z, w):
-    wt = tap_rows(w, True)
+    wt = taps(w)
     return _rows_fwd_only(z, wt), (z, wt, w)
 
   def bwd(res, g):
@@ -224,7 +233,11 @@ def make_rows(bwd_kind: str):
 
 VARIANTS = {"v0 (fir.featurize)": fir.featurize, "v0 + tap rows (fwd)": v0_tapfix,
             "tap rows (fwd + bwd)": make_rows("stack"), "tap rows + parts bwd": make_rows("parts"),
-            "parts": make_parts(False), "parts + barrier": make_parts(True)}
+            "parts": make_parts(False), "parts + barrier": make_parts(True),
+            "tap vectors (fwd + bwd)": make_rows("stack", tap_vectors)}
+# Short names, for ``benchmarks/train_step.py --featurizer`` (the candidate inside the step).
+SHORT = dict(zip(("v0", "v0_rows_fwd", "rows", "rows_parts", "parts", "parts_barrier",
+                 "vectors"), VARIANTS))
 
 
 def run(a) -> list[dict]:

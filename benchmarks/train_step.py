@@ -224,6 +224,10 @@ def run(a) -> None:
   print(f"bf16 GEMM {rate / 1e12:.0f} TFLOP/s per device", flush=True)
   from sh2_jax.flops import flops_per_token
   li = li_impl_choice(a.li_impl)
+  if a.featurizer:  # the model calls fir.featurize through the module: patch it there
+    from benchmarks import featurizer as feat_bench
+    from sh2_jax.ops import fir
+    fir.featurize = feat_bench.VARIANTS[feat_bench.SHORT[a.featurizer]]
   base = dict(dtype="bfloat16", param_dtype="float32", li_impl=li)
   if a.smoke:
     base.update(conv_impl="xla", attention_impl="xla")
@@ -236,7 +240,8 @@ def run(a) -> None:
   for length in lengths:
     for label, cfg in models:
       row = dict(kind="step", model=label, L=length, width=a.width, layers=a.layers, cp=a.cp,
-                 remat=a.remat, li_impl=li_impl_used(li, length), step_s=None, note="")
+                 remat=a.remat, li_impl=li_impl_used(li, length), step_s=None, note="",
+                 **({"featurizer": a.featurizer} if a.featurizer else {}))
       if label in est:  # predicted cost: compile + ~3 steps, attention-heavy steps ~ L^2
         c_s, s_s, l0 = est[label]
         power = 2.0 if label.startswith("Transformer") else 1.3
@@ -389,10 +394,16 @@ if __name__ == "__main__":
   p.add_argument("--budget_s", type=float, default=230.0)
   p.add_argument("--target_s", type=float, default=3.0, help="timed seconds per point")
   p.add_argument("--profile_len", type=int, default=32768)
+  p.add_argument("--featurizer", default="", help="a candidate of benchmarks/featurizer.py "
+                 "(its SHORT names) in place of ops.fir.featurize; default: the model's own")
   p.add_argument("--plot", default="", help="redraw table + plot from a train_step*.jsonl")
   p.add_argument("--mem_fraction", type=float, default=float(os.environ.get(
       "XLA_PYTHON_CLIENT_MEM_FRACTION", MEM_FRACTION)), help="of the card for the allocator")
   a = p.parse_args()
+  if a.featurizer:
+    from benchmarks import featurizer as feat_bench
+    if a.featurizer not in feat_bench.SHORT:
+      p.error(f"--featurizer {a.featurizer!r} is not one of {sorted(feat_bench.SHORT)}")
   if not 0.1 <= a.mem_fraction <= 0.98:
     p.error(f"--mem_fraction {a.mem_fraction} is outside 0.1..0.98")
   os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(a.mem_fraction)  # before the backend starts
@@ -405,6 +416,9 @@ if __name__ == "__main__":
     if a.smoke:
       jax.config.update("jax_platforms", "cpu")
       # (XLA's CPU deadlock on this model: worked around in sh2_jax/__init__.py.)
-      a.width, a.layers, a.lengths, a.profile_len = 128, 7, "256,512", 256
+      # 4 layers: one of each kind (SE, MR, LI, MHA). One measured length; the second, 4096x
+      # longer, is predicted from the first far over any smoke budget: its rows are the time
+      # budget's notes (the prediction, the skip, the table's note cells), never a run.
+      a.width, a.layers, a.lengths, a.profile_len = 128, 4, f"256,{1 << 20}", 256
       a.target_s = 0.5
     run(a)

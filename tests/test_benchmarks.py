@@ -1,7 +1,8 @@
 """The benchmarks' plumbing on CPU (``--smoke``). The training step: both models run, the table
-and JSON rows come out, and the held-out loss (the benchmark's leak check) is reported. The
-vortex peer: its command line, the shape check, our side, and the merged tables (its torch side
-needs a CUDA device and runs only on the GPU machine)."""
+and JSON rows come out, the held-out loss (the benchmark's leak check) is reported, and a point
+predicted over the time budget is a note. The vortex peer: its command line, the shape check,
+our side, and the merged tables (its torch side needs a CUDA device and runs only on the GPU
+machine)."""
 
 import json
 import os
@@ -21,46 +22,69 @@ def _bench(script: str, *args, timeout=600) -> subprocess.CompletedProcess:
 
 
 def test_train_step_smoke(tmp_path):
-  proc = _bench("train_step.py", "--smoke", "--out", str(tmp_path))
+  """Both models measured at the first length (step time, held-out loss, profile); at the second
+  (4096x longer) each is skipped by the time budget on the cost predicted from the first, a
+  note in its row and in the table."""
+  # --featurizer v0 is fir.featurize itself: the model's numbers, through the patch path
+  proc = _bench("train_step.py", "--smoke", "--featurizer", "v0", "--out", str(tmp_path))
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(line) for line in open(tmp_path / "train_step.jsonl")]
   steps = [r for r in rows if r.get("kind") == "step"]
-  assert {r["model"] for r in steps} == {"SH2 (Evo 2 7B layout)", "Transformer (all MHA)"}
-  for r in steps:
+  assert all(r["featurizer"] == "v0" for r in steps), steps
+  models = {"SH2 (Evo 2 7B layout)", "Transformer (all MHA)"}
+  ran = [r for r in steps if r["L"] == 256]
+  assert {r["model"] for r in ran} == models and len(ran) == 2, steps
+  for r in ran:
     assert r["step_s"] > 0, r
     # random bytes: a fresh batch's loss stays near ln 256 = 5.55 after a few steps
     assert 4.5 < r["heldout_loss"] < 8.0, r
+  skipped = [r for r in steps if r["L"] != 256]
+  assert {r["model"] for r in skipped} == models and len(skipped) == 2, steps
+  for r in skipped:
+    assert r["L"] == 1 << 20 and r["step_s"] is None, r
+    assert r["note"].startswith("not run: time budget (predicted "), r
   assert "| L | SH2 ms/step" in proc.stdout
+  assert "| 1024K | not run: time budget (predicted " in proc.stdout
   # the profile names what its slowest fusions compute (CPU thunks stand in for kernels)
   prof = (tmp_path / "profile.md").read_text()
   assert "### profile: SH2" in prof and "### profile: Transformer" in prof
   assert prof.count("fusion kernels, slowest first") == 2 and " fusion(" in prof
 
 
+def test_train_step_bad_featurizer_is_one_error_line():
+  proc = _bench("train_step.py", "--smoke", "--featurizer", "fastest")
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "--featurizer 'fastest' is not one of ['parts'" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
 def test_train_step_takes_the_fastest_remat_that_fits(monkeypatch):
   """``--remat auto``: XLA's memory analysis of each compiled setting, fastest first, against
-  the device's limit (patched here: CPU reports none)."""
+  the device's limit (patched here: CPU reports none). A two-layer model (SE, MR) at 256 tokens:
+  the selection is the same at any size; each setting is compiled at most twice."""
   import pytest
   sys.path.insert(0, ROOT)
   from benchmarks import train_step as ts
   from benchmarks.transformer import evo2_7b_layout
-  cfg = evo2_7b_layout(128, 4, dtype="float32", conv_impl="xla", attention_impl="xla",
+  cfg = evo2_7b_layout(128, 2, dtype="float32", conv_impl="xla", attention_impl="xla",
                        li_impl="fft")
-  free = ts.Point(cfg, 512, "auto", None)
+  free = ts.Point(cfg, 256, "auto", None)
   assert free.remat == "none" and list(free.memory) == ["none"]
   # a limit just under what "none" needs: the next setting that fits is taken
   limit = int(free.memory["none"] / ts.FIT_SHARE) - 1
   monkeypatch.setattr(ts, "device_memory_limit", lambda: limit)
-  tight = ts.Point(cfg, 512, "auto", None)
+  tight = ts.Point(cfg, 256, "auto", None)
   assert tight.remat in ("dots", "blocks") and list(tight.memory)[0] == "none"
   assert tight.memory[tight.remat] <= ts.FIT_SHARE * limit < tight.memory["none"]
   assert tight.run(1) > 0
+  # nothing left fits: the error names the totals of the settings tried (the skipped not among
+  # them); "none" and "dots" were compiled above, so only "blocks" is tried here
   monkeypatch.setattr(ts, "device_memory_limit", lambda: 1)
-  with pytest.raises(MemoryError, match="no remat setting fits"):
-    ts.Point(cfg, 512, "auto", None)
+  with pytest.raises(MemoryError, match=r"no remat setting fits .*compiled totals \{'blocks': "):
+    ts.Point(cfg, 256, "auto", None, skip=("none", "dots"))
   # a setting that ran out of memory on its first step is skipped on the retry
   monkeypatch.setattr(ts, "device_memory_limit", lambda: None)
-  retry = ts.Point(cfg, 512, "auto", None, skip=("none",))
+  retry = ts.Point(cfg, 256, "auto", None, skip=("none",))
   assert retry.remat == "dots" and list(retry.memory) == ["dots"]
 
 

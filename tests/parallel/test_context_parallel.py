@@ -52,11 +52,18 @@ def _run_checks():
   return {row["name"]: row for row in rows}
 
 
+# Under ``pytest -n N`` (``--dist loadgroup``, pyproject.toml) every test of this module goes to
+# one worker, which runs the subprocess once; the other workers run the rest of the suite
+# meanwhile instead of waiting for its rows.
+pytestmark = pytest.mark.xdist_group("context_parallel_checks")
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, request):
-  """The checks' rows, run once per test run: under ``pytest -n N`` every worker that gets a test
-  of this module would run the subprocess (~7 CPU-minutes) itself, so the first one runs it under
-  a lock in the run's shared base directory and the others read its rows."""
+  """The checks' rows, run once per test run: if more than one worker gets tests of this module
+  (a run without ``--dist loadgroup``) each would run the subprocess (~6 CPU-minutes) itself, so
+  the first one runs it under a lock in the run's shared base directory and the others read its
+  rows."""
   if not hasattr(request.config, "workerinput"):  # not an xdist worker: one process
     return _run_checks()
   import fcntl
