@@ -17,7 +17,9 @@ its gradient back). Asks: what would the 128K train step gain from the blocked l
 (float32 master taps flipped inside the jit; bf16 taps for the inference forward), each checked
 against ``fir.featurize`` first: the taps as contiguous [K, C] rows behind an optimisation
 barrier (the 128K train step's featurizer fusion reads them as stride-3 columns of [C, K]), the
-backward by parts (per output, no stacked float32 cotangent), and both.
+backward by parts (per output, no stacked float32 cotangent), and both. Standalone times do not
+predict the fusion inside a train step (RESULTS, "What the featurizer costs the 128K train
+step"): ``benchmarks/train_step.py --featurizer NAME`` (``SHORT`` below) runs a candidate there.
 
   python benchmarks/featurizer.py [--lengths 32768,131072] [--width 4096] [--out DIR]
   python benchmarks/featurizer.py --mode variants [--lengths 131072,32768] [--out DIR]
