@@ -89,116 +89,16 @@ def check(d: int, length: int) -> dict:
               dw=float(jnp.max(jnp.abs(dw_i[perm] - dw_b))))
 
 
-# ---- candidate featurizer implementations (scratch; the winner moves to ops/fir.py)
+# ---- candidate formulations of ``fir.featurize`` (the math is ``fir.shifted_sum`` and
+# ``fir.shifted_sum_grads`` throughout; the candidates differ in how the taps are laid out and
+# how the backward is cut)
 F32 = jnp.float32
 
 
-def _shift(x, k):
-  """x[:, t - k] (zeros before the start), along axis 1."""
-  return jnp.pad(x, ((0, 0), (k, 0), (0, 0)))[:, :x.shape[1]] if k else x
-
-
-def _ahead(x, k):
-  """x[:, t + k] (zeros past the end), along axis 1."""
-  return jnp.pad(x, ((0, 0), (0, k), (0, 0)))[:, k:] if k else x
-
-
-def tap_rows(w, barrier: bool):
-  """w [C, K] -> [K, C] float32 (one contiguous row per tap)."""
+def tap_rows(w, barrier: bool = True):
+  """w [C, K] -> [K, C] float32 (one contiguous row per tap), behind a barrier by default."""
   wt = w.astype(F32).T
   return jax.lax.optimization_barrier(wt) if barrier else wt
-
-
-def parts_fwd(z, wt):
-  length = z.shape[1]
-  outs = []
-  for j in range(3):
-    zj = z[..., j::3].astype(F32)
-    y = jnp.zeros_like(zj)
-    for k in range(min(wt.shape[0], length)):
-      y = y + wt[k, j::3] * _shift(zj, k)
-    outs.append(y.astype(z.dtype))
-  return tuple(outs)
-
-
-def parts_bwd(z, wt, g):
-  b, length, c3 = z.shape
-  rows = -(-length // fir.REDUCE_ROWS) * fir.REDUCE_ROWS
-  dzs, dws = [], []
-  for j in range(3):
-    gj = g[j].astype(F32)
-    zj = z[..., j::3].astype(F32)
-    dz = jnp.zeros_like(gj)
-    dw = []
-    for k in range(wt.shape[0]):
-      if k >= length:
-        dw.append(jnp.zeros((c3 // 3,), F32))
-        continue
-      dz = dz + wt[k, j::3] * _ahead(gj, k)
-      prod = jnp.pad(gj * _shift(zj, k), ((0, 0), (0, rows - length), (0, 0)))
-      dw.append(prod.reshape(b, rows // fir.REDUCE_ROWS, fir.REDUCE_ROWS, -1).sum(axis=2)
-                .sum(axis=(0, 1)))
-    dzs.append(dz)
-    dws.append(jnp.stack(dw, axis=1))            # [D, K]
-  dz = jnp.stack(dzs, axis=-1).reshape(b, length, c3).astype(z.dtype)
-  dw = jnp.stack(dws, axis=1).reshape(c3, wt.shape[0])  # [D, 3, K] -> [3D, K]
-  return dz, dw
-
-
-def make_parts(barrier: bool):
-  @jax.custom_vjp
-  def f(z, w):
-    return parts_fwd(z, tap_rows(w, barrier))
-
-  def fwd(z, w):
-    wt = tap_rows(w, barrier)
-    return parts_fwd(z, wt), (z, wt, w)
-
-  def bwd(res, g):
-    z, wt, w = res
-    dz, dw = parts_bwd(z, wt, g)
-    return dz, dw.astype(w.dtype)
-
-  f.defvjp(fwd, bwd)
-  return f
-
-
-@jax.custom_vjp
-def v0_tapfix(z, w):
-  """fir.featurize with the forward's taps as barrier'd [K, C] rows; its backward unchanged."""
-  wt = tap_rows(w, True)
-  zf = z.astype(F32)
-  y = jnp.zeros_like(zf)
-  for k in range(min(wt.shape[0], z.shape[1])):
-    y = y + wt[k] * _shift(zf, k)
-  return fir.interleaved_split(y.astype(z.dtype))
-
-
-v0_tapfix.defvjp(lambda z, w: (v0_tapfix(z, w), (z, w)),
-                 lambda res, g: fir._featurize_bwd(res, g))
-
-def rows_grads(z, wt, gy):
-  """``fir.featurizer_conv_grads`` with the taps as [K, C] rows."""
-  b, length, c3 = z.shape
-  zf = z.astype(F32)
-  rows = -(-length // fir.REDUCE_ROWS) * fir.REDUCE_ROWS
-  dz = jnp.zeros_like(gy)
-  dw = []
-  for k in range(min(len(wt), length)):
-    dz = dz + wt[k] * _ahead(gy, k)
-    prod = jnp.pad(gy * _shift(zf, k), ((0, 0), (0, rows - length), (0, 0)))
-    dw.append(prod.reshape(b, rows // fir.REDUCE_ROWS, fir.REDUCE_ROWS, c3).sum(axis=2)
-              .sum(axis=(0, 1)))
-  dw += [jnp.zeros((c3,), F32)] * (len(wt) - len(dw))
-  return dz.astype(z.dtype), jnp.stack(dw, axis=1)
-
-
-def _rows_fwd_only(z, wt):
-  zf = z.astype(F32)
-  y = jnp.zeros_like(zf)
-  for k in range(min(len(wt), z.shape[1])):
-    y = y + wt[k] * _shift(zf, k)
-  return fir.interleaved_split(y.astype(z.dtype))
 
 
 def tap_vectors(w):
@@ -208,38 +108,79 @@ def tap_vectors(w):
   return tuple(jax.lax.optimization_barrier(w[:, k].astype(F32)) for k in range(w.shape[1]))
 
 
-def make_rows(bwd_kind: str, taps=None):
-  taps = taps or (lambda w: tap_rows(w, True))
+def whole_fwd(z, taps):
+  """Convolve all 3D channels, then split (as ``fir.featurize``)."""
+  return fir.interleaved_split(fir.shifted_sum(z.astype(F32), taps).astype(z.dtype))
 
+
+def parts_fwd(z, taps):
+  """Split first, then convolve each part with its own taps (no [B, L, 3D] result)."""
+  return tuple(fir.shifted_sum(z[..., j::3].astype(F32), taps[:, j::3]).astype(z.dtype)
+               for j in range(3))
+
+
+def model_bwd(z, w, taps, g):
+  """``fir.featurize``'s own backward (the taps as stride-K columns of w)."""
+  del taps
+  return fir.featurizer_conv_grads(z, w, fir.interleave(g))
+
+
+def whole_bwd(z, w, taps, g):
+  """The model's backward with the candidate's taps."""
+  dz, dw = fir.shifted_sum_grads(z, taps, fir.interleave(g))
+  return dz.astype(z.dtype), dw.astype(w.dtype)
+
+
+def parts_bwd(z, w, taps, g):
+  """Per part: no stacked float32 cotangent [B, L, 3D]; dz interleaved once at the end."""
+  b, length, c3 = z.shape
+  grads = [fir.shifted_sum_grads(z[..., j::3], taps[:, j::3], g[j].astype(F32))
+           for j in range(3)]
+  dz = fir.interleave([dz for dz, _ in grads]).astype(z.dtype)
+  dw = jnp.stack([dw for _, dw in grads], axis=1).reshape(c3, -1)  # [D, 3, K] -> [3D, K]
+  return dz, dw.astype(w.dtype)
+
+
+def candidate(fwd, bwd, taps):
+  """A custom-VJP featurizer ``f(z, w) -> (x2, x1, v)``: ``taps(w)`` lays out the filter,
+  ``fwd(z, taps)`` and ``bwd(z, w, taps, g) -> (dz, dw)`` compute."""
   @jax.custom_vjp
   def f(z, w):
-    return _rows_fwd_only(z, taps(w))
+    return fwd(z, taps(w))
 
-  def fwd(z, w):
-    wt = taps(w)
-    return _rows_fwd_only(z, wt), (z, wt, w)
+  def f_fwd(z, w):
+    t = taps(w)
+    return fwd(z, t), (z, w, t)
 
-  def bwd(res, g):
-    z, wt, w = res
-    if bwd_kind == "parts":
-      dz, dw = parts_bwd(z, wt, g)
-    else:
-      b, length, c3 = z.shape
-      gy = jnp.stack([gi.astype(F32) for gi in g], axis=-1).reshape(b, length, c3)
-      dz, dw = rows_grads(z, wt, gy)
-    return dz, dw.astype(w.dtype)
+  def f_bwd(res, g):
+    z, w, t = res
+    return bwd(z, w, t, g)
 
-  f.defvjp(fwd, bwd)
+  f.defvjp(f_fwd, f_bwd)
   return f
 
 
-VARIANTS = {"v0 (fir.featurize)": fir.featurize, "v0 + tap rows (fwd)": v0_tapfix,
-            "tap rows (fwd + bwd)": make_rows("stack"), "tap rows + parts bwd": make_rows("parts"),
-            "parts": make_parts(False), "parts + barrier": make_parts(True),
-            "tap vectors (fwd + bwd)": make_rows("stack", tap_vectors)}
+VARIANTS = {"v0 (fir.featurize)": fir.featurize,
+            "v0 + tap rows (fwd)": candidate(whole_fwd, model_bwd, tap_rows),
+            "tap rows (fwd + bwd)": candidate(whole_fwd, whole_bwd, tap_rows),
+            "tap rows + parts bwd": candidate(whole_fwd, parts_bwd, tap_rows),
+            "parts": candidate(parts_fwd, parts_bwd, functools.partial(tap_rows, barrier=False)),
+            "parts + barrier": candidate(parts_fwd, parts_bwd, tap_rows),
+            "tap vectors (fwd + bwd)": candidate(whole_fwd, whole_bwd, tap_vectors)}
 # Short names, for ``benchmarks/train_step.py --featurizer`` (the candidate inside the step).
 SHORT = dict(zip(("v0", "v0_rows_fwd", "rows", "rows_parts", "parts", "parts_barrier",
                  "vectors"), VARIANTS))
+
+
+def bench_inputs(length: int, d: int, w_dtype):
+  """Random z [1, L, 3D] bf16, taps [3D, 3], cotangents (x2, x1, v), and the copy-rate floors'
+  bytes: forward 2 passes of z, forward + backward 5."""
+  z = jax.random.normal(jax.random.key(length), (1, length, 3 * d), jnp.bfloat16)
+  w = jax.random.normal(jax.random.key(1), (3 * d, 3), w_dtype)
+  g = tuple(jax.random.normal(jax.random.key(2 + i), (1, length, d), jnp.bfloat16)
+            for i in range(3))
+  nbytes = z.size * z.dtype.itemsize  # one [B, L, 3D] bf16 pass
+  return z, w, g, {"fwd": 2 * nbytes, "fwd+bwd": (2 + 3) * nbytes}
 
 
 def run(a) -> list[dict]:
@@ -257,13 +198,8 @@ def run(a) -> list[dict]:
   perm = jnp.asarray(blocked_perm(d))
   rows = []
   for length in a.lengths:
-    key = jax.random.key(length)
-    z = jax.random.normal(key, (1, length, 3 * d), jnp.bfloat16)
-    w = jax.random.normal(jax.random.key(1), (3 * d, 3), jnp.bfloat16)
-    g = tuple(jax.random.normal(jax.random.key(2 + i), (1, length, d), jnp.bfloat16)
-              for i in range(3))
-    nbytes = z.size * z.dtype.itemsize  # one [B, L, 3D] bf16 pass
-    floors = {"fwd": 2 * nbytes / copy, "fwd+bwd": (2 + 3) * nbytes / copy}
+    z, w, g, floor_bytes = bench_inputs(length, d, jnp.bfloat16)
+    floors = {k: v / copy for k, v in floor_bytes.items()}
     for name, fn, zz, ww in (("interleaved (fir.featurize)", fir.featurize, z, w),
                              ("blocked", featurize_blocked, z[..., perm], w[perm])):
       fwd = jax.jit(fn)
@@ -326,12 +262,8 @@ def run_variants(a) -> list[dict]:
   d = a.width
   rows = []
   for length in a.lengths:
-    z = jax.random.normal(jax.random.key(length), (1, length, 3 * d), jnp.bfloat16)
-    w32 = jax.random.normal(jax.random.key(1), (3 * d, 3), jnp.float32)
-    g = tuple(jax.random.normal(jax.random.key(2 + i), (1, length, d), jnp.bfloat16)
-              for i in range(3))
-    nbytes = z.size * z.dtype.itemsize
-    floors = {"fwd": 2 * nbytes / copy, "fwd+bwd": (2 + 3) * nbytes / copy}
+    z, w32, g, floor_bytes = bench_inputs(length, d, jnp.float32)
+    floors = {k: v / copy for k, v in floor_bytes.items()}
     for name, fn in VARIANTS.items():
       fwd32 = jax.jit(lambda zz, ww, fn=fn: fn(zz, jnp.flip(ww, axis=1)))
       fwd16 = jax.jit(lambda zz, ww, fn=fn: fn(zz, jnp.flip(ww, axis=1).astype(jnp.bfloat16)))

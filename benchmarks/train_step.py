@@ -206,6 +206,14 @@ def profile(point: Point, label: str) -> str:
 # ----------------------------------------------------------------------------- driver
 
 
+def use_featurizer(name: str) -> None:
+  """Put the ``benchmarks/featurizer.py`` candidate ``name`` (a ``SHORT`` name) in place of
+  ``ops.fir.featurize``, which the model calls through its module."""
+  from benchmarks import featurizer as feat_bench
+  from sh2_jax.ops import fir
+  fir.featurize = feat_bench.VARIANTS[feat_bench.SHORT[name]]
+
+
 def run(a) -> None:
   info = common.device_info()
   print(info, flush=True)
@@ -224,10 +232,8 @@ def run(a) -> None:
   print(f"bf16 GEMM {rate / 1e12:.0f} TFLOP/s per device", flush=True)
   from sh2_jax.flops import flops_per_token
   li = li_impl_choice(a.li_impl)
-  if a.featurizer:  # the model calls fir.featurize through the module: patch it there
-    from benchmarks import featurizer as feat_bench
-    from sh2_jax.ops import fir
-    fir.featurize = feat_bench.VARIANTS[feat_bench.SHORT[a.featurizer]]
+  if a.featurizer:
+    use_featurizer(a.featurizer)
   base = dict(dtype="bfloat16", param_dtype="float32", li_impl=li)
   if a.smoke:
     base.update(conv_impl="xla", attention_impl="xla")

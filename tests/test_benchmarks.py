@@ -234,14 +234,21 @@ def test_featurizer_variants_are_the_same_math(monkeypatch):
   from benchmarks import featurizer
   err = featurizer.check_variants(8, 37)
   assert set(err) == set(featurizer.VARIANTS) and max(err.values()) < 1e-4, err
-  wrong = lambda z, w: fir_featurize(z, w.at[:, 2].set(0.0))  # noqa: E731
+  from sh2_jax.ops import fir
+  wrong = lambda z, w: fir.featurize(z, w.at[:, 2].set(0.0))  # noqa: E731
   monkeypatch.setattr(featurizer, "VARIANTS", {"wrong": wrong})
   assert featurizer.check_variants(8, 37)["wrong"] > 0.1
 
 
-def fir_featurize(z, w):
+def test_train_step_puts_the_featurizer_candidate_in_the_model(monkeypatch):
+  """``--featurizer NAME``: the model's ``fir.featurize`` is the named candidate."""
+  sys.path.insert(0, ROOT)
+  from benchmarks import featurizer, train_step as ts
   from sh2_jax.ops import fir
-  return fir.featurize(z, w)
+  monkeypatch.setattr(fir, "featurize", fir.featurize)  # restored after the test
+  ts.use_featurizer("vectors")
+  assert fir.featurize is featurizer.VARIANTS["tap vectors (fwd + bwd)"]
+  assert fir.featurize is not featurizer.VARIANTS["v0 (fir.featurize)"]
 
 
 def test_featurizer_smoke(tmp_path):

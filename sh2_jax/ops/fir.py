@@ -49,14 +49,21 @@ def fir_conv(u: jax.Array, h: jax.Array, precision=jax.lax.Precision.HIGHEST) ->
 def fir_conv_shifted(u: jax.Array, h: jax.Array) -> jax.Array:
   """The same causal FIR as ``fir_conv`` as a sum of shifted copies (cheap for short filters,
   and what the decode step and the context-parallel halo code reuse). float32 accumulation."""
-  _, length, channels = u.shape
-  h_full = expand_groups(h, channels).astype(jnp.float32)  # [C, K]
-  uf = u.astype(jnp.float32)
+  h_full = expand_groups(h, u.shape[-1]).astype(jnp.float32)  # [C, K]
+  taps = [h_full[:, k] for k in range(h_full.shape[1])]
+  return shifted_sum(u.astype(jnp.float32), taps).astype(u.dtype)
+
+
+def shifted_sum(uf: jax.Array, taps) -> jax.Array:
+  """``sum_k taps[k] * uf[:, t - k]`` (zeros before the start), in uf's dtype: the causal FIR
+  by shifted copies, with the filter as one weight vector per tap (``taps[k]``: [C]; a [K, C]
+  array or a sequence of K vectors)."""
+  length = uf.shape[1]
   y = jnp.zeros_like(uf)
-  for k in range(min(h_full.shape[1], length)):
+  for k in range(min(len(taps), length)):
     shifted = jnp.pad(uf, ((0, 0), (k, 0), (0, 0)))[:, :length]
-    y = y + h_full[:, k] * shifted
-  return y.astype(u.dtype)
+    y = y + taps[k] * shifted
+  return y
 
 
 def fft_conv(u: jax.Array, h: jax.Array, out_dtype=None) -> jax.Array:
@@ -111,27 +118,41 @@ def _featurize_fwd(z, w):
 
 def _featurize_bwd(res, g):
   z, w = res
-  b, length, c3 = z.shape
-  gy = jnp.stack([gi.astype(jnp.float32) for gi in g], axis=-1).reshape(b, length, c3)
-  return featurizer_conv_grads(z, w, gy)
+  return featurizer_conv_grads(z, w, interleave(g))
+
+
+def interleave(parts) -> jax.Array:
+  """The inverse of ``interleaved_split`` for (x2, x1, v)-shaped arrays [B, L, D]: [B, L, 3D]
+  float32 with the parts at channels 0::3, 1::3, 2::3."""
+  b, length, d = parts[0].shape
+  return jnp.stack([p.astype(jnp.float32) for p in parts], axis=-1).reshape(b, length, 3 * d)
 
 
 def featurizer_conv_grads(z: jax.Array, w: jax.Array, gy: jax.Array):
   """The gradients of ``featurizer_conv(z, w)`` for its output's cotangent ``gy`` [B, L, C]
   (float32): (dz in z's dtype, dw [C, K] in w's dtype), written out (see ``featurize``)."""
-  b, length, c3 = z.shape
-  zf = z.astype(jnp.float32)
   wf = w.astype(jnp.float32)
+  dz, dw = shifted_sum_grads(z, [wf[:, k] for k in range(w.shape[1])], gy)
+  return dz.astype(z.dtype), dw.astype(w.dtype)
+
+
+def shifted_sum_grads(z: jax.Array, taps, gy: jax.Array):
+  """The gradients of ``shifted_sum(z as float32, taps)`` for the cotangent ``gy`` [B, L, C]
+  (float32): (dz [B, L, C], dw [C, K]), both float32. dz is one elementwise pass
+  (``dz[t] = sum_k taps[k] gy[t + k]``); dw sums ``gy[t] z[t - k]`` over rows of
+  ``REDUCE_ROWS`` tokens, then over the partials."""
+  b, length, c = z.shape
+  zf = z.astype(jnp.float32)
   rows = -(-length // REDUCE_ROWS) * REDUCE_ROWS
   dz = jnp.zeros_like(gy)
   dw = []
-  for k in range(min(w.shape[1], length)):
-    dz = dz + wf[:, k] * jnp.pad(gy, ((0, 0), (0, k), (0, 0)))[:, k:]
+  for k in range(min(len(taps), length)):
+    dz = dz + taps[k] * jnp.pad(gy, ((0, 0), (0, k), (0, 0)))[:, k:]
     prod = gy * jnp.pad(zf, ((0, 0), (k, 0), (0, 0)))[:, :length]
     prod = jnp.pad(prod, ((0, 0), (0, rows - length), (0, 0)))
-    dw.append(prod.reshape(b, rows // REDUCE_ROWS, REDUCE_ROWS, c3).sum(axis=2).sum(axis=(0, 1)))
-  dw += [jnp.zeros((c3,), jnp.float32)] * (w.shape[1] - len(dw))
-  return dz.astype(z.dtype), jnp.stack(dw, axis=1).astype(w.dtype)
+    dw.append(prod.reshape(b, rows // REDUCE_ROWS, REDUCE_ROWS, c).sum(axis=2).sum(axis=(0, 1)))
+  dw += [jnp.zeros((c,), jnp.float32)] * (len(taps) - len(dw))
+  return dz, jnp.stack(dw, axis=1)
 
 
 featurize.defvjp(_featurize_fwd, _featurize_bwd)
