@@ -101,11 +101,7 @@ def tap_rows(w, barrier: bool = True):
   return jax.lax.optimization_barrier(wt) if barrier else wt
 
 
-def tap_vectors(w):
-  """w [C, K] -> K separate contiguous float32 [C] vectors, each behind a barrier (a [K, C]
-  array behind one barrier is not enough: XLA's layout assignment gives it the column-major
-  layout that makes the transpose a bitcast, so the fusion reads stride-K columns again)."""
-  return tuple(jax.lax.optimization_barrier(w[:, k].astype(F32)) for k in range(w.shape[1]))
+tap_vectors = fir.tap_vectors  # the model's own since 2026-12-03 ("vectors" = v0 now)
 
 
 def whole_fwd(z, taps):
