@@ -101,7 +101,7 @@ def tap_rows(w, barrier: bool = True):
   return jax.lax.optimization_barrier(wt) if barrier else wt
 
 
-tap_vectors = fir.tap_vectors  # the model's own since 2026-12-03 ("vectors" = v0 now)
+tap_vectors = fir.tap_vectors  # what fir.featurize uses under differentiation since 2026-12-03
 
 
 def whole_fwd(z, taps):

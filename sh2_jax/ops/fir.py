@@ -100,13 +100,16 @@ REDUCE_ROWS = 256  # tokens summed per partial in the featurizer's filter gradie
 
 
 def tap_vectors(w: jax.Array) -> list[jax.Array]:
-  """w [C, K] -> K contiguous float32 [C] vectors, each behind an optimisation barrier.
+  """w [C, K] -> K contiguous float32 [C] vectors, each behind an optimisation barrier: the
+  taps of ``featurize`` under differentiation.
 
-  Read as stride-K columns of w, the taps kept XLA's featurizer fusion of the training step
-  from its inference speed (6.1 against 2.2 ms per Hyena layer at 128K, width 4096, H200); as
-  separate vectors it runs in 3.3 ms. One barrier over a [K, C] transpose is not enough: layout
-  assignment gives it the column-major layout that makes the transpose a bitcast
-  (benchmarks/RESULTS.md, "A featurizer kernel measured, and the taps as vectors")."""
+  Read as stride-K columns of w, the taps kept XLA's featurizer fusion of the training step far
+  from its inference speed (6.11 ms per Hyena layer at 128K, width 4096, H200); as separate
+  vectors it runs in 3.26 ms there — but the inference forward's fusion, 2.24 ms with the taps
+  as w's columns, takes 3.08 ms with them (benchmarks/RESULTS.md, "A featurizer kernel, and the
+  taps as vectors"), so ``featurize`` uses them only in its VJP forward and backward. One
+  barrier over a [K, C] transpose is not enough: layout assignment gives it the column-major
+  layout that makes the transpose a bitcast."""
   return [jax.lax.optimization_barrier(w[:, k].astype(jnp.float32)) for k in range(w.shape[1])]
 
 
@@ -114,18 +117,20 @@ def tap_vectors(w: jax.Array) -> list[jax.Array]:
 def featurize(z: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``interleaved_split(featurizer_conv(z, w))``: z [B, L, 3D] -> (x2, x1, v), each [B, L, D].
 
-  The same forward, with the taps as ``tap_vectors`` and the backward written out: autodiff
-  fused the filter gradient (a sum over all B·L tokens per channel and tap) and dz into one
-  multi-output XLA reduction that took ~18 ms per Hyena layer of the 7B train step at 32K on an
-  H200 (17% of the step). Here dz is one elementwise pass (``dz[t] = sum_k w_k g[t + k]``,
-  float32, rounded once) and dw sums ``g[t] z[t - k]`` over rows of ``REDUCE_ROWS`` tokens,
-  then over the partials.
+  The same forward, with the backward written out: autodiff fused the filter gradient (a sum
+  over all B·L tokens per channel and tap) and dz into one multi-output XLA reduction that took
+  ~18 ms per Hyena layer of the 7B train step at 32K on an H200 (17% of the step). Here dz is
+  one elementwise pass (``dz[t] = sum_k w_k g[t + k]``, float32, rounded once) and dw sums
+  ``g[t] z[t - k]`` over rows of ``REDUCE_ROWS`` tokens, then over the partials. Under
+  differentiation the forward and backward take the taps as ``tap_vectors`` (the same numbers:
+  the same operations in the same order).
   """
-  return interleaved_split(shifted_sum(z.astype(jnp.float32), tap_vectors(w)).astype(z.dtype))
+  return interleaved_split(featurizer_conv(z, w))
 
 
 def _featurize_fwd(z, w):
-  return featurize(z, w), (z, w)
+  y = interleaved_split(shifted_sum(z.astype(jnp.float32), tap_vectors(w)).astype(z.dtype))
+  return y, (z, w)
 
 
 def _featurize_bwd(res, g):
