@@ -249,6 +249,7 @@ def train_checks(steps: int = 3):
   """The trainer's own ``train_step`` (sh2_jax/train) on 8 devices with mesh context 4 (data 2)
   logs the same losses as unsharded, step after step (so parameter updates agree too)."""
   import ml_collections
+  import optax
   from sh2_jax.train import mesh as mesh_lib
   from sh2_jax.train.optim import make_optimizer
   from sh2_jax.train.step import train_step
@@ -278,14 +279,26 @@ def train_checks(steps: int = 3):
   for context, context_modes in modes.items():
     mesh = (None if context == 1 else mesh_lib.make_mesh(
         ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=4))))
-    step = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, remat="none", accum=1,
-                                     mesh=mesh, context_modes=context_modes))
-    p = params
-    if context == "4-fsdp":
-      p = jax.device_put(params, mesh_lib.param_shardings(mesh, params,
-                                                          mesh_lib.param_specs(model)))
-      assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(p))
-    o = tx.init(p)
+    step = functools.partial(train_step, graphdef=graphdef, tx=tx, remat="none", accum=1,
+                             mesh=mesh, context_modes=context_modes)
+    if mesh is None:
+      step, p = jax.jit(step), params
+      o = tx.init(p)
+    else:
+      # Shardings in = out, as trainer.build_step sets them, so that each configuration is one
+      # compiled program (left to propagation, the second step's inputs carry the first step's
+      # output shardings and the step compiles again)
+      repl = mesh_lib.replicated(mesh)
+      p_sh = (mesh_lib.param_shardings(mesh, params, mesh_lib.param_specs(model))
+              if context == "4-fsdp" else jax.tree.map(lambda _: repl, params))
+      o_sh = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), p_sh,
+                                   transform_non_params=lambda _: repl)
+      step = jax.jit(step, in_shardings=(p_sh, o_sh, mesh_lib.batch_sharding(mesh)),
+                     out_shardings=(p_sh, o_sh, repl))
+      p = jax.device_put(params, p_sh)
+      o = jax.jit(tx.init, out_shardings=o_sh)(p)
+      if context == "4-fsdp":
+        assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(p))
     losses[context] = []
     for batch in batches:
       if mesh is not None:
