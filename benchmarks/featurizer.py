@@ -104,9 +104,7 @@ def tap_rows(w, barrier: bool = True):
 tap_vectors = fir.tap_vectors  # what fir.featurize uses under differentiation since 2026-12-03
 
 
-def whole_fwd(z, taps):
-  """Convolve all 3D channels, then split (as ``fir.featurize``)."""
-  return fir.interleaved_split(fir.shifted_sum(z.astype(F32), taps).astype(z.dtype))
+whole_fwd = fir.featurize_taps  # convolve all 3D channels, then split (as ``fir.featurize``)
 
 
 def parts_fwd(z, taps):
@@ -121,10 +119,7 @@ def model_bwd(z, w, taps, g):
   return fir.featurizer_conv_grads(z, w, fir.interleave(g))
 
 
-def whole_bwd(z, w, taps, g):
-  """The model's backward with the candidate's taps."""
-  dz, dw = fir.shifted_sum_grads(z, taps, fir.interleave(g))
-  return dz.astype(z.dtype), dw.astype(w.dtype)
+whole_bwd = fir.featurize_taps_grads  # the model's backward with the candidate's taps
 
 
 def parts_bwd(z, w, taps, g):

@@ -104,7 +104,6 @@ class Point:
     from sh2_jax.train import mesh as mesh_lib
     from sh2_jax.train.optim import make_optimizer
     from sh2_jax.train.step import compiler_options, train_step
-    import optax
 
     self.cfg, self.length = cfg, length
     abstract = nnx.eval_shape(lambda: StripedHyena(cfg, rngs=nnx.Rngs(0)))
@@ -118,8 +117,7 @@ class Point:
       p_sh = mesh_lib.param_shardings(mesh, abs_params, specs)
       abs_opt = jax.eval_shape(tx.init, abs_params)
       repl = mesh_lib.replicated(mesh)
-      o_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, p_sh,
-                                   transform_non_params=lambda _: repl)
+      o_sh = mesh_lib.opt_state_shardings(mesh, tx, abs_opt, p_sh)
       b_sh = {k: mesh_lib.batch_sharding(mesh) for k in ("inputs", "targets", "weights")}
 
     b_shape = {k: jax.ShapeDtypeStruct((1, length), jnp.float32 if k == "weights" else jnp.int32,

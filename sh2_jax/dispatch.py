@@ -152,10 +152,11 @@ def resolve_li_impl(impl: str, interpret: bool = False, length: int | None = Non
   do not win back; at 128K the whole 7-layer train step is 2801 ms against 2862 and the
   32-layer evo2_7b_base forward 3946 ms against 4032, each pair in one call
   (benchmarks/RESULTS.md, "LI's default from 64K"). ``modal_scan`` (H100: 2.7x / 3.0x faster
-  than fft at 16K, 4.6x / 4.4x at 64K; RESULTS, "FFT-free LI") serves the rest. ``fft`` elsewhere: on CPU Pallas runs only in its interpreter, and neither
-  wins clearly (2 shared cores, f32, fwd / fwd+bwd: B=1 L=2048 D=64 fft 17.9 / 34.1 ms,
-  interpreted modal_scan 13.2 / 46.5 ms; B=1 L=8192 D=256 fft 285 / 1283 ms, modal_scan 183 /
-  1110 ms), so the reference stays. The Pallas forms off GPU are an error unless
+  than fft at 16K, 4.6x / 4.4x at 64K; RESULTS, "FFT-free LI") serves the rest. ``fft``
+  elsewhere: on CPU Pallas runs only in its interpreter, and neither wins clearly (2 shared
+  cores, f32, fwd / fwd+bwd: B=1 L=2048 D=64 fft 17.9 / 34.1 ms, interpreted modal_scan 13.2 /
+  46.5 ms; B=1 L=8192 D=256 fft 285 / 1283 ms, modal_scan 183 / 1110 ms), so the reference
+  stays. The Pallas forms off GPU are an error unless
   ``interpret=True`` (tests)."""
   if impl not in LI_IMPLS:
     raise ValueError(f"li_impl {impl!r} is not one of {', '.join(LI_IMPLS)}")

@@ -106,10 +106,10 @@ def tap_vectors(w: jax.Array) -> list[jax.Array]:
   Read as stride-K columns of w, the taps kept XLA's featurizer fusion of the training step far
   from its inference speed (6.11 ms per Hyena layer at 128K, width 4096, H200); as separate
   vectors it runs in 3.26 ms there — but the inference forward's fusion, 2.24 ms with the taps
-  as w's columns, takes 3.08 ms with them (benchmarks/RESULTS.md, "A featurizer kernel, and the
-  taps as vectors"), so ``featurize`` uses them only in its VJP forward and backward. One
-  barrier over a [K, C] transpose is not enough: layout assignment gives it the column-major
-  layout that makes the transpose a bitcast."""
+  as w's columns, takes 3.08 ms with them (benchmarks/RESULTS.md, "A featurizer kernel, measured
+  and not adopted; the taps as vectors under differentiation"), so ``featurize`` uses them only
+  in its VJP forward and backward. One barrier over a [K, C] transpose is not enough: layout
+  assignment gives it the column-major layout that makes the transpose a bitcast."""
   return [jax.lax.optimization_barrier(w[:, k].astype(jnp.float32)) for k in range(w.shape[1])]
 
 
@@ -128,15 +128,26 @@ def featurize(z: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Arr
   return interleaved_split(featurizer_conv(z, w))
 
 
+def featurize_taps(z: jax.Array, taps) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``featurize`` with its taps given (w's columns, ``tap_vectors`` ...): the shifted sum in
+  float32, rounded once to z's dtype, split into (x2, x1, v)."""
+  return interleaved_split(shifted_sum(z.astype(jnp.float32), taps).astype(z.dtype))
+
+
+def featurize_taps_grads(z: jax.Array, w: jax.Array, taps, g):
+  """The gradients of ``featurize_taps(z, taps)`` for the cotangents g = (gx2, gx1, gv):
+  (dz in z's dtype, dw [3D, K] in w's dtype, taps being w's)."""
+  dz, dw = shifted_sum_grads(z, taps, interleave(g))
+  return dz.astype(z.dtype), dw.astype(w.dtype)
+
+
 def _featurize_fwd(z, w):
-  y = interleaved_split(shifted_sum(z.astype(jnp.float32), tap_vectors(w)).astype(z.dtype))
-  return y, (z, w)
+  return featurize_taps(z, tap_vectors(w)), (z, w)
 
 
 def _featurize_bwd(res, g):
   z, w = res
-  dz, dw = shifted_sum_grads(z, tap_vectors(w), interleave(g))
-  return dz.astype(z.dtype), dw.astype(w.dtype)
+  return featurize_taps_grads(z, w, tap_vectors(w), g)
 
 
 def interleave(parts) -> jax.Array:

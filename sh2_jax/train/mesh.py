@@ -12,13 +12,14 @@ import math
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from sh2_jax import checks
 from sh2_jax.sharding import AXES, BATCH_AXES, FSDP_AXES, param_specs
 
 __all__ = ["AXES", "BATCH_AXES", "FSDP_AXES", "batch_sharding", "global_batch", "make_mesh",
-           "mesh_shape", "param_shardings", "param_specs", "replicated"]
+           "mesh_shape", "opt_state_shardings", "param_shardings", "param_specs", "replicated"]
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
@@ -62,6 +63,13 @@ def param_shardings(mesh: Mesh, abstract_params: dict, specs: dict) -> dict:
   divide is an error naming the parameter (``checks.fsdp``: no silent replication)."""
   checks.fsdp(abstract_params, specs, dict(mesh.shape))
   return jax.tree.map(lambda _, spec: NamedSharding(mesh, spec), abstract_params, specs)
+
+
+def opt_state_shardings(mesh: Mesh, tx, abstract_opt, p_sh: dict):
+  """The optimizer state's shardings: each per-parameter leaf (moments ...) as its parameter,
+  everything else (step counts, schedules) replicated."""
+  return optax.tree_map_params(tx, lambda _, s: s, abstract_opt, p_sh,
+                               transform_non_params=lambda _: replicated(mesh))
 
 
 def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:

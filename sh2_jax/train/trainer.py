@@ -134,8 +134,7 @@ def build_step(config, model_cfg: ModelConfig, mesh) -> StepSetup:
   p_sh = mesh_lib.param_shardings(mesh, abs_params, mesh_lib.param_specs(abstract))
   tx = make_optimizer(config.optimizer, config.num_steps, freeze_prefixes(config.freeze))
   abs_opt = jax.eval_shape(tx.init, abs_params)
-  o_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, p_sh,
-                               transform_non_params=lambda _: mesh_lib.replicated(mesh))
+  o_sh = mesh_lib.opt_state_shardings(mesh, tx, abs_opt, p_sh)
   repl = mesh_lib.replicated(mesh)
   b_sh = {k: mesh_lib.batch_sharding(mesh) for k in ("inputs", "targets", "weights")}
   step_fn = jax.jit(

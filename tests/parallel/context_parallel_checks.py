@@ -249,7 +249,6 @@ def train_checks(steps: int = 3):
   """The trainer's own ``train_step`` (sh2_jax/train) on 8 devices with mesh context 4 (data 2)
   logs the same losses as unsharded, step after step (so parameter updates agree too)."""
   import ml_collections
-  import optax
   from sh2_jax.train import mesh as mesh_lib
   from sh2_jax.train.optim import make_optimizer
   from sh2_jax.train.step import train_step
@@ -291,8 +290,7 @@ def train_checks(steps: int = 3):
       repl = mesh_lib.replicated(mesh)
       p_sh = (mesh_lib.param_shardings(mesh, params, mesh_lib.param_specs(model))
               if context == "4-fsdp" else jax.tree.map(lambda _: repl, params))
-      o_sh = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), p_sh,
-                                   transform_non_params=lambda _: repl)
+      o_sh = mesh_lib.opt_state_shardings(mesh, tx, jax.eval_shape(tx.init, params), p_sh)
       step = jax.jit(step, in_shardings=(p_sh, o_sh, mesh_lib.batch_sharding(mesh)),
                      out_shardings=(p_sh, o_sh, repl))
       p = jax.device_put(params, p_sh)
