@@ -51,8 +51,12 @@ def _logged_step(workdir):
 def test_sigkill_resume_damaged_fallback_and_eval(tmp_path):
   full, killed = tmp_path / "full", tmp_path / "killed"
   reference = _start(full)  # the uninterrupted run, concurrently with the one we kill
-  victim = _start(killed)
+  # the second starts once the first has logged a step: it then loads the programs the first
+  # compiled (the tests' shared compilation cache, tests/conftest.py) instead of compiling them
   deadline = time.time() + 240
+  while _logged_step(full) < 1 and reference.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  victim = _start(killed)
   while _logged_step(killed) < 2 * EVERY + 3 and victim.poll() is None and time.time() < deadline:
     time.sleep(0.02)
   assert victim.poll() is None, "the run finished before it could be killed"
